@@ -1,0 +1,33 @@
+"""actsparse: activation sparsity for Hugging Face gated-MLP decoders."""
+from .config import (
+    CONFIGS,
+    CatsConfig,
+    DenseConfig,
+    MethodConfig,
+    TealConfig,
+    WinaConfig,
+    config_from_dict,
+    make_config,
+)
+from .data import read_texts, text_batches
+from .errors import ActSparseError
+from .measure import measure_sparsity
+from .methods import sparsify_
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "ActSparseError",
+    "CONFIGS",
+    "CatsConfig",
+    "DenseConfig",
+    "MethodConfig",
+    "TealConfig",
+    "WinaConfig",
+    "config_from_dict",
+    "make_config",
+    "measure_sparsity",
+    "read_texts",
+    "sparsify_",
+    "text_batches",
+]

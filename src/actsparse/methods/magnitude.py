@@ -1,0 +1,55 @@
+"""TEAL and WINA: zero the low-scoring entries of every linear's input.
+
+TEAL scores by |x_i|; WINA by |x_i| * ||W[:, i]||_2. Thresholds are quantiles of the scores on
+calibration data (dense activations); with `selection="topk"` each token keeps exactly K entries.
+"""
+from __future__ import annotations
+
+import math
+
+from ..calibrate import Histogram, Observer, column_norms, run_calibration, topk_count
+from ..config import TealConfig, WinaConfig
+from ..models import iter_linears
+from . import register
+from .allocation import greedy_allocation
+
+
+@register(TealConfig)
+@register(WinaConfig)
+def apply_magnitude(model, specs, config, calibration) -> dict:
+    weighted = isinstance(config, WinaConfig)
+    linears = {name: module for name, _, module in iter_linears(specs, model)}
+    targets = {name: config.sparsity_for(name) for name in linears}
+    active = [n for n, s in targets.items() if s]
+    scales = {n: column_norms(linears[n].weight).to(linears[n].weight.device) if weighted else None for n in active}
+    hists: dict[str, Histogram] = {}
+    if config.selection == "threshold" and active:
+        hists = {n: Histogram() for n in active}
+        observers = []
+        for n in active:
+            scale = scales[n]
+            fn = (lambda x, h=hists[n]: h.update(x.abs())) if scale is None else (
+                lambda x, h=hists[n], c=scale: h.update(x.abs().float() * c)
+            )
+            observers.append(Observer(n, fn))
+        run_calibration(model, calibration, observers, desc=f"{config.method}: calibrating")
+
+    def install(name: str, sparsity: float) -> None:
+        module = linears[name]
+        if sparsity <= 0:
+            module.set_dense()
+        elif config.selection == "topk":
+            module.set_topk(topk_count(module.in_features, sparsity), sparsity, scales[name])
+        else:
+            module.set_threshold(hists[name].quantile(sparsity), sparsity, scales[name])
+
+    allocation = {n: targets[n] for n in active}
+    if config.allocation == "greedy" and active:
+        seq_len = calibration.shape[1]
+        windows = calibration[: max(1, math.ceil(config.greedy_tokens / seq_len))]
+        allocation = greedy_allocation(
+            model, specs, targets, windows, install, config.greedy_step, desc=f"{config.method}: greedy allocation"
+        )
+    for name, sparsity in allocation.items():
+        install(name, sparsity)
+    return {"allocation": allocation}
