@@ -1,0 +1,44 @@
+"""Tiny randomly initialised models of every supported architecture, built in-process."""
+from __future__ import annotations
+
+import torch
+import transformers
+
+COMMON = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=256,
+)
+
+ARCHS = {
+    "llama": ("LlamaConfig", {}),
+    "mistral": ("MistralConfig", {}),
+    "qwen2": ("Qwen2Config", {}),
+    "qwen3": ("Qwen3Config", {"head_dim": 16}),
+    "gemma": ("GemmaConfig", {"head_dim": 16}),
+    "gemma2": ("Gemma2Config", {"head_dim": 16, "sliding_window": 64}),
+    "gemma3": ("Gemma3TextConfig", {"head_dim": 16, "sliding_window": 64}),
+    "phi3": ("Phi3Config", {"pad_token_id": 0}),
+}
+
+
+def tiny_model(arch: str, seed: int = 0, dtype=torch.float32):
+    cls_name, extra = ARCHS[arch]
+    config = getattr(transformers, cls_name)(**COMMON, **extra)
+    torch.manual_seed(seed)
+    model = transformers.AutoModelForCausalLM.from_config(config).to(dtype)
+    # Random init gives tiny weights; widen them so activations are not all near zero.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.normal_(0, 0.08)
+    return model.eval()
+
+
+def random_tokens(n: int, seq_len: int, seed: int = 1, vocab: int = COMMON["vocab_size"]) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (n, seq_len), generator=g)
