@@ -15,6 +15,12 @@ from torch import nn
 
 from .errors import ActSparseError
 
+def _linear_types() -> tuple[type, ...]:
+    from .nn import SparseLinear
+
+    return (nn.Linear, SparseLinear)
+
+
 SUPPORTED = "Llama, Mistral, Qwen2, Qwen3, Gemma, Gemma2, Gemma3 (text), Phi-3"
 
 _ATTN = ("self_attn", "attention", "attn")
@@ -113,10 +119,11 @@ def _layer_spec(index: int, prefix: str, layer: nn.Module, model: nn.Module) -> 
             f"{where}: MLP {type(mlp).__name__} is not a gated MLP (needs gate_proj+up_proj or "
             f"gate_up_proj, down_proj and an activation module); supported families: {SUPPORTED}"
         )
+    LINEAR_TYPES = _linear_types()
     for owner, attr in [(attn, a) for a in attn_inputs.values()] + [(attn, attn_output)] + [
         (mlp, a) for a in (gate, up, gate_up, down) if a
     ]:
-        if not isinstance(getattr(owner, attr), nn.Linear):
+        if not isinstance(getattr(owner, attr), LINEAR_TYPES):
             raise ActSparseError(f"{where}: {attr} is a {type(getattr(owner, attr)).__name__}, not nn.Linear")
     return LayerSpec(
         index=index,

@@ -77,9 +77,9 @@ class SparseLinear(nn.Module):
         self.k = in_features
         self.target = 0.0  # the configured sparsity, kept for reports
         self.register_buffer("threshold", torch.tensor(float("-inf")))
-        self.score_scale: torch.Tensor | None = None
-        self.lowrank_a: torch.Tensor | None = None  # [rank, in]  (S_r V_r^T)
-        self.lowrank_b: torch.Tensor | None = None  # [out, rank] (U_r)
+        self.register_buffer("score_scale", None)  # [in], fp32
+        self.register_buffer("lowrank_a", None)  # [rank, in]  (S_r V_r^T)
+        self.register_buffer("lowrank_b", None)  # [out, rank] (U_r)
         self.backend = "torch"
         self.meter: ReadMeter | None = None
 
@@ -220,28 +220,28 @@ class SparseGatedMLP(nn.Module):
         self.meter: ReadMeter | None = None
 
     @property
-    def gate_proj(self) -> SparseLinear | None:
+    def gate_linear(self) -> SparseLinear | None:
         return getattr(self, self._names[0]) if self._names[0] else None
 
     @property
-    def up_proj(self) -> SparseLinear | None:
+    def up_linear(self) -> SparseLinear | None:
         return getattr(self, self._names[1]) if self._names[1] else None
 
     @property
-    def gate_up_proj(self) -> SparseLinear | None:
+    def gate_up_linear(self) -> SparseLinear | None:
         return getattr(self, self._names[2]) if self._names[2] else None
 
     @property
-    def down_proj(self) -> SparseLinear:
+    def down_linear(self) -> SparseLinear:
         return getattr(self, self._names[3])
 
     @property
     def intermediate_size(self) -> int:
-        return self.down_proj.in_features
+        return self.down_linear.in_features
 
     @property
     def hidden_size(self) -> int:
-        return self.down_proj.out_features
+        return self.down_linear.out_features
 
     def set_gate_threshold(self, threshold: float, target: float) -> None:
         self.gate_mode, self.gate_target = "threshold", float(target)
@@ -275,10 +275,10 @@ class SparseGatedMLP(nn.Module):
         return self._forward_reference(x)
 
     def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
-        if self.gate_up_proj is not None:
-            g, u = self.gate_up_proj(x).chunk(2, dim=-1)
+        if self.gate_up_linear is not None:
+            g, u = self.gate_up_linear(x).chunk(2, dim=-1)
         else:
-            g, u = self.gate_proj(x), self.up_proj(x)
+            g, u = self.gate_linear(x), self.up_linear(x)
         a = self.act_fn(g)
         mask = self.gate_mask(a)
         if mask is not None:
@@ -286,17 +286,17 @@ class SparseGatedMLP(nn.Module):
         m = a * u
         if self.meter is not None:
             self._record(x, a, m)
-        return self.down_proj(m)
+        return self.down_linear(m)
 
     def _record(self, x: torch.Tensor, a: torch.Tensor, m: torch.Tensor) -> None:
-        down = self.down_proj
+        down = self.down_linear
         consumed = m if down.mode == "dense" else torch.where(down.mask(m), m, torch.zeros((), dtype=m.dtype))
         self.meter.add_zeros((consumed == 0).sum().item(), consumed.numel())
         if self.gate_mode != "dense":
             # Output sparsity: a zero of act(g) means that up row is never read.
             tokens = a.numel() // self.intermediate_size
             reads = (a != 0).sum().item() * self.hidden_size
-            if self.gate_up_proj is not None:  # the fused gate half is always read
+            if self.gate_up_linear is not None:  # the fused gate half is always read
                 reads += tokens * self.intermediate_size * self.hidden_size
             self.meter.add(tokens, reads)
 
@@ -305,4 +305,4 @@ def output_sparse_up(mlp: SparseGatedMLP) -> SparseLinear | None:
     """The linear whose rows a gate mask skips, when the MLP is gate-driven."""
     if mlp.gate_mode == "dense":
         return None
-    return mlp.gate_up_proj if mlp.gate_up_proj is not None else mlp.up_proj
+    return mlp.gate_up_linear if mlp.gate_up_linear is not None else mlp.up_linear
