@@ -1,0 +1,166 @@
+"""Save and load sparsified models.
+
+A saved directory holds a plain Hugging Face model (config.json, model.safetensors, tokenizer
+files: the possibly transformed weights), `actsparse.safetensors` (every tensor of sparsity state:
+thresholds, scales, low-rank factors, rotations) and `actsparse.json` (format version, method
+config, the method's recipe, and the structure of each actsparse module). Writes go to a
+temporary directory renamed into place, so a failed save leaves nothing behind.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+from typing import Callable
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import config_from_dict
+from .errors import ActSparseError
+from .nn import SparseGatedMLP, SparseLinear
+from .swap import swap_modules
+
+FORMAT_VERSION = 1
+META_FILE = "actsparse.json"
+STATE_FILE = "actsparse.safetensors"
+
+Restore = Callable[[nn.Module, str, dict], None]
+MODULE_KINDS: dict[str, tuple[type, Restore]] = {}
+
+
+def register_module_kind(cls: type, restore: Restore) -> None:
+    """Make `cls` savable: `cls.spec()` describes an instance; `restore(model, name, spec)` rebuilds
+    it on a freshly loaded, swapped model before its tensors are loaded. A wrapper module that keeps
+    the module it wraps under the attribute named by its class attribute `WRAPS` is saved with the
+    wrapped module's parameter names, so that model.safetensors stays a plain HF checkpoint."""
+    MODULE_KINDS[cls.__name__] = (cls, restore)
+
+
+def _restore_in_place(model: nn.Module, name: str, spec: dict) -> None:
+    model.get_submodule(name).apply_spec(spec)
+
+
+register_module_kind(SparseLinear, _restore_in_place)
+register_module_kind(SparseGatedMLP, _restore_in_place)
+
+
+def _state_modules(model: nn.Module) -> dict[str, nn.Module]:
+    kinds = tuple(cls for cls, _ in MODULE_KINDS.values())
+    return {n: m for n, m in model.named_modules() if isinstance(m, kinds)}
+
+
+def _state_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The persistent buffers of actsparse modules: the sparsity state."""
+    state = {}
+    for name, module in _state_modules(model).items():
+        for buf_name, buf in module.named_buffers(recurse=False):
+            if buf is not None and buf_name not in module._non_persistent_buffers_set:
+                state[f"{name}.{buf_name}"] = buf
+    return state
+
+
+def _hf_state_dict(model: nn.Module, sparsity_state: dict) -> dict[str, torch.Tensor]:
+    wrappers = [(n, m.WRAPS) for n, m in _state_modules(model).items() if getattr(m, "WRAPS", None)]
+    hf = {}
+    for key, value in model.state_dict().items():
+        if key in sparsity_state:
+            continue
+        for name, inner in wrappers:
+            if key.startswith(f"{name}.{inner}."):
+                key = f"{name}." + key[len(f"{name}.{inner}.") :]
+        hf[key] = value
+    return hf
+
+
+def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, overwrite: bool = False) -> Path:
+    config = getattr(model, "actsparse_config", None)
+    if config is None:
+        raise ActSparseError("model was not sparsified by actsparse (use sparsify_ first, DenseConfig for a baseline)")
+    directory = Path(directory)
+    if directory.exists() and not directory.is_dir():
+        raise ActSparseError(f"{directory}: exists and is not a directory")
+    if directory.exists() and any(directory.iterdir()) and not overwrite:
+        raise ActSparseError(f"{directory}: exists and is not empty (choose another output or allow overwriting)")
+    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        tmp.mkdir(parents=True)
+        state = _state_tensors(model)
+        model.save_pretrained(tmp, state_dict=_hf_state_dict(model, state))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, str(tmp / STATE_FILE))
+        meta = {
+            "format_version": FORMAT_VERSION,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "config": config.to_dict(),
+            "recipe": getattr(model, "actsparse_recipe", {}),
+            "modules": {name: m.spec() for name, m in _state_modules(model).items()},
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
+        if directory.exists():
+            shutil.rmtree(directory)
+        os.replace(tmp, directory)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return directory
+
+
+def load(directory: str | os.PathLike, device: str = "cpu"):
+    """(model, tokenizer) as saved; tokenizer is None when none was saved."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ActSparseError(f"{directory}: no such directory")
+    for required in ("config.json", META_FILE, STATE_FILE):
+        if not (directory / required).is_file():
+            raise ActSparseError(f"{directory / required}: missing; not a complete actsparse directory")
+    if not any(directory.glob("model*.safetensors")):
+        raise ActSparseError(f"{directory / 'model.safetensors'}: missing; not a complete actsparse directory")
+    try:
+        meta = json.loads((directory / META_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise ActSparseError(f"{directory / META_FILE}: not valid JSON ({e.msg})") from None
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ActSparseError(
+            f"{directory / META_FILE}: format version {meta.get('format_version')!r} is not supported "
+            f"(this actsparse reads version {FORMAT_VERSION})"
+        )
+    config = config_from_dict(meta["config"])
+    dtype = getattr(torch, meta["dtype"])
+    try:
+        model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
+    except (RuntimeError, ValueError, OSError) as e:
+        raise ActSparseError(f"{directory / 'model.safetensors'}: does not match config.json ({str(e).splitlines()[0]})") from None
+    tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").is_file() else None
+    swap_modules(model)
+    for name, spec in meta["modules"].items():
+        kind = MODULE_KINDS.get(spec.get("kind"))
+        if kind is None:
+            raise ActSparseError(f"{directory / META_FILE}: unknown module kind {spec.get('kind')!r} for {name}")
+        kind[1](model, name, spec)
+    _load_state(model, directory / STATE_FILE)
+    model.actsparse_config = config
+    model.actsparse_recipe = meta.get("recipe", {})
+    return model, tokenizer
+
+
+def _load_state(model: nn.Module, path: Path) -> None:
+    tensors = load_file(str(path))
+    expected = _state_tensors(model)
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected))
+    if missing or unexpected:
+        raise ActSparseError(f"{path}: tensors do not match {META_FILE} (missing: {missing[:3]}, unexpected: {unexpected[:3]})")
+    for key, value in tensors.items():
+        target = expected[key]
+        if target.shape != value.shape:
+            raise ActSparseError(f"{path}: {key} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+        module_name, _, buf_name = key.rpartition(".")
+        module = model.get_submodule(module_name)
+        setattr(module, buf_name, value.to(device=target.device, dtype=target.dtype))

