@@ -15,15 +15,22 @@ TEXT_SUFFIXES = (".txt", ".raw", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
 
 
+BUILTIN_TEXTS = ("python-docs:calibration", "python-docs:evaluation")
+
+
 def read_texts(source: Any, field: str = "text") -> list[str]:
     """Documents from a path (.txt/.raw: the whole file is one text; .jsonl[.gz]/.parquet: the
-    `field` of each record), a `datasets.Dataset`, a string of text, or a list of strings."""
+    `field` of each record), a `datasets.Dataset`, a list of strings, or a built-in text.
+
+    The built-in texts are the Python language reference that ships with every Python
+    (`pydoc_data.topics`), split by topic into disjoint calibration and evaluation halves, so the
+    demo runs offline with nothing but the installed packages."""
     if isinstance(source, (list, tuple)):
         texts = [str(t) for t in source]
-    elif isinstance(source, (str, Path)) and _looks_like_path(source):
+    elif isinstance(source, str) and source in BUILTIN_TEXTS:
+        texts = _python_docs(source.endswith("evaluation"))
+    elif isinstance(source, (str, Path)):
         texts = _read_path(Path(source), field)
-    elif isinstance(source, str):
-        texts = [source]
     elif hasattr(source, "column_names"):  # a datasets.Dataset
         if field not in source.column_names:
             raise ActSparseError(f"dataset has no column {field!r}; columns: {', '.join(source.column_names)}")
@@ -36,13 +43,15 @@ def read_texts(source: Any, field: str = "text") -> list[str]:
     return texts
 
 
-def _looks_like_path(source: str | Path) -> bool:
-    s = str(source)
-    return isinstance(source, Path) or ("\n" not in s and len(s) < 4096 and (Path(s).suffix != "" or Path(s).exists()))
+def _python_docs(evaluation: bool) -> list[str]:
+    from pydoc_data.topics import topics
+
+    names = sorted(topics)
+    return [topics[n] for i, n in enumerate(names) if i % 2 == int(evaluation)]
 
 
 def _describe(source: Any) -> str:
-    return str(source) if isinstance(source, (str, Path)) and _looks_like_path(source) else "the given text"
+    return str(source) if isinstance(source, (str, Path)) else "the given text"
 
 
 def _read_path(path: Path, field: str) -> list[str]:

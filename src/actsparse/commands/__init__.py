@@ -1,0 +1,1 @@
+"""One module per `actsparse` subcommand, each with `register(subparsers)`."""

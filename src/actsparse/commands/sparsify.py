@@ -1,0 +1,38 @@
+"""actsparse sparsify [MODEL] --method M --sparsity S [--calib FILE] [--allocation uniform|greedy] -o DIR"""
+from __future__ import annotations
+
+import time
+
+from ..config import make_config
+from ..data import text_batches
+from ..io import save
+from ..loading import load_model, parse_dtype
+from ..methods import sparsify_
+from ._common import add_calibration, add_method_options, add_model, check_positive, log, method_fields
+
+
+def register(sub) -> None:
+    p = sub.add_parser("sparsify", help="calibrate and sparsify a model, then save it")
+    add_model(p)
+    p.add_argument("--method", required=True, help="dense, teal, cats, wina, rsparse, larosa, prosparse")
+    p.add_argument("--sparsity", type=float, required=True,
+                   help="target: model-level weight reads skipped (teal, wina, rsparse, larosa) or MLP zeros (cats, prosparse)")
+    add_calibration(p)
+    add_method_options(p)
+    p.add_argument("-o", "--output", required=True, metavar="DIR", help="output directory (must not exist or be empty)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.set_defaults(func=run)
+
+
+def run(args) -> int:
+    fields = dict(sparsity=args.sparsity, **method_fields(args))
+    config = make_config(args.method, **fields)  # validates before the slow model load
+    check_positive("--calib-samples", args.calib_samples)
+    model, tokenizer = load_model(args.model, parse_dtype(args.dtype), args.device)
+    calibration = text_batches(tokenizer, args.calib, args.calib_samples, args.calib_seq_len)
+    start = time.perf_counter()
+    sparsify_(model, config, calibration)
+    log(f"{config.method} at {config.sparsity:g} ready in {time.perf_counter() - start:.1f} s")
+    save(model, args.output, tokenizer, overwrite=args.overwrite)
+    log(f"saved to {args.output}")
+    return 0
