@@ -42,3 +42,21 @@ def tiny_model(arch: str, seed: int = 0, dtype=torch.float32):
 def random_tokens(n: int, seq_len: int, seed: int = 1, vocab: int = COMMON["vocab_size"]) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
     return torch.randint(0, vocab, (n, seq_len), generator=g)
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the words w0..w126 (id 127 is [UNK]), built offline."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(COMMON["vocab_size"] - 1)}
+    vocab["[UNK]"] = COMMON["vocab_size"] - 1
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", eos_token="w0")
+
+
+def random_text(words: int, seed: int = 0) -> str:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, COMMON["vocab_size"] - 1, (words,), generator=g)
+    return " ".join(f"w{i}" for i in ids.tolist())

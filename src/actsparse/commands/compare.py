@@ -8,7 +8,7 @@ from pathlib import Path
 
 from ..compare import markdown_table, pareto_plot, ppl_p_summary, run_comparison
 from ..config import make_config
-from ..data import text_batches
+from ..data import read_texts, text_batches
 from ..errors import ActSparseError
 from ..loading import load_model, parse_dtype
 from ._common import (DEFAULT_EVAL, add_calibration, add_method_options, add_model, check_positive, log,
@@ -40,8 +40,11 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ActSparseError(f"{out}: exists and is not empty")
+    texts = read_texts(args.calib)  # a bad file fails before the model loads
+    if args.ppl != "wikitext2":
+        read_texts(args.ppl)
     model, tokenizer = load_model(args.model, parse_dtype(args.dtype), args.device)
-    calibration = text_batches(tokenizer, args.calib, args.calib_samples, args.calib_seq_len)
+    calibration = text_batches(tokenizer, texts, args.calib_samples, args.calib_seq_len)
     rows = run_comparison(model, tokenizer, methods, sparsities, calibration, args.ppl, args.seq_len, args.windows,
                           fields, log=log)
     table = markdown_table(rows)

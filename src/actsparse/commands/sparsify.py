@@ -4,7 +4,7 @@ from __future__ import annotations
 import time
 
 from ..config import make_config
-from ..data import text_batches
+from ..data import read_texts, text_batches
 from ..io import save
 from ..loading import load_model, parse_dtype
 from ..methods import sparsify_
@@ -28,8 +28,9 @@ def run(args) -> int:
     fields = dict(sparsity=args.sparsity, **method_fields(args))
     config = make_config(args.method, **fields)  # validates before the slow model load
     check_positive("--calib-samples", args.calib_samples)
+    texts = read_texts(args.calib)  # a bad file fails before the model loads
     model, tokenizer = load_model(args.model, parse_dtype(args.dtype), args.device)
-    calibration = text_batches(tokenizer, args.calib, args.calib_samples, args.calib_seq_len)
+    calibration = text_batches(tokenizer, texts, args.calib_samples, args.calib_seq_len)
     start = time.perf_counter()
     sparsify_(model, config, calibration)
     log(f"{config.method} at {config.sparsity:g} ready in {time.perf_counter() - start:.1f} s")

@@ -57,13 +57,17 @@ def greedy_allocation(
     install: Install,
     step: float,
     desc: str,
+    fixed: dict[str, float] | None = None,
 ) -> dict[str, float]:
-    """Per-linear sparsities whose parameter-weighted mean in each block equals that block's target."""
+    """Per-linear sparsities whose parameter-weighted mean over the searched linears of each block
+    equals their mean target; linears in `fixed` keep their sparsity and are not searched."""
     inputs = capture_layer_inputs(model, specs, tokens)
-    allocation: dict[str, float] = {}
+    allocation: dict[str, float] = dict(fixed or {})
+    for name, sparsity in allocation.items():
+        install(name, sparsity)
     with torch.no_grad():
         for spec in tqdm(specs, desc=desc, unit="layer", leave=False):
-            names = [n for n in spec.linear_names().values() if targets.get(n)]
+            names = [n for n in spec.linear_names().values() if targets.get(n) and n not in allocation]
             if not names:
                 continue
             args, kwargs = inputs[spec.index]

@@ -47,8 +47,9 @@ def apply_magnitude(model, specs, config, calibration) -> dict:
     if config.allocation == "greedy" and active:
         seq_len = calibration.shape[1]
         windows = calibration[: max(1, math.ceil(config.greedy_tokens / seq_len))]
+        fixed = {n: targets[n] for n in active if targets[n] != config.sparsity}  # per-linear overrides
         allocation = greedy_allocation(
-            model, specs, targets, windows, install, config.greedy_step, desc=f"{config.method}: greedy allocation"
+            model, specs, targets, windows, install, config.greedy_step, f"{config.method}: greedy allocation", fixed
         )
     for name, sparsity in allocation.items():
         install(name, sparsity)

@@ -1,0 +1,148 @@
+"""Save/load and the command line, on tiny models saved to disk with an offline tokenizer."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+import actsparse as asp
+from actsparse.cli import main
+from actsparse.errors import ActSparseError
+from actsparse.io import load, save
+from tiny import ARCHS, random_text, random_tokens, tiny_model, tiny_tokenizer
+
+CALIB = random_tokens(6, 40, seed=3)
+EVAL = random_tokens(3, 40, seed=4)
+
+
+def logits(model):
+    with torch.no_grad():
+        return model(EVAL).logits
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("config", [asp.WinaConfig(sparsity=0.5), asp.TealConfig(sparsity=0.4, selection="topk"),
+                                    asp.CatsConfig(sparsity=0.5)], ids=lambda c: c.method + "-" + c.selection)
+def test_save_load_gives_identical_logits(tmp_path, arch, config):
+    model = asp.sparsify_(tiny_model(arch), config, CALIB)
+    save(model, tmp_path / "out", tiny_tokenizer())
+    loaded, tokenizer = load(tmp_path / "out")
+    assert torch.equal(logits(loaded), logits(model))
+    assert loaded.actsparse_config == config
+    assert tokenizer is not None
+    assert not list(tmp_path.glob(".out.tmp*")), "no temporary directory left behind"
+
+
+@pytest.fixture()
+def saved(tmp_path):
+    model = asp.sparsify_(tiny_model("llama"), asp.TealConfig(sparsity=0.5), CALIB)
+    return save(model, tmp_path / "saved")
+
+
+@pytest.mark.parametrize("missing", ["actsparse.json", "actsparse.safetensors", "model.safetensors", "config.json"])
+def test_load_names_the_missing_file(saved, missing):
+    (saved / missing).unlink()
+    with pytest.raises(ActSparseError, match=missing.replace(".", r"\.")):
+        load(saved)
+
+
+def test_load_refuses_another_format_version(saved):
+    meta = json.loads((saved / "actsparse.json").read_text())
+    meta["format_version"] = 99
+    (saved / "actsparse.json").write_text(json.dumps(meta))
+    with pytest.raises(ActSparseError, match="actsparse.json.*version 99"):
+        load(saved)
+
+
+def test_load_names_a_shape_mismatch(saved):
+    state = load_file(str(saved / "actsparse.safetensors"))
+    key = next(k for k in state if k.endswith("threshold"))
+    state[key] = torch.zeros(3)
+    save_file(state, str(saved / "actsparse.safetensors"))
+    with pytest.raises(ActSparseError, match=f"actsparse.safetensors.*{key}"):
+        load(saved)
+
+
+def test_save_refuses_a_non_empty_directory(saved):
+    model = asp.sparsify_(tiny_model("llama"), asp.DenseConfig())
+    with pytest.raises(ActSparseError, match="not empty"):
+        save(model, saved)
+
+
+# -- command line ------------------------------------------------------------------------------
+@pytest.fixture()
+def model_dir(tmp_path):
+    path = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def texts(tmp_path):
+    calib = tmp_path / "calib.txt"
+    calib.write_text(random_text(800, seed=1))
+    evaluation = tmp_path / "eval.jsonl"
+    evaluation.write_text("\n".join(json.dumps({"text": random_text(300, seed=s)}) for s in range(2, 5)))
+    return calib, evaluation
+
+
+def test_cli_sparsify_then_eval_writes_the_json_contract(tmp_path, model_dir, texts, capsys):
+    calib, evaluation = texts
+    out = tmp_path / "sparse"
+    args = [str(model_dir), "--method", "teal", "--sparsity", "0.5", "--calib", str(calib), "--calib-samples", "4",
+            "--calib-seq-len", "64"]
+    assert main(["sparsify", *args, "-o", str(out)]) == 0
+    result_path = tmp_path / "r.json"
+    assert main(["eval", str(out), "--ppl", str(evaluation), "--seq-len", "64", "--json", str(result_path)]) == 0
+    result = json.loads(result_path.read_text())
+    assert result["ppl"] > 1 and result["ppl_windows"] == 900 // 64 and result["seq_len"] == 64
+    assert result["sparsity"]["model"] == pytest.approx(0.5, abs=0.03)
+    assert len(result["sparsity"]["per_layer"]) == 2 and result["tasks"] == {}
+    assert "perplexity" in capsys.readouterr().out
+
+
+def test_cli_compare_writes_table_json_and_plot(tmp_path, model_dir, texts):
+    calib, evaluation = texts
+    out = tmp_path / "cmp"
+    assert main(["compare", str(model_dir), "--methods", "teal,cats,wina", "--sparsity", "0.25,0.5", "--calib", str(calib),
+                 "--calib-samples", "4", "--calib-seq-len", "64", "--ppl", str(evaluation), "--seq-len", "64",
+                 "--windows", "4", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense"] + ["teal"] * 2 + ["cats"] * 2 + ["wina"] * 2
+    assert "| teal | 0.50 |" in (out / "results.md").read_text()
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cli_generate_prints_the_prompt_and_a_continuation(model_dir, capsys):
+    assert main(["generate", str(model_dir), "w1 w2 w3", "--max-new-tokens", "5"]) == 0
+    out = capsys.readouterr().out.strip()
+    assert out.startswith("w1 w2 w3") and out[len("w1 w2 w3"):].count("w") == 5
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["sparsify", "{model}", "--method", "teal", "--sparsity", "1.5", "-o", "{out}"], "sparsity must be in"),
+        (["sparsify", "{model}", "--method", "magic", "--sparsity", "0.5", "-o", "{out}"], "unknown method 'magic'"),
+        (["sparsify", "{model}", "--method", "teal", "--sparsity", "0.5", "--calib", "{tmp}/nope.jsonl", "-o", "{out}"], "nope.jsonl: no such file"),
+        (["sparsify", "{model}", "--method", "teal", "--sparsity", "0.5", "--calib", "{tmp}/empty.txt", "-o", "{out}"], "holds no text"),
+        (["sparsify", "{model}", "--method", "teal", "--sparsity", "0.5", "--calib", "{tmp}/short.txt", "-o", "{out}"], "shorter than one window"),
+        (["sparsify", "{tmp}/no-model", "--method", "teal", "--sparsity", "0.5", "-o", "{out}"], "no-model: no such model"),
+        (["eval", "{model}"], "nothing to evaluate"),
+        (["compare", "{model}", "--methods", "teal", "--sparsity", "0.5,x", "--out", "{out}"], "'x' is not a number"),
+        (["generate", "{model}", "  "], "prompt is empty"),
+    ],
+)
+def test_cli_bad_input_is_one_line_and_leaves_nothing(tmp_path, model_dir, argv, message, capsys):
+    (tmp_path / "empty.txt").write_text("  \n")
+    (tmp_path / "short.txt").write_text("w1 w2 w3")
+    out = tmp_path / "out"
+    argv = [a.format(model=model_dir, out=out, tmp=tmp_path) for a in argv]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    errors = [line for line in err if "error" in line.lower() or "Traceback" in line]
+    assert errors == [err[-1]] and err[-1].startswith("actsparse: error:") and message in err[-1], err
+    assert not out.exists()
