@@ -23,6 +23,8 @@ class Backend:
 
 
 BACKENDS: dict[str, Backend] = {}
+# Backends shipped with actsparse, imported on first use (Triton is an optional dependency).
+BUILTIN = {"triton": "actsparse.kernels.triton_backend", "cpu": "actsparse.kernels.cpu_backend"}
 
 
 def register_backend(backend: Backend) -> None:
@@ -30,8 +32,16 @@ def register_backend(backend: Backend) -> None:
 
 
 def get_backend(name: str) -> Backend:
+    if name not in BACKENDS and name in BUILTIN:
+        import importlib
+
+        try:
+            importlib.import_module(BUILTIN[name])
+        except ModuleNotFoundError as e:
+            raise ActSparseError(f"backend {name!r} needs the {e.name!r} package (pip install 'actsparse[gpu]')") from None
     if name not in BACKENDS:
-        raise ActSparseError(f"unknown backend {name!r}; available: torch, {', '.join(sorted(BACKENDS))}")
+        available = sorted(set(BACKENDS) | set(BUILTIN))
+        raise ActSparseError(f"unknown backend {name!r}; available: torch, {', '.join(available)}")
     return BACKENDS[name]
 
 

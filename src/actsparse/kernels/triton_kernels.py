@@ -1,0 +1,204 @@
+"""Triton kernels for sparse decode: an input-sparse GEMV and an output-sparse row gather.
+
+Input-sparse GEMV, ``y = x_kept @ Wt (+ bias) (+ lowrank_b @ z)`` with ``Wt = W.T`` stored
+input-major, so that a kept input channel is one contiguous weight row:
+  grid (column blocks, K splits). Each program first compacts the kept rows of its K range into a
+  private list (union over the batch), then streams only those rows, so its loop runs
+  ``(1 - s) * rows / BK`` times instead of ``rows / BK``. Split-K partial sums go to a fp32
+  workspace; the last program of a column block to arrive (an arrival counter, reset by that
+  program) adds them up and writes the output: one launch, no memset, no atomics on data.
+
+Output-sparse rows (CATS / ProSparse up projection), ``m = a_kept * (x @ Wup[rows].T)``:
+  grid over row blocks of the output-major `up` weight; a row whose gate activation is masked is
+  never loaded, and a block with no kept row returns after writing its zeros.
+"""
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _keep(score, t, COMPLEMENT: tl.constexpr):
+    if COMPLEMENT:
+        return score <= t
+    else:
+        return score > t
+
+
+@triton.jit
+def input_sparse_gemv_kernel(
+    x_ptr, scale_ptr, thr_ptr, w_ptr, bias_ptr, lrb_ptr, lrz_ptr, y_ptr,
+    idx_ptr, part_ptr, count_ptr,
+    B, K, N, R, rows_per_split, split_k,
+    stride_x, stride_w, stride_y, stride_lrb, stride_lrz,
+    HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr,
+    COMPLEMENT: tl.constexpr, USE_SPLIT: tl.constexpr, IEEE: tl.constexpr,
+    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CHUNK: tl.constexpr, BR: tl.constexpr,
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    cols = pid_n * BN + tl.arange(0, BN)
+    col_ok = cols < N
+    toks = tl.arange(0, BB)
+    tok_ok = toks < B
+    t = tl.load(thr_ptr)
+    k_lo = pid_k * rows_per_split
+    k_hi = tl.minimum(k_lo + rows_per_split, K)
+    scratch = idx_ptr + (pid_n * split_k + pid_k).to(tl.int64) * rows_per_split
+
+    # 1. The kept rows of [k_lo, k_hi), kept when any token of the batch keeps them.
+    n_active = 0
+    for c in range(k_lo, k_hi, CHUNK):
+        ks = c + tl.arange(0, CHUNK)
+        k_ok = ks < k_hi
+        xs = tl.load(x_ptr + toks[:, None] * stride_x + ks[None, :], mask=tok_ok[:, None] & k_ok[None, :], other=0.0)
+        score = tl.abs(xs.to(tl.float32))
+        if HAS_SCALE:
+            score = score * tl.load(scale_ptr + ks, mask=k_ok, other=0.0)[None, :]
+        keep = _keep(score, t, COMPLEMENT) & tok_ok[:, None] & k_ok[None, :]
+        row_keep = tl.max(keep.to(tl.int32), axis=0)
+        pos = n_active + tl.cumsum(row_keep, axis=0) - 1
+        tl.store(scratch + pos, ks, mask=row_keep > 0)
+        n_active += tl.sum(row_keep, axis=0)
+    tl.debug_barrier()
+
+    # 2. Stream the kept rows only, BK at a time, accumulating in fp32.
+    if BB == 1:
+        acc = tl.zeros([BK, BN], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BB, BN], dtype=tl.float32)
+    for j in range(0, n_active, BK):
+        jj = j + tl.arange(0, BK)
+        j_ok = jj < n_active
+        rows = tl.load(scratch + jj, mask=j_ok, other=0)
+        w = tl.load(
+            w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :],
+            mask=j_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first",
+        )
+        if BB == 1:
+            xv = tl.load(x_ptr + rows, mask=j_ok, other=0.0)
+            sv = tl.abs(xv.to(tl.float32))
+            if HAS_SCALE:
+                sv = sv * tl.load(scale_ptr + rows, mask=j_ok, other=0.0)
+            xv = tl.where(_keep(sv, t, COMPLEMENT), xv.to(tl.float32), 0.0)
+            acc += w.to(tl.float32) * xv[:, None]
+        else:
+            xv = tl.load(x_ptr + toks[:, None] * stride_x + rows[None, :], mask=tok_ok[:, None] & j_ok[None, :], other=0.0)
+            sv = tl.abs(xv.to(tl.float32))
+            if HAS_SCALE:
+                sv = sv * tl.load(scale_ptr + rows, mask=j_ok, other=0.0)[None, :]
+            xv = tl.where(_keep(sv, t, COMPLEMENT), xv, 0.0).to(w.dtype)
+            if IEEE:
+                acc = tl.dot(xv, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xv, w, acc)
+    if BB == 1:
+        part = tl.sum(acc, axis=0)
+    else:
+        part = acc
+
+    # 3. Split-K: the last program of this column block sums the partials.
+    if USE_SPLIT:
+        if BB == 1:
+            tl.store(part_ptr + pid_k * N + cols, part, mask=col_ok)
+        else:
+            tl.store(part_ptr + (pid_k * B + toks)[:, None] * N + cols[None, :], part, mask=tok_ok[:, None] & col_ok[None, :])
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
+        if arrived == split_k - 1:
+            total = tl.zeros_like(part)
+            for s in range(0, split_k):
+                if BB == 1:
+                    total += tl.load(part_ptr + s * N + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+                else:
+                    total += tl.load(
+                        part_ptr + (s * B + toks)[:, None] * N + cols[None, :],
+                        mask=tok_ok[:, None] & col_ok[None, :], other=0.0, cache_modifier=".cg",
+                    )
+            _epilogue(total, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
+                      stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BR)
+            tl.atomic_xchg(count_ptr + pid_n, 0)
+    else:
+        _epilogue(part, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
+                  stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BR)
+
+
+@triton.jit
+def _epilogue(total, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
+              stride_y, stride_lrb, stride_lrz,
+              HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr, BR: tl.constexpr):
+    """Adds the bias and the low-rank term ``lowrank_b @ z`` in fp32, then stores y."""
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if BB == 1:
+            total += bias
+        else:
+            total += bias[None, :]
+    if HAS_LOWRANK:
+        for r0 in range(0, R, BR):
+            rs = r0 + tl.arange(0, BR)
+            r_ok = rs < R
+            lrb = tl.load(lrb_ptr + cols[:, None] * stride_lrb + rs[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+            if BB == 1:
+                z = tl.load(lrz_ptr + rs, mask=r_ok, other=0.0).to(tl.float32)
+                total += tl.sum(lrb.to(tl.float32) * z[None, :], axis=1)
+            else:
+                z = tl.load(lrz_ptr + toks[:, None] * stride_lrz + rs[None, :], mask=tok_ok[:, None] & r_ok[None, :], other=0.0)
+                if IEEE:
+                    total = tl.dot(z.to(lrb.dtype), tl.trans(lrb), total, input_precision="ieee")
+                else:
+                    total = tl.dot(z.to(lrb.dtype), tl.trans(lrb), total)
+    if BB == 1:
+        tl.store(y_ptr + cols, total.to(y_ptr.dtype.element_ty), mask=col_ok)
+    else:
+        tl.store(y_ptr + toks[:, None] * stride_y + cols[None, :], total.to(y_ptr.dtype.element_ty), mask=tok_ok[:, None] & col_ok[None, :])
+
+
+@triton.jit
+def output_sparse_rows_kernel(
+    x_ptr, a_ptr, thr_ptr, w_ptr, m_ptr,
+    B, J, D,
+    stride_x, stride_a, stride_w, stride_m,
+    IEEE: tl.constexpr, BB: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    js = pid * BJ + tl.arange(0, BJ)
+    j_ok = js < J
+    toks = tl.arange(0, BB)
+    tok_ok = toks < B
+    t = tl.load(thr_ptr)
+    a = tl.load(a_ptr + toks[:, None] * stride_a + js[None, :], mask=tok_ok[:, None] & j_ok[None, :], other=0.0)
+    keep = (tl.abs(a.to(tl.float32)) > t) & tok_ok[:, None] & j_ok[None, :]
+    a_kept = tl.where(keep, a.to(tl.float32), 0.0)
+    row_on = tl.max(keep.to(tl.int32), axis=0) > 0
+    n_on = tl.sum(row_on.to(tl.int32), axis=0)
+    if BB == 1:
+        acc = tl.zeros([BJ, BD], dtype=tl.float32)
+    else:
+        acc = tl.zeros([BB, BJ], dtype=tl.float32)
+    if n_on > 0:
+        for d0 in range(0, D, BD):
+            ds = d0 + tl.arange(0, BD)
+            d_ok = ds < D
+            w = tl.load(
+                w_ptr + js.to(tl.int64)[:, None] * stride_w + ds[None, :],
+                mask=row_on[:, None] & d_ok[None, :], other=0.0, eviction_policy="evict_first",
+            )
+            if BB == 1:
+                xv = tl.load(x_ptr + ds, mask=d_ok, other=0.0)
+                acc += w.to(tl.float32) * xv.to(tl.float32)[None, :]
+            else:
+                xv = tl.load(x_ptr + toks[:, None] * stride_x + ds[None, :], mask=tok_ok[:, None] & d_ok[None, :], other=0.0)
+                if IEEE:
+                    acc = tl.dot(xv.to(w.dtype), tl.trans(w), acc, input_precision="ieee")
+                else:
+                    acc = tl.dot(xv.to(w.dtype), tl.trans(w), acc)
+    if BB == 1:
+        u = tl.sum(acc, axis=1)[None, :]
+    else:
+        u = acc
+    # Round u and the product as the reference does: u = up(x) in the model dtype, then a * u.
+    u = u.to(m_ptr.dtype.element_ty).to(tl.float32)
+    m = (a_kept * u).to(m_ptr.dtype.element_ty)
+    tl.store(m_ptr + toks[:, None] * stride_m + js[None, :], m, mask=tok_ok[:, None] & j_ok[None, :])

@@ -1,0 +1,207 @@
+"""The Triton kernels as `torch.library` custom ops, with fake implementations for tracing.
+
+  actsparse::input_sparse_linear(x[T,K], weight_t[K,N], threshold, scale?, bias?, lowrank_b?,
+                                 lowrank_z?, complement) -> y[T,N]
+      row k of `weight_t` is used for token b when score = |x[b,k]| (* scale[k]) > threshold
+      (<= threshold when `complement`, which computes the low-rank path's input); rows no token
+      keeps are never read. `lowrank_z[T,R]` and `lowrank_b[N,R]` add ``z @ lowrank_b.T``.
+  actsparse::output_sparse_rows(x[T,D], a[T,J], threshold, weight[J,D]) -> m[T,J]
+      m = where(|a| > threshold, a, 0) * (x @ weight.T), rounded like the reference; rows of
+      `weight` whose `a` is masked for every token are never read.
+
+T is a decode batch of at most MAX_BATCH tokens; callers route longer inputs to the dense
+reference. Launch configurations are tuned per shape, batch, dtype and sparsity bin
+(`tuning.py`); `set_sparsity_hint` tells the tuner which bin a weight runs at.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import triton
+
+from . import tuning
+from .triton_kernels import input_sparse_gemv_kernel, output_sparse_rows_kernel
+
+MAX_BATCH = 8
+_COUNTERS: dict[torch.device, torch.Tensor] = {}
+_MAX_COLUMN_BLOCKS = 1 << 16
+_HINTS: dict[int, float] = {}
+
+
+def set_sparsity_hint(weight: torch.Tensor, sparsity: float) -> None:
+    """The sparsity `weight` is expected to run at, used to pick its tuned launch config."""
+    _HINTS[weight.data_ptr()] = float(sparsity)
+
+
+@dataclass(frozen=True)
+class GemvConfig:
+    bn: int
+    bk: int
+    split_k: int
+    num_warps: int
+    num_stages: int
+
+
+@dataclass(frozen=True)
+class RowsConfig:
+    bj: int
+    bd: int
+    num_warps: int
+    num_stages: int
+
+
+def _sm_count(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def _block_b(batch: int) -> int:
+    # One token: an elementwise fp32 accumulator. More: tl.dot, whose M must be at least 16.
+    return 1 if batch == 1 else 16
+
+
+def gemv_candidates(n: int, k: int, batch: int, device: torch.device) -> list[GemvConfig]:
+    if tuning.interpreting() or device.type != "cuda":
+        return [GemvConfig(32, 16, 2, 4, 1)]
+    tiles = [(128, 32, 4, 3), (64, 64, 4, 3), (256, 16, 4, 3), (128, 64, 8, 2)] if batch == 1 else [
+        (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3)]
+    sms = _sm_count(device)
+    out: list[GemvConfig] = []
+    for bn, bk, warps, stages in tiles:
+        blocks = triton.cdiv(n, bn)
+        max_split = max(1, min(64, k // (2 * bk)))
+        for waves in (2, 4, 8):
+            split = max(1, min(max_split, round(waves * sms / blocks)))
+            cfg = GemvConfig(bn, bk, split, warps, stages)
+            if cfg not in out:
+                out.append(cfg)
+    return out
+
+
+def rows_candidates(batch: int, device: torch.device) -> list[RowsConfig]:
+    if tuning.interpreting() or device.type != "cuda":
+        return [RowsConfig(4 if batch == 1 else 16, 32, 4, 1)]
+    if batch == 1:
+        return [RowsConfig(4, 512, 4, 3), RowsConfig(8, 256, 4, 3), RowsConfig(2, 1024, 4, 3), RowsConfig(16, 256, 8, 3)]
+    return [RowsConfig(16, 128, 4, 3), RowsConfig(16, 256, 8, 3), RowsConfig(32, 128, 8, 3)]
+
+
+def _counters(device: torch.device) -> torch.Tensor:
+    # Arrival counters of the split-K reduction: zero between launches (the last program of each
+    # column block resets its own), so one buffer serves every launch on the device's stream.
+    if device not in _COUNTERS:
+        _COUNTERS[device] = torch.zeros(_MAX_COLUMN_BLOCKS, dtype=torch.int32, device=device)
+    return _COUNTERS[device]
+
+
+def launch_input_sparse(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    threshold: torch.Tensor,
+    scale: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    lowrank_b: torch.Tensor | None,
+    lowrank_z: torch.Tensor | None,
+    complement: bool,
+    cfg: GemvConfig,
+    y: torch.Tensor,
+) -> None:
+    batch, k = x.shape
+    n = weight_t.shape[1]
+    bb = _block_b(batch)
+    blocks = triton.cdiv(n, cfg.bn)
+    if blocks > _MAX_COLUMN_BLOCKS:
+        raise ValueError(f"{n} output columns need {blocks} column blocks; at most {_MAX_COLUMN_BLOCKS}")
+    rows_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), 16) * 16
+    split_k = triton.cdiv(k, rows_per_split)
+    idx = torch.empty(blocks * split_k * rows_per_split, dtype=torch.int32, device=x.device)
+    part = torch.empty((split_k, batch, n) if split_k > 1 else (1,), dtype=torch.float32, device=x.device)
+    rank = lowrank_b.shape[1] if lowrank_b is not None else 0
+    chunk = min(512 if bb == 1 else 128, triton.next_power_of_2(rows_per_split))
+    input_sparse_gemv_kernel[(blocks, split_k)](
+        x, scale if scale is not None else threshold, threshold, weight_t,
+        bias if bias is not None else weight_t, lowrank_b if lowrank_b is not None else weight_t,
+        lowrank_z if lowrank_z is not None else x, y,
+        idx, part, _counters(x.device),
+        batch, k, n, rank, rows_per_split, split_k,
+        x.stride(0), weight_t.stride(0), y.stride(0),
+        lowrank_b.stride(0) if lowrank_b is not None else 0,
+        lowrank_z.stride(0) if lowrank_z is not None else 0,
+        HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_LOWRANK=lowrank_b is not None,
+        COMPLEMENT=complement, USE_SPLIT=split_k > 1, IEEE=weight_t.dtype == torch.float32,
+        BB=bb, BN=cfg.bn, BK=cfg.bk, CHUNK=chunk, BR=16 if bb > 1 else min(64, triton.next_power_of_2(max(rank, 1))),
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def launch_output_sparse_rows(
+    x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, weight: torch.Tensor, cfg: RowsConfig, m: torch.Tensor
+) -> None:
+    batch, d = x.shape
+    j = weight.shape[0]
+    output_sparse_rows_kernel[(triton.cdiv(j, cfg.bj),)](
+        x, a, threshold, weight, m,
+        batch, j, d,
+        x.stride(0), a.stride(0), weight.stride(0), m.stride(0),
+        IEEE=weight.dtype == torch.float32, BB=_block_b(batch), BJ=cfg.bj, BD=cfg.bd,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )
+
+
+def _check_decode_batch(x: torch.Tensor, what: str) -> None:
+    if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_BATCH:
+        raise ValueError(f"{what}: x must be [tokens <= {MAX_BATCH}, features], got {tuple(x.shape)}")
+    if x.stride(-1) != 1:
+        raise ValueError(f"{what}: x must have unit stride in its last dimension")
+
+
+@torch.library.custom_op("actsparse::input_sparse_linear", mutates_args=())
+def input_sparse_linear(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    threshold: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    lowrank_b: Optional[torch.Tensor],
+    lowrank_z: Optional[torch.Tensor],
+    complement: bool,
+) -> torch.Tensor:
+    _check_decode_batch(x, "input_sparse_linear")
+    batch, k = x.shape
+    n = weight_t.shape[1]
+    y = torch.empty((batch, n), dtype=x.dtype, device=x.device)
+    args = (x, weight_t, threshold, scale, bias, lowrank_b, lowrank_z, complement)
+    key = (
+        "gemv", n, k, batch, x.dtype, scale is not None, bias is not None, lowrank_b is not None, complement,
+        tuning.sparsity_bin(_HINTS.get(weight_t.data_ptr())),
+    )
+    cfg = tuning.choose(key, gemv_candidates(n, k, batch, x.device), lambda c: launch_input_sparse(*args, c, y), x.device)
+    launch_input_sparse(*args, cfg, y)
+    return y
+
+
+@input_sparse_linear.register_fake
+def _(x, weight_t, threshold, scale, bias, lowrank_b, lowrank_z, complement):
+    return x.new_empty((x.shape[0], weight_t.shape[1]))
+
+
+@torch.library.custom_op("actsparse::output_sparse_rows", mutates_args=())
+def output_sparse_rows(x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    _check_decode_batch(x, "output_sparse_rows")
+    batch, d = x.shape
+    j = weight.shape[0]
+    m = torch.empty((batch, j), dtype=x.dtype, device=x.device)
+    key = ("rows", j, d, batch, x.dtype, tuning.sparsity_bin(_HINTS.get(weight.data_ptr())))
+    cfg = tuning.choose(
+        key, rows_candidates(batch, x.device), lambda c: launch_output_sparse_rows(x, a, threshold, weight, c, m), x.device
+    )
+    launch_output_sparse_rows(x, a, threshold, weight, cfg, m)
+    return m
+
+
+@output_sparse_rows.register_fake
+def _(x, a, threshold, weight):
+    return x.new_empty((x.shape[0], weight.shape[0]))

@@ -1,0 +1,80 @@
+"""Choose a launch configuration per problem key by timing the candidates once, on real inputs.
+
+Each candidate is timed as ten launches captured in a CUDA graph (so that Python launch overhead
+does not decide), on the first call with a new key. That first call must come before any CUDA
+graph capture of the caller: the decode engine runs one eager warm-up step for this. A key seen
+for the first time during a capture, or under the Triton interpreter, takes the first
+candidate untimed.
+"""
+from __future__ import annotations
+
+import os
+from typing import Callable, Hashable, Sequence, TypeVar
+
+import torch
+
+Config = TypeVar("Config")
+
+_CHOICES: dict[Hashable, object] = {}
+_TIMINGS: dict[Hashable, list[tuple[object, float]]] = {}
+
+# Sparsity bins used in tuning keys: a kernel tuned at 50% sparsity is not the best one at 90%.
+SPARSITY_EDGES = (0.2, 0.45, 0.6, 0.8)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def sparsity_bin(sparsity: float | None) -> int:
+    if sparsity is None:
+        return -1
+    return sum(sparsity >= edge for edge in SPARSITY_EDGES)
+
+
+def choose(key: Hashable, candidates: Sequence[Config], launch: Callable[[Config], None], device: torch.device) -> Config:
+    """The fastest of `candidates` for `key` (timed once, then remembered)."""
+    if key in _CHOICES:
+        return _CHOICES[key]  # type: ignore[return-value]
+    if len(candidates) == 1 or interpreting() or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
+        return candidates[0]
+    timings = [(cfg, _graph_time(lambda cfg=cfg: launch(cfg))) for cfg in candidates]
+    best = min(timings, key=lambda ct: ct[1])[0]
+    _CHOICES[key] = best
+    _TIMINGS[key] = timings
+    return best
+
+
+def tuned() -> dict[Hashable, object]:
+    """Every key tuned so far and the configuration chosen (for reports)."""
+    return dict(_CHOICES)
+
+
+def timings() -> dict[Hashable, list[tuple[object, float]]]:
+    """Seconds per launch of every candidate timed so far, by key."""
+    return dict(_TIMINGS)
+
+
+def clear() -> None:
+    _CHOICES.clear()
+    _TIMINGS.clear()
+
+
+def _graph_time(fn: Callable[[], None], launches: int = 10, replays: int = 5) -> float:
+    fn()  # compiles the variant and allocates outside the capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(launches):
+            fn()
+    graph.replay()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    best = float("inf")
+    for _ in range(replays):
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        best = min(best, start.elapsed_time(end) / 1e3 / launches)
+    del graph
+    return best
