@@ -167,3 +167,76 @@ class CatsConfig(MethodConfig):
 
     method: ClassVar[str] = "cats"
     targets: ClassVar[str] = "mlp"
+
+
+PROSPARSE_SCHEDULES = ("progressive", "constant")
+L1_REDUCTIONS = ("sum", "mean")
+# The paper's lambda stage tables, as (end step, lambda) pairs (arXiv 2402.13516): stage 0 (ReLU
+# swap only, lambda 0), a warm-up stage at constant lambda_1, then half-sine ramps between stage
+# values. Training scales the steps to its own length.
+PROSPARSE_PRESETS: dict[str, tuple[tuple[int, float], ...]] = {
+    "7b": ((5000, 0.0), (6000, 5e-3), (10000, 5e-2), (12000, 5e-2), (16000, 0.2), (16500, 0.2)),
+    "1b": ((10000, 0.0), (15000, 1e-3), (20000, 5e-3), (25000, 5e-3), (35000, 5e-2)),
+}
+
+
+@dataclass(frozen=True)
+class ProSparseConfig(MethodConfig):
+    """ProSparse: the gate activation becomes ReLU, training with an L1 penalty on the MLP
+    intermediate makes it sparse, and FATReLU (``x if x > t else 0``) is applied at inference.
+
+    There is no sparsity target: the sparsity comes from training and is measured (sparsity.mlp).
+    threshold: FATReLU's t on the ReLU gate output (0 is plain ReLU).
+    schedule:  "progressive" (the paper's stages with half-sine ramps) or "constant" (lambda 0
+               during stage 0, then the final lambda throughout: the ablation).
+    preset:    which paper stage table, "7b" or "1b"; `stages` replaces it when given, as
+               (end step, lambda) pairs in any step unit (they are scaled to the run's length).
+    peak_lambda: rescales every lambda so the last stage reaches this value (None: the table's).
+    l1_reduce: how the per-layer terms mean(|act(g) * u|) combine: "sum" or "mean" over layers.
+    """
+
+    method: ClassVar[str] = "prosparse"
+    targets: ClassVar[str] = "mlp"
+    sparsity: float = 0.0
+    threshold: float = 0.01
+    schedule: str = "progressive"
+    preset: str = "7b"
+    stages: tuple[tuple[float, float], ...] = ()
+    peak_lambda: float | None = None
+    l1_reduce: str = "sum"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.sparsity != 0.0:
+            raise ActSparseError(
+                f"prosparse takes no sparsity target (got {self.sparsity}); its sparsity comes from training"
+            )
+        if self.selection != "threshold":
+            raise ActSparseError(f"prosparse uses a FATReLU threshold, not selection {self.selection!r}")
+        if not isinstance(self.threshold, (int, float)) or self.threshold < 0:
+            raise ActSparseError(f"threshold must be a number >= 0, got {self.threshold!r}")
+        _check_choice("schedule", self.schedule, PROSPARSE_SCHEDULES)
+        _check_choice("preset", self.preset, tuple(PROSPARSE_PRESETS))
+        _check_choice("l1_reduce", self.l1_reduce, L1_REDUCTIONS)
+        stages = tuple((float(t), float(lam)) for t, lam in self.stages)
+        object.__setattr__(self, "stages", stages)
+        table = stages or PROSPARSE_PRESETS[self.preset]
+        steps = [t for t, _ in table]
+        if len(table) < 2 or steps != sorted(steps) or len(set(steps)) != len(steps) or steps[0] <= 0:
+            raise ActSparseError(
+                f"stages must hold at least two (end step, lambda) pairs with increasing end steps > 0, got {table}"
+            )
+        if any(lam < 0 for _, lam in table) or table[0][1] != 0.0:
+            raise ActSparseError(f"stage lambdas must be >= 0, with 0 for stage 0 (the ReLU swap), got {table}")
+        if self.peak_lambda is not None and not self.peak_lambda > 0:
+            raise ActSparseError(f"peak_lambda must be > 0, got {self.peak_lambda}")
+
+    def stage_table(self) -> tuple[tuple[float, float], ...]:
+        """(end step, lambda) pairs in the table's own step unit, lambdas rescaled by peak_lambda."""
+        table = self.stages or PROSPARSE_PRESETS[self.preset]
+        if self.peak_lambda is None:
+            return tuple((float(t), float(lam)) for t, lam in table)
+        last = table[-1][1]
+        if last == 0:
+            raise ActSparseError("peak_lambda needs a stage table whose last lambda is > 0")
+        return tuple((float(t), lam * self.peak_lambda / last) for t, lam in table)

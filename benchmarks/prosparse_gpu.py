@@ -1,0 +1,164 @@
+"""ProSparse on SmolLM2-135M on one GPU: the progressive schedule against constant lambda.
+
+    python benchmarks/prosparse_gpu.py --model SmolLM2-135M-Instruct.Q4_1.gguf \
+        --data wikipedia_en.jsonl.gz,openstax_textbooks.jsonl.gz --eval wiki.test.raw \
+        --seconds 160 --out OUT
+
+Both runs start from the same SiLU model and make the same number of steps on the same data,
+chosen from a short timed probe so that each takes about --seconds. Each trained model is
+evaluated on every WikiText-2 window with FATReLU t = 0.01 (perplexity and measured
+sparsity.mlp), then over a FATReLU threshold sweep on the first --sweep-windows windows (the
+sparsity/perplexity curve, to compare the two at equal sparsity). OUT receives summary.json
+(rewritten after every phase), the two training logs, curves.png; the last stdout line is the
+summary as one JSON document.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from actsparse import DenseConfig, ProSparseConfig, sparsify_
+from actsparse.evaluate import perplexity
+from actsparse.loading import load_model
+from actsparse.methods.prosparse import relufy_
+from actsparse.models import layer_specs
+from actsparse.train import TrainArgs, pack_texts, train, train_prosparse
+from actsparse.train.schedule import L1Schedule
+
+SWEEP = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--data", required=True, help="comma-separated training files")
+    p.add_argument("--eval", required=True, help="WikiText-2 test (wiki.test.raw)")
+    p.add_argument("--out", required=True)
+    p.add_argument("--seconds", type=float, default=160.0, help="training time per run")
+    p.add_argument("--steps", type=int, default=None, help="steps per run (default: from --seconds and a timed probe)")
+    p.add_argument("--seq-len", type=int, default=1024)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--preset", default="7b")
+    p.add_argument("--peak-lambda", type=float, default=0.1)
+    p.add_argument("--threshold", type=float, default=0.01)
+    p.add_argument("--sweep-windows", type=int, default=48)
+    p.add_argument("--device", default="cuda")
+    a = p.parse_args()
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="prosparse-"))
+    device = torch.cuda.get_device_name(0) if a.device == "cuda" else a.device
+    summary: dict = {"device": device, "torch": torch.__version__, "args": vars(a)}
+
+    def save() -> None:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+
+    t0 = time.perf_counter()
+    base, tok = load_model(a.model, torch.float32, a.device)
+    summary["load_s"] = round(time.perf_counter() - t0, 1)
+
+    dense = copy.deepcopy(base)
+    sparsify_(dense, DenseConfig())
+    summary["silu"] = _ppl(dense, tok, a.eval, None)
+    relu0 = copy.deepcopy(base)
+    sparsify_(relu0, ProSparseConfig(threshold=0.0))
+    summary["relu_untrained"] = _ppl(relu0, tok, a.eval, a.sweep_windows)
+    del dense, relu0
+    save()
+
+    t0 = time.perf_counter()
+    windows = pack_texts(tok, a.data.split(","), a.seq_len)
+    summary["data"] = {"files": a.data.split(","), "windows": windows.shape[0], "tokens": windows.numel(),
+                       "pack_s": round(time.perf_counter() - t0, 1)}
+    summary["steps"] = steps = a.steps or _steps_for(base, windows, a, work)
+    save()
+
+    logs = {}
+    for schedule in ("progressive", "constant"):
+        model = copy.deepcopy(base)
+        config = ProSparseConfig(threshold=a.threshold, schedule=schedule, preset=a.preset, peak_lambda=a.peak_lambda)
+        args = TrainArgs(steps=steps, batch_size=a.batch_size, lr=a.lr, warmup=0.03, log_every=max(1, steps // 100))
+        t0 = time.perf_counter()
+        history = train_prosparse(model, windows, config, args, work / schedule, progress=False)
+        train_s = time.perf_counter() - t0
+        shutil.copy(work / schedule / "train_log.csv", out / f"{schedule}_log.csv")
+        logs[schedule] = history
+        result = {"config": config.to_dict(), "stages": [list(s) for s in L1Schedule.from_config(config, steps).stages],
+                  "train_s": round(train_s, 1), "tokens": history[-1]["tokens"],
+                  "tokens_per_s": round(history[-1]["tokens"] / train_s), "final_log": history[-1]}
+        result["eval"] = _ppl(model, tok, a.eval, None)
+        result["sweep"] = []
+        for t in SWEEP:
+            for spec in layer_specs(model):
+                spec.mlp.set_gate_threshold(t, 0.0)
+            r = _ppl(model, tok, a.eval, a.sweep_windows)
+            result["sweep"].append({"threshold": t, "ppl": r["ppl"], "mlp": r["mlp"], "model": r["model"]})
+        summary[schedule] = result
+        save()
+        del model
+    _plot(logs, summary, out / "curves.png")
+    print(json.dumps({k: summary[k] for k in ("silu", "steps")} | {
+        s: {"ppl": summary[s]["eval"]["ppl"], "mlp": summary[s]["eval"]["mlp"], "tokens": summary[s]["tokens"]}
+        for s in ("progressive", "constant")}))
+
+
+def _ppl(model, tok, source, windows) -> dict:
+    t0 = time.perf_counter()
+    r = perplexity(model, tok, source, seq_len=512, windows=windows, progress=False)
+    s = r["sparsity"]
+    return {"ppl": r["ppl"], "windows": r["ppl_windows"], "mlp": s["mlp"], "model": s["model"],
+            "mlp_per_layer": [round(x["mlp"], 4) for x in s["per_layer"]], "eval_s": round(time.perf_counter() - t0, 1)}
+
+
+def _steps_for(base, windows, a, work: Path) -> int:
+    """Steps that fit `a.seconds`, from the time of steps 5..16 of a throwaway run."""
+    probe = copy.deepcopy(base)
+    relufy_(probe)
+    schedule = L1Schedule(stages=((1, 0.0), (2, 0.01)))
+    history = train(probe, windows, schedule, TrainArgs(steps=16, batch_size=a.batch_size, lr=a.lr, log_every=4),
+                    work / "probe", progress=False)
+    per_step = (history[-1]["seconds"] - history[0]["seconds"]) / 12
+    del probe
+    return max(50, int(a.seconds / per_step))
+
+
+def _plot(logs, summary, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(2, 2, figsize=(11, 8))
+    for name, rows in logs.items():
+        steps = [r["step"] for r in rows]
+        ax[0, 0].plot(steps, [r["lambda"] for r in rows], label=name)
+        ax[0, 1].plot(steps, [r["sparsity"] for r in rows], label=name)
+        ax[1, 0].plot(steps, [r["loss"] for r in rows], label=name)
+        sweep = summary[name]["sweep"]
+        ax[1, 1].plot([s["mlp"] for s in sweep], [s["ppl"] for s in sweep], "o-", label=name)
+    base = summary["silu"]["ppl"]
+    ax[1, 1].axhline(base, color="gray", ls=":", label="SiLU original (all windows)")
+    ax[1, 1].axhline(base * 1.15, color="red", ls=":", label="+15%")
+    ax[1, 1].axvline(0.85, color="red", ls="--", lw=0.8)
+    for a_, title, ylabel in ((ax[0, 0], "L1 coefficient", "lambda"), (ax[0, 1], "MLP sparsity on training batches (ReLU)", "sparsity"),
+                              (ax[1, 0], "training cross-entropy", "loss")):
+        a_.set(title=title, xlabel="step", ylabel=ylabel)
+        a_.legend()
+    ax[1, 1].set(title="WikiText-2 (sweep windows): FATReLU t sweep", xlabel="measured sparsity.mlp", ylabel="perplexity")
+    ax[1, 1].legend(fontsize=8)
+    fig.suptitle(f"ProSparse on SmolLM2-135M, {summary['steps']} steps per run ({summary['device']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+if __name__ == "__main__":
+    main()

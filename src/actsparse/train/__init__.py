@@ -1,0 +1,22 @@
+"""ProSparse training: ReLU-fication, the progressive L1 schedule, a plain loop and a HF Trainer
+callback, distributed through torchrun + DDP."""
+from .data import ShardedBatches, pack_texts
+from .distributed import Dist, setup
+from .hf import ProSparseCallback
+from .loop import TrainArgs, train
+from .penalty import IntermediateL1
+from .prosparse import train_prosparse
+from .schedule import L1Schedule
+
+__all__ = [
+    "Dist",
+    "IntermediateL1",
+    "L1Schedule",
+    "ProSparseCallback",
+    "ShardedBatches",
+    "TrainArgs",
+    "pack_texts",
+    "setup",
+    "train",
+    "train_prosparse",
+]

@@ -1,0 +1,168 @@
+"""The plain training loop: causal-LM loss plus lambda(step) times the MLP-intermediate L1 term.
+
+AdamW with linear warm-up and cosine decay, gradient accumulation, gradient clipping, bf16
+autocast (fp32 master weights) on CUDA, DDP when the process group is up (`distributed.setup`),
+a CSV log (written by rank 0; every rank returns the same rows, reduced across ranks) and
+checkpoints that resume to the same next step.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from tqdm.auto import tqdm
+
+from ..errors import ActSparseError
+from .checkpoint import checkpoint_dir, find_checkpoint, load_checkpoint, read_meta, save_checkpoint
+from .data import ShardedBatches
+from .distributed import Dist
+from .log import CsvLog
+from .penalty import IntermediateL1
+from .schedule import L1Schedule
+
+LOG_FILE = "train_log.csv"
+# A checkpoint resumes only a run that would have made the same steps from it.
+RESUME_KEYS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "seed", "world_size")
+
+
+@dataclass(frozen=True)
+class TrainArgs:
+    """steps: optimizer steps; batch_size: sequences per micro-batch per rank; warmup: fraction
+    of the steps with a linear LR ramp; log_every / save_every: in steps (save_every 0: no
+    checkpoints); bf16: None means on for CUDA."""
+
+    steps: int = 1000
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    min_lr_ratio: float = 0.1
+    warmup: float = 0.02
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    bf16: bool | None = None
+    log_every: int = 10
+    save_every: int = 0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                raise ActSparseError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.save_every < 0:
+            raise ActSparseError(f"save_every must be >= 0, got {self.save_every}")
+        if not self.lr > 0:
+            raise ActSparseError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.warmup < 1 or not 0 <= self.min_lr_ratio <= 1:
+            raise ActSparseError(f"warmup must be in [0, 1) and min_lr_ratio in [0, 1], got {self.warmup}, {self.min_lr_ratio}")
+
+    def lr_factor(self, step: int) -> float:
+        warm = math.ceil(self.warmup * self.steps)
+        if step < warm:
+            return (step + 1) / warm
+        progress = (step - warm) / max(1, self.steps - warm)
+        return self.min_lr_ratio + (1 - self.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(
+    model: nn.Module,
+    windows: torch.Tensor,
+    schedule: L1Schedule,
+    args: TrainArgs,
+    out_dir: str | os.PathLike,
+    *,
+    l1_reduce: str = "sum",
+    resume: str | os.PathLike | None = None,
+    dist: Dist | None = None,
+    meta: dict | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """Train `model` (already on its device) in place on token windows [n, seq_len]; returns the
+    logged rows. Checkpoints and the CSV log go under `out_dir`."""
+    device = next(model.parameters()).device
+    dist = dist or Dist(device=device)
+    out_dir = Path(out_dir)
+    batches = ShardedBatches(windows, args.batch_size, dist.rank, dist.world_size, args.seed)
+    run_meta = {**asdict(args), "world_size": dist.world_size, **(meta or {})}
+    model.train()
+    ddp = model
+    if dist.enabled:
+        ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay, fused=device.type == "cuda"
+    )
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, args.lr_factor)
+    start = 0
+    if resume is not None:
+        found = find_checkpoint(resume)
+        saved = read_meta(found)
+        differ = [k for k in RESUME_KEYS if saved.get(k) != run_meta.get(k)]
+        if differ:
+            raise ActSparseError(
+                f"{found}: was written by a different run ({', '.join(f'{k}={saved.get(k)!r} here {run_meta.get(k)!r}' for k in differ)})"
+            )
+        start = load_checkpoint(found, model, optimizer, scheduler)
+    bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
+    penalty = IntermediateL1(model, l1_reduce)
+    columns = ["step", "tokens", "lr", "lambda", "loss", "l1", "sparsity"] + [f"sparsity_{i}" for i in range(penalty.layers)] + ["seconds"]
+    log = CsvLog(out_dir / LOG_FILE, columns, resume_step=start if resume is not None else None) if dist.is_main else None
+    tokens_per_step = args.batch_size * args.grad_accum * dist.world_size * windows.shape[1]
+    history: list[dict] = []
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, l1, micro-batches since the last log
+    began = time.perf_counter()
+    try:
+        bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="prosparse", unit="step",
+                   file=sys.stderr, disable=not (progress and dist.is_main))
+        for step in bar:
+            lam = schedule.lambda_at(step)
+            lr = scheduler.get_last_lr()[0]
+            for micro in range(args.grad_accum):
+                ids = batches.get(step * args.grad_accum + micro).to(device)
+                last = micro == args.grad_accum - 1
+                with (ddp.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
+                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                        loss = ddp(input_ids=ids, labels=ids, use_cache=False).loss.float()
+                    l1 = penalty.pop_term()
+                    ((loss + lam * l1) / args.grad_accum).backward()
+                sums += torch.stack([loss.detach().double(), l1.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+            if args.max_grad_norm > 0:
+                nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            done = step + 1
+            if done % args.log_every == 0 or done == args.steps:
+                row = _log_row(done, done * tokens_per_step, lr, lam, sums, penalty, dist, time.perf_counter() - began)
+                sums.zero_()
+                history.append(row)
+                if log is not None:
+                    log.write(row)
+                bar.set_postfix(loss=f"{row['loss']:.3f}", l1=f"{row['l1']:.3g}", lam=f"{lam:.3g}", sparsity=f"{row['sparsity']:.3f}")
+            if args.save_every and done % args.save_every == 0:
+                if dist.is_main:
+                    save_checkpoint(checkpoint_dir(out_dir, done), model, optimizer, scheduler, done, run_meta)
+                dist.barrier()
+    finally:
+        penalty.remove()
+    model.eval()
+    return history
+
+
+def _log_row(step, tokens, lr, lam, sums, penalty, dist, seconds) -> dict:
+    zeros, entries = penalty.pop_sparsity()
+    reduced = dist.all_reduce_sum(torch.cat([sums, zeros, entries]))
+    loss_sum, l1_sum, count = reduced[:3].tolist()
+    layers = penalty.layers
+    zeros, entries = reduced[3 : 3 + layers], reduced[3 + layers :]
+    row = {"step": step, "tokens": tokens, "lr": lr, "lambda": lam, "loss": loss_sum / count, "l1": l1_sum / count,
+           "sparsity": (zeros.sum() / entries.sum()).item()}
+    row.update({f"sparsity_{i}": v for i, v in enumerate((zeros / entries).tolist())})
+    row["seconds"] = round(seconds, 3)
+    return row

@@ -1,0 +1,49 @@
+"""ProSparse end to end on a loaded model: ReLU swap, L1-scheduled training, FATReLU."""
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import nn
+
+from ..config import ProSparseConfig
+from ..errors import ActSparseError
+from ..methods import sparsify_
+from ..methods.prosparse import relufy_
+from .distributed import Dist
+from .loop import TrainArgs, train
+from .schedule import L1Schedule
+
+
+def train_prosparse(
+    model: nn.Module,
+    windows: torch.Tensor,
+    config: ProSparseConfig,
+    args: TrainArgs,
+    out_dir: str | os.PathLike,
+    *,
+    resume: str | os.PathLike | None = None,
+    dist: Dist | None = None,
+    progress: bool = True,
+) -> list[dict]:
+    """ReLU-fy `model`, train it with `config`'s L1 schedule, then install FATReLU so that it is a
+    sparsified actsparse model (`actsparse.io.save` writes it). Returns the logged rows."""
+    if getattr(model, "actsparse_config", None) is not None:
+        raise ActSparseError(f"model is already sparsified with {model.actsparse_config.method}; train from the dense model")
+    relufy_(model)
+    schedule = L1Schedule.from_config(config, args.steps)
+    history = train(model, windows, schedule, args, out_dir, l1_reduce=config.l1_reduce, resume=resume, dist=dist,
+                    meta={"config": config.to_dict()}, progress=progress)
+    sparsify_(model, config)
+    model.actsparse_recipe = {
+        **model.actsparse_recipe,
+        "training": {
+            "steps": args.steps,
+            "tokens": history[-1]["tokens"] if history else 0,
+            "seq_len": int(windows.shape[1]),
+            "world_size": dist.world_size if dist else 1,
+            "stages": [list(s) for s in schedule.stages],
+            "final": {k: history[-1][k] for k in ("loss", "l1", "lambda", "sparsity")} if history else {},
+        },
+    }
+    return history
