@@ -68,7 +68,8 @@ def evaluate_tasks(
     limit: int | None = None,
     batch_size: int = 8,
 ) -> dict[str, dict]:
-    """Zero-shot scores per task: {"acc", "acc_norm" (multiple choice only), "n" (documents scored)}.
+    """Zero-shot scores per task: {"acc", "acc_norm", "n" (documents scored)}; as in lm-eval,
+    acc_norm (log-likelihood per byte of the choice) is defined for ARC, OpenBookQA and PIQA.
 
     `limit` caps the documents per task (the first `limit` of each file)."""
     if not tasks:
@@ -97,6 +98,10 @@ def evaluate_tasks(
                 limit=limit,
                 bootstrap_iters=0,
                 log_samples=False,
+                # zero-shot log-likelihood scoring draws no random numbers: leave the caller's RNGs alone
+                random_seed=None,
+                numpy_random_seed=None,
+                torch_random_seed=None,
             )
     finally:
         model.train(was_training)
