@@ -44,6 +44,8 @@ def main() -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--seconds", type=float, default=160.0, help="training time per run")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: from --seconds and a timed probe)")
+    p.add_argument("--deadline", type=float, default=None,
+                   help="seconds for the whole script: shortens --seconds so both runs and their evaluations fit")
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
@@ -62,6 +64,7 @@ def main() -> None:
     def save() -> None:
         (out / "summary.json").write_text(json.dumps(summary, indent=1))
 
+    began = time.perf_counter()
     t0 = time.perf_counter()
     base, tok = load_model(a.model, torch.float32, a.device)
     summary["load_s"] = round(time.perf_counter() - t0, 1)
@@ -69,6 +72,7 @@ def main() -> None:
     dense = copy.deepcopy(base)
     sparsify_(dense, DenseConfig())
     summary["silu"] = _ppl(dense, tok, a.eval, None)
+    summary["silu_sweep_windows"] = _ppl(dense, tok, a.eval, a.sweep_windows)
     relu0 = copy.deepcopy(base)
     sparsify_(relu0, ProSparseConfig(threshold=0.0))
     summary["relu_untrained"] = _ppl(relu0, tok, a.eval, a.sweep_windows)
@@ -79,7 +83,13 @@ def main() -> None:
     windows = pack_texts(tok, a.data.split(","), a.seq_len)
     summary["data"] = {"files": a.data.split(","), "windows": windows.shape[0], "tokens": windows.numel(),
                        "pack_s": round(time.perf_counter() - t0, 1)}
-    summary["steps"] = steps = a.steps or _steps_for(base, windows, a, work)
+    seconds = a.seconds
+    if a.deadline is not None:
+        evals = 2 * summary["silu"]["eval_s"] + 2 * len(SWEEP) * summary["silu_sweep_windows"]["eval_s"]
+        probe = 30.0
+        seconds = min(seconds, (a.deadline - (time.perf_counter() - began) - evals - probe - 30.0) / 2)
+    summary["seconds_per_run"] = round(seconds, 1)
+    summary["steps"] = steps = a.steps or _steps_for(base, windows, a, seconds, work)
     save()
 
     logs = {}
@@ -119,8 +129,8 @@ def _ppl(model, tok, source, windows) -> dict:
             "mlp_per_layer": [round(x["mlp"], 4) for x in s["per_layer"]], "eval_s": round(time.perf_counter() - t0, 1)}
 
 
-def _steps_for(base, windows, a, work: Path) -> int:
-    """Steps that fit `a.seconds`, from the time of steps 5..16 of a throwaway run."""
+def _steps_for(base, windows, a, seconds: float, work: Path) -> int:
+    """Steps that fit `seconds`, from the time of steps 5..16 of a throwaway run."""
     probe = copy.deepcopy(base)
     relufy_(probe)
     schedule = L1Schedule(stages=((1, 0.0), (2, 0.01)))
@@ -128,7 +138,7 @@ def _steps_for(base, windows, a, work: Path) -> int:
                     work / "probe", progress=False)
     per_step = (history[-1]["seconds"] - history[0]["seconds"]) / 12
     del probe
-    return max(50, int(a.seconds / per_step))
+    return max(50, int(seconds / per_step))
 
 
 def _plot(logs, summary, path: Path) -> None:
@@ -145,15 +155,16 @@ def _plot(logs, summary, path: Path) -> None:
         ax[1, 0].plot(steps, [r["loss"] for r in rows], label=name)
         sweep = summary[name]["sweep"]
         ax[1, 1].plot([s["mlp"] for s in sweep], [s["ppl"] for s in sweep], "o-", label=name)
-    base = summary["silu"]["ppl"]
-    ax[1, 1].axhline(base, color="gray", ls=":", label="SiLU original (all windows)")
+    base = summary["silu_sweep_windows"]["ppl"]
+    ax[1, 1].axhline(base, color="gray", ls=":", label="SiLU original")
     ax[1, 1].axhline(base * 1.15, color="red", ls=":", label="+15%")
     ax[1, 1].axvline(0.85, color="red", ls="--", lw=0.8)
     for a_, title, ylabel in ((ax[0, 0], "L1 coefficient", "lambda"), (ax[0, 1], "MLP sparsity on training batches (ReLU)", "sparsity"),
                               (ax[1, 0], "training cross-entropy", "loss")):
         a_.set(title=title, xlabel="step", ylabel=ylabel)
         a_.legend()
-    ax[1, 1].set(title="WikiText-2 (sweep windows): FATReLU t sweep", xlabel="measured sparsity.mlp", ylabel="perplexity")
+    ax[1, 1].set(title=f"WikiText-2, first {summary['args']['sweep_windows']} windows: FATReLU t sweep",
+                 xlabel="measured sparsity.mlp", ylabel="perplexity", yscale="log")
     ax[1, 1].legend(fontsize=8)
     fig.suptitle(f"ProSparse on SmolLM2-135M, {summary['steps']} steps per run ({summary['device']})")
     fig.tight_layout()
