@@ -5,6 +5,7 @@ from ..config import DenseConfig
 from ..errors import ActSparseError
 from ..evaluate import perplexity
 from ..loading import load_model, parse_dtype
+from ..measure import measure_sparsity
 from ..methods import sparsify_
 from ._common import add_model, check_positive, parse_list, write_json_atomic
 
@@ -35,9 +36,11 @@ def evaluate_model(model, tokenizer, args) -> dict:
     if args.tasks:
         from ..zeroshot import evaluate_tasks
 
-        scores = evaluate_tasks(model, tokenizer, parse_list(args.tasks, "--tasks"), args.task_dir, args.limit)
+        with measure_sparsity(model) as meter:
+            scores = evaluate_tasks(model, tokenizer, parse_list(args.tasks, "--tasks"), args.task_dir, args.limit)
         result["tasks"] = {name: s["acc"] for name, s in scores.items()}
         result["task_details"] = scores
+        result["task_sparsity"] = meter.report().to_dict()  # measured on the task texts
     return result
 
 
