@@ -16,8 +16,9 @@ Inputs of more than `max_batch` tokens (prefill) run the reference path: kernels
 
 `prepare(model)` packs, once, the input-major copies the ops read, as non-persistent buffers
 (never saved): `actsparse_wt` (W.T) on input-sparse linears, `actsparse_lowrank_at` (A.T),
-`actsparse_gate_up_t` on MLPs whose gate and up share one selection, and a zero threshold
-`actsparse_zero`. Call `set_backend` again after changing any sparsity state.
+`actsparse_gate_up_t` on MLPs whose gate and up share one selection (instead of their own
+copies), and a zero threshold `actsparse_zero`. Call `set_backend` again after changing any
+sparsity state.
 """
 from __future__ import annotations
 
@@ -55,10 +56,21 @@ def _same_selection(a: SparseLinear, b: SparseLinear) -> bool:
     return bool(torch.equal(a.threshold, b.threshold))
 
 
-def _pack(module: torch.nn.Module, name: str, tensor: torch.Tensor) -> None:
+def _pack(module: torch.nn.Module, name: str, make: Callable[[], torch.Tensor], like: torch.Tensor, shape: tuple) -> None:
+    """Register `make()` as buffer `name` unless an equal-shaped one is there (packs are derived
+    from weights, which inference does not change)."""
     existing = getattr(module, name, None)
-    if existing is None or existing.shape != tensor.shape or existing.dtype != tensor.dtype or existing.device != tensor.device:
-        module.register_buffer(name, tensor.contiguous(), persistent=False)
+    if existing is None or existing.shape != shape or existing.dtype != like.dtype or existing.device != like.device:
+        module.register_buffer(name, make().contiguous(), persistent=False)
+
+
+def _pack_transposed(module: torch.nn.Module, name: str, weight: torch.Tensor) -> None:
+    _pack(module, name, lambda: weight.detach().T, weight, tuple(weight.shape[::-1]))
+
+
+def _pack_zero(module: torch.nn.Module, device: torch.device) -> None:
+    zero = torch.zeros((), device=device)
+    _pack(module, "actsparse_zero", lambda: zero, zero, ())
 
 
 def _output_sparse_up(mlp: SparseGatedMLP) -> torch.Tensor | None:
@@ -86,39 +98,51 @@ def make_backend(
 ) -> Backend:
     def prepare(model: torch.nn.Module) -> None:
         check_model(model)
+        fused: set[int] = set()
         for module in model.modules():
-            if isinstance(module, SparseLinear) and module.mode != "dense":
-                _pack(module, "actsparse_wt", module.weight.detach().T)
-                _pack(module, "actsparse_zero", torch.zeros((), device=module.weight.device))
-                set_hint(module.actsparse_wt, module.target)
-                if module.rank:
-                    _pack(module, "actsparse_lowrank_at", module.lowrank_a.T)
-            elif isinstance(module, SparseGatedMLP):
-                _prepare_mlp(module)
+            if isinstance(module, SparseGatedMLP):
+                fused |= _prepare_mlp(module)
+        for module in model.modules():
+            if isinstance(module, SparseLinear):
+                # Only meters call a fused gate/up alone; they get the reference.
+                module.actsparse_fused = id(module) in fused
+                if module.actsparse_fused and hasattr(module, "actsparse_wt"):
+                    del module.actsparse_wt
+                if module.mode != "dense" and not module.actsparse_fused:
+                    _pack_transposed(module, "actsparse_wt", module.weight)
+                    _pack_zero(module, module.weight.device)
+                    set_hint(module.actsparse_wt, module.target)
+                    if module.rank:
+                        _pack_transposed(module, "actsparse_lowrank_at", module.lowrank_a)
 
-    def _prepare_mlp(mlp: SparseGatedMLP) -> None:
+    def _prepare_mlp(mlp: SparseGatedMLP) -> set[int]:
+        """Packs the MLP's fused gate+up when their selections agree; returns their ids then."""
         down = mlp.down_linear
-        _pack(mlp, "actsparse_zero", torch.zeros((), device=down.weight.device))
+        _pack_zero(mlp, down.weight.device)
         gate, up = mlp.gate_linear, mlp.up_linear
+        fused: set[int] = set()
         if mlp.gate_mode == "dense" and gate is not None and _same_selection(gate, up):
-            _pack(mlp, "actsparse_gate_up_t", torch.cat([gate.weight.detach().T, up.weight.detach().T], dim=1))
+            shape = (gate.in_features, gate.out_features + up.out_features)
+            _pack(mlp, "actsparse_gate_up_t", lambda: torch.cat([gate.weight.detach().T, up.weight.detach().T], dim=1), gate.weight, shape)
             if gate.bias is not None:
-                _pack(mlp, "actsparse_gate_up_bias", torch.cat([gate.bias.detach(), up.bias.detach()]))
+                _pack(mlp, "actsparse_gate_up_bias", lambda: torch.cat([gate.bias.detach(), up.bias.detach()]), gate.bias, shape[1:])
             set_hint(mlp.actsparse_gate_up_t, gate.target)
+            fused = {id(gate), id(up)}
         elif hasattr(mlp, "actsparse_gate_up_t"):
             del mlp.actsparse_gate_up_t
         rows = _output_sparse_up(mlp)
         if rows is not None:
             set_hint(rows, mlp.gate_target)
             if down.mode == "dense":  # `down` still skips the zeros the gate mask leaves
-                _pack(down, "actsparse_wt", down.weight.detach().T)
+                _pack_transposed(down, "actsparse_wt", down.weight)
                 set_hint(down.actsparse_wt, mlp.gate_target)
+        return fused
 
-    def packed(module: torch.nn.Module, name: str) -> torch.Tensor:
-        tensor = getattr(module, name, None)
+    def packed(module: torch.nn.Module, buffer: str) -> torch.Tensor:
+        tensor = getattr(module, buffer, None)
         if tensor is None:
             raise ActSparseError(
-                f"{type(module).__name__} has no {name}: select the {name!r} backend with "
+                f"{type(module).__name__} has no {buffer}: select the {name!r} backend with "
                 f"actsparse.kernels.set_backend(model, {name!r}), which packs the weights"
             )
         return tensor
@@ -141,7 +165,7 @@ def make_backend(
 
     def linear(module: SparseLinear, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // module.in_features
-        if module.mode == "dense" or tokens > max_batch:
+        if module.mode == "dense" or tokens > max_batch or module.actsparse_fused:
             return linear_reference(module, x)
         y = run_input_sparse(module, x.reshape(tokens, module.in_features).contiguous())
         return y.reshape(*x.shape[:-1], module.out_features)

@@ -66,7 +66,7 @@ def _block_b(batch: int) -> int:
 def gemv_candidates(n: int, k: int, batch: int, device: torch.device) -> list[GemvConfig]:
     if tuning.interpreting() or device.type != "cuda":
         return [GemvConfig(32, 16, 2, 4, 1)]
-    tiles = [(128, 32, 4, 3), (64, 64, 4, 3), (256, 16, 4, 3), (128, 64, 8, 2)] if batch == 1 else [
+    tiles = [(128, 32, 4, 3), (64, 64, 4, 3), (256, 16, 4, 3), (128, 64, 8, 2), (512, 8, 4, 3), (512, 16, 8, 3)] if batch == 1 else [
         (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3)]
     sms = _sm_count(device)
     out: list[GemvConfig] = []

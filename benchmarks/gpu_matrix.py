@@ -1,0 +1,412 @@
+"""The whole GPU matrix in one device call: kernel checks, kernel timings, end-to-end decode.
+
+    PYTHONPATH=src python3 benchmarks/gpu_matrix.py --out $OUT [--budget-s 540] [--quick]
+
+Sections, in order of importance (each is skipped, and says so, once the time budget is spent):
+  env      versions, device, a device-to-device copy (the bandwidth ceiling)
+  check    every kernel variant and launch config against a float64 reference on fresh random
+           inputs, outputs poisoned with NaN first; a small model through the triton backend
+           against the torch reference, eager and compiled + CUDA graph
+  bars     Llama-3-8B MLP shapes (4096x14336, 14336x4096), bf16, batch 1, 0..90%: kernel vs cuBLAS
+  e2e      Llama-3-8B shape, bf16, batch 1: transformers' static-cache compiled generate, the
+           engine dense, the engine sparse (TEAL thresholds on its own activations) at every level
+  matrix   the rest: fp16, batch 2/4/8 (union of masks), fused q/k/v and gate+up, o_proj, the
+           output-sparse CATS up, top-K, the R-Sparse low-rank term
+  e2e-more batch 4 and fp16 end to end, as time allows
+Results go to OUT/gpu_matrix.json (rewritten after every section) and a log; a short table last.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from actsparse.engine import DecodeEngine
+from actsparse.kernels import set_backend, tuning
+from actsparse.kernels import triton_ops as ops
+from actsparse.kernels.benchmark import (
+    collect_scores, environment, hf_generate_speed, impose_sparsity, measured_sparsity, random_model, read_bytes,
+    speed_result, timed_decode,
+)
+from actsparse.swap import swap_modules
+
+SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.9)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
+L2_BYTES = 60e6
+
+
+class Run:
+    def __init__(self, out: Path, budget_s: float) -> None:
+        self.out, self.budget_s, self.start = out, budget_s, time.perf_counter()
+        self.results: dict = {"sections": {}, "skipped": [], "errors": {}}
+        self.log = open(out / "gpu_matrix.log", "w")
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def say(self, msg: str) -> None:
+        line = f"[{self.elapsed():6.1f}s] {msg}"
+        print(line, flush=True)
+        self.log.write(line + "\n")
+        self.log.flush()
+
+    def section(self, name: str, fn, need_s: float) -> None:
+        if self.elapsed() + need_s > self.budget_s:
+            self.say(f"skip {name}: {self.budget_s - self.elapsed():.0f}s left, needs ~{need_s:.0f}s")
+            self.results["skipped"].append(name)
+            return
+        self.say(f"== {name}")
+        try:
+            self.results["sections"][name] = fn(self)
+        except Exception:
+            self.results["errors"][name] = traceback.format_exc()
+            self.say(f"{name} FAILED:\n{traceback.format_exc()}")
+        self.results["tuned"] = {repr(k): repr(v) for k, v in tuning.tuned().items()}
+        (self.out / "gpu_matrix.json").write_text(json.dumps(self.results, indent=1, default=str))
+
+
+def graph_time(calls: list, reps: int = 20, replays: int = 7) -> float:
+    """Seconds per call: `reps` calls (rotating over `calls`) in one CUDA graph, median replay."""
+    for c in calls:
+        c()
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for i in range(reps):
+            calls[i % len(calls)]()
+    graph.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        graph.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3 / reps)
+    return sorted(times)[len(times) // 2]
+
+
+def copies_for(nbytes: int) -> int:
+    return max(2, min(16, math.ceil(4 * L2_BYTES / nbytes)))
+
+
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    if not torch.isfinite(out).all():
+        return float("inf")
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+def ref_gemv(x, wt, t, scale=None, bias=None, lrb=None, lrz=None, complement=False):
+    score = x.abs().float() * (scale if scale is not None else 1.0)
+    keep = score <= t if complement else score > t
+    y = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)).double() @ wt.double()
+    if bias is not None:
+        y += bias.double()
+    if lrb is not None:
+        y += lrz.double() @ lrb.double().T
+    return y
+
+
+# -- sections -----------------------------------------------------------------------------------
+def section_env(run: Run) -> dict:
+    env = environment(torch.device("cuda"))
+    env["sms"] = torch.cuda.get_device_properties(0).multi_processor_count
+    src = torch.empty(2 * 1024**3 // 2, dtype=torch.bfloat16, device="cuda").normal_()
+    dst = torch.empty_like(src)
+    t = graph_time([lambda: dst.copy_(src)], reps=5)
+    env["copy_tb_s"] = 2 * src.numel() * 2 / t / 1e12
+    run.say(f"{env['device_name']} · torch {env['torch']} · triton {env['triton']} · copy {env['copy_tb_s']:.2f} TB/s")
+    return env
+
+
+def section_check(run: Run) -> dict:
+    torch.manual_seed(0)
+    dev = "cuda"
+    worst: dict[str, float] = {}
+    failures = []
+
+    def record(name: str, err: float, dtype: torch.dtype) -> None:
+        worst[name] = max(worst.get(name, 0.0), err)
+        if not err <= TOLERANCE[dtype]:
+            failures.append(f"{name}: {err:.2e}")
+
+    # Every launch config the tuner may pick, on the main dtype; one config for the other
+    # dtypes and the optional inputs (each variant is a separate compile).
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        for batch in ((1, 3, 8) if dtype == torch.bfloat16 else (1, 3)):
+            for k, n in ((1000, 333), (4096, 14336)):
+                x = torch.randn(batch, k, device=dev).to(dtype)
+                wt = (torch.randn(k, n, device=dev) / math.sqrt(k)).to(dtype)
+                scale = torch.rand(k, device=dev) + 0.5
+                bias = torch.randn(n, device=dev).to(dtype)
+                lrb = torch.randn(n, 24, device=dev).to(dtype)
+                lrz = torch.randn(batch, 24, device=dev).to(dtype)
+                candidates = ops.gemv_candidates(n, k, batch, x.device)
+                for s in (0.0, 0.5, 0.95):
+                    t = torch.tensor(-1.0 if s == 0 else float(x.abs().float().quantile(s)), device=dev)
+                    for cfg in candidates if dtype == torch.bfloat16 else candidates[:1]:
+                        y = torch.full((batch, n), float("nan"), dtype=dtype, device=dev)
+                        ops.launch_input_sparse(x, wt, t, None, None, None, None, False, cfg, y)
+                        record(f"gemv {dtype} b{batch}", rel_err(y, ref_gemv(x, wt, t)), dtype)
+                    y = torch.full((batch, n), float("nan"), dtype=dtype, device=dev)
+                    ops.launch_input_sparse(x, wt, t, scale, bias, lrb, lrz, False, candidates[0], y)
+                    record(f"gemv+scale+bias+lowrank {dtype} b{batch}", rel_err(y, ref_gemv(x, wt, t, scale, bias, lrb, lrz)), dtype)
+                    y = torch.full((batch, n), float("nan"), dtype=dtype, device=dev)
+                    ops.launch_input_sparse(x, wt, t, scale, None, None, None, True, candidates[0], y)
+                    record(f"gemv complement {dtype} b{batch}", rel_err(y, ref_gemv(x, wt, t, scale, complement=True)), dtype)
+            for j, d in ((333, 1000), (14336, 4096)):
+                x = torch.randn(batch, d, device=dev).to(dtype)
+                a = torch.randn(batch, j, device=dev).to(dtype)
+                w = (torch.randn(j, d, device=dev) / math.sqrt(d)).to(dtype)
+                candidates = ops.rows_candidates(batch, x.device)
+                for s in (0.0, 0.5, 0.95):
+                    t = torch.tensor(-1.0 if s == 0 else float(a.abs().float().quantile(s)), device=dev)
+                    u = (x.double() @ w.double().T).to(dtype)
+                    ref = torch.where(a.abs().float() > t, a, torch.zeros((), dtype=dtype, device=dev)).double() * u.double()
+                    for cfg in candidates if dtype == torch.bfloat16 else candidates[:1]:
+                        m = torch.full((batch, j), float("nan"), dtype=dtype, device=dev)
+                        ops.launch_output_sparse_rows(x, a, t, w, cfg, m)
+                        record(f"rows {dtype} b{batch}", rel_err(m, ref), dtype)
+    run.say("kernel checks: " + ("all within tolerance" if not failures else f"{len(failures)} FAILURES"))
+    for f in failures[:20]:
+        run.say("  " + f)
+    return {"worst_rel_err": worst, "failures": failures, "model": check_model(run)}
+
+
+def check_model(run: Run) -> dict:
+    """A small Llama through the triton backend vs the torch reference, eager and compiled."""
+    import transformers
+
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
+                                      num_attention_heads=8, num_key_value_heads=2, vocab_size=4096)
+    out = {}
+    for method in ("teal", "cats"):
+        with torch.device("cuda"):
+            model = transformers.AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16).eval()
+        ids = torch.randint(0, 4096, (2, 4), device="cuda")  # 8 tokens: the kernels' largest batch
+        impose_sparsity(model, collect_scores(model, torch.randint(0, 4096, (1, 64)), method), 0.5)
+        with torch.inference_mode():
+            ref = model(input_ids=ids).logits.double()
+            set_backend(model, "triton")
+            got = model(input_ids=ids).logits
+        eager = DecodeEngine(model, max_len=48, batch_size=2, compile=False, cuda_graph=False)
+        graphed = DecodeEngine(model, max_len=48, batch_size=2)
+        a = eager.generate(ids, 24).tokens
+        b = graphed.generate(ids, 24).tokens
+        out[method] = {"logits_rel_err": rel_err(got, ref), "engine_token_agreement": (a == b).float().mean().item()}
+        run.say(f"model {method}: logits rel err {out[method]['logits_rel_err']:.2e}, "
+                f"compiled+graph vs eager tokens agree {100 * out[method]['engine_token_agreement']:.0f}%")
+        del model, eager, graphed
+    torch._dynamo.reset()
+    return out
+
+
+def time_gemv(k: int, n: int, dtype: torch.dtype, batch: int, sparsities, what: str) -> list[dict]:
+    """cuBLAS dense F.linear against the input-sparse kernel, rotating weight copies past L2."""
+    rows = []
+    nbytes = k * n * torch.finfo(dtype).bits // 8
+    copies = copies_for(nbytes)
+    ws = [(torch.randn(n, k, device="cuda") / math.sqrt(k)).to(dtype) for _ in range(copies)]
+    wts = [w.T.contiguous() for w in ws]
+    x = torch.randn(batch, k, device="cuda").to(dtype)
+    dense = graph_time([lambda w=w: F.linear(x, w) for w in ws])
+    for s in sparsities:
+        t = torch.tensor(-1.0 if s == 0 else float(x.abs().float().quantile(s)), device="cuda")
+        for wt in wts:
+            ops.set_sparsity_hint(wt, s)
+        union = (x.abs().float() > t).any(0).float().mean().item()
+        err = rel_err(ops.input_sparse_linear(x, wts[0], t, None, None, None, None, False), ref_gemv(x, wts[0], t))
+        sparse = graph_time([lambda wt=wt: ops.input_sparse_linear(x, wt, t, None, None, None, None, False) for wt in wts])
+        rows.append({"kernel": what, "k": k, "n": n, "dtype": str(dtype)[6:], "batch": batch, "sparsity": s,
+                     "union_kept": union, "dense_us": dense * 1e6, "sparse_us": sparse * 1e6,
+                     "speedup": dense / sparse, "ideal": 1 / max(union, 1e-9),
+                     "dense_tb_s": nbytes / dense / 1e12, "sparse_tb_s": nbytes * union / sparse / 1e12, "rel_err": err})
+    del ws, wts
+    return rows
+
+
+def section_bars(run: Run) -> dict:
+    rows = []
+    for k, n, what in ((4096, 14336, "up 4096x14336"), (14336, 4096, "down 14336x4096")):
+        rows += time_gemv(k, n, torch.bfloat16, 1, SPARSITIES, what)
+    for r in rows:
+        run.say(f"{r['kernel']:<18} s={r['sparsity']:.2f} cuBLAS {r['dense_us']:6.1f}us ({r['dense_tb_s']:.2f} TB/s) "
+                f"sparse {r['sparse_us']:6.1f}us ({r['sparse_tb_s']:.2f} TB/s) x{r['speedup']:.2f} (ideal x{r['ideal']:.2f})")
+    return {"rows": rows}
+
+
+def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bool, tokens: int = 128) -> dict:
+    prompt_len = 32
+    model = random_model(shape, dtype, "cuda")
+    prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
+    out: dict = {"shape": shape, "dtype": str(dtype)[6:], "batch": batch, "tokens": tokens, "levels": []}
+    if hf:
+        t0 = time.perf_counter()
+        out["hf_tok_s"] = hf_generate_speed(model, prompts, tokens)
+        run.say(f"transformers generate, static cache, compiled: {out['hf_tok_s']:.1f} tok/s ({time.perf_counter() - t0:.0f}s incl. compile)")
+        torch._dynamo.reset()
+    swap_modules(model)
+    engine = DecodeEngine(model, max_len=prompt_len + tokens, batch_size=batch)
+    t0 = time.perf_counter()
+    dense = timed_decode(engine, prompts, tokens, repeats=2)
+    out["dense_tok_s"] = dense.tokens_per_s
+    out["dense_warm_s"] = time.perf_counter() - t0
+    linear_bytes, other_bytes = read_bytes(model)
+    run.say(f"engine dense: {dense.tokens_per_s:.1f} tok/s ({out['dense_warm_s']:.0f}s incl. compile)")
+    scores = collect_scores(model, torch.randint(0, model.config.vocab_size, (1, 256)), "teal")
+    for s in sparsities:
+        if run.elapsed() > run.budget_s - 25:
+            run.say(f"  stop before s={s}: out of time")
+            break
+        t0 = time.perf_counter()
+        impose_sparsity(model, scores, s)
+        set_backend(model, "triton")
+        engine.invalidate()
+        sparse = timed_decode(engine, prompts, tokens, repeats=2)
+        measured = measured_sparsity(model, torch.cat([prompts, sparse.tokens], 1))
+        row = speed_result(dense, sparse, measured, linear_bytes, other_bytes, batch)
+        row.update(target=s, warm_s=time.perf_counter() - t0)
+        out["levels"].append(row)
+        run.say(f"  s={s:.2f} (measured {measured:.3f}): {sparse.tokens_per_s:.1f} tok/s x{row['speedup']:.2f} "
+                f"(ideal x{row['ideal_speedup']:.2f}, {100 * row['fraction_of_ideal']:.0f}%) {row['sparse_gb_s']:.0f} GB/s")
+    del engine, model, scores
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return out
+
+
+def section_matrix(run: Run) -> dict:
+    rows = []
+    plan = [(4096, 14336, "up 4096x14336"), (14336, 4096, "down 14336x4096"), (4096, 28672, "gate+up fused"),
+            (4096, 6144, "qkv fused"), (4096, 4096, "o 4096x4096")]
+    for dname, dtype in DTYPES.items():
+        for batch in (1, 2, 4, 8):
+            for k, n, what in plan:
+                if (dname, batch) == ("bf16", 1) and what.startswith(("up", "down")):
+                    continue  # in `bars`
+                if run.elapsed() > run.budget_s - 60:
+                    run.say("matrix: stop, out of time")
+                    return {"rows": rows, "extra": extra_kernels(run)}
+                rows += time_gemv(k, n, dtype, batch, SPARSITIES, what)
+            run.say(f"matrix {dname} b{batch}: " + " ".join(
+                f"{r['kernel'].split()[0]}@{r['sparsity']:.2f}:x{r['speedup']:.2f}" for r in rows[-30:] if r["sparsity"] in (0.0, 0.5, 0.9)))
+    return {"rows": rows, "extra": extra_kernels(run)}
+
+
+def extra_kernels(run: Run) -> dict:
+    """CATS output-sparse up (+ the whole gate-driven MLP), top-K, R-Sparse low-rank; bf16."""
+    out = {"cats_up": [], "cats_mlp": [], "topk": [], "lowrank": []}
+    dtype, d, f = torch.bfloat16, 4096, 14336
+    wg = (torch.randn(f, d, device="cuda") / 64).to(dtype)
+    wu = (torch.randn(f, d, device="cuda") / 64).to(dtype)
+    wd = (torch.randn(d, f, device="cuda") / 120).to(dtype)
+    wdt = wd.T.contiguous()
+    zero = torch.zeros((), device="cuda")
+    for batch in (1, 4):
+        x = torch.randn(batch, d, device="cuda").to(dtype)
+        g = F.linear(x, wg)
+        a = F.silu(g)
+        dense_up = graph_time([lambda: F.linear(x, wu)])
+        dense_mlp = graph_time([lambda: F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)])
+        for s in SPARSITIES:
+            t = torch.tensor(-1.0 if s == 0 else float(a.abs().float().quantile(s)), device="cuda")
+            ops.set_sparsity_hint(wu, s)
+            ops.set_sparsity_hint(wdt, s)
+            rows_t = graph_time([lambda: ops.output_sparse_rows(x, a, t, wu)])
+
+            def mlp():
+                aa = F.silu(F.linear(x, wg))
+                m = ops.output_sparse_rows(x, aa, t, wu)
+                return ops.input_sparse_linear(m, wdt, zero, None, None, None, None, False)
+
+            mlp_t = graph_time([mlp])
+            out["cats_up"].append({"batch": batch, "sparsity": s, "dense_us": dense_up * 1e6, "sparse_us": rows_t * 1e6, "speedup": dense_up / rows_t})
+            out["cats_mlp"].append({"batch": batch, "sparsity": s, "dense_us": dense_mlp * 1e6, "sparse_us": mlp_t * 1e6, "speedup": dense_mlp / mlp_t})
+        run.say(f"cats b{batch}: up " + " ".join(f"{r['sparsity']:.2f}:x{r['speedup']:.2f}" for r in out["cats_up"][-6:])
+                + " | mlp " + " ".join(f"{r['sparsity']:.2f}:x{r['speedup']:.2f}" for r in out["cats_mlp"][-6:]))
+    x = torch.randn(1, d, device="cuda").to(dtype)
+    wt = (torch.randn(d, f, device="cuda") / 64).to(dtype)
+    w = wt.T.contiguous()
+    dense = graph_time([lambda: F.linear(x, w)])
+    for s in (0.5, 0.9):
+        k = int(round(d * (1 - s)))
+
+        def topk():
+            idx = x.abs().topk(k, dim=-1, sorted=False).indices
+            kept = torch.where(torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True), x, torch.zeros((), dtype=dtype, device="cuda"))
+            return ops.input_sparse_linear(kept, wt, zero, None, None, None, None, False)
+
+        tk = graph_time([topk])
+        out["topk"].append({"sparsity": s, "dense_us": dense * 1e6, "sparse_us": tk * 1e6, "speedup": dense / tk})
+        for rank in (64, 256):
+            at = (torch.randn(d, rank, device="cuda") / 64).to(dtype)
+            lrb = (torch.randn(f, rank, device="cuda") / 16).to(dtype)
+            t = torch.tensor(float(x.abs().float().quantile(s)), device="cuda")
+
+            def lowrank():
+                z = ops.input_sparse_linear(x, at, t, None, None, None, None, True)
+                return ops.input_sparse_linear(x, wt, t, None, None, lrb, z, False)
+
+            lr = graph_time([lowrank])
+            z = ops.input_sparse_linear(x, at, t, None, None, None, None, True)
+            ref = ref_gemv(x, wt, t, lrb=lrb, lrz=ref_gemv(x, at, t, complement=True).to(dtype))
+            out["lowrank"].append({"sparsity": s, "rank": rank, "dense_us": dense * 1e6, "sparse_us": lr * 1e6,
+                                   "speedup": dense / lr, "rel_err": rel_err(lowrank(), ref), "z_rel_err": rel_err(z, ref_gemv(x, at, t, complement=True))})
+    run.say("topk: " + " ".join(f"{r['sparsity']}:x{r['speedup']:.2f}" for r in out["topk"])
+            + " | lowrank: " + " ".join(f"{r['sparsity']}/r{r['rank']}:x{r['speedup']:.2f}" for r in out["lowrank"]))
+    return out
+
+
+def summary(run: Run) -> None:
+    sec = run.results["sections"]
+    print("\n==== summary (device {}, torch {}, triton {}) ====".format(
+        sec.get("env", {}).get("device_name"), sec.get("env", {}).get("torch"), sec.get("env", {}).get("triton")))
+    if "check" in sec:
+        c = sec["check"]
+        print(f"checks: {len(c['failures'])} failures; model: {json.dumps(c['model'])}")
+    if "bars" in sec:
+        for r in sec["bars"]["rows"]:
+            if r["sparsity"] in (0.0, 0.5, 0.9):
+                print(f"BAR {r['kernel']:<18} s={r['sparsity']:.2f} x{r['speedup']:.2f} ({r['dense_us']:.1f} -> {r['sparse_us']:.1f} us)")
+    for name in ("e2e", "e2e-more"):
+        for res in sec.get(name, {}).get("runs", []):
+            print(f"E2E {res['shape']} {res['dtype']} b{res['batch']}: hf {res.get('hf_tok_s', 0):.1f} dense {res['dense_tok_s']:.1f} tok/s; "
+                  + " ".join(f"{l['target']:.2f}->x{l['speedup']:.2f}/{l['ideal_speedup']:.2f}" for l in res["levels"]))
+    print("skipped:", run.results["skipped"], "errors:", list(run.results["errors"]))
+    print(f"total {run.elapsed():.0f}s")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser()
+    p.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
+    p.add_argument("--budget-s", type=float, default=540)
+    p.add_argument("--quick", action="store_true", help="checks, bars and the batch-1 bf16 end to end only")
+    args = p.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    run = Run(out, args.budget_s)
+    run.section("env", section_env, 5)
+    run.section("check", section_check, 60)
+    run.section("bars", section_bars, 20)
+    run.section("e2e", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4, 0.25, 0.65, 0.9), hf=True)]}, 150)
+    if not args.quick:
+        run.section("matrix", section_matrix, 60)
+        run.section("e2e-more", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 4, (0.5,), hf=False),
+                                                    e2e(r, "llama3-8b", torch.float16, 1, (0.5,), hf=False)]}, 120)
+    summary(run)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""actsparse bench [DIR_OR_MODEL] --device cuda|cpu [--shape NAME] [--sparsity S] [--batch B] [--dtype D] [--tokens N] [--json OUT]"""
+from __future__ import annotations
+
+import json
+
+import torch
+
+from ..config import make_config
+from ..data import read_texts, text_batches, tokenize_texts
+from ..engine import DecodeEngine
+from ..errors import ActSparseError
+from ..kernels import set_backend
+from ..kernels.benchmark import (
+    METHODS, SHAPES, collect_scores, dense_modes, environment, hf_generate_speed, impose_sparsity,
+    measured_sparsity, random_model, read_bytes, speed_result, timed_decode,
+)
+from ..loading import load_model, parse_dtype
+from ..methods import sparsify_
+from ..swap import swap_modules
+from ._common import DEFAULT_CALIB, DEFAULT_EVAL, check_positive, log, write_json_atomic
+
+BACKENDS = {"cuda": "triton", "cpu": "cpu"}
+
+
+def register(sub) -> None:
+    p = sub.add_parser("bench", help="decode speed, dense against sparse, on one engine")
+    p.add_argument("model", nargs="?", default=None, metavar="DIR_OR_MODEL",
+                   help="a model or actsparse directory (default: the embedded SmolLM2 on the CPU, "
+                        "a random-weight --shape on CUDA)")
+    p.add_argument("--device", default="cpu", choices=sorted(BACKENDS), help="cpu (default) or cuda")
+    p.add_argument("--shape", default=None, choices=sorted(SHAPES),
+                   help="random weights of a published shape (default on CUDA: llama3-8b)")
+    p.add_argument("--method", default="teal", choices=METHODS, help="sparsity to impose (default teal)")
+    p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity (default 0.5)")
+    p.add_argument("--batch", type=int, default=1, help="prompts decoded together, at most 8 (default 1)")
+    p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on the CPU, bf16 on CUDA)")
+    p.add_argument("--tokens", type=int, default=128, metavar="N", help="new tokens per prompt (default 128)")
+    p.add_argument("--prompt-len", type=int, default=32, metavar="L", help="prompt tokens (default 32)")
+    p.add_argument("--repeats", type=int, default=3, help="timed decodes per path; the fastest counts (default 3)")
+    p.add_argument("--hf-baseline", action="store_true",
+                   help="also time transformers' own generate (static cache + torch.compile on CUDA)")
+    p.add_argument("--json", metavar="OUT", help="write the result as JSON")
+    p.set_defaults(func=run)
+
+
+def _check(args) -> None:
+    if not 0.0 < args.sparsity < 1.0:
+        raise ActSparseError(f"--sparsity must be in (0, 1), got {args.sparsity}")
+    if not 1 <= args.batch <= 8:
+        raise ActSparseError(f"--batch must be 1..8 (the kernels' decode batch), got {args.batch}")
+    for name in ("tokens", "prompt_len", "repeats"):
+        check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.tokens < 8:
+        raise ActSparseError(f"--tokens must be at least 8, got {args.tokens}")
+    if args.model is not None and args.shape is not None:
+        raise ActSparseError("give a model or --shape, not both")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise ActSparseError("--device cuda: no CUDA device is visible")
+
+
+def _prompts(tokenizer, batch: int, length: int, vocab: int) -> torch.Tensor:
+    """`batch` different prompts: windows of the evaluation text, or random tokens without a tokenizer."""
+    if tokenizer is None:
+        return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
+    ids = tokenize_texts(tokenizer, read_texts(DEFAULT_EVAL), max_tokens=batch * length)
+    if ids.numel() < batch * length:
+        raise ActSparseError("the evaluation text is too short for these prompts")
+    return ids[: batch * length].reshape(batch, length)
+
+
+def run(args) -> int:
+    _check(args)
+    device = torch.device(args.device)
+    dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
+    backend = BACKENDS[device.type]
+    random_weights = args.model is None and (args.shape is not None or device.type == "cuda")
+    if random_weights:
+        shape = args.shape or "llama3-8b"
+        log(f"building a random-weight {shape} ({dtype}) on {device}")
+        model, tokenizer, what = random_model(shape, dtype, device), None, f"{shape} (random weights)"
+    else:
+        model, tokenizer = load_model(args.model, dtype, str(device))
+        what = args.model or "SmolLM2-135M-Instruct (embedded)"
+    loaded_sparse = getattr(model, "actsparse_config", None) is not None
+    prompts = _prompts(tokenizer, args.batch, args.prompt_len, model.config.vocab_size)
+
+    result = {"model": what, "method": None, "target_sparsity": args.sparsity, "device": device.type,
+              "dtype": str(dtype).removeprefix("torch."), "tokens": args.tokens, "prompt_len": args.prompt_len,
+              "backend": backend, **environment(device)}
+    if args.hf_baseline and not loaded_sparse:
+        log("timing transformers' generate (dense)")
+        result["hf_tok_s"] = hf_generate_speed(model, prompts, args.tokens)
+    swap_modules(model)
+    engine = DecodeEngine(model, max_len=args.prompt_len + args.tokens, batch_size=args.batch)
+    log("dense decode")
+    if loaded_sparse:
+        with dense_modes(model):
+            dense = timed_decode(engine, prompts, args.tokens, args.repeats)
+        result["method"] = model.actsparse_config.method
+    else:
+        dense = timed_decode(engine, prompts, args.tokens, args.repeats)
+        log(f"{args.method} at {args.sparsity:g}")
+        if random_weights:
+            calibration = torch.randint(0, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(1))
+            impose_sparsity(model, collect_scores(model, calibration, args.method), args.sparsity)
+        else:
+            calibration = text_batches(tokenizer, DEFAULT_CALIB, n=8, seq_len=256)
+            sparsify_(model, make_config(args.method, sparsity=args.sparsity), calibration)
+        result["method"] = args.method
+    set_backend(model, backend)
+    engine.invalidate()
+    log(f"sparse decode ({backend} kernels)")
+    sparse = timed_decode(engine, prompts, args.tokens, args.repeats)
+    sequence = torch.cat([prompts, sparse.tokens], dim=1)
+    sparsity = measured_sparsity(model, sequence)
+    linear_bytes, other_bytes = read_bytes(model)
+    result.update(speed_result(dense, sparse, sparsity, linear_bytes, other_bytes, args.batch))
+    print(format_result(result))
+    if args.json:
+        write_json_atomic(args.json, result)
+    print(json.dumps(result))
+    return 0
+
+
+def format_result(r: dict) -> str:
+    steps = lambda tok_s: 1e3 * r["batch"] / tok_s
+    lines = [
+        f"{r['model']} · {r['dtype']} · batch {r['batch']} · {r['device_name']} · "
+        f"{r['tokens']} new tokens after {r['prompt_len']} · {r['method']} via {r['backend']} kernels",
+        f"{'path':<8}{'sparsity':>10}{'tok/s':>10}{'ms/step':>10}{'GB/s':>9}",
+        f"{'dense':<8}{0.0:>10.3f}{r['dense_tok_s']:>10.1f}{steps(r['dense_tok_s']):>10.2f}{r['dense_gb_s']:>9.1f}",
+        f"{'sparse':<8}{r['sparsity']:>10.3f}{r['sparse_tok_s']:>10.1f}{steps(r['sparse_tok_s']):>10.2f}{r['sparse_gb_s']:>9.1f}",
+    ]
+    if "hf_tok_s" in r:
+        lines.append(f"{'hf':<8}{0.0:>10.3f}{r['hf_tok_s']:>10.1f}{steps(r['hf_tok_s']):>10.2f}")
+    lines.append(
+        f"speed-up {r['speedup']:.2f}x · ideal {r['ideal_speedup']:.2f}x at measured sparsity {r['sparsity']:.3f} "
+        f"(f = {r['sparsified_byte_fraction']:.2f}) · {100 * r['fraction_of_ideal']:.0f}% of ideal"
+    )
+    return "\n".join(lines)

@@ -1,0 +1,133 @@
+"""A small static-KV-cache greedy decode loop, the same for dense and sparse models.
+
+gpt-fast style: the prompt is prefilled eagerly into a transformers `StaticCache`; then every
+decode step reads its token and position from fixed-address buffers and writes the next token
+and position back into them. On CUDA the step (the `torch.compile`d model forward, the argmax and
+that bookkeeping) is captured once as a CUDA graph and replayed per token with no host work in
+between; on the CPU the same step runs eagerly. Whether the model is dense or sparse (and
+through which kernel backend) only changes what its modules compute, never the loop, so the
+dense and sparse timings compare like with like.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import ActSparseError
+
+
+@dataclass
+class DecodeResult:
+    tokens: torch.Tensor  # [batch, new tokens], on the CPU
+    prefill_s: float
+    decode_s: float  # the decode steps after the first new token
+    steps: int
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Decode throughput: tokens generated per second over the whole batch."""
+        return self.tokens.shape[0] * self.steps / self.decode_s if self.steps else 0.0
+
+
+class DecodeEngine:
+    """Greedy decoding of `batch_size` equal-length prompts with at most `max_len` positions."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        max_len: int,
+        batch_size: int = 1,
+        compile: bool | None = None,
+        cuda_graph: bool | None = None,
+    ) -> None:
+        from transformers import StaticCache
+
+        self.model = model.eval()
+        self.device = next(model.parameters()).device
+        on_cuda = self.device.type == "cuda"
+        self.compile = on_cuda if compile is None else compile
+        self.cuda_graph = on_cuda if cuda_graph is None else cuda_graph
+        if self.cuda_graph and not on_cuda:
+            raise ActSparseError(f"CUDA graphs need a CUDA model; this one is on {self.device}")
+        self.max_len = max_len
+        self.batch_size = batch_size
+        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        self._token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
+        self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
+        self._out = torch.zeros(batch_size, max_len + 1, dtype=torch.long, device=self.device)
+        self._next = torch.compile(self._next_token, dynamic=False) if self.compile else self._next_token
+        self._graph: torch.cuda.CUDAGraph | None = None
+
+    def invalidate(self) -> None:
+        """Drop the captured graph; call after changing the model's backend or sparsity state."""
+        self._graph = None
+
+    def _next_token(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
+        logits = self.model(input_ids=token, past_key_values=self.cache, cache_position=pos, use_cache=True).logits
+        return logits[:, -1].argmax(-1)
+
+    def _step(self) -> None:
+        nxt = self._next(self._token, self._pos)
+        self._token.copy_(nxt[:, None])
+        self._pos.add_(1)
+        self._out.index_copy_(1, self._pos, nxt[:, None])
+
+    def _capture(self) -> None:
+        """Record one step as a CUDA graph; warm-up steps first tune kernels and compile."""
+        token, pos = self._token.clone(), self._pos.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                self._step()
+        torch.cuda.current_stream().wait_stream(side)
+        self._token.copy_(token)
+        self._pos.copy_(pos)
+        self._graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self._graph):
+            self._step()
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    @torch.inference_mode()
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> DecodeResult:
+        """Greedy continuation of `input_ids` [batch, L]: `max_new_tokens` tokens per prompt."""
+        if input_ids.dim() != 2 or input_ids.shape[0] != self.batch_size:
+            raise ActSparseError(f"input_ids must be [{self.batch_size}, L], got {tuple(input_ids.shape)}")
+        length = input_ids.shape[1]
+        if max_new_tokens < 1 or length + max_new_tokens > self.max_len:
+            raise ActSparseError(
+                f"a {length}-token prompt and {max_new_tokens} new tokens need max_len >= {length + max_new_tokens}; "
+                f"this engine has {self.max_len}"
+            )
+        self._sync()
+        start = time.perf_counter()
+        self.cache.reset()
+        positions = torch.arange(length, device=self.device)
+        logits = self.model(
+            input_ids=input_ids.to(self.device), past_key_values=self.cache, cache_position=positions, use_cache=True
+        ).logits
+        first = logits[:, -1].argmax(-1)
+        self._token.copy_(first[:, None])
+        self._pos.fill_(length)
+        self._out[:, length] = first
+        steps = max_new_tokens - 1
+        if steps and self.cuda_graph and self._graph is None:
+            self._capture()
+        self._sync()
+        prefill_s = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(steps):
+            if self._graph is not None:
+                self._graph.replay()
+            else:
+                self._step()
+        self._sync()
+        decode_s = time.perf_counter() - start
+        tokens = self._out[:, length : length + max_new_tokens].cpu()
+        return DecodeResult(tokens=tokens, prefill_s=prefill_s, decode_s=decode_s, steps=steps)
