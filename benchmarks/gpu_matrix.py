@@ -398,6 +398,9 @@ def main() -> int:
     run = Run(out, args.budget_s)
     run.section("env", section_env, 5)
     run.section("check", section_check, 60)
+    if "check" in run.results["errors"]:
+        summary(run)
+        return 1  # the kernels do not run: nothing after this would mean anything
     run.section("bars", section_bars, 20)
     run.section("e2e", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4, 0.25, 0.65, 0.9), hf=True)]}, 150)
     if not args.quick:
