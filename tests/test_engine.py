@@ -1,0 +1,57 @@
+"""The static-KV-cache decode engine: its greedy tokens are the HF forward's argmax, dense and sparse."""
+import shutil
+
+import pytest
+import torch
+
+import actsparse
+from actsparse.engine import DecodeEngine
+from actsparse.errors import ActSparseError
+from actsparse.kernels import set_backend
+from tiny import ARCHS, random_tokens, tiny_model
+
+
+def _forward_argmax(model, prompt, new):
+    """What the model predicts at every generated position, from one full forward (no cache)."""
+    sequence = torch.cat([prompt, new], dim=1)
+    with torch.no_grad():
+        return model(sequence).logits[:, prompt.shape[1] - 1 : -1].argmax(-1)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_dense_decode_is_the_forward_argmax(arch):
+    model = tiny_model(arch)
+    prompt = random_tokens(2, 5, seed=3)
+    result = DecodeEngine(model, max_len=24, batch_size=2).generate(prompt, 12)
+    assert result.tokens.shape == (2, 12) and result.steps == 11
+    assert torch.equal(result.tokens, _forward_argmax(model, prompt, result.tokens))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the cpu kernels build with g++")
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
+def test_sparse_decode_through_kernels_is_the_sparse_forward_argmax(arch):
+    model = tiny_model(arch)
+    actsparse.sparsify_(model, actsparse.TealConfig(sparsity=0.5), random_tokens(1, 32))
+    engine = DecodeEngine(model, max_len=24)
+    prompt = random_tokens(1, 5, seed=4)
+    dense_like = engine.generate(prompt, 10).tokens  # torch reference modules
+    set_backend(model, "cpu")
+    engine.invalidate()
+    sparse = engine.generate(prompt, 10).tokens
+    set_backend(model, "torch")
+    assert torch.equal(sparse, dense_like)
+    assert torch.equal(sparse, _forward_argmax(model, prompt, sparse))
+
+
+def test_engine_reuse_and_limits():
+    model = tiny_model("llama")
+    engine = DecodeEngine(model, max_len=16)
+    first = engine.generate(random_tokens(1, 4, seed=1), 8).tokens
+    engine.generate(random_tokens(1, 6, seed=2), 10)  # another prompt in between
+    assert torch.equal(engine.generate(random_tokens(1, 4, seed=1), 8).tokens, first)
+    with pytest.raises(ActSparseError, match="max_len"):
+        engine.generate(random_tokens(1, 10, seed=1), 8)
+    with pytest.raises(ActSparseError, match=r"\[1, L\]"):
+        engine.generate(random_tokens(2, 4, seed=1), 4)
+    with pytest.raises(ActSparseError, match="CUDA"):
+        DecodeEngine(model, max_len=16, cuda_graph=True)

@@ -1,0 +1,98 @@
+"""The C++ CPU kernels against the torch reference, and the "cpu" backend on tiny models."""
+import shutil
+
+import pytest
+import torch
+
+import actsparse
+from actsparse.errors import ActSparseError
+from actsparse.kernels import cpu_ops, set_backend
+from tiny import random_tokens, tiny_model
+
+pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the cpu kernels build with g++")
+
+
+def _threshold(x, sparsity):
+    return torch.tensor(-1.0 if sparsity == 0 else float(x.abs().quantile(sparsity)))
+
+
+def _reference(x, wt, t, scale=None, bias=None, complement=False):
+    score = x.abs() * (scale if scale is not None else 1.0)
+    keep = score <= t if complement else score > t
+    y = torch.where(keep, x, 0.0).double() @ wt.double()
+    return y + bias.double() if bias is not None else y
+
+
+def _rel(out, ref):
+    return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
+
+
+@pytest.mark.parametrize("batch", [1, 3, 8])
+@pytest.mark.parametrize("sparsity", [0.0, 0.25, 0.5, 0.9, 0.95])
+@pytest.mark.parametrize("shape", [(100, 70), (576, 1536), (1029, 5)])
+def test_input_sparse_matches_reference(batch, sparsity, shape):
+    torch.manual_seed(0)
+    k, n = shape
+    x, wt = torch.randn(batch, k), torch.randn(k, n)
+    t = _threshold(x, sparsity)
+    y = cpu_ops.input_sparse_linear(x, wt, t, None, None, None, None, False)
+    assert _rel(y, _reference(x, wt, t)) < 1e-5
+
+
+@pytest.mark.parametrize("complement", [False, True])
+def test_input_sparse_scale_bias_lowrank(complement):
+    torch.manual_seed(1)
+    x, wt = torch.randn(2, 67), torch.randn(67, 45)
+    scale, bias = torch.rand(67) + 0.5, torch.randn(45)
+    lrb, lrz = torch.randn(45, 5), torch.randn(2, 5)
+    t = _threshold(x, 0.5)
+    y = cpu_ops.input_sparse_linear(x, wt, t, scale, bias, lrb, lrz, complement)
+    ref = _reference(x, wt, t, scale, bias, complement) + lrz.double() @ lrb.double().T
+    assert _rel(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
+def test_output_sparse_rows_matches_reference(batch, sparsity):
+    torch.manual_seed(2)
+    x, a, w = torch.randn(batch, 100), torch.randn(batch, 70), torch.randn(70, 100)
+    t = _threshold(a, sparsity)
+    m = cpu_ops.output_sparse_rows(x, a, t, w)
+    ref = torch.where(a.abs() > t, a, 0.0).double() * (x.double() @ w.double().T)
+    assert _rel(m, ref) < 1e-5
+    assert torch.equal(m == 0, ref == 0)
+
+
+def test_rejects_other_dtypes():
+    with pytest.raises(ActSparseError, match="float32"):
+        cpu_ops.input_sparse_linear(torch.randn(1, 8).half(), torch.randn(8, 4).half(), torch.tensor(0.0), None, None, None, None, False)
+    model = tiny_model("llama", dtype=torch.bfloat16)
+    actsparse.sparsify_(model, actsparse.TealConfig(sparsity=0.5), random_tokens(1, 16))
+    with pytest.raises(ActSparseError, match="float32"):
+        set_backend(model, "cpu")
+
+
+def test_library_is_cached_by_source_and_machine(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path))
+    path = cpu_ops.library_path("g++")
+    assert path.is_relative_to(tmp_path) and path == cpu_ops.library_path("g++")
+    cpu_ops.build("g++", path)
+    assert path.is_file() and not [p for p in path.parent.iterdir() if p != path]  # no partial files left
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "qwen3", "gemma2"])
+@pytest.mark.parametrize(
+    "config",
+    [actsparse.TealConfig(sparsity=0.5), actsparse.WinaConfig(sparsity=0.5), actsparse.CatsConfig(sparsity=0.5),
+     actsparse.CatsConfig(sparsity=0.5, selection="topk")],
+    ids=["teal", "wina", "cats", "cats-topk"],
+)
+def test_model_through_cpu_backend_matches_torch(arch, config):
+    model = tiny_model(arch)
+    actsparse.sparsify_(model, config, random_tokens(1, 32))
+    ids = random_tokens(2, 4, seed=5)
+    with torch.no_grad():
+        ref = model(ids).logits
+        set_backend(model, "cpu")
+        out = model(ids).logits
+    assert _rel(out, ref.double()) < 1e-5
