@@ -10,7 +10,8 @@ evaluated on every WikiText-2 window with FATReLU t = 0.01 (perplexity and measu
 sparsity.mlp), then over a FATReLU threshold sweep on the first --sweep-windows windows (the
 sparsity/perplexity curve, to compare the two at equal sparsity). OUT receives summary.json
 (rewritten after every phase), the two training logs, curves.png; the last stdout line is the
-summary as one JSON document.
+summary as one JSON document. `benchmarks/prosparse_gpu_prepare.sh` packs what a lent GPU needs
+and gives the two device calls.
 """
 from __future__ import annotations
 

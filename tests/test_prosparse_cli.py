@@ -1,0 +1,79 @@
+"""`actsparse train` end to end on a tiny model saved with an offline tokenizer; the output loads
+with `actsparse eval`, whose JSON reports the measured sparsity.mlp."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+
+from actsparse.cli import main
+from tiny import random_text, tiny_model, tiny_tokenizer
+
+
+@pytest.fixture()
+def model_dir(tmp_path):
+    path = tmp_path / "tiny-llama"
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.fixture()
+def data(tmp_path):
+    train = tmp_path / "train.jsonl"
+    train.write_text("\n".join(json.dumps({"text": random_text(400, seed=s)}) for s in range(4)))
+    evaluation = tmp_path / "eval.txt"
+    evaluation.write_text(random_text(600, seed=9))
+    return train, evaluation
+
+
+def test_train_then_eval_reports_mlp_sparsity(tmp_path, model_dir, data, capsys):
+    train, evaluation = data
+    out = tmp_path / "relu"
+    args = ["train", str(model_dir), "--method", "prosparse", "--data", f"{train},{evaluation}", "--steps", "8",
+            "--seq-len", "32", "--batch-size", "4", "--lr", "5e-3", "--log-every", "2", "--save-every", "4",
+            "--device", "cpu", "-o", str(out), "--json", str(tmp_path / "train.json")]
+    assert main(args) == 0
+    assert "sparsity   mlp" in capsys.readouterr().out
+    assert '"hidden_act": "relu"' in (out / "config.json").read_text()
+    train_dir = tmp_path / "relu.train"
+    rows = list(csv.DictReader((train_dir / "train_log.csv").open()))
+    assert [int(r["step"]) for r in rows] == [2, 4, 6, 8]
+    assert sorted(p.name for p in (train_dir / "checkpoints").iterdir()) == ["step-000004", "step-000008"]
+    summary = json.loads((tmp_path / "train.json").read_text())
+    assert summary["config"]["method"] == "prosparse" and len(summary["log"]) == 4
+
+    result_path = tmp_path / "eval.json"
+    assert main(["eval", str(out), "--ppl", str(evaluation), "--seq-len", "32", "--json", str(result_path)]) == 0
+    result = json.loads(result_path.read_text())
+    assert result["method"] == "prosparse"
+    assert result["config"]["threshold"] == 0.01
+    assert 0.3 < result["sparsity"]["mlp"] < 1.0
+    assert result["sparsity"]["model"] > 0
+
+    # Resuming from the step-4 checkpoint replays steps 5..8 and rewrites the model.
+    assert main([*args[:-2], "--resume", str(train_dir / "checkpoints" / "step-000004")]) == 0
+    resumed = list(csv.DictReader((train_dir / "train_log.csv").open()))
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+    assert strip(resumed) == strip(rows)
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--method", "teal"], "cannot be trained"),
+        (["--schedule", "cosine"], "schedule must be one of"),
+        (["--threshold", "-1"], "threshold must be"),
+        (["--data", "{tmp}/nope.jsonl"], "nope.jsonl: no such file"),
+        (["--steps", "0"], "steps must be at least 1"),
+    ],
+)
+def test_bad_input_is_one_line(tmp_path, model_dir, data, extra, message, capsys):
+    train, _ = data
+    extra = [e.format(tmp=tmp_path) for e in extra]
+    argv = ["train", str(model_dir), "--data", str(train), "-o", str(tmp_path / "out"), *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "out").exists()
