@@ -10,6 +10,7 @@ from .config import (
     config_from_dict,
     make_config,
 )
+from .config import LaRoSAConfig, RSparseConfig  # noqa: F401
 from .data import read_texts, text_batches
 from .errors import ActSparseError
 from .measure import measure_sparsity

@@ -240,3 +240,107 @@ class ProSparseConfig(MethodConfig):
         if last == 0:
             raise ActSparseError("peak_lambda needs a stage table whose last lambda is > 0")
         return tuple((float(t), lam * self.peak_lambda / last) for t, lam in table)
+
+
+RSPARSE_ALLOCATIONS = ("uniform", "search")
+RSPARSE_SCORES = ("wina", "magnitude")
+RSPARSE_SEARCH_OVER = ("alpha", "alpha+sparsity")
+RSPARSE_LOWRANK = ("svd", "dropped")
+
+
+@dataclass(frozen=True)
+class RSparseConfig(MethodConfig):
+    """R-Sparse: ``y = W (x * m) + U_r S_r V_r^T (x * (1 - m))`` with ``m = score(x) > t``.
+
+    sparsity: target of sparsity.model; the rank-r factors count as reads, so each linear at
+              (s, alpha) reads as many weights as a plain linear at s.
+    alpha:    the share of a linear's read budget spent on exact channels; the rest buys rank
+              (1 = no low-rank path, i.e. WINA-style masking).
+    score:    "wina" (|x_i| * ||W[:, i]||_2, the paper's) or "magnitude" (|x_i|).
+    lowrank:  "svd" (the paper's: top-r SVD of W) or "dropped" (top-r PCA of W x_d, the dropped
+              channels' contribution on calibration data: one more calibration pass).
+    recalibrate: thresholds from a second calibration pass through the sparsified model, whose
+              activations are what each linear sees at inference (False: dense activations only,
+              the paper's; then measured sparsity drifts above the target in deep layers).
+    role_coefficients: (role, c) pairs (roles q, k, v, qkv, o, gate, up, gate_up, down); a role's
+              sparsity is c * s, rescaled so the parameter-weighted mean stays s. Empty = uniform s.
+    allocation: "uniform" (every layer at `alpha`) or "search": a seeded evolutionary search over
+              per-layer alpha (and, with search_over="alpha+sparsity", per-layer sparsity at a fixed
+              model-level budget) minimising the LM loss on `search_windows` calibration windows.
+    """
+
+    method: ClassVar[str] = "rsparse"
+    alpha: float = 0.9
+    score: str = "wina"
+    lowrank: str = "svd"
+    recalibrate: bool = True
+    role_coefficients: tuple[tuple[str, float], ...] = ()
+    allocation: str = "uniform"
+    search_over: str = "alpha"
+    search_generations: int = 6
+    search_population: int = 8
+    search_windows: int = 2
+    search_seed: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.alpha, (int, float)) or not 0.0 < self.alpha <= 1.0:
+            raise ActSparseError(f"alpha must be in (0, 1], got {self.alpha!r}")
+        _check_choice("score", self.score, RSPARSE_SCORES)
+        _check_choice("lowrank", self.lowrank, RSPARSE_LOWRANK)
+        _check_choice("allocation", self.allocation, RSPARSE_ALLOCATIONS)
+        _check_choice("search_over", self.search_over, RSPARSE_SEARCH_OVER)
+        object.__setattr__(self, "role_coefficients", _role_coefficients(self.role_coefficients))
+        for what in ("search_generations", "search_population", "search_windows"):
+            if not isinstance(getattr(self, what), int) or getattr(self, what) < 1:
+                raise ActSparseError(f"{what} must be an integer >= 1, got {getattr(self, what)!r}")
+
+
+@dataclass(frozen=True)
+class LaRoSAConfig(MethodConfig):
+    """LaRoSA: the attention input and the MLP input are rotated into the eigenbasis Q of their
+    calibration covariance (folded into the weights, ``W' = W Q``; the rotation ``x' = Q^T x`` runs
+    once per input, inside the preceding norm), then top-K per token on |x'|.
+
+    sparsity: target of sparsity.model. Rotated inputs (q/k/v, gate/up) get `rotated_coefficient`
+              * s and the others (o, down) `unrotated_coefficient` * s (the paper's 0.8 / 1.2),
+              rescaled so the parameter-weighted mean is s.
+    damping:  added to the covariance's diagonal, as a fraction of its mean diagonal.
+    score:    "magnitude" (|x'_i|, the paper's) or "wina" (|x'_i| * ||W'[:, i]||_2 on the folded
+              weights, so each consumer of a shared rotated input keeps its own coordinates).
+    head_rotation: also rotate o_proj's input, head by head, into the eigenbasis of each value
+              head's output (folded into v_proj and o_proj: nothing runs at inference); o then
+              counts as a rotated input for the coefficients.
+    recalibrate: with selection="threshold", thresholds from the scores of the model already
+              sparsified by top-K at the targets (False: of the dense rotated model).
+    """
+
+    method: ClassVar[str] = "larosa"
+    selection: str = "topk"
+    score: str = "magnitude"
+    head_rotation: bool = False
+    recalibrate: bool = True
+    rotated_coefficient: float = 0.8
+    unrotated_coefficient: float = 1.2
+    damping: float = 0.01
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for what in ("rotated_coefficient", "unrotated_coefficient"):
+            if not isinstance(getattr(self, what), (int, float)) or not getattr(self, what) > 0:
+                raise ActSparseError(f"{what} must be > 0, got {getattr(self, what)!r}")
+        if not isinstance(self.damping, (int, float)) or not 0.0 <= self.damping < 1.0:
+            raise ActSparseError(f"damping must be in [0, 1), got {self.damping!r}")
+        _check_choice("score", self.score, RSPARSE_SCORES)
+
+
+LINEAR_ROLES = ("q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down")
+
+
+def _role_coefficients(pairs) -> tuple[tuple[str, float], ...]:
+    out = tuple((str(role), float(c)) for role, c in (pairs.items() if isinstance(pairs, dict) else pairs))
+    for role, c in out:
+        _check_choice("role", role, LINEAR_ROLES)
+        if not c > 0:
+            raise ActSparseError(f"role coefficient for {role} must be > 0, got {c}")
+    return out

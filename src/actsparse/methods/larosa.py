@@ -1,0 +1,123 @@
+"""LaRoSA: top-K on activations rotated into the eigenbasis of their covariance.
+
+Per decoder layer, the attention input and the MLP input (the outputs of the norms before them)
+are rotated by the eigenvectors Q of their damped uncentred fp64 covariance. The rotation is real,
+not simulated: the norm becomes a `RotatedNorm` returning ``h Q`` and Q is folded into q/k/v
+(or qkv) and gate/up (or gate_up), ``W' = W Q``. The PCA basis packs the activation's energy into
+few coordinates, so top-K drops less of it than top-K on the raw activation. o and down read
+unrotated inputs (rotating them would cost a full extra matrix per token) and take more sparsity.
+
+Cost outside sparsity.model: each rotation reads d^2 weights per token; the recipe reports it as
+`rotation_reads` (a fraction of the dense linear reads).
+"""
+from __future__ import annotations
+
+import torch
+
+from ..calibrate import Covariance, Observer, column_norms, run_calibration, topk_count
+from ..config import LaRoSAConfig
+from ..errors import ActSparseError
+from ..io import register_module_kind
+from ..models import iter_linears
+from ..rotation import (RotatedNorm, attention_heads, eigenbasis, norm_consumers, restore_rotated_norm, rotate_heads_,
+                        rotate_norm_output_)
+from . import register
+from .search import role_targets, score_histograms
+
+register_module_kind(RotatedNorm, restore_rotated_norm)
+
+ROTATED_ROLES = ("q", "k", "v", "qkv", "gate", "up", "gate_up")
+UNROTATED_ROLES = ("o", "down")
+PROBE_TOKENS = 16  # length of the forward pass that finds the norms and checks the fold
+
+
+@register(LaRoSAConfig)
+def apply_larosa(model, specs, config: LaRoSAConfig, calibration) -> dict:
+    named = {name: (role, module) for name, role, module in iter_linears(specs, model)}
+    linears = {n: m for n, (_, m) in named.items()}
+    roles = {n: r for n, (r, _) in named.items()}
+    rotated_roles = ROTATED_ROLES + (("o",) if config.head_rotation else ())
+    coefficients = {r: config.rotated_coefficient if r in rotated_roles else config.unrotated_coefficient
+                    for r in ROTATED_ROLES + UNROTATED_ROLES}
+    targets = role_targets(config, roles, {n: m.weight.numel() for n, m in linears.items()}, coefficients)
+    active = [n for n, s in targets.items() if s]
+    if not active:
+        return {"allocation": {}, "rotated": [], "rotated_heads": []}
+
+    groups = {}
+    for spec in specs:
+        names = spec.linear_names()
+        attn = [names[r] for r in ("q", "k", "v", "qkv") if r in names]
+        mlp = [names[r] for r in ("gate", "up", "gate_up") if r in names]
+        for label, members in ((f"{spec.prefix}:attn", attn), (f"{spec.prefix}:mlp", mlp)):
+            if any(targets[n] for n in members):
+                groups[label] = members
+    probe = calibration[:1, :PROBE_TOKENS]
+    consumers = norm_consumers(model, specs, groups, probe) if groups else {}
+
+    covariances = {norm: Covariance(linears[names[0]].in_features) for norm, names in consumers.items()}
+    observers = [Observer(n, c.update, on="output") for n, c in covariances.items()]
+    head_covariances = {}
+    if config.head_rotation:
+        for spec in specs:
+            o_name = spec.linear_names()["o"]
+            if targets[o_name]:
+                heads, kv_heads, head_dim = attention_heads(model, spec)
+                head_covariances[spec.index] = [Covariance(head_dim) for _ in range(kv_heads)]
+                observers.append(Observer(o_name, _per_head(head_covariances[spec.index], heads, head_dim)))
+    run_calibration(model, calibration, observers, desc="larosa: covariances")
+    with torch.no_grad():
+        reference = model(input_ids=probe.to(next(model.parameters()).device), use_cache=False).logits.float()
+    for norm, names in consumers.items():
+        cov = covariances.pop(norm)
+        _, q = eigenbasis(cov.xtx, cov.tokens, config.damping)
+        rotate_norm_output_(model, norm, [linears[n] for n in names], q)
+    for index, per_group in head_covariances.items():
+        rotate_heads_(model, specs[index], torch.stack([eigenbasis(c.xtx, c.tokens, config.damping)[1] for c in per_group]))
+    _check_fold(model, probe, reference)
+
+    scales = {n: column_norms(linears[n].weight).to(linears[n].weight.device) if config.score == "wina" else None
+              for n in active}
+    for n in active:  # top-K at the targets: the method itself, or the start of threshold calibration
+        linears[n].set_topk(topk_count(linears[n].in_features, targets[n]), targets[n], scales[n])
+    if config.selection == "threshold":
+        if not config.recalibrate:  # the paper's convention: scores of the dense (rotated) model
+            for n in active:
+                linears[n].set_dense()
+        hists = score_histograms(model, calibration, {n: scales[n] for n in active}, "larosa: thresholds")
+        for n in active:
+            linears[n].set_threshold(hists[n].quantile(targets[n]), targets[n], scales[n])
+
+    dense_reads = sum(m.weight.numel() for m in linears.values())
+    rotation_reads = sum(linears[names[0]].in_features ** 2 for names in consumers.values())
+    return {
+        "allocation": {n: targets[n] for n in active},
+        "rotated": sorted(consumers),
+        "rotated_heads": sorted(specs[i].attn_prefix for i in head_covariances),
+        "rotation_reads": rotation_reads / dense_reads,
+    }
+
+
+def _per_head(covariances: list[Covariance], heads: int, head_dim: int):
+    """Observer of o_proj's input that accumulates each value head's output covariance."""
+    kv_heads = len(covariances)
+
+    def update(x: torch.Tensor) -> None:
+        x = x.reshape(-1, kv_heads, heads // kv_heads, head_dim)
+        for g, cov in enumerate(covariances):
+            cov.update(x[:, g])
+
+    return update
+
+
+@torch.no_grad()
+def _check_fold(model, probe: torch.Tensor, reference: torch.Tensor) -> None:
+    """The folded model, still dense, must give the unrotated logits up to rounding."""
+    logits = model(input_ids=probe.to(reference.device), use_cache=False).logits.float()
+    error = float((logits - reference).abs().max() / reference.abs().max().clamp_min(1e-6))
+    tolerance = 1e-3 if next(model.parameters()).dtype == torch.float32 else 5e-2
+    if error > tolerance:
+        raise ActSparseError(
+            f"folding the rotations changed the dense model's logits (relative error {error:.2e}); "
+            f"some module reads a rotated norm output without the rotation folded in ({type(model).__name__})"
+        )

@@ -1,0 +1,200 @@
+"""R-Sparse: exact weights for the high-scoring input channels, a rank-r SVD factor for the rest.
+
+    y = W (x * m) + U_r S_r V_r^T (x * (1 - m)),   m_i = |x_i| * ||W[:, i]||_2 > t
+
+This is the formula of the paper's code (the paper's text calls the non-sparse part a bias term;
+its code applies the low-rank factor to the dropped channels, as here). Per linear, (s, alpha)
+fixes the reads: a budget of in * out * (1 - s) weights per token, of which the share 1 - alpha buys
+rank (each rank reads in + out weights) and the rest buys exact channels; the channel threshold is
+the calibration quantile of the score at the channel sparsity that budget leaves. The measured
+sparsity.model therefore counts the low-rank reads, as the core's meter does.
+
+SVDs are computed one linear at a time in fp64 on the CPU and only the top-r factors are kept, so
+a large model never holds more than one full decomposition. The search (allocation="search") keeps
+the top factors of every linear up to the largest rank it may try.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from ..calibrate import Covariance, Histogram, Observer, column_norms, run_calibration, topk_count
+from ..config import RSparseConfig
+from ..models import iter_linears
+from ..nn import SparseLinear
+from . import register
+from .search import budget_scaled, evolve, lm_loss, role_targets, score_histograms, score_observer
+
+ALPHA_STEP = 0.05  # search grid for alpha: 1 - ALPHA_STEP * gene
+ALPHA_GENES = 10  # so alpha >= 0.5
+SPARSITY_STEP = 0.1  # relative per-layer sparsity: s * (1 + SPARSITY_STEP * gene), then rescaled
+SPARSITY_GENES = 3
+
+
+def rsparse_budget(in_features: int, out_features: int, sparsity: float, alpha: float) -> tuple[float, int]:
+    """(channel sparsity, rank) for a linear at (s, alpha).
+
+    rank r = floor(in * out * (1 - s) * (1 - alpha) / (in + out)) (the paper's r with
+    k = in (1 - s) alpha); the reads the rounding leaves go to channels, so that
+    kept channels * out + r * (in + out) = in * out * (1 - s) exactly."""
+    dense = in_features * out_features
+    rank = int(math.floor(dense * (1.0 - sparsity) * (1.0 - alpha) / (in_features + out_features) + 1e-9))
+    channel_sparsity = sparsity + rank * (in_features + out_features) / dense
+    return channel_sparsity, rank
+
+
+def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) = (S_r V_r^T [r, in], U_r [out, r]) of the fp64 SVD of `weight`: the paper's factors."""
+    u, s, vh = torch.linalg.svd(weight.detach().double().cpu(), full_matrices=False)
+    return (s[:rank, None] * vh[:rank]).float(), u[:, :rank].float().contiguous()
+
+
+def dropped_factors(weight: torch.Tensor, dropped_xtx: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(a, b) = (U_r^T W, U_r) with U_r the top-r eigenvectors of W C W^T, C = E[x_d x_d^T] the
+    second moment of the dropped channels x_d = x * (1 - m) on calibration data.
+
+    B A = U_r U_r^T W minimises E||W x_d - B A x_d||^2 over rank-r maps: the factor spends its rank
+    on the directions the dropped channels actually reach, where the plain SVD (which minimises
+    ||W - B A||_F, i.e. assumes isotropic x_d) spends it on W's largest singular directions."""
+    w, c = weight.detach().double().cpu(), dropped_xtx.double().cpu()
+    if w.shape[0] <= w.shape[1]:  # the top-r left singular vectors of W C^(1/2), from the smaller side
+        _, vectors = torch.linalg.eigh(w @ c @ w.T)
+        u = vectors[:, -rank:].flip(1)
+    else:
+        values, vectors = torch.linalg.eigh(c)
+        u = torch.linalg.svd(w @ (vectors * values.clamp_min(0).sqrt()), full_matrices=False).U[:, :rank]
+    return (u.T @ w).float(), u.float().contiguous()
+
+
+def clear_lowrank(module: SparseLinear) -> None:
+    module.lowrank_a = None
+    module.lowrank_b = None
+
+
+Factors = Callable[[str, int], tuple[torch.Tensor, torch.Tensor]]
+
+
+def cached(factors: Factors, max_rank: dict[str, int]) -> Factors:
+    """`factors` computed once per linear, at the largest rank it may take, then sliced (the
+    factors of both kinds are nested in the rank)."""
+    store: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def get(name: str, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+        if name not in store:
+            store[name] = factors(name, max_rank[name])
+        a, b = store[name]
+        return a[:rank], b[:, :rank]
+
+    return get
+
+
+class RSparseInstaller:
+    """Puts one linear in its R-Sparse state for (s, alpha)."""
+
+    def __init__(self, linears: dict[str, SparseLinear], config: RSparseConfig, scales: dict, hists: dict,
+                 factors: Factors | None) -> None:
+        self.linears, self.config, self.scales, self.hists, self.factors = linears, config, scales, hists, factors
+
+    def __call__(self, name: str, sparsity: float, alpha: float, masks_only: bool = False) -> dict:
+        module = self.linears[name]
+        channel_sparsity, rank = rsparse_budget(module.in_features, module.out_features, sparsity, alpha)
+        if rank == 0 or masks_only:
+            clear_lowrank(module)
+        else:
+            module.set_lowrank(*self.factors(name, rank))
+        scale = self.scales[name]
+        if self.config.selection == "topk":
+            module.set_topk(topk_count(module.in_features, channel_sparsity), sparsity, scale)
+        else:
+            module.set_threshold(self.hists[name].quantile(channel_sparsity), sparsity, scale)
+        return {"sparsity": sparsity, "alpha": alpha, "rank": rank, "channel_sparsity": channel_sparsity}
+
+
+@register(RSparseConfig)
+def apply_rsparse(model, specs, config: RSparseConfig, calibration) -> dict:
+    named = {name: (role, module) for name, role, module in iter_linears(specs, model)}
+    linears = {n: m for n, (_, m) in named.items()}
+    sizes = {n: m.weight.numel() for n, m in linears.items()}
+    targets = role_targets(config, {n: r for n, (r, _) in named.items()}, sizes, dict(config.role_coefficients))
+    active = [n for n, s in targets.items() if s]
+    scales = {n: column_norms(linears[n].weight).to(linears[n].weight.device) if config.score == "wina" else None
+              for n in active}
+    thresholds = config.selection == "threshold"
+    hists = score_histograms(model, calibration, scales, "rsparse: calibrating") if thresholds and active else {}
+
+    plan = {n: (targets[n], config.alpha) for n in active}
+    search = config.allocation == "search" and bool(active)
+    lowest_alpha = 1.0 - ALPHA_STEP * ALPHA_GENES if search else config.alpha
+    max_rank = {n: rsparse_budget(linears[n].in_features, linears[n].out_features, 0.0 if search else targets[n],
+                                  lowest_alpha)[1] for n in active}
+    factors = cached(lambda name, rank: svd_factors(linears[name].weight, rank), max_rank)
+    recalibrate = config.recalibrate and thresholds
+    if (recalibrate or config.lowrank == "dropped") and active:
+        # Second pass on the model as sparsified by the start plan: the dropped channels' second
+        # moments, and the scores as the sparse upstream layers really deliver them.
+        start = RSparseInstaller(linears, config, scales, hists, factors)
+        for n, (s, a) in plan.items():
+            start(n, s, a, masks_only=config.lowrank == "dropped")
+        dropped = {n: Covariance(linears[n].in_features) for n in active if max_rank[n]} if config.lowrank == "dropped" else {}
+        observers = [Observer(n, _dropped_observer(linears[n], c)) for n, c in dropped.items()]
+        if recalibrate:
+            hists = {n: Histogram() for n in active}
+            observers += [Observer(n, score_observer(hists[n], scales[n])) for n in active]
+        run_calibration(model, calibration, observers, desc="rsparse: sparse pass")
+        if dropped:
+            moments = {n: c.xtx / max(c.tokens, 1) for n, c in dropped.items()}
+            factors = cached(lambda name, rank: dropped_factors(linears[name].weight, moments[name], rank), max_rank)
+    install = RSparseInstaller(linears, config, scales, hists, factors)
+    recipe: dict = {}
+    if search:
+        layer_of = {name: spec.index for spec in specs for name in spec.linear_names().values()}
+        plan, recipe["search"] = _search(model, config, calibration, install, sizes, layer_of, targets, active)
+    recipe["linears"] = {n: install(n, s, a) for n, (s, a) in plan.items()}
+    return recipe
+
+
+def _dropped_observer(module: SparseLinear, covariance: Covariance):
+    return lambda x: covariance.update(torch.where(module.mask(x), torch.zeros((), dtype=x.dtype), x))
+
+
+def _search(model, config, calibration, install, sizes, layer_of, targets, active):
+    """Evolutionary search over per-layer alpha (and per-layer sparsity), fitness = LM loss."""
+    layers = sorted({layer_of[n] for n in active})
+    position = {l: i for i, l in enumerate(layers)}
+    with_sparsity = config.search_over == "alpha+sparsity"
+    windows = calibration[: config.search_windows]
+    budget = sum(sizes[n] * targets[n] for n in active) / sum(sizes[n] for n in active)
+
+    def decode(genes: list[int]) -> dict[str, tuple[float, float]]:
+        sparsity = {n: targets[n] for n in active}
+        if with_sparsity:
+            relative = {n: targets[n] * (1 + SPARSITY_STEP * genes[len(layers) + position[layer_of[n]]]) for n in active}
+            sparsity = budget_scaled({n: sizes[n] for n in active}, relative, budget)
+        return {n: (sparsity[n], 1.0 - ALPHA_STEP * genes[position[layer_of[n]]]) for n in active}
+
+    def fitness(genes: list[int]) -> float:
+        for n, (s, a) in decode(genes).items():
+            install(n, s, a)
+        return lm_loss(model, windows)
+
+    start_gene = min(ALPHA_GENES, max(0, round((1.0 - config.alpha) / ALPHA_STEP)))
+    start = [start_gene] * len(layers)
+    bounds = [(0, ALPHA_GENES)] * len(layers)
+    if with_sparsity:
+        start += [0] * len(layers)
+        bounds += [(-SPARSITY_GENES, SPARSITY_GENES)] * len(layers)
+    result = evolve(fitness, start, bounds, config.search_population, config.search_generations,
+                    config.search_seed, desc="rsparse: search")
+    summary = {
+        "over": config.search_over,
+        "seed": config.search_seed,
+        "windows": int(windows.shape[0]),
+        "evaluations": result.evaluations,
+        "start_loss": result.start_loss,
+        "loss": result.loss,
+        "history": result.history,
+        "genes": result.genes,
+    }
+    return decode(result.genes), summary

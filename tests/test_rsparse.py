@@ -1,0 +1,208 @@
+"""R-Sparse on tiny random models: budget arithmetic, exactness, WINA equivalence, search, save/load."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import actsparse as asp
+from actsparse.errors import ActSparseError
+from actsparse.io import load, save
+from actsparse.measure import measure_sparsity
+from actsparse.methods.rsparse import dropped_factors, rsparse_budget, svd_factors
+from actsparse.methods.search import budget_scaled, evolve
+from actsparse.nn import SparseLinear
+from tiny import ARCHS, random_tokens, tiny_model
+
+CALIB = random_tokens(8, 48, seed=3)
+EVAL = random_tokens(4, 48, seed=4)
+SEARCH = dict(allocation="search", search_generations=2, search_population=4, search_windows=1)
+
+
+def logits(model, tokens=EVAL):
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def measured(model, tokens=EVAL):
+    with measure_sparsity(model) as meter, torch.no_grad():
+        model(tokens)
+    return meter.report()
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (576, 1536), (64, 128)])
+@pytest.mark.parametrize("sparsity", [0.25, 0.4, 0.5, 0.65])
+@pytest.mark.parametrize("alpha", [1.0, 0.9, 0.7, 0.5])
+def test_budget_reads_equal_a_plain_layer_at_s(shape, sparsity, alpha):
+    in_f, out_f = shape
+    channel_sparsity, rank = rsparse_budget(in_f, out_f, sparsity, alpha)
+    paper_rank = in_f * out_f * (1 - sparsity) * (1 - alpha) / (in_f + out_f)  # k = in (1 - s) alpha
+    assert rank == int(paper_rank + 1e-9)
+    reads = (1 - channel_sparsity) * in_f * out_f + rank * (in_f + out_f)
+    assert reads == pytest.approx(in_f * out_f * (1 - sparsity), rel=1e-12)
+    kept, paper_kept = in_f * (1 - channel_sparsity), in_f * (1 - sparsity) * alpha
+    assert paper_kept - 1e-9 <= kept < paper_kept + (in_f + out_f) / out_f  # rounding leftovers buy channels
+    if alpha == 1.0:
+        assert (channel_sparsity, rank) == (sparsity, 0)
+
+
+def test_full_rank_factors_restore_the_dropped_channels():
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(48, 32)
+    sparse = SparseLinear.from_linear(linear)
+    sparse.set_threshold(1.0, 0.6, scale=torch.rand(48) + 0.5)
+    sparse.set_lowrank(*svd_factors(linear.weight, 32))
+    x = torch.randn(5, 48)
+    assert sparse.mask(x).float().mean() < 0.8  # some channels really are dropped
+    torch.testing.assert_close(sparse(x), F.linear(x, linear.weight, linear.bias), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sparsity_zero_is_the_dense_model_bitwise(arch):
+    reference = logits(tiny_model(arch))
+    for config in (asp.RSparseConfig(sparsity=0.0), asp.RSparseConfig(sparsity=0.0, selection="topk", alpha=0.5)):
+        model = asp.sparsify_(tiny_model(arch), config, CALIB)
+        assert torch.equal(logits(model), reference)
+        assert measured(model).model == 0.0
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma2"])
+@pytest.mark.parametrize("selection", ["threshold", "topk"])
+def test_alpha_one_is_wina_masking(arch, selection):
+    config = asp.RSparseConfig(sparsity=0.5, alpha=1.0, selection=selection, recalibrate=False)  # WINA's calibration
+    rsparse = asp.sparsify_(tiny_model(arch), config, CALIB)
+    wina = asp.sparsify_(tiny_model(arch), asp.WinaConfig(sparsity=0.5, selection=selection), CALIB)
+    assert all(m.rank == 0 for m in rsparse.modules() if isinstance(m, SparseLinear))
+    assert torch.equal(logits(rsparse), logits(wina))
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("selection", ["threshold", "topk"])
+def test_measured_sparsity_counts_the_low_rank_reads_and_reaches_target(arch, selection):
+    model = asp.sparsify_(tiny_model(arch), asp.RSparseConfig(sparsity=0.5, alpha=0.8, selection=selection), CALIB)
+    assert any(m.rank > 0 for m in model.modules() if isinstance(m, SparseLinear))
+    assert measured(model).model == pytest.approx(0.5, abs=0.02)
+
+
+def _decaying_spectrum_linear(out_f=48, in_f=64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(out_f, out_f, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(in_f, in_f, generator=g))
+    weight = u @ torch.diag(0.7 ** torch.arange(out_f, dtype=torch.float32)) @ v[:out_f]
+    linear = torch.nn.Linear(in_f, out_f, bias=False)
+    linear.weight.data.copy_(weight)
+    return linear
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "gemma2"])
+def test_recalibration_on_the_sparse_model_removes_the_drift_of_dense_thresholds(arch):
+    drift = {}
+    for recalibrate in (False, True):
+        config = asp.RSparseConfig(sparsity=0.5, alpha=0.8, recalibrate=recalibrate)
+        drift[recalibrate] = abs(measured(asp.sparsify_(tiny_model(arch), config, CALIB)).model - 0.5)
+    assert drift[True] < drift[False]
+
+
+def test_low_rank_path_beats_plain_masking_at_equal_reads_on_a_low_rank_weight():
+    linear = _decaying_spectrum_linear()
+    x = torch.randn(256, 64)
+    errors = {}
+    for alpha in (1.0, 0.7):
+        channel_sparsity, rank = rsparse_budget(64, 48, 0.5, alpha)
+        sparse = SparseLinear.from_linear(linear)
+        sparse.set_topk(round(64 * (1 - channel_sparsity)), 0.5)
+        if rank:
+            sparse.set_lowrank(*svd_factors(linear.weight, rank))
+        errors[alpha] = (sparse(x) - linear(x)).pow(2).mean().item()
+    assert errors[0.7] < 0.5 * errors[1.0]
+
+
+def test_dropped_factors_are_optimal_for_the_dropped_channels():
+    torch.manual_seed(0)
+    weight = torch.randn(40, 32)
+    x_d = (torch.randn(2000, 6) @ torch.randn(6, 32)) * (torch.rand(2000, 32) < 0.5)  # structured, masked
+    cov = (x_d.T.double() @ x_d.double()) / x_d.shape[0]
+    residual = {}
+    for name, (a, b) in (("svd", svd_factors(weight, 4)), ("dropped", dropped_factors(weight, cov, 4))):
+        residual[name] = (x_d @ weight.T - (x_d @ a.T) @ b.T).pow(2).mean().item()
+    assert residual["dropped"] < 0.8 * residual["svd"]
+
+
+def test_dropped_low_rank_installs_and_reaches_target():
+    model = asp.sparsify_(tiny_model("llama"), asp.RSparseConfig(sparsity=0.5, alpha=0.8, lowrank="dropped"), CALIB)
+    assert all(m.rank > 0 for m in model.modules() if isinstance(m, SparseLinear))
+    assert measured(model).model == pytest.approx(0.5, abs=0.02)
+
+
+def test_role_coefficients_keep_the_model_budget():
+    config = asp.RSparseConfig(sparsity=0.4, role_coefficients=(("down", 1.3), ("q", 0.5)))
+    model = asp.sparsify_(tiny_model("llama"), config, CALIB)
+    linears = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    total = sum(m.weight.numel() for m in linears)
+    assert sum(m.target * m.weight.numel() for m in linears) / total == pytest.approx(0.4, abs=1e-9)
+    layer = model.model.layers[0]
+    assert layer.mlp.down_proj.target / layer.mlp.up_proj.target == pytest.approx(1.3)
+    assert layer.self_attn.q_proj.target / layer.mlp.up_proj.target == pytest.approx(0.5)
+
+
+def test_budget_scaled_caps_and_refuses_the_unreachable():
+    sizes = {"a": 1, "b": 3}
+    out = budget_scaled(sizes, {"a": 4.0, "b": 1.0}, 0.6, cap=0.9)
+    assert out["a"] == 0.9 and (out["a"] + 3 * out["b"]) / 4 == pytest.approx(0.6)
+    with pytest.raises(ActSparseError, match="cannot be reached"):
+        budget_scaled(sizes, {"a": 1.0, "b": 1.0}, 0.96)
+
+
+def test_evolve_is_seeded_and_never_worse_than_its_start():
+    target = [3, -1, 2, 0, 1]
+    fitness = lambda g: sum((x - t) ** 2 for x, t in zip(g, target))
+    runs = [evolve(fitness, [0] * 5, [(-3, 3)] * 5, 6, 8, seed=7) for _ in range(2)]
+    assert runs[0].genes == runs[1].genes and runs[0].history == runs[1].history
+    assert runs[0].loss < runs[0].start_loss == fitness([0] * 5)
+    assert runs[0].history == sorted(runs[0].history, reverse=True)
+
+
+@pytest.mark.parametrize("over", ["alpha", "alpha+sparsity"])
+def test_search_is_deterministic_keeps_the_budget_and_is_saved(tmp_path, over):
+    config = asp.RSparseConfig(sparsity=0.5, alpha=0.8, search_over=over, search_seed=3, **SEARCH)
+    first = asp.sparsify_(tiny_model("llama"), config, CALIB)
+    second = asp.sparsify_(tiny_model("llama"), config, CALIB)
+    assert first.actsparse_recipe == second.actsparse_recipe
+    assert torch.equal(logits(first), logits(second))
+    search = first.actsparse_recipe["search"]
+    assert search["loss"] <= search["start_loss"]
+    linears = [m for m in first.modules() if isinstance(m, SparseLinear)]
+    total = sum(m.weight.numel() for m in linears)
+    assert sum(m.target * m.weight.numel() for m in linears) / total == pytest.approx(0.5, abs=1e-6)
+    assert measured(first).model == pytest.approx(0.5, abs=0.03)
+    save(first, tmp_path / "out")
+    loaded, _ = load(tmp_path / "out")
+    assert loaded.actsparse_recipe["search"] == search
+    assert torch.equal(logits(loaded), logits(first))
+
+
+@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma3"])
+def test_save_load_gives_identical_logits(tmp_path, arch):
+    model = asp.sparsify_(tiny_model(arch), asp.RSparseConfig(sparsity=0.5, alpha=0.7), CALIB)
+    save(model, tmp_path / "out")
+    loaded, _ = load(tmp_path / "out")
+    assert loaded.actsparse_config == model.actsparse_config
+    assert [m.rank for m in loaded.modules() if isinstance(m, SparseLinear)] == \
+        [m.rank for m in model.modules() if isinstance(m, SparseLinear)]
+    assert torch.equal(logits(loaded), logits(model))
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(alpha=0.0), "alpha"), (dict(alpha=1.5), "alpha"), (dict(score="l1"), "score"),
+    (dict(allocation="greedy"), "allocation"), (dict(search_over="rank"), "search_over"),
+    (dict(role_coefficients=(("ffn", 1.2),)), "role"), (dict(role_coefficients=(("down", 0.0),)), "down"),
+    (dict(search_generations=0), "search_generations"), (dict(lowrank="qr"), "lowrank"),
+])
+def test_bad_config_values_are_named(bad, match):
+    with pytest.raises(ActSparseError, match=match):
+        asp.RSparseConfig(sparsity=0.5, **bad)
+
+
+def test_config_round_trips_through_json():
+    config = asp.RSparseConfig(sparsity=0.4, alpha=0.85, role_coefficients=(("down", 1.2),), allocation="search")
+    assert asp.config_from_dict(config.to_dict()) == config
