@@ -20,7 +20,7 @@ from actsparse.kernels.benchmark import collect_scores, impose_sparsity  # noqa:
 from tiny import random_tokens, tiny_model  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
-CONFIGS = [ops.GemvConfig(32, 16, 1, 4, 1), ops.GemvConfig(64, 32, 3, 4, 1)]  # one pass; split-K
+CONFIGS = [ops.GemvConfig(32, 16, 1, 4, 1), ops.GemvConfig(64, 32, 3, 4, 1), ops.GemvConfig(32, 16, 3, 4, 1, compact=False)]
 
 
 def _skip_interpreter_bf16_dot(dtype, batch):
@@ -51,7 +51,7 @@ def _rel(out, ref):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["one-pass", "split-k"])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=["compact", "compact-split-k", "masked-split-k"])
 def test_input_sparse_matches_reference(dtype, batch, sparsity, cfg):
     _skip_interpreter_bf16_dot(dtype, batch)
     torch.manual_seed(0)
@@ -67,7 +67,8 @@ def test_input_sparse_matches_reference(dtype, batch, sparsity, cfg):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("complement", [False, True])
-def test_input_sparse_scale_bias_lowrank(dtype, batch, complement):
+@pytest.mark.parametrize("cfg", CONFIGS[1:], ids=["compact", "masked"])
+def test_input_sparse_scale_bias_lowrank(dtype, batch, complement, cfg):
     torch.manual_seed(1)
     k, n, r = 67, 45, 5
     x = torch.randn(batch, k).to(dtype)
@@ -77,8 +78,19 @@ def test_input_sparse_scale_bias_lowrank(dtype, batch, complement):
     lrb, lrz = torch.randn(n, r).to(dtype), torch.randn(batch, r).to(dtype)
     t = _threshold(x, 0.5)
     y = torch.full((batch, n), float("nan"), dtype=dtype)
-    ops.launch_input_sparse(x, wt, t, scale, bias, lrb, lrz, complement, CONFIGS[1], y)
+    ops.launch_input_sparse(x, wt, t, scale, bias, lrb, lrz, complement, cfg, y)
     assert _rel(y, _reference(x, wt, t, scale, bias, lrb, lrz, complement)) < TOL[dtype]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("compact", [True, False])
+def test_split_k_reduction_in_several_chunks(batch, compact):
+    torch.manual_seed(4)
+    x, wt = torch.randn(batch, 200), torch.randn(200, 600)
+    t = _threshold(x, 0.5)
+    y = torch.full((batch, 600), float("nan"))
+    ops.launch_input_sparse(x, wt, t, None, None, None, None, False, ops.GemvConfig(512, 16, 12, 4, 1, compact), y)
+    assert _rel(y, _reference(x, wt, t)) < 1e-5
 
 
 def test_input_sparse_op_skips_nothing_at_zero_sparsity_and_everything_above_max():

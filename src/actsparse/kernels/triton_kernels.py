@@ -2,11 +2,13 @@
 
 Input-sparse GEMV, ``y = x_kept @ Wt (+ bias) (+ lowrank_b @ z)`` with ``Wt = W.T`` stored
 input-major, so that a kept input channel is one contiguous weight row:
-  grid (column blocks, K splits). Each program first compacts the kept rows of its K range into a
-  private list (union over the batch), then streams only those rows, so its loop runs
-  ``(1 - s) * rows / BK`` times instead of ``rows / BK``. Split-K partial sums go to a fp32
-  workspace; the last program of a column block to arrive (an arrival counter, reset by that
-  program) adds them up and writes the output: one launch, no memset, no atomics on data.
+  grid (column blocks, K splits). Two variants, chosen by the tuner: COMPACT programs first
+  compact the kept rows of their K range into a private list (union over the batch) and loop
+  over those only, ``(1 - s) * rows / BK`` iterations; masked programs loop over every row block
+  with the weight loads predicated on the kept rows, which pipeline like a dense GEMV's. Split-K
+  partial sums go to a fp32 workspace; the last program of a column block to arrive (an arrival
+  counter, reset by that program) adds them up and writes the output: one launch, no memset, no
+  atomics on data.
 
 Output-sparse rows (CATS / ProSparse up projection), ``m = a_kept * (x @ Wup[rows].T)``:
   grid over row blocks of the output-major `up` weight; a row whose gate activation is masked is
@@ -27,14 +29,48 @@ def _keep(score, t, COMPLEMENT: tl.constexpr):
 
 
 @triton.jit
+def _accumulate(acc, rows, row_ok, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, toks, tok_ok, stride_x, stride_w,
+                HAS_SCALE: tl.constexpr, COMPLEMENT: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr):
+    """acc += x_kept[:, rows] @ W.T[rows, cols]; weight rows no token keeps are not loaded."""
+    if BB == 1:
+        xv = tl.load(x_ptr + rows, mask=row_ok, other=0.0)
+        sv = tl.abs(xv.to(tl.float32))
+        if HAS_SCALE:
+            sv = sv * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+        keep = _keep(sv, t, COMPLEMENT) & row_ok
+        w = tl.load(
+            w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :],
+            mask=keep[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first",
+        )
+        acc += w.to(tl.float32) * tl.where(keep, xv.to(tl.float32), 0.0)[:, None]
+    else:
+        xv = tl.load(x_ptr + toks[:, None] * stride_x + rows[None, :], mask=tok_ok[:, None] & row_ok[None, :], other=0.0)
+        sv = tl.abs(xv.to(tl.float32))
+        if HAS_SCALE:
+            sv = sv * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[None, :]
+        keep = _keep(sv, t, COMPLEMENT) & tok_ok[:, None] & row_ok[None, :]
+        row_keep = tl.max(keep.to(tl.int32), axis=0) > 0
+        w = tl.load(
+            w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :],
+            mask=row_keep[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first",
+        )
+        xk = tl.where(keep, xv, 0.0).to(w.dtype)
+        if IEEE:
+            acc = tl.dot(xk, w, acc, input_precision="ieee")
+        else:
+            acc = tl.dot(xk, w, acc)
+    return acc
+
+
+@triton.jit
 def input_sparse_gemv_kernel(
     x_ptr, scale_ptr, thr_ptr, w_ptr, bias_ptr, lrb_ptr, lrz_ptr, y_ptr,
     idx_ptr, part_ptr, count_ptr,
     B, K, N, R, rows_per_split, split_k,
     stride_x, stride_w, stride_y, stride_lrb, stride_lrz,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr,
-    COMPLEMENT: tl.constexpr, USE_SPLIT: tl.constexpr, IEEE: tl.constexpr,
-    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CHUNK: tl.constexpr, BR: tl.constexpr,
+    COMPLEMENT: tl.constexpr, USE_SPLIT: tl.constexpr, IEEE: tl.constexpr, COMPACT: tl.constexpr,
+    BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CHUNK: tl.constexpr, BR: tl.constexpr, SC: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -45,60 +81,49 @@ def input_sparse_gemv_kernel(
     t = tl.load(thr_ptr)
     k_lo = pid_k * rows_per_split
     k_hi = tl.minimum(k_lo + rows_per_split, K)
-    scratch = idx_ptr + (pid_n * split_k + pid_k).to(tl.int64) * rows_per_split
-
-    # 1. The kept rows of [k_lo, k_hi), kept when any token of the batch keeps them.
-    n_active = 0
-    for c in range(k_lo, k_hi, CHUNK):
-        ks = c + tl.arange(0, CHUNK)
-        k_ok = ks < k_hi
-        xs = tl.load(x_ptr + toks[:, None] * stride_x + ks[None, :], mask=tok_ok[:, None] & k_ok[None, :], other=0.0)
-        score = tl.abs(xs.to(tl.float32))
-        if HAS_SCALE:
-            score = score * tl.load(scale_ptr + ks, mask=k_ok, other=0.0)[None, :]
-        keep = _keep(score, t, COMPLEMENT) & tok_ok[:, None] & k_ok[None, :]
-        row_keep = tl.max(keep.to(tl.int32), axis=0)
-        pos = n_active + tl.cumsum(row_keep, axis=0) - 1
-        tl.store(scratch + pos, ks, mask=row_keep > 0)
-        n_active += tl.sum(row_keep, axis=0)
-    tl.debug_barrier()
-
-    # 2. Stream the kept rows only, BK at a time, accumulating in fp32.
     if BB == 1:
         acc = tl.zeros([BK, BN], dtype=tl.float32)
     else:
         acc = tl.zeros([BB, BN], dtype=tl.float32)
-    for j in range(0, n_active, BK):
-        jj = j + tl.arange(0, BK)
-        j_ok = jj < n_active
-        rows = tl.load(scratch + jj, mask=j_ok, other=0)
-        w = tl.load(
-            w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :],
-            mask=j_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first",
-        )
-        if BB == 1:
-            xv = tl.load(x_ptr + rows, mask=j_ok, other=0.0)
-            sv = tl.abs(xv.to(tl.float32))
+
+    if COMPACT:
+        # The kept rows of [k_lo, k_hi) (kept when any token keeps them) into a private list,
+        # then a loop over those only: (1 - s) * rows / BK iterations.
+        scratch = idx_ptr + (pid_n * split_k + pid_k).to(tl.int64) * rows_per_split
+        n_active = 0
+        for c in range(k_lo, k_hi, CHUNK):
+            ks = c + tl.arange(0, CHUNK)
+            k_ok = ks < k_hi
+            xs = tl.load(x_ptr + toks[:, None] * stride_x + ks[None, :], mask=tok_ok[:, None] & k_ok[None, :], other=0.0)
+            score = tl.abs(xs.to(tl.float32))
             if HAS_SCALE:
-                sv = sv * tl.load(scale_ptr + rows, mask=j_ok, other=0.0)
-            xv = tl.where(_keep(sv, t, COMPLEMENT), xv.to(tl.float32), 0.0)
-            acc += w.to(tl.float32) * xv[:, None]
-        else:
-            xv = tl.load(x_ptr + toks[:, None] * stride_x + rows[None, :], mask=tok_ok[:, None] & j_ok[None, :], other=0.0)
-            sv = tl.abs(xv.to(tl.float32))
-            if HAS_SCALE:
-                sv = sv * tl.load(scale_ptr + rows, mask=j_ok, other=0.0)[None, :]
-            xv = tl.where(_keep(sv, t, COMPLEMENT), xv, 0.0).to(w.dtype)
-            if IEEE:
-                acc = tl.dot(xv, w, acc, input_precision="ieee")
-            else:
-                acc = tl.dot(xv, w, acc)
+                score = score * tl.load(scale_ptr + ks, mask=k_ok, other=0.0)[None, :]
+            keep = _keep(score, t, COMPLEMENT) & tok_ok[:, None] & k_ok[None, :]
+            row_keep = tl.max(keep.to(tl.int32), axis=0)
+            pos = n_active + tl.cumsum(row_keep, axis=0) - 1
+            tl.store(scratch + pos, ks, mask=row_keep > 0)
+            n_active += tl.sum(row_keep, axis=0)
+        tl.debug_barrier()
+        for j in range(0, n_active, BK):
+            jj = j + tl.arange(0, BK)
+            j_ok = jj < n_active
+            rows = tl.load(scratch + jj, mask=j_ok, other=0)
+            acc = _accumulate(acc, rows, j_ok, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, toks, tok_ok,
+                              stride_x, stride_w, HAS_SCALE, COMPLEMENT, IEEE, BB)
+    else:
+        # Every row block in turn, the weight loads masked by the kept rows: more iterations at
+        # high sparsity, but no index list, so the loads pipeline like a dense GEMV's.
+        for k0 in range(k_lo, k_hi, BK):
+            rows = k0 + tl.arange(0, BK)
+            acc = _accumulate(acc, rows, rows < k_hi, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, toks, tok_ok,
+                              stride_x, stride_w, HAS_SCALE, COMPLEMENT, IEEE, BB)
     if BB == 1:
         part = tl.sum(acc, axis=0)
     else:
         part = acc
 
-    # 3. Split-K: the last program of this column block sums the partials.
+    # Split-K: the last program of this column block to arrive sums the partials, SC at a time
+    # (all loads of a chunk in flight together).
     if USE_SPLIT:
         if BB == 1:
             tl.store(part_ptr + pid_k * N + cols, part, mask=col_ok)
@@ -108,14 +133,19 @@ def input_sparse_gemv_kernel(
         arrived = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel")
         if arrived == split_k - 1:
             total = tl.zeros_like(part)
-            for s in range(0, split_k):
+            for s0 in range(0, split_k, SC):
+                ss = s0 + tl.arange(0, SC)
+                s_ok = ss < split_k
                 if BB == 1:
-                    total += tl.load(part_ptr + s * N + cols, mask=col_ok, other=0.0, cache_modifier=".cg")
+                    p = tl.load(part_ptr + ss[:, None] * N + cols[None, :], mask=s_ok[:, None] & col_ok[None, :],
+                                other=0.0, cache_modifier=".cg")
                 else:
-                    total += tl.load(
-                        part_ptr + (s * B + toks)[:, None] * N + cols[None, :],
-                        mask=tok_ok[:, None] & col_ok[None, :], other=0.0, cache_modifier=".cg",
+                    p = tl.load(
+                        part_ptr + (ss[:, None, None] * B + toks[None, :, None]) * N + cols[None, None, :],
+                        mask=s_ok[:, None, None] & tok_ok[None, :, None] & col_ok[None, None, :],
+                        other=0.0, cache_modifier=".cg",
                     )
+                total += tl.sum(p, axis=0)
             _epilogue(total, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
                       stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BR)
             tl.atomic_xchg(count_ptr + pid_n, 0)

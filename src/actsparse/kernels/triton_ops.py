@@ -42,6 +42,7 @@ class GemvConfig:
     split_k: int
     num_warps: int
     num_stages: int
+    compact: bool = True
 
 
 @dataclass(frozen=True)
@@ -66,18 +67,19 @@ def _block_b(batch: int) -> int:
 def gemv_candidates(n: int, k: int, batch: int, device: torch.device) -> list[GemvConfig]:
     if tuning.interpreting() or device.type != "cuda":
         return [GemvConfig(32, 16, 2, 4, 1)]
-    tiles = [(128, 32, 4, 3), (64, 64, 4, 3), (256, 16, 4, 3), (128, 64, 8, 2), (512, 8, 4, 3), (512, 16, 8, 3)] if batch == 1 else [
+    tiles = [(128, 64, 8, 2), (64, 64, 4, 3), (512, 8, 4, 3), (128, 32, 4, 3)] if batch == 1 else [
         (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3)]
     sms = _sm_count(device)
     out: list[GemvConfig] = []
-    for bn, bk, warps, stages in tiles:
-        blocks = triton.cdiv(n, bn)
-        max_split = max(1, min(64, k // (2 * bk)))
-        for waves in (2, 4, 8):
-            split = max(1, min(max_split, round(waves * sms / blocks)))
-            cfg = GemvConfig(bn, bk, split, warps, stages)
-            if cfg not in out:
-                out.append(cfg)
+    for compact in (True, False):
+        for bn, bk, warps, stages in tiles:
+            blocks = triton.cdiv(n, bn)
+            max_split = max(1, min(64, k // (2 * bk)))
+            for waves in (1, 2, 4, 8):
+                split = max(1, min(max_split, round(waves * sms / blocks)))
+                cfg = GemvConfig(bn, bk, split, warps, stages, compact)
+                if cfg not in out:
+                    out.append(cfg)
     return out
 
 
@@ -117,10 +119,11 @@ def launch_input_sparse(
         raise ValueError(f"{n} output columns need {blocks} column blocks; at most {_MAX_COLUMN_BLOCKS}")
     rows_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), 16) * 16
     split_k = triton.cdiv(k, rows_per_split)
-    idx = torch.empty(blocks * split_k * rows_per_split, dtype=torch.int32, device=x.device)
+    idx = torch.empty(blocks * split_k * rows_per_split if cfg.compact else 1, dtype=torch.int32, device=x.device)
     part = torch.empty((split_k, batch, n) if split_k > 1 else (1,), dtype=torch.float32, device=x.device)
     rank = lowrank_b.shape[1] if lowrank_b is not None else 0
     chunk = min(512 if bb == 1 else 128, triton.next_power_of_2(rows_per_split))
+    split_chunk = max(1, min(64, 4096 // (bb * cfg.bn)))
     input_sparse_gemv_kernel[(blocks, split_k)](
         x, scale if scale is not None else threshold, threshold, weight_t,
         bias if bias is not None else weight_t, lowrank_b if lowrank_b is not None else weight_t,
@@ -131,8 +134,9 @@ def launch_input_sparse(
         lowrank_b.stride(0) if lowrank_b is not None else 0,
         lowrank_z.stride(0) if lowrank_z is not None else 0,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_LOWRANK=lowrank_b is not None,
-        COMPLEMENT=complement, USE_SPLIT=split_k > 1, IEEE=weight_t.dtype == torch.float32,
+        COMPLEMENT=complement, USE_SPLIT=split_k > 1, IEEE=weight_t.dtype == torch.float32, COMPACT=cfg.compact,
         BB=bb, BN=cfg.bn, BK=cfg.bk, CHUNK=chunk, BR=16 if bb > 1 else min(64, triton.next_power_of_2(max(rank, 1))),
+        SC=split_chunk,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
