@@ -21,6 +21,9 @@ class Histogram:
     LOW, HIGH, BINS = -10.0, 6.0, 16384
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.counts = torch.zeros(self.BINS, dtype=torch.float64)
         self.zeros = 0
         self.total = 0

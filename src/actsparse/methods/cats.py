@@ -33,6 +33,16 @@ def apply_cats(model, specs, config, calibration) -> dict:
             name = f"{spec.mlp_prefix}.{spec.gate}"
         observers.append(Observer(name, fn, on="output"))
     run_calibration(model, calibration, observers, desc="cats: calibrating")
+    thresholds = _install(specs, targets, hists)
+    if config.recalibrate:  # the gate scores as the sparse upstream layers deliver them
+        for hist in hists.values():
+            hist.reset()
+        run_calibration(model, calibration, observers, desc="cats: sparse pass")
+        thresholds = _install(specs, targets, hists)
+    return {"thresholds": thresholds}
+
+
+def _install(specs, targets, hists) -> dict[str, float]:
     thresholds = {}
     for spec in specs:
         s = targets[spec.index]
@@ -40,4 +50,4 @@ def apply_cats(model, specs, config, calibration) -> dict:
             t = hists[spec.index].quantile(s)
             spec.mlp.set_gate_threshold(t, s)
             thresholds[spec.mlp_prefix] = t
-    return {"thresholds": thresholds}
+    return thresholds

@@ -1,17 +1,18 @@
 """TEAL and WINA: zero the low-scoring entries of every linear's input.
 
 TEAL scores by |x_i|; WINA by |x_i| * ||W[:, i]||_2. Thresholds are quantiles of the scores on
-calibration data (dense activations); with `selection="topk"` each token keeps exactly K entries.
+calibration data (then, by default, recalibrated on the sparsified model); with `selection="topk"` each token keeps exactly K entries.
 """
 from __future__ import annotations
 
 import math
 
-from ..calibrate import Histogram, Observer, column_norms, run_calibration, topk_count
+from ..calibrate import column_norms, topk_count
 from ..config import TealConfig, WinaConfig
 from ..models import iter_linears
 from . import register
 from .allocation import greedy_allocation
+from .search import score_histograms
 
 
 @register(TealConfig)
@@ -22,17 +23,8 @@ def apply_magnitude(model, specs, config, calibration) -> dict:
     targets = {name: config.sparsity_for(name) for name in linears}
     active = [n for n, s in targets.items() if s]
     scales = {n: column_norms(linears[n].weight).to(linears[n].weight.device) if weighted else None for n in active}
-    hists: dict[str, Histogram] = {}
-    if config.selection == "threshold" and active:
-        hists = {n: Histogram() for n in active}
-        observers = []
-        for n in active:
-            scale = scales[n]
-            fn = (lambda x, h=hists[n]: h.update(x.abs())) if scale is None else (
-                lambda x, h=hists[n], c=scale: h.update(x.abs().float() * c)
-            )
-            observers.append(Observer(n, fn))
-        run_calibration(model, calibration, observers, desc=f"{config.method}: calibrating")
+    thresholds = config.selection == "threshold" and bool(active)
+    hists = score_histograms(model, calibration, {n: scales[n] for n in active}, f"{config.method}: calibrating") if thresholds else {}
 
     def install(name: str, sparsity: float) -> None:
         module = linears[name]
@@ -53,4 +45,8 @@ def apply_magnitude(model, specs, config, calibration) -> dict:
         )
     for name, sparsity in allocation.items():
         install(name, sparsity)
+    if thresholds and config.recalibrate:
+        hists = score_histograms(model, calibration, {n: scales[n] for n in active}, f"{config.method}: sparse pass")
+        for name, sparsity in allocation.items():
+            install(name, sparsity)
     return {"allocation": allocation}
