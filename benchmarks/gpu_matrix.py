@@ -1,18 +1,19 @@
 """The whole GPU matrix in one device call: kernel checks, kernel timings, end-to-end decode.
 
-    PYTHONPATH=src python3 benchmarks/gpu_matrix.py --out $OUT [--budget-s 540] [--quick]
+    PYTHONPATH=src python3 benchmarks/gpu_matrix.py --out $OUT [--budget-s 540] [--sections env,check,...] [--hf]
 
 Sections, in order of importance (each is skipped, and says so, once the time budget is spent):
   env      versions, device, a device-to-device copy (the bandwidth ceiling)
   check    every kernel variant and launch config against a float64 reference on fresh random
-           inputs, outputs poisoned with NaN first; a small model through the triton backend
-           against the torch reference, eager and compiled + CUDA graph
+           inputs, outputs poisoned with NaN first
+  model    a small model through the triton backend against the torch reference (fp32 logits,
+           bf16 module by module), and the compiled + CUDA-graph engine against the eager one
   bars     Llama-3-8B MLP shapes (4096x14336, 14336x4096), bf16, batch 1, 0..90%: kernel vs cuBLAS
-  e2e      Llama-3-8B shape, bf16, batch 1: transformers' static-cache compiled generate, the
-           engine dense, the engine sparse (TEAL thresholds on its own activations) at every level
+  e2e      Llama-3-8B shape, bf16, batch 1: (with --hf) transformers' static-cache compiled
+           generate, the engine dense, the engine sparse (TEAL thresholds on its own activations) at every level
   matrix   the rest: fp16, batch 2/4/8 (union of masks), fused q/k/v and gate+up, o_proj, the
            output-sparse CATS up, top-K, the R-Sparse low-rank term
-  e2e-more batch 4 and fp16 end to end, as time allows
+  e2e-more batch 4 end to end, as time allows
 Results go to OUT/gpu_matrix.json (rewritten after every section) and a log; a short table last.
 """
 from __future__ import annotations
@@ -180,10 +181,10 @@ def section_check(run: Run) -> dict:
     run.say("kernel checks: " + ("all within tolerance" if not failures else f"{len(failures)} FAILURES"))
     for f in failures[:20]:
         run.say("  " + f)
-    return {"worst_rel_err": worst, "failures": failures, "model": check_model(run)}
+    return {"worst_rel_err": worst, "failures": failures}
 
 
-def check_model(run: Run) -> dict:
+def check_model(run: Run, dtypes=(torch.float32, torch.bfloat16)) -> dict:
     """A small Llama through the triton backend against the torch reference: whole logits in
     fp32 (bf16 random models amplify rounding through every threshold), every module on its own
     input in bf16, and the compiled + CUDA-graph engine against the eager one."""
@@ -196,7 +197,7 @@ def check_model(run: Run) -> dict:
                                       num_attention_heads=8, num_key_value_heads=2, vocab_size=4096)
     out = {}
     for method in ("teal", "cats"):
-        for dtype in (torch.float32, torch.bfloat16):
+        for dtype in dtypes:
             torch.manual_seed(0)
             with torch.device("cuda"):
                 model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
@@ -402,7 +403,9 @@ def summary(run: Run) -> None:
         sec.get("env", {}).get("device_name"), sec.get("env", {}).get("torch"), sec.get("env", {}).get("triton")))
     if "check" in sec:
         c = sec["check"]
-        print(f"checks: {len(c['failures'])} failures; model: {json.dumps(c['model'])}")
+        print(f"checks: {len(c['failures'])} failures")
+    if "model" in sec:
+        print(f"model: {json.dumps(sec['model'])}")
     if "bars" in sec:
         for r in sec["bars"]["rows"]:
             if r["sparsity"] in (0.0, 0.5, 0.9):
@@ -419,22 +422,28 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
     p.add_argument("--budget-s", type=float, default=540)
-    p.add_argument("--quick", action="store_true", help="checks, bars and the batch-1 bf16 end to end only")
+    p.add_argument("--sections", default="env,check,model,bars,e2e,matrix,e2e-more",
+                   help="comma-separated sections to run, in the fixed order above")
     p.add_argument("--hf", action="store_true", help="also time transformers' compiled static-cache generate")
     args = p.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, args.budget_s)
-    run.section("env", section_env, 5)
-    run.section("check", section_check, 60)
-    if "check" in run.results["errors"]:
-        summary(run)
-        return 1  # the kernels do not run: nothing after this would mean anything
-    run.section("bars", section_bars, 20)
-    run.section("e2e", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4, 0.25, 0.65, 0.9), hf=args.hf)]}, 100)
-    if not args.quick:
-        run.section("matrix", section_matrix, 60)
-        run.section("e2e-more", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 4, (0.5,), hf=False)]}, 90)
+    wanted = set(args.sections.split(","))
+    sections = [
+        ("env", section_env, 5),
+        ("check", section_check, 60),
+        ("model", check_model, 40),
+        ("bars", section_bars, 20),
+        ("e2e", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4, 0.25, 0.65, 0.9), hf=args.hf)]}, 100),
+        ("matrix", section_matrix, 60),
+        ("e2e-more", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 4, (0.5,), hf=False)]}, 90),
+    ]
+    for name, fn, need_s in sections:
+        if name in wanted:
+            run.section(name, fn, need_s)
+            if name == "check" and "check" in run.results["errors"]:
+                break  # the kernels do not run: nothing after this would mean anything
     summary(run)
     return 0
 

@@ -27,6 +27,17 @@ def test_dense_decode_is_the_forward_argmax(arch):
     assert torch.equal(result.tokens, _forward_argmax(model, prompt, result.tokens))
 
 
+def test_warm_up_steps_leave_no_trace():
+    """A compiled engine runs warm-up steps (on CUDA before capturing its graph); they advance
+    transformers' static cache, which must not shift what the real steps read."""
+    model = tiny_model("llama")
+    prompt = random_tokens(2, 5, seed=3)
+    engine = DecodeEngine(model, max_len=24, batch_size=2, compile="eager")
+    first = engine.generate(prompt, 16).tokens
+    assert torch.equal(first, _forward_argmax(model, prompt, first))
+    assert torch.equal(engine.generate(prompt, 16).tokens, first)
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the cpu kernels build with g++")
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
 def test_sparse_decode_through_kernels_is_the_sparse_forward_argmax(arch):

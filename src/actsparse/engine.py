@@ -10,6 +10,7 @@ dense and sparse timings compare like with like.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 
@@ -40,7 +41,7 @@ class DecodeEngine:
         model: nn.Module,
         max_len: int,
         batch_size: int = 1,
-        compile: bool | None = None,
+        compile: bool | str | None = None,
         cuda_graph: bool | None = None,
     ) -> None:
         from transformers import StaticCache
@@ -58,12 +59,18 @@ class DecodeEngine:
         self._token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self._out = torch.zeros(batch_size, max_len + 1, dtype=torch.long, device=self.device)
-        self._next = torch.compile(self._next_token, dynamic=False) if self.compile else self._next_token
+        if self.compile:
+            backend = self.compile if isinstance(self.compile, str) else "inductor"
+            self._next = torch.compile(self._next_token, backend=backend, dynamic=False)
+        else:
+            self._next = self._next_token
         self._graph: torch.cuda.CUDAGraph | None = None
+        self._warm = False
 
     def invalidate(self) -> None:
         """Drop the captured graph; call after changing the model's backend or sparsity state."""
         self._graph = None
+        self._warm = False
 
     def _next_token(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         logits = self.model(input_ids=token, past_key_values=self.cache, cache_position=pos, use_cache=True).logits
@@ -75,24 +82,39 @@ class DecodeEngine:
         self._pos.add_(1)
         self._out.index_copy_(1, self._pos, nxt[:, None])
 
-    def _capture(self) -> None:
-        """Record one step as a CUDA graph; warm-up steps first tune kernels and compile."""
-        token, pos = self._token.clone(), self._pos.clone()
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
+    def _warm_up(self) -> None:
+        """Two eager steps (compile, tune kernels, allocate), then, on CUDA, record one step as a
+        graph. The steps advance the cache (transformers' static layers count positions
+        themselves), so the caller prefills again afterwards."""
+        side = torch.cuda.Stream() if self.cuda_graph else None
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
             for _ in range(2):
                 self._step()
-        torch.cuda.current_stream().wait_stream(side)
-        self._token.copy_(token)
-        self._pos.copy_(pos)
-        self._graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self._graph):
-            self._step()
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+            self._graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self._graph):
+                self._step()
+        self._warm = True
 
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
+
+    def _prefill(self, input_ids: torch.Tensor) -> None:
+        """Empty the cache, run the prompt, and leave its next token and position in the buffers."""
+        self.cache.reset()
+        length = input_ids.shape[1]
+        positions = torch.arange(length, device=self.device)
+        logits = self.model(
+            input_ids=input_ids.to(self.device), past_key_values=self.cache, cache_position=positions, use_cache=True
+        ).logits
+        first = logits[:, -1].argmax(-1)
+        self._token.copy_(first[:, None])
+        self._pos.fill_(length)
+        self._out[:, length] = first
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> DecodeResult:
@@ -107,18 +129,11 @@ class DecodeEngine:
             )
         self._sync()
         start = time.perf_counter()
-        self.cache.reset()
-        positions = torch.arange(length, device=self.device)
-        logits = self.model(
-            input_ids=input_ids.to(self.device), past_key_values=self.cache, cache_position=positions, use_cache=True
-        ).logits
-        first = logits[:, -1].argmax(-1)
-        self._token.copy_(first[:, None])
-        self._pos.fill_(length)
-        self._out[:, length] = first
+        self._prefill(input_ids)
         steps = max_new_tokens - 1
-        if steps and self.cuda_graph and self._graph is None:
-            self._capture()
+        if steps and (self.compile or self.cuda_graph) and not self._warm:
+            self._warm_up()
+            self._prefill(input_ids)
         self._sync()
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
