@@ -2,16 +2,15 @@
 //
 // input_sparse: y[b,:] = bias + sum over kept rows k of x_kept[b,k] * wt[k,:], with wt = W.T
 // stored input-major, so a kept input channel is one contiguous row (llama.cpp-style axpy over
-// the kept rows only). The kept rows are the union over the batch; each thread owns a slice of
-// the output columns and streams the kept rows' segments of that slice, four rows at a time.
+// the kept rows only). The kept rows are the union over the batch; the output is accumulated in
+// column tiles that stay in L1 while the kept rows' segments stream through, four rows at a time.
 //
 // output_sparse_rows: m[b,j] = a_kept[b,j] * dot(x[b,:], w[j,:]) for the rows j some token keeps
 // (a CATS / ProSparse `up` projection with w output-major); the other rows are never read.
 //
-// OpenMP here is the runtime torch already loaded (same libgomp.so.1), so the threads are
-// torch's own and `threads` is torch.get_num_threads().
-#include <omp.h>
-
+// One thread: on the 2-core machine this was measured on, a two-thread OpenMP version stalled
+// about 11 ms per call whenever torch's own thread pool had just run (KERNELS_NOTES.md), and one
+// thread already streams faster than torch's two-thread dense matvec.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -75,32 +74,23 @@ void axpy_rows(const float* __restrict wt, int64_t N, const int32_t* rows, const
 extern "C" {
 
 void actsparse_input_sparse(const float* x, int64_t B, int64_t K, const float* scale, const float* threshold,
-                            int complement, const float* wt, int64_t N, const float* bias, float* y, int threads) {
+                            int complement, const float* wt, int64_t N, const float* bias, float* y) {
   static thread_local std::vector<int32_t> rows;
-  static thread_local std::vector<float> xk;
+  static thread_local std::vector<float> xk, acc;
   const int64_t n_rows = compact(x, B, K, scale, *threshold, complement != 0, rows, xk);
-  const int32_t* rows_p = rows.data();
-  const float* xk_p = xk.data();
-  // Column slices of whole cache lines, one per thread.
-  const int64_t per_thread = ((N + threads - 1) / threads + 15) / 16 * 16;
-#pragma omp parallel num_threads(threads)
-  {
-    std::vector<float> acc(static_cast<size_t>(B * kTile));
-    const int64_t lo = std::min<int64_t>(N, omp_get_thread_num() * per_thread);
-    const int64_t hi = std::min<int64_t>(N, lo + per_thread);
-    for (int64_t c0 = lo; c0 < hi; c0 += kTile) {
-      const int64_t c1 = std::min<int64_t>(hi, c0 + kTile);
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t c = c0; c < c1; ++c) acc[b * kTile + (c - c0)] = bias ? bias[c] : 0.0f;
-      axpy_rows(wt, N, rows_p, xk_p, n_rows, B, c0, c1, acc.data());
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t c = c0; c < c1; ++c) y[b * N + c] = acc[b * kTile + (c - c0)];
-    }
+  acc.resize(static_cast<size_t>(B * kTile));
+  for (int64_t c0 = 0; c0 < N; c0 += kTile) {
+    const int64_t c1 = std::min<int64_t>(N, c0 + kTile);
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = c0; c < c1; ++c) acc[b * kTile + (c - c0)] = bias ? bias[c] : 0.0f;
+    axpy_rows(wt, N, rows.data(), xk.data(), n_rows, B, c0, c1, acc.data());
+    for (int64_t b = 0; b < B; ++b)
+      for (int64_t c = c0; c < c1; ++c) y[b * N + c] = acc[b * kTile + (c - c0)];
   }
 }
 
 void actsparse_output_sparse_rows(const float* x, const float* a, int64_t B, int64_t J, int64_t D,
-                                  const float* threshold, const float* w, float* m, int threads) {
+                                  const float* threshold, const float* w, float* m) {
   static thread_local std::vector<int32_t> rows;
   const float t = *threshold;
   rows.resize(J);
@@ -114,10 +104,8 @@ void actsparse_output_sparse_rows(const float* x, const float* a, int64_t B, int
     }
     if (any) rows[n_rows++] = static_cast<int32_t>(j);
   }
-  const int32_t* rows_p = rows.data();
-#pragma omp parallel for num_threads(threads) schedule(static)
   for (int64_t i = 0; i < n_rows; ++i) {
-    const int64_t j = rows_p[i];
+    const int64_t j = rows[i];
     const float* __restrict wj = w + j * D;
     for (int64_t b = 0; b < B; ++b) {
       const float aj = a[b * J + j];

@@ -1,7 +1,7 @@
 """The CPU kernels of `cpu_kernels.cpp`, built with the system C++ compiler at first use.
 
 The library is a plain C ABI shared object (no torch headers, so it builds in about a second and
-needs no ninja), compiled with ``-O3 -march=native -fopenmp`` and cached under
+needs no ninja), compiled with ``-O3 -march=native`` and cached under
 ``$ACTSPARSE_CACHE`` (default ``~/.cache/actsparse``) by a hash of the source, the flags, the
 compiler and the CPU, so a changed source or another machine builds afresh. ``$CXX`` picks the
 compiler (default g++). The ops have the semantics of `triton_ops.py`'s custom ops, on float32
@@ -25,14 +25,14 @@ from ..errors import ActSparseError
 
 MAX_BATCH = 8
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
-FLAGS = ("-O3", "-march=native", "-fopenmp", "-shared", "-fPIC", "-std=c++17")
+FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17")
 _LIB: ctypes.CDLL | None = None
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _SIGNATURES = {
-    "actsparse_input_sparse": (_P, _I, _I, _P, _P, ctypes.c_int, _P, _I, _P, _P, ctypes.c_int),
-    "actsparse_output_sparse_rows": (_P, _P, _I, _I, _I, _P, _P, _P, ctypes.c_int),
+    "actsparse_input_sparse": (_P, _I, _I, _P, _P, ctypes.c_int, _P, _I, _P, _P),
+    "actsparse_output_sparse_rows": (_P, _P, _I, _I, _I, _P, _P, _P),
 }
 
 
@@ -119,7 +119,7 @@ def input_sparse_linear(
     y = torch.empty((batch, n), dtype=torch.float32)
     library().actsparse_input_sparse(
         x.data_ptr(), batch, k, _ptr(scale), threshold.data_ptr(), int(complement),
-        weight_t.data_ptr(), n, _ptr(bias), y.data_ptr(), torch.get_num_threads(),
+        weight_t.data_ptr(), n, _ptr(bias), y.data_ptr(),
     )
     if lowrank_b is not None:
         y.addmm_(lowrank_z, lowrank_b.T)
@@ -133,6 +133,6 @@ def output_sparse_rows(x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor
     j = weight.shape[0]
     m = torch.empty((batch, j), dtype=torch.float32)
     library().actsparse_output_sparse_rows(
-        x.data_ptr(), a.data_ptr(), batch, j, d, threshold.data_ptr(), weight.data_ptr(), m.data_ptr(), torch.get_num_threads()
+        x.data_ptr(), a.data_ptr(), batch, j, d, threshold.data_ptr(), weight.data_ptr(), m.data_ptr()
     )
     return m
