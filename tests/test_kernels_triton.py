@@ -15,10 +15,12 @@ if os.environ["TRITON_INTERPRET"] != "1":
     pytest.skip("these tests run the Triton interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
 
 import actsparse  # noqa: E402
-from actsparse.kernels import set_backend, triton_ops as ops  # noqa: E402
+from actsparse.kernels import register_backend, set_backend, triton_ops as ops  # noqa: E402
+from actsparse.kernels.triton_backend import batched_backend  # noqa: E402
 from actsparse.kernels.benchmark import collect_scores, impose_sparsity  # noqa: E402
 from tiny import random_tokens, tiny_model  # noqa: E402
 
+register_backend(batched_backend("triton-batch8"))  # the "triton" backend sends kernels one token
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 CONFIGS = [ops.GemvConfig(32, 16, 1, 4, 1), ops.GemvConfig(64, 32, 3, 4, 1), ops.GemvConfig(32, 16, 3, 4, 1, compact=False)]
 
@@ -141,7 +143,7 @@ def test_model_through_triton_backend_matches_torch(arch, config):
     ids = random_tokens(2, 4, seed=5)  # 8 tokens: the kernels' largest batch
     with torch.no_grad():
         ref = model(ids).logits
-        set_backend(model, "triton")
+        set_backend(model, "triton-batch8")
         out = model(ids).logits
     assert _rel(out, ref.double()) < 1e-5
 
@@ -154,7 +156,23 @@ def test_gate_and_up_share_one_pack_and_lowrank_runs():
     ids = random_tokens(1, 5, seed=6)
     with torch.no_grad():
         ref = model(ids).logits
-        set_backend(model, "triton")
+        set_backend(model, "triton-batch8")
         out = model(ids).logits
     assert hasattr(layer.mlp, "actsparse_gate_up_t") and not hasattr(layer.mlp.gate_proj, "actsparse_wt")
     assert _rel(out, ref.double()) < 1e-5
+
+
+def test_triton_backend_decodes_one_token_at_a_time_through_the_kernels(monkeypatch):
+    from actsparse.engine import DecodeEngine
+
+    model = tiny_model("llama")
+    impose_sparsity(model, collect_scores(model, random_tokens(1, 32), "teal"), 0.5)
+    prompt = random_tokens(1, 5, seed=7)
+    reference = DecodeEngine(model, max_len=16).generate(prompt, 8).tokens
+    set_backend(model, "triton")
+    batches = []
+    launch = ops.launch_input_sparse
+    monkeypatch.setattr(ops, "launch_input_sparse", lambda *args: batches.append(args[0].shape[0]) or launch(*args))
+    tokens = DecodeEngine(model, max_len=16).generate(prompt, 8).tokens
+    assert torch.equal(tokens, reference)
+    assert batches and set(batches) == {1}  # decode steps only: the 5-token prefill ran the reference
