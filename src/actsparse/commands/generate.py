@@ -1,10 +1,16 @@
-"""actsparse generate [DIR_OR_MODEL] "prompt" [--max-new-tokens N]"""
+"""actsparse generate [DIR_OR_MODEL] "prompt" [--max-new-tokens N] [--backend auto|torch|cpu|triton]"""
 from __future__ import annotations
 
+import torch
+
+from ..engine import DecodeEngine
 from ..errors import ActSparseError
-from ..generation import generate_text
+from ..kernels import set_backend
 from ..loading import load_model, parse_dtype
-from ._common import check_positive
+from ..swap import swap_modules
+from ._common import check_positive, log
+
+BACKENDS = ("auto", "torch", "cpu", "triton")
 
 
 def register(sub) -> None:
@@ -13,7 +19,18 @@ def register(sub) -> None:
     p.add_argument("--max-new-tokens", type=int, default=64, metavar="N")
     p.add_argument("--dtype", default="fp32")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="kernels for the sparse modules: auto (triton on CUDA, cpu for float32 on the CPU, "
+                        "else the torch reference), or one by name")
     p.set_defaults(func=run)
+
+
+def pick_backend(requested: str, device: torch.device, dtype: torch.dtype) -> str:
+    if requested != "auto":
+        return requested
+    if device.type == "cuda":
+        return "triton"
+    return "cpu" if device.type == "cpu" and dtype == torch.float32 else "torch"
 
 
 def run(args) -> int:
@@ -23,8 +40,19 @@ def run(args) -> int:
     if not prompt.strip():
         raise ActSparseError("the prompt is empty")
     check_positive("--max-new-tokens", args.max_new_tokens)
-    model, tokenizer = load_model(model_arg, parse_dtype(args.dtype), args.device)
+    dtype = parse_dtype(args.dtype)
+    model, tokenizer = load_model(model_arg, dtype, args.device)
     if tokenizer is None:
         raise ActSparseError(f"{model_arg}: no tokenizer saved with the model")
-    print(prompt + generate_text(model, tokenizer, prompt, args.max_new_tokens))
+    device = next(model.parameters()).device
+    swap_modules(model)  # a dense model too, so that it runs through the same modules
+    backend = pick_backend(args.backend, device, dtype)
+    log(f"decoding with the {backend} backend")
+    set_backend(model, backend)
+    ids = tokenizer(prompt, return_tensors="pt").input_ids
+    engine = DecodeEngine(model, max_len=ids.shape[1] + args.max_new_tokens)
+    new = engine.generate(ids, args.max_new_tokens).tokens[0].tolist()
+    if tokenizer.eos_token_id is not None and tokenizer.eos_token_id in new:
+        new = new[: new.index(tokenizer.eos_token_id)]
+    print(prompt + tokenizer.decode(new, skip_special_tokens=True))
     return 0
