@@ -66,3 +66,35 @@ def test_engine_reuse_and_limits():
         engine.generate(random_tokens(2, 4, seed=1), 4)
     with pytest.raises(ActSparseError, match="CUDA"):
         DecodeEngine(model, max_len=16, cuda_graph=True)
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["bench", "--sparsity", "1.5"], "--sparsity must be in"),
+        (["bench", "--batch", "9"], "--batch must be 1..8"),
+        (["bench", "--tokens", "4"], "--tokens must be at least 8"),
+        (["bench", "some/model", "--shape", "llama3-8b"], "not both"),
+    ],
+)
+def test_bench_rejects_bad_input(argv, message, capsys):
+    from actsparse.cli import main
+
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the cpu kernels build with g++")
+def test_bench_on_a_random_smollm2_shape(tmp_path, capsys):
+    import json
+
+    from actsparse.cli import main
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--shape", "smollm2-135m", "--tokens", "8", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for key in ("dense_tok_s", "sparse_tok_s", "speedup", "ideal_speedup", "sparsity", "device", "dtype", "batch"):
+        assert key in result
+    assert result["device"] == "cpu" and result["batch"] == 1 and 0.4 < result["sparsity"] < 0.6
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result

@@ -10,6 +10,7 @@ that sit behind sparsified inputs and s their measured sparsity.
 from __future__ import annotations
 
 import datetime
+import os
 import platform
 import time
 import contextlib
@@ -184,8 +185,16 @@ def environment(device: torch.device) -> dict:
 
         env.update(device_name=torch.cuda.get_device_name(device), triton=triton.__version__)
     else:
-        env.update(device_name=platform.processor() or platform.machine())
+        env.update(device_name=f"{_cpu_model()} ({os.cpu_count()} cores)")
     return env
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
 
 
 def speed_result(
