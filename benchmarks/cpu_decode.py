@@ -1,6 +1,6 @@
 """CPU: the sparse matvec against PyTorch's dense matvec, and SmolLM2-135M decode, dense vs sparse.
 
-    .venv/bin/python benchmarks/cpu_decode.py [--out benchmarks/results/cpu_decode.json] [--tokens 64]
+    .venv/bin/python benchmarks/cpu_decode.py [--out benchmarks/results/cpu_decode.json] [--tokens 64] [--threads N]
 
 1. kernel: SmolLM2's decoder shapes (fp32), the weights rotated over more copies than the L3
    holds so that every call streams from memory as in decode; torch's F.linear against the C++
@@ -107,7 +107,10 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--levels", default="0.25,0.4,0.5,0.65,0.9")
     p.add_argument("--skip-kernels", action="store_true")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = p.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     result = {"env": environment(torch.device("cpu")), "load_average": os.getloadavg()}
     if not args.skip_kernels:
         result["kernels"] = kernel_section(torch.get_num_threads())

@@ -37,6 +37,7 @@ def register(sub) -> None:
     p.add_argument("--tokens", type=int, default=128, metavar="N", help="new tokens per prompt (default 128)")
     p.add_argument("--prompt-len", type=int, default=32, metavar="L", help="prompt tokens (default 32)")
     p.add_argument("--repeats", type=int, default=3, help="timed decodes per path; the fastest counts (default 3)")
+    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
     p.add_argument("--hf-baseline", action="store_true",
                    help="also time transformers' own generate (static cache + torch.compile on CUDA)")
     p.add_argument("--json", metavar="OUT", help="write the result as JSON")
@@ -48,7 +49,7 @@ def _check(args) -> None:
         raise ActSparseError(f"--sparsity must be in (0, 1), got {args.sparsity}")
     if not 1 <= args.batch <= 8:
         raise ActSparseError(f"--batch must be 1..8 (the kernels' decode batch), got {args.batch}")
-    for name in ("tokens", "prompt_len", "repeats"):
+    for name in ("tokens", "prompt_len", "repeats", "threads"):
         check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
     if args.tokens < 8:
         raise ActSparseError(f"--tokens must be at least 8, got {args.tokens}")
@@ -70,6 +71,8 @@ def _prompts(tokenizer, batch: int, length: int, vocab: int) -> torch.Tensor:
 
 def run(args) -> int:
     _check(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     backend = BACKENDS[device.type]
