@@ -133,5 +133,9 @@ def test_model_without_gated_mlp_is_refused_with_its_class_name():
 
     config = transformers.GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64)
     model = transformers.GPT2LMHeadModel(config)
-    with pytest.raises(ActSparseError, match="GPT2LMHeadModel.*(attention|MLP|gated)"):
+    with pytest.raises(ActSparseError, match="GPT2LMHeadModel: no decoder layer list"):
         asp.sparsify_(model, asp.DenseConfig())
+    llama = tiny_model("llama")
+    del llama.model.layers[1].mlp.gate_proj
+    with pytest.raises(ActSparseError, match="LlamaForCausalLM layer 1.*LlamaMLP is not a gated MLP"):
+        asp.sparsify_(llama, asp.DenseConfig())
