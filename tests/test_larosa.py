@@ -173,3 +173,22 @@ def test_bad_config_values_are_named(bad, match):
         return
     with pytest.raises(ActSparseError, match=match):
         asp.LaRoSAConfig(sparsity=0.5, **bad)
+
+
+def test_cli_compare_runs_both_methods(tmp_path):
+    import json
+
+    from actsparse.cli import main
+    from tiny import random_text, tiny_tokenizer
+
+    model_dir, out, text = tmp_path / "tiny", tmp_path / "cmp", tmp_path / "text.txt"
+    tiny_model("llama").save_pretrained(model_dir)
+    tiny_tokenizer().save_pretrained(model_dir)
+    text.write_text(random_text(800, seed=1))
+    assert main(["compare", str(model_dir), "--methods", "rsparse,larosa", "--sparsity", "0.4,0.5", "--calib", str(text),
+                 "--calib-samples", "4", "--calib-seq-len", "64", "--ppl", str(text), "--seq-len", "64",
+                 "--windows", "4", "--out", str(out)]) == 0
+    rows = json.loads((out / "results.json").read_text())["rows"]
+    assert [r["method"] for r in rows] == ["dense", "rsparse", "rsparse", "larosa", "larosa"]
+    for r in rows[1:]:
+        assert r["sparsity_model"] == pytest.approx(r["target"], abs=0.03)

@@ -49,4 +49,5 @@ def test_teal_on_wikitext_windows_stays_close_to_dense(smollm):
     sparse = asp.sparsify_(copy.deepcopy(model), asp.TealConfig(sparsity=0.25), calibration)
     result = perplexity(sparse, tokenizer, WIKITEXT, 512, 4, progress=False)
     assert result["sparsity"]["model"] == pytest.approx(0.25, abs=0.02)
-    assert dense["ppl"] < result["ppl"] < dense["ppl"] * 1.04
+    # On 4 windows TEAL at 25% lands within noise of dense, on either side (29.86 vs 29.98 measured).
+    assert result["ppl"] == pytest.approx(dense["ppl"], rel=0.03)

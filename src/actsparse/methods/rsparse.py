@@ -94,13 +94,13 @@ class RSparseInstaller:
     """Puts one linear in its R-Sparse state for (s, alpha)."""
 
     def __init__(self, linears: dict[str, SparseLinear], config: RSparseConfig, scales: dict, hists: dict,
-                 factors: Factors | None) -> None:
+                 factors: Factors) -> None:
         self.linears, self.config, self.scales, self.hists, self.factors = linears, config, scales, hists, factors
 
-    def __call__(self, name: str, sparsity: float, alpha: float, masks_only: bool = False) -> dict:
+    def __call__(self, name: str, sparsity: float, alpha: float) -> dict:
         module = self.linears[name]
         channel_sparsity, rank = rsparse_budget(module.in_features, module.out_features, sparsity, alpha)
-        if rank == 0 or masks_only:
+        if rank == 0:
             clear_lowrank(module)
         else:
             module.set_lowrank(*self.factors(name, rank))
@@ -134,9 +134,9 @@ def apply_rsparse(model, specs, config: RSparseConfig, calibration) -> dict:
     if (recalibrate or config.lowrank == "dropped") and active:
         # Second pass on the model as sparsified by the start plan: the dropped channels' second
         # moments, and the scores as the sparse upstream layers really deliver them.
-        start = RSparseInstaller(linears, config, scales, hists, factors)
+        start = RSparseInstaller(linears, config, scales, hists, factors)  # SVD factors stand in for "dropped"
         for n, (s, a) in plan.items():
-            start(n, s, a, masks_only=config.lowrank == "dropped")
+            start(n, s, a)
         dropped = {n: Covariance(linears[n].in_features) for n in active if max_rank[n]} if config.lowrank == "dropped" else {}
         observers = [Observer(n, _dropped_observer(linears[n], c)) for n, c in dropped.items()]
         if recalibrate:
