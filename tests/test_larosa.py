@@ -10,8 +10,8 @@ from actsparse.io import load, save
 from actsparse.measure import measure_sparsity
 from actsparse.models import layer_specs
 from actsparse.nn import SparseLinear
-from actsparse.rotation import (RotatedNorm, attention_heads, eigenbasis, norm_consumers, rotate_heads_,
-                               rotate_norm_output_)
+from actsparse.rotation import (RotatedNorm, attention_heads, eigenbasis, final_norm, norm_consumers, rotate_heads_,
+                               rotate_norm_output_, rotate_residual_, scale_free_norm_)
 from actsparse.swap import swap_modules
 from tiny import ARCHS, random_tokens, tiny_model
 
@@ -192,3 +192,60 @@ def test_cli_compare_runs_both_methods(tmp_path):
     assert [r["method"] for r in rows] == ["dense", "rsparse", "rsparse", "larosa", "larosa"]
     for r in rows[1:]:
         assert r["sparsity_model"] == pytest.approx(r["target"], abs=0.03)
+
+
+PRE_NORM_ARCHS = ["llama", "mistral", "qwen2", "qwen3", "gemma", "phi3"]
+
+
+def with_random_norm_gains(model, seed=7):
+    """Norm gains away from their init (1, or 0 for Gemma's 1 + w), so folding them is tested."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 1 and "norm" in name:
+                p.add_(0.3 * torch.randn(p.shape, generator=g))
+    return model
+
+
+@pytest.mark.parametrize("arch", PRE_NORM_ARCHS)
+def test_residual_rotation_absorbed_in_the_weights_reproduces_the_model(arch):
+    reference = logits(with_random_norm_gains(tiny_model(arch)))
+    model = with_random_norm_gains(tiny_model(arch))
+    specs = swap_modules(model)
+    consumers = norm_consumers(model, specs, input_groups(specs), CALIB[:1, :8])
+    head_norm = final_norm(model, CALIB[:1, :8])
+    gains = {n: scale_free_norm_(model.get_submodule(n), n) for n in [*consumers, head_norm]}
+    rotate_residual_(model, specs, consumers, head_norm, gains, random_rotation(model.config.hidden_size, seed=5))
+    assert not any(isinstance(m, RotatedNorm) for m in model.modules())
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    torch.testing.assert_close(logits(model), reference, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_residual_rotation_refuses_post_norms_by_name(arch):
+    with pytest.raises(ActSparseError, match=r"post_attention_layernorm .*per-layer"):
+        asp.sparsify_(tiny_model(arch), asp.LaRoSAConfig(sparsity=0.5, rotation="residual"), CALIB)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "phi3"])
+def test_residual_rotation_reaches_the_target_and_saves(tmp_path, arch):
+    model = asp.sparsify_(with_random_norm_gains(tiny_model(arch)), asp.LaRoSAConfig(sparsity=0.5, rotation="residual"), CALIB)
+    assert model.actsparse_recipe["rotation_reads"] == 0
+    assert not any(isinstance(m, RotatedNorm) for m in model.modules())
+    with measure_sparsity(model) as meter, torch.no_grad():
+        model(EVAL)
+    assert meter.report().model == pytest.approx(0.5, abs=0.02)
+    save(model, tmp_path / "out")
+    loaded, _ = load(tmp_path / "out")
+    assert torch.equal(logits(loaded), logits(model))
+
+
+def test_residual_rotation_beats_plain_top_k():
+    reference = logits(tiny_model("llama"))
+    errors = {}
+    for name, config in (("residual", asp.LaRoSAConfig(sparsity=0.5, rotation="residual", rotated_coefficient=1,
+                                                       unrotated_coefficient=1)),
+                         ("teal", asp.TealConfig(sparsity=0.5, selection="topk"))):
+        model = asp.sparsify_(tiny_model("llama"), config, CALIB)
+        errors[name] = (logits(model) - reference).pow(2).mean().item()
+    assert errors["residual"] < errors["teal"]

@@ -250,6 +250,7 @@ class ProSparseConfig(MethodConfig):
 
 RSPARSE_ALLOCATIONS = ("uniform", "search")
 RSPARSE_SCORES = ("wina", "magnitude")
+LAROSA_ROTATIONS = ("per-layer", "residual")
 RSPARSE_SEARCH_OVER = ("alpha", "alpha+sparsity")
 RSPARSE_LOWRANK = ("svd", "dropped")
 
@@ -319,6 +320,12 @@ class LaRoSAConfig(MethodConfig):
               counts as a rotated input for the coefficients.
     recalibrate: with selection="threshold", thresholds from the scores of the model already
               sparsified by top-K at the targets (False: of the dense rotated model).
+    rotation: "per-layer" (the paper's: each norm output in its own basis, one d x d rotation per
+              input at inference, reported as `rotation_reads`) or "residual": one basis for the
+              whole residual stream, from the pooled second moment of the normalised layer inputs,
+              absorbed into the embedding, every weight and the LM head (the norms' gains are folded
+              into their consumers), so no rotation runs at inference. Pre-norm decoders only (not
+              Gemma2/Gemma3, whose post-norms sit between a branch and the stream).
     """
 
     method: ClassVar[str] = "larosa"
@@ -329,9 +336,11 @@ class LaRoSAConfig(MethodConfig):
     rotated_coefficient: float = 0.8
     unrotated_coefficient: float = 1.2
     damping: float = 0.01
+    rotation: str = "per-layer"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_choice("rotation", self.rotation, LAROSA_ROTATIONS)
         for what in ("rotated_coefficient", "unrotated_coefficient"):
             if not isinstance(getattr(self, what), (int, float)) or not getattr(self, what) > 0:
                 raise ActSparseError(f"{what} must be > 0, got {getattr(self, what)!r}")

@@ -150,3 +150,110 @@ def rotate_heads_(model: nn.Module, spec: LayerSpec, rotations: torch.Tensor) ->
     wo = o.weight.double().view(o.out_features, heads, head_dim)
     per_head = r.repeat_interleave(group, dim=0)  # query head j reads kv head j // group
     o.weight.copy_(torch.einsum("ohi,hij->ohj", wo, per_head).reshape(o.out_features, -1).to(o.weight.dtype))
+
+
+@torch.no_grad()
+def final_norm(model: nn.Module, tokens: torch.Tensor) -> str:
+    """Name of the module whose output the LM head reads (possibly through a slice of it, hence the
+    match on storage), found from one forward pass's data flow."""
+    head = model.get_output_embeddings()
+    produced: dict[int, tuple[str, torch.Tensor]] = {}
+    received: list[torch.Tensor] = []
+    def record(name: str, out) -> None:
+        if torch.is_tensor(out):  # the first producer of a storage, not a pass-through after it
+            produced.setdefault(out.untyped_storage().data_ptr(), (name, out))
+
+    handles = [head.register_forward_pre_hook(lambda m, a: received.append(a[0]))]
+    try:
+        for name, module in model.named_modules():
+            if name and module is not head and not list(module.children()):
+                handles.append(module.register_forward_hook(lambda m, a, out, n=name: record(n, out)))
+        model(input_ids=tokens.to(head.weight.device), use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    name = produced.get(received[0].untyped_storage().data_ptr(), (None,))[0] if received else None
+    if name is None:
+        raise ActSparseError(f"{type(model).__name__}: the LM head's input is not the output of a final norm module")
+    return name
+
+
+@torch.no_grad()
+def scale_free_norm_(norm: nn.Module, name: str) -> torch.Tensor:
+    """Set an RMS norm's gain to the identity and return the per-channel gain it applied.
+
+    The gain is read from the norm's own output on a vector of RMS 1, so both the ``w`` (Llama) and
+    the ``1 + w`` (Gemma) parametrisations work: the identity is whichever of 1 and 0 makes the
+    output uniform across channels."""
+    weight = getattr(norm, "weight", None)
+    if not isinstance(weight, nn.Parameter) or weight.dim() != 1 or len(list(norm.parameters())) != 1:
+        raise ActSparseError(f"{name} ({type(norm).__name__}): expected an RMS norm whose only parameter is a gain vector")
+    ones = torch.ones(1, weight.numel(), dtype=weight.dtype, device=weight.device)
+    before = norm(ones)[0].double()
+    original = weight.detach().clone()
+    for identity in (1.0, 0.0):
+        weight.fill_(identity)
+        after = norm(ones)[0].double()
+        if after[0] > 0 and torch.allclose(after, after[0].expand_as(after), rtol=1e-6, atol=0):
+            return before / after
+    weight.copy_(original)
+    raise ActSparseError(f"{name} ({type(norm).__name__}): no gain value of 1 or 0 makes it scale-free")
+
+
+def _check_rotation_invariant(norm: nn.Module, name: str, dim: int) -> None:
+    weight = next(norm.parameters())
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, dim, generator=g, dtype=torch.float64)
+    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    x, q = x.to(weight.dtype), q.to(weight.dtype)
+    if not torch.allclose(norm(x @ q), norm(x) @ q, rtol=1e-3, atol=1e-4):
+        raise ActSparseError(f"{name} ({type(norm).__name__}) does not commute with rotations (it is not an RMS norm), "
+                             f"so the residual stream cannot be rotated; use rotation='per-layer'")
+
+
+@torch.no_grad()
+def rotate_residual_(model: nn.Module, specs: list[LayerSpec], consumers: dict[str, list[str]], head_norm: str,
+                     gains: dict[str, torch.Tensor], q: torch.Tensor) -> None:
+    """Express the whole residual stream in one basis Q (x' = x Q), absorbed into the weights.
+
+    `gains` holds each norm's gain, already made scale-free by `scale_free_norm_`; an RMS norm
+    without a gain commutes with Q, so the gain is folded into the norm's consumers
+    (``W diag(g)``) and then every weight that reads the stream takes ``W Q`` (the layers' inputs
+    and the LM head), every weight that writes it ``Q^T W`` (o and down, their biases ``b Q``), and
+    the embedding ``E Q``. This is the residual-adapter form of LaRoSA with one basis for all layers,
+    so the adapters are the identity and nothing runs at inference. A tied LM head is untied."""
+    for spec in specs:
+        known = {id(spec.attn), id(spec.mlp)} | {id(model.get_submodule(n)) for n in consumers if n.startswith(spec.prefix + ".")}
+        for child_name, child in spec.layer.named_children():
+            if id(child) not in known and any(True for _ in child.parameters()):
+                raise ActSparseError(
+                    f"{spec.prefix}.{child_name} ({type(child).__name__}) transforms a branch before it joins the "
+                    f"residual stream (a post-norm), so the stream cannot be rotated with the weights alone; "
+                    f"use rotation='per-layer'")
+    for name in list(consumers) + [head_norm]:
+        _check_rotation_invariant(model.get_submodule(name), name, q.shape[0])
+    embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+    if head.weight is embedding.weight:
+        head.weight = nn.Parameter(head.weight.detach().clone())
+        for config in {id(c): c for c in (model.config, model.config.get_text_config())}.values():
+            config.tie_word_embeddings = False
+    q64 = q.to(device=embedding.weight.device, dtype=torch.float64)
+
+    def fold_in(linear: nn.Module, gain: torch.Tensor | None) -> None:
+        w = linear.weight.double()
+        if gain is not None:
+            w = w * gain.to(w.device)
+        linear.weight.copy_((w @ q64).to(linear.weight.dtype))
+
+    for norm, names in consumers.items():
+        for n in names:
+            fold_in(model.get_submodule(n), gains[norm])
+    fold_in(head, gains[head_norm])
+    embedding.weight.copy_((embedding.weight.double() @ q64).to(embedding.weight.dtype))
+    for spec in specs:
+        names = spec.linear_names()
+        for role in ("o", "down"):
+            linear = model.get_submodule(names[role])
+            linear.weight.copy_((q64.T @ linear.weight.double()).to(linear.weight.dtype))
+            if linear.bias is not None:
+                linear.bias.copy_((linear.bias.double() @ q64).to(linear.bias.dtype))

@@ -19,8 +19,8 @@ from ..config import LaRoSAConfig
 from ..errors import ActSparseError
 from ..io import register_module_kind
 from ..models import iter_linears
-from ..rotation import (RotatedNorm, attention_heads, eigenbasis, norm_consumers, restore_rotated_norm, rotate_heads_,
-                        rotate_norm_output_)
+from ..rotation import (RotatedNorm, attention_heads, eigenbasis, final_norm, norm_consumers, restore_rotated_norm,
+                        rotate_heads_, rotate_norm_output_, rotate_residual_, scale_free_norm_)
 from . import register
 from .search import role_targets, score_histograms
 
@@ -55,8 +55,14 @@ def apply_larosa(model, specs, config: LaRoSAConfig, calibration) -> dict:
     probe = calibration[:1, :PROBE_TOKENS]
     consumers = norm_consumers(model, specs, groups, probe) if groups else {}
 
-    covariances = {norm: Covariance(linears[names[0]].in_features) for norm, names in consumers.items()}
-    observers = [Observer(n, c.update, on="output") for n, c in covariances.items()]
+    residual = config.rotation == "residual" and bool(consumers)
+    if residual:  # one basis for the whole stream: the pooled second moment of the normalised norm inputs
+        pooled = Covariance(linears[next(iter(consumers.values()))[0]].in_features)
+        covariances = {}
+        observers = [Observer(n, lambda x: pooled.update(_normalised(x))) for n in consumers]
+    else:
+        covariances = {norm: Covariance(linears[names[0]].in_features) for norm, names in consumers.items()}
+        observers = [Observer(n, c.update, on="output") for n, c in covariances.items()]
     head_covariances = {}
     if config.head_rotation:
         for spec in specs:
@@ -68,7 +74,11 @@ def apply_larosa(model, specs, config: LaRoSAConfig, calibration) -> dict:
     run_calibration(model, calibration, observers, desc="larosa: covariances")
     with torch.no_grad():
         reference = model(input_ids=probe.to(next(model.parameters()).device), use_cache=False).logits.float()
-    for norm, names in consumers.items():
+    if residual:
+        head_norm = final_norm(model, probe)
+        gains = {n: scale_free_norm_(model.get_submodule(n), n) for n in [*consumers, head_norm]}
+        rotate_residual_(model, specs, consumers, head_norm, gains, eigenbasis(pooled.xtx, pooled.tokens, config.damping)[1])
+    for norm, names in (() if residual else consumers.items()):
         cov = covariances.pop(norm)
         _, q = eigenbasis(cov.xtx, cov.tokens, config.damping)
         rotate_norm_output_(model, norm, [linears[n] for n in names], q)
@@ -89,13 +99,20 @@ def apply_larosa(model, specs, config: LaRoSAConfig, calibration) -> dict:
             linears[n].set_threshold(hists[n].quantile(targets[n]), targets[n], scales[n])
 
     dense_reads = sum(m.weight.numel() for m in linears.values())
-    rotation_reads = sum(linears[names[0]].in_features ** 2 for names in consumers.values())
+    rotation_reads = 0 if residual else sum(linears[names[0]].in_features ** 2 for names in consumers.values())
     return {
         "allocation": {n: targets[n] for n in active},
+        "rotation": config.rotation,
         "rotated": sorted(consumers),
         "rotated_heads": sorted(specs[i].attn_prefix for i in head_covariances),
         "rotation_reads": rotation_reads / dense_reads,
     }
+
+
+def _normalised(x: torch.Tensor) -> torch.Tensor:
+    """x / rms(x): what an RMS norm without gain makes of the residual stream."""
+    x = x.double()
+    return x * x.pow(2).mean(-1, keepdim=True).clamp_min(1e-30).rsqrt()
 
 
 def _per_head(covariances: list[Covariance], heads: int, head_dim: int):
