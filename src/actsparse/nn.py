@@ -274,16 +274,21 @@ class SparseGatedMLP(nn.Module):
             return get_backend(self.backend).gated_mlp(self, x)
         return self._forward_reference(x)
 
-    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+    def gate_and_up(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.gate_up_linear is not None:
-            g, u = self.gate_up_linear(x).chunk(2, dim=-1)
-        else:
-            g, u = self.gate_linear(x), self.up_linear(x)
+            return self.gate_up_linear(x).chunk(2, dim=-1)
+        return self.gate_linear(x), self.up_linear(x)
+
+    def masked_product(self, g: torch.Tensor, u: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(act(g) with the gate mask applied, that times u): the MLP intermediate."""
         a = self.act_fn(g)
         mask = self.gate_mask(a)
         if mask is not None:
             a = torch.where(mask, a, torch.zeros((), dtype=a.dtype, device=a.device))
-        m = a * u
+        return a, a * u
+
+    def _forward_reference(self, x: torch.Tensor) -> torch.Tensor:
+        a, m = self.masked_product(*self.gate_and_up(x))
         if self.meter is not None:
             self._record(x, a, m)
         return self.down_linear(m)

@@ -185,17 +185,8 @@ def make_backend(
     def _gated_product(mlp: SparseGatedMLP, x2: torch.Tensor) -> torch.Tensor:
         """act(gate) (masked) * up, through whichever linears the MLP has."""
         fused = getattr(mlp, "actsparse_gate_up_t", None)
-        if fused is not None:
-            g, u = _fused_gate_up(mlp, x2, fused)
-        elif mlp.gate_up_linear is not None:
-            g, u = mlp.gate_up_linear(x2).chunk(2, dim=-1)
-        else:
-            g, u = mlp.gate_linear(x2), mlp.up_linear(x2)
-        a = mlp.act_fn(g)
-        mask = mlp.gate_mask(a)
-        if mask is not None:
-            a = torch.where(mask, a, torch.zeros((), dtype=a.dtype, device=a.device))
-        return a * u
+        g, u = _fused_gate_up(mlp, x2, fused) if fused is not None else mlp.gate_and_up(x2)
+        return mlp.masked_product(g, u)[1]
 
     def _fused_gate_up(mlp: SparseGatedMLP, x2: torch.Tensor, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate = mlp.gate_linear  # `up` has the same selection (checked by prepare)
