@@ -39,6 +39,7 @@ ROWS = {
                                 "unrotated_coefficient": 1.2}),
     "larosa": ("larosa", {}),
     "larosa-residual": ("larosa", {"rotation": "residual"}),
+    "teal-greedy": ("teal", {"allocation": "greedy"}),
 }
 
 
@@ -52,7 +53,18 @@ def main() -> int:
     p.add_argument("--seq-len", type=int, default=512)
     p.add_argument("--option", action="append", default=[], metavar="ROW:KEY=VALUE",
                    help="override one config field of one row, e.g. rsparse:alpha=0.8 (repeatable)")
+    p.add_argument("--row", action="append", default=[], metavar="NAME=METHOD:JSON",
+                   help='define one more row, e.g. rs-mag=rsparse:{"score":"magnitude"} (repeatable; add it to --rows)')
+    p.add_argument("--model", default=None, help="model (default: the embedded SmolLM2)")
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
+    for item in args.row:
+        name, _, spec = item.partition("=")
+        method, _, fields = spec.partition(":")
+        try:
+            ROWS[name] = (method, json.loads(fields or "{}"))
+        except json.JSONDecodeError as e:
+            p.error(f"--row {item!r}: {e}")
     rows = [r.strip() for r in args.rows.split(",") if r.strip()]
     unknown = [r for r in rows if r not in ROWS]
     if unknown:
@@ -66,10 +78,11 @@ def main() -> int:
         fields[row][key] = json.loads(value)
     sparsities = [float(s) for s in args.sparsity.split(",")]
 
-    model, tokenizer = load_model(None)
+    model, tokenizer = load_model(args.model, device=args.device)
     calibration = text_batches(tokenizer, args.calib, 16, args.seq_len)
     setup = {
-        "model": "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, fp32)",
+        "model": args.model or "SmolLM2-135M-Instruct (embedded Q4_1 GGUF, fp32)",
+        "device": str(next(model.parameters()).device),
         "calibration": f"{args.calib} (16 x {args.seq_len})",
         "perplexity": f"{args.ppl}, first {args.windows} windows of {args.seq_len}, every token sparsified",
         "machine": f"{platform.machine()} {platform.processor() or ''}, torch {torch.__version__}, "

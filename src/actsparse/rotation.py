@@ -205,7 +205,7 @@ def _check_rotation_invariant(norm: nn.Module, name: str, dim: int) -> None:
     g = torch.Generator().manual_seed(0)
     x = torch.randn(4, dim, generator=g, dtype=torch.float64)
     q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
-    x, q = x.to(weight.dtype), q.to(weight.dtype)
+    x, q = x.to(weight.device, weight.dtype), q.to(weight.device, weight.dtype)
     if not torch.allclose(norm(x @ q), norm(x) @ q, rtol=1e-3, atol=1e-4):
         raise ActSparseError(f"{name} ({type(norm).__name__}) does not commute with rotations (it is not an RMS norm), "
                              f"so the residual stream cannot be rotated; use rotation='per-layer'")
