@@ -7,23 +7,11 @@ import torch
 import actsparse as asp
 from actsparse.calibrate import Histogram
 from actsparse.errors import ActSparseError
-from actsparse.measure import measure_sparsity
 from actsparse.nn import SparseGatedMLP, SparseLinear
-from tiny import ARCHS, random_tokens, tiny_model
-
-CALIB = random_tokens(8, 48, seed=3)
-EVAL = random_tokens(4, 48, seed=4)
+from tiny import ARCHS, CALIB, logits, measured, tiny_model
 
 
-def logits(model, tokens=EVAL):
-    with torch.no_grad():
-        return model(tokens).logits
 
-
-def measured(model, tokens=EVAL):
-    with measure_sparsity(model) as meter, torch.no_grad():
-        model(tokens)
-    return meter.report()
 
 
 @pytest.mark.parametrize("arch", ARCHS)

@@ -73,14 +73,6 @@ def test_save_refuses_a_non_empty_directory(saved):
 
 # -- command line ------------------------------------------------------------------------------
 @pytest.fixture()
-def model_dir(tmp_path):
-    path = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
-
-
-@pytest.fixture()
 def texts(tmp_path):
     calib = tmp_path / "calib.txt"
     calib.write_text(random_text(800, seed=1))

@@ -13,15 +13,9 @@ from actsparse.nn import SparseLinear
 from actsparse.rotation import (RotatedNorm, attention_heads, eigenbasis, final_norm, norm_consumers, rotate_heads_,
                                rotate_norm_output_, rotate_residual_, scale_free_norm_)
 from actsparse.swap import swap_modules
-from tiny import ARCHS, random_tokens, tiny_model
-
-CALIB = random_tokens(8, 48, seed=3)
-EVAL = random_tokens(4, 48, seed=4)
+from tiny import ARCHS, CALIB, EVAL, logits, tiny_model
 
 
-def logits(model, tokens=EVAL):
-    with torch.no_grad():
-        return model(tokens).logits
 
 
 def input_groups(specs):
@@ -175,15 +169,13 @@ def test_bad_config_values_are_named(bad, match):
         asp.LaRoSAConfig(sparsity=0.5, **bad)
 
 
-def test_cli_compare_runs_both_methods(tmp_path):
+def test_cli_compare_runs_both_methods(tmp_path, model_dir):
     import json
 
     from actsparse.cli import main
-    from tiny import random_text, tiny_tokenizer
+    from tiny import random_text
 
-    model_dir, out, text = tmp_path / "tiny", tmp_path / "cmp", tmp_path / "text.txt"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    out, text = tmp_path / "cmp", tmp_path / "text.txt"
     text.write_text(random_text(800, seed=1))
     assert main(["compare", str(model_dir), "--methods", "rsparse,larosa", "--sparsity", "0.4,0.5", "--calib", str(text),
                  "--calib-samples", "4", "--calib-seq-len", "64", "--ppl", str(text), "--seq-len", "64",

@@ -8,15 +8,7 @@ import json
 import pytest
 
 from actsparse.cli import main
-from tiny import random_text, tiny_model, tiny_tokenizer
-
-
-@pytest.fixture()
-def model_dir(tmp_path):
-    path = tmp_path / "tiny-llama"
-    tiny_model("llama").save_pretrained(path)
-    tiny_tokenizer().save_pretrained(path)
-    return path
+from tiny import random_text
 
 
 @pytest.fixture()

@@ -8,26 +8,14 @@ import torch.nn.functional as F
 import actsparse as asp
 from actsparse.errors import ActSparseError
 from actsparse.io import load, save
-from actsparse.measure import measure_sparsity
 from actsparse.methods.rsparse import dropped_factors, rsparse_budget, svd_factors
 from actsparse.methods.search import budget_scaled, evolve
 from actsparse.nn import SparseLinear
-from tiny import ARCHS, random_tokens, tiny_model
+from tiny import ARCHS, CALIB, logits, measured, tiny_model
 
-CALIB = random_tokens(8, 48, seed=3)
-EVAL = random_tokens(4, 48, seed=4)
 SEARCH = dict(allocation="search", search_generations=2, search_population=4, search_windows=1)
 
 
-def logits(model, tokens=EVAL):
-    with torch.no_grad():
-        return model(tokens).logits
-
-
-def measured(model, tokens=EVAL):
-    with measure_sparsity(model) as meter, torch.no_grad():
-        model(tokens)
-    return meter.report()
 
 
 @pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (576, 1536), (64, 128)])
@@ -208,15 +196,13 @@ def test_config_round_trips_through_json():
     assert asp.config_from_dict(config.to_dict()) == config
 
 
-def test_cli_sparsify_with_search_then_eval(tmp_path):
+def test_cli_sparsify_with_search_then_eval(tmp_path, model_dir):
     import json
 
     from actsparse.cli import main
-    from tiny import random_text, tiny_tokenizer
+    from tiny import random_text
 
-    model_dir, out, calib = tmp_path / "tiny", tmp_path / "sparse", tmp_path / "calib.txt"
-    tiny_model("llama").save_pretrained(model_dir)
-    tiny_tokenizer().save_pretrained(model_dir)
+    out, calib = tmp_path / "sparse", tmp_path / "calib.txt"
     calib.write_text(random_text(800, seed=1))
     args = [str(model_dir), "--method", "rsparse", "--sparsity", "0.5", "--calib", str(calib), "--calib-samples", "4",
             "--calib-seq-len", "64", "--allocation", "search", "--option", "search_generations=1",

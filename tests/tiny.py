@@ -60,3 +60,28 @@ def random_text(words: int, seed: int = 0) -> str:
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, COMMON["vocab_size"] - 1, (words,), generator=g)
     return " ".join(f"w{i}" for i in ids.tolist())
+
+
+CALIB = random_tokens(8, 48, seed=3)
+EVAL = random_tokens(4, 48, seed=4)
+
+
+def logits(model, tokens: torch.Tensor = EVAL) -> torch.Tensor:
+    with torch.no_grad():
+        return model(tokens).logits
+
+
+def measured(model, tokens: torch.Tensor = EVAL):
+    """The sparsity report of one forward pass over `tokens`."""
+    from actsparse.measure import measure_sparsity
+
+    with measure_sparsity(model) as meter, torch.no_grad():
+        model(tokens)
+    return meter.report()
+
+
+def saved_tiny_llama(path):
+    """A tiny Llama and its tokenizer saved as a Hugging Face directory, for the command line."""
+    tiny_model("llama").save_pretrained(path)
+    tiny_tokenizer().save_pretrained(path)
+    return path
