@@ -200,11 +200,9 @@ def scale_free_norm_(norm: nn.Module, name: str) -> torch.Tensor:
     raise ActSparseError(f"{name} ({type(norm).__name__}): no gain value of 1 or 0 makes it scale-free")
 
 
-def _check_rotation_invariant(norm: nn.Module, name: str, dim: int) -> None:
+def _check_rotation_invariant(norm: nn.Module, name: str, q: torch.Tensor) -> None:
     weight = next(norm.parameters())
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(4, dim, generator=g, dtype=torch.float64)
-    q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=g, dtype=torch.float64))
+    x = torch.randn(4, q.shape[0], generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     x, q = x.to(weight.device, weight.dtype), q.to(weight.device, weight.dtype)
     if not torch.allclose(norm(x @ q), norm(x) @ q, rtol=1e-3, atol=1e-4):
         raise ActSparseError(f"{name} ({type(norm).__name__}) does not commute with rotations (it is not an RMS norm), "
@@ -231,7 +229,7 @@ def rotate_residual_(model: nn.Module, specs: list[LayerSpec], consumers: dict[s
                     f"residual stream (a post-norm), so the stream cannot be rotated with the weights alone; "
                     f"use rotation='per-layer'")
     for name in list(consumers) + [head_norm]:
-        _check_rotation_invariant(model.get_submodule(name), name, q.shape[0])
+        _check_rotation_invariant(model.get_submodule(name), name, q)
     embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
     if head.weight is embedding.weight:
         head.weight = nn.Parameter(head.weight.detach().clone())
