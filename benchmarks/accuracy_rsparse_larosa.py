@@ -111,11 +111,15 @@ def main() -> int:
             "sparsify_s": built,
             "config": config.to_dict(),
         }
+        if "linears" in recipe:  # R-Sparse: how many linears the allocation gave a low-rank path
+            row["lowrank_linears"] = sum(1 for v in recipe["linears"].values() if v["rank"])
+            row["linears"] = len(recipe["linears"])
         if "search" in recipe:
             row["search"] = {k: recipe["search"][k] for k in ("start_loss", "loss", "evaluations")}
         results.append(row)
+        lowrank = f", low-rank path on {row['lowrank_linears']}/{row['linears']} linears" if "linears" in row else ""
         print(f"{name} {target:g}: ppl {row['ppl']:.3f}, measured model sparsity {row['sparsity_model']:.3f}, "
-              f"{built:.0f} s", file=sys.stderr, flush=True)
+              f"{built:.0f} s{lowrank}", file=sys.stderr, flush=True)
         del candidate
 
     dense = next((r["ppl"] for r in results if r["row"] == "dense"), None)

@@ -54,9 +54,12 @@ def test_topk_keeps_exactly_k_per_token():
     assert q.mask(x).sum(-1).unique().tolist() == [q.k] == [round(q.in_features * 0.6)]
 
 
-@pytest.mark.parametrize("method", ["teal", "wina"])
-def test_greedy_allocation_keeps_each_block_at_target(method):
-    model = asp.sparsify_(tiny_model("llama"), asp.make_config(method, sparsity=0.5, allocation="greedy", greedy_tokens=48), CALIB)
+@pytest.mark.parametrize("method,fields", [
+    ("teal", {}), ("wina", {}), ("larosa", {}), ("larosa", {"rotation": "residual"}), ("rsparse", {"alpha": 0.8}),
+])
+def test_greedy_allocation_keeps_each_block_at_target(method, fields):
+    config = asp.make_config(method, sparsity=0.5, allocation="greedy", greedy_tokens=48, **fields)
+    model = asp.sparsify_(tiny_model("llama"), config, CALIB)
     allocation = model.actsparse_recipe["allocation"]
     assert len(set(round(v, 3) for v in allocation.values())) > 1, "greedy should not be uniform"
     for layer in model.model.layers:

@@ -150,9 +150,12 @@ def test_evolve_is_seeded_and_never_worse_than_its_start():
     assert runs[0].history == sorted(runs[0].history, reverse=True)
 
 
-@pytest.mark.parametrize("over", ["alpha", "alpha+sparsity"])
-def test_search_is_deterministic_keeps_the_budget_and_is_saved(tmp_path, over):
-    config = asp.RSparseConfig(sparsity=0.5, alpha=0.8, search_over=over, search_seed=3, **SEARCH)
+@pytest.mark.parametrize("over,allocation", [
+    ("alpha", "search"), ("alpha+sparsity", "search"), ("alpha+sparsity", "greedy+search"),
+])
+def test_search_is_deterministic_keeps_the_budget_and_is_saved(tmp_path, over, allocation):
+    fields = {**SEARCH, "allocation": allocation, "greedy_tokens": 48}
+    config = asp.RSparseConfig(sparsity=0.5, alpha=0.8, search_over=over, search_seed=3, **fields)
     first = asp.sparsify_(tiny_model("llama"), config, CALIB)
     second = asp.sparsify_(tiny_model("llama"), config, CALIB)
     assert first.actsparse_recipe == second.actsparse_recipe
@@ -180,9 +183,20 @@ def test_save_load_gives_identical_logits(tmp_path, arch):
     assert torch.equal(logits(loaded), logits(model))
 
 
+def test_greedy_search_starts_from_the_greedy_allocation():
+    greedy = asp.sparsify_(tiny_model("llama"), asp.RSparseConfig(sparsity=0.5, alpha=0.8, allocation="greedy",
+                                                                   greedy_tokens=48), CALIB)
+    config = asp.RSparseConfig(sparsity=0.5, alpha=0.8, greedy_tokens=48, search_over="alpha",
+                               **{**SEARCH, "allocation": "greedy+search"})
+    searched = asp.sparsify_(tiny_model("llama"), config, CALIB)
+    # Searching alpha alone leaves each linear's sparsity where the greedy allocation put it.
+    assert searched.actsparse_recipe["allocation"] == greedy.actsparse_recipe["allocation"]
+    assert len(set(greedy.actsparse_recipe["allocation"].values())) > 1
+
+
 @pytest.mark.parametrize("bad,match", [
     (dict(alpha=0.0), "alpha"), (dict(alpha=1.5), "alpha"), (dict(score="l1"), "score"),
-    (dict(allocation="greedy"), "allocation"), (dict(search_over="rank"), "search_over"),
+    (dict(allocation="evolutionary"), "allocation"), (dict(search_over="rank"), "search_over"),
     (dict(role_coefficients=(("ffn", 1.2),)), "role"), (dict(role_coefficients=(("down", 0.0),)), "down"),
     (dict(search_generations=0), "search_generations"), (dict(lowrank="qr"), "lowrank"),
 ])

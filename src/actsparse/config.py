@@ -115,6 +115,14 @@ def _check_choice(what: str, value: str, choices: tuple[str, ...]) -> None:
         raise ActSparseError(f"{what} must be one of {', '.join(choices)}, got {value!r}")
 
 
+def _check_greedy(config: "MethodConfig") -> None:
+    """greedy_step and greedy_tokens, on configs that offer the greedy allocation."""
+    if not isinstance(config.greedy_step, (int, float)) or not 0.0 < config.greedy_step <= 0.5:
+        raise ActSparseError(f"greedy_step must be in (0, 0.5], got {config.greedy_step!r}")
+    if not isinstance(config.greedy_tokens, int) or config.greedy_tokens < 16:
+        raise ActSparseError(f"greedy_tokens must be an integer of at least 16, got {config.greedy_tokens!r}")
+
+
 @dataclass(frozen=True)
 class DenseConfig(MethodConfig):
     """No sparsity: the baseline, through the same modules as every method."""
@@ -150,10 +158,7 @@ class TealConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("allocation", self.allocation, ALLOCATIONS)
-        if not 0.0 < self.greedy_step <= 0.5:
-            raise ActSparseError(f"greedy_step must be in (0, 0.5], got {self.greedy_step}")
-        if self.greedy_tokens < 16:
-            raise ActSparseError(f"greedy_tokens must be at least 16, got {self.greedy_tokens}")
+        _check_greedy(self)
 
 
 @dataclass(frozen=True)
@@ -248,7 +253,8 @@ class ProSparseConfig(MethodConfig):
         return tuple((float(t), lam * self.peak_lambda / last) for t, lam in table)
 
 
-RSPARSE_ALLOCATIONS = ("uniform", "search")
+RSPARSE_ALLOCATIONS = ("uniform", "greedy", "search", "greedy+search")
+LAROSA_ALLOCATIONS = ("coefficients", "greedy")
 RSPARSE_SCORES = ("wina", "magnitude")
 LAROSA_ROTATIONS = ("per-layer", "residual")
 RSPARSE_SEARCH_OVER = ("alpha", "alpha+sparsity")
@@ -271,9 +277,13 @@ class RSparseConfig(MethodConfig):
               the paper's; then measured sparsity drifts above the target in deep layers).
     role_coefficients: (role, c) pairs (roles q, k, v, qkv, o, gate, up, gate_up, down); a role's
               sparsity is c * s, rescaled so the parameter-weighted mean stays s. Empty = uniform s.
-    allocation: "uniform" (every layer at `alpha`) or "search": a seeded evolutionary search over
-              per-layer alpha (and, with search_over="alpha+sparsity", per-layer sparsity at a fixed
-              model-level budget) minimising the LM loss on `search_windows` calibration windows.
+    allocation: "uniform" (every linear at its target and `alpha`); "greedy": TEAL's per-block
+              greedy search over per-linear sparsity (see TealConfig), each linear in its R-Sparse
+              state at `alpha`, so the low-rank path's compensation is part of the block error it
+              minimises (role_coefficients are then not used); "search": a seeded evolutionary search over per-layer alpha (and, with
+              search_over="alpha+sparsity", per-layer sparsity at a fixed model-level budget)
+              minimising the LM loss on `search_windows` calibration windows; "greedy+search": the
+              search started from the greedy allocation.
     """
 
     method: ClassVar[str] = "rsparse"
@@ -288,9 +298,12 @@ class RSparseConfig(MethodConfig):
     search_population: int = 8
     search_windows: int = 2
     search_seed: int = 0
+    greedy_step: float = 0.05
+    greedy_tokens: int = 1024
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        _check_greedy(self)
         if not isinstance(self.alpha, (int, float)) or not 0.0 < self.alpha <= 1.0:
             raise ActSparseError(f"alpha must be in (0, 1], got {self.alpha!r}")
         _check_choice("score", self.score, RSPARSE_SCORES)
@@ -326,6 +339,9 @@ class LaRoSAConfig(MethodConfig):
               absorbed into the embedding, every weight and the LM head (the norms' gains are folded
               into their consumers), so no rotation runs at inference. Pre-norm decoders only (not
               Gemma2/Gemma3, whose post-norms sit between a branch and the stream).
+    allocation: "coefficients" (the paper's: the two coefficients above) or "greedy": TEAL's
+              per-block greedy search over per-linear sparsity (see TealConfig) on the rotated
+              model, each step taken by top-K; the coefficients are then not used.
     """
 
     method: ClassVar[str] = "larosa"
@@ -337,10 +353,15 @@ class LaRoSAConfig(MethodConfig):
     unrotated_coefficient: float = 1.2
     damping: float = 0.01
     rotation: str = "per-layer"
+    allocation: str = "coefficients"
+    greedy_step: float = 0.05
+    greedy_tokens: int = 1024
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("rotation", self.rotation, LAROSA_ROTATIONS)
+        _check_choice("allocation", self.allocation, LAROSA_ALLOCATIONS)
+        _check_greedy(self)
         for what in ("rotated_coefficient", "unrotated_coefficient"):
             if not isinstance(getattr(self, what), (int, float)) or not getattr(self, what) > 0:
                 raise ActSparseError(f"{what} must be > 0, got {getattr(self, what)!r}")

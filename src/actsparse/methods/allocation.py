@@ -15,6 +15,7 @@ per linear.
 """
 from __future__ import annotations
 
+import math
 from typing import Callable
 
 import torch
@@ -81,6 +82,17 @@ def greedy_allocation(
                 allocation.update(_greedy_block(model, spec, names, targets, inputs[spec.index], install, step,
                                                 model.get_submodule(linear_names["o"]).weight.numel()))
     return allocation
+
+
+def greedy_from_config(model: nn.Module, specs: list[LayerSpec], config, calibration: torch.Tensor,
+                       targets: dict[str, float], install: Install) -> dict[str, float]:
+    """`greedy_allocation` with a config's greedy_step and greedy_tokens (the first calibration
+    windows that hold that many tokens); linears whose target differs from config.sparsity (the
+    overrides) keep it and are not searched."""
+    windows = calibration[: max(1, math.ceil(config.greedy_tokens / calibration.shape[1]))]
+    fixed = {n: s for n, s in targets.items() if s != config.sparsity}
+    return greedy_allocation(model, specs, targets, windows, install, config.greedy_step,
+                             f"{config.method}: greedy allocation", fixed)
 
 
 def _greedy_block(model, spec, names, targets, inputs, install, step, reference_size) -> dict[str, float]:

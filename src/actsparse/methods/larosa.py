@@ -22,6 +22,7 @@ from ..models import iter_linears
 from ..rotation import (RotatedNorm, attention_heads, eigenbasis, final_norm, norm_consumers, restore_rotated_norm,
                         rotate_heads_, rotate_norm_output_, rotate_residual_, scale_free_norm_)
 from . import register
+from .allocation import greedy_from_config
 from .search import role_targets, score_histograms
 
 register_module_kind(RotatedNorm, restore_rotated_norm)
@@ -88,15 +89,27 @@ def apply_larosa(model, specs, config: LaRoSAConfig, calibration) -> dict:
 
     scales = {n: column_norms(linears[n].weight).to(linears[n].weight.device) if config.score == "wina" else None
               for n in active}
+
+    def install_topk(name: str, sparsity: float) -> None:
+        module = linears[name]
+        if sparsity <= 0:
+            module.set_dense()
+        else:
+            module.set_topk(topk_count(module.in_features, sparsity), sparsity, scales[name])
+
+    if config.allocation == "greedy":
+        targets = greedy_from_config(model, specs, config, calibration, {n: config.sparsity_for(n) for n in active},
+                                     install_topk)
     for n in active:  # top-K at the targets: the method itself, or the start of threshold calibration
-        linears[n].set_topk(topk_count(linears[n].in_features, targets[n]), targets[n], scales[n])
+        install_topk(n, targets[n])
     if config.selection == "threshold":
         if not config.recalibrate:  # the paper's convention: scores of the dense (rotated) model
             for n in active:
                 linears[n].set_dense()
         hists = score_histograms(model, calibration, {n: scales[n] for n in active}, "larosa: thresholds")
         for n in active:
-            linears[n].set_threshold(hists[n].quantile(targets[n]), targets[n], scales[n])
+            if targets[n] > 0:
+                linears[n].set_threshold(hists[n].quantile(targets[n]), targets[n], scales[n])
 
     dense_reads = sum(m.weight.numel() for m in linears.values())
     rotation_reads = 0 if residual else sum(linears[names[0]].in_features ** 2 for names in consumers.values())

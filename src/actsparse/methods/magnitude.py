@@ -5,13 +5,11 @@ calibration data (then, by default, recalibrated on the sparsified model); with 
 """
 from __future__ import annotations
 
-import math
-
 from ..calibrate import column_norms, topk_count
 from ..config import TealConfig, WinaConfig
 from ..models import iter_linears
 from . import register
-from .allocation import greedy_allocation
+from .allocation import greedy_from_config
 from .search import score_histograms
 
 
@@ -37,12 +35,7 @@ def apply_magnitude(model, specs, config, calibration) -> dict:
 
     allocation = {n: targets[n] for n in active}
     if config.allocation == "greedy" and active:
-        seq_len = calibration.shape[1]
-        windows = calibration[: max(1, math.ceil(config.greedy_tokens / seq_len))]
-        fixed = {n: targets[n] for n in active if targets[n] != config.sparsity}  # per-linear overrides
-        allocation = greedy_allocation(
-            model, specs, targets, windows, install, config.greedy_step, f"{config.method}: greedy allocation", fixed
-        )
+        allocation = greedy_from_config(model, specs, config, calibration, allocation, install)
     for name, sparsity in allocation.items():
         install(name, sparsity)
     if thresholds and config.recalibrate:

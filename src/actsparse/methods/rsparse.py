@@ -10,8 +10,8 @@ the calibration quantile of the score at the channel sparsity that budget leaves
 sparsity.model therefore counts the low-rank reads, as the core's meter does.
 
 SVDs are computed one linear at a time in fp64 on the CPU and only the top-r factors are kept, so
-a large model never holds more than one full decomposition. The search (allocation="search") keeps
-the top factors of every linear up to the largest rank it may try.
+a large model never holds more than one full decomposition. The search and the greedy allocation
+keep the top factors of every linear up to the largest rank they may try.
 """
 from __future__ import annotations
 
@@ -25,6 +25,7 @@ from ..config import RSparseConfig
 from ..models import iter_linears
 from ..nn import SparseLinear
 from . import register
+from .allocation import greedy_from_config
 from .search import budget_scaled, evolve, lm_loss, role_targets, score_histograms, score_observer
 
 ALPHA_STEP = 0.05  # search grid for alpha: 1 - ALPHA_STEP * gene
@@ -99,6 +100,10 @@ class RSparseInstaller:
 
     def __call__(self, name: str, sparsity: float, alpha: float) -> dict:
         module = self.linears[name]
+        if sparsity <= 0:  # dense: no budget to share with a low-rank path
+            clear_lowrank(module)
+            module.set_dense()
+            return {"sparsity": 0.0, "alpha": alpha, "rank": 0, "channel_sparsity": 0.0}
         channel_sparsity, rank = rsparse_budget(module.in_features, module.out_features, sparsity, alpha)
         if rank == 0:
             clear_lowrank(module)
@@ -124,12 +129,17 @@ def apply_rsparse(model, specs, config: RSparseConfig, calibration) -> dict:
     thresholds = config.selection == "threshold"
     hists = score_histograms(model, calibration, scales, "rsparse: calibrating") if thresholds and active else {}
 
-    plan = {n: (targets[n], config.alpha) for n in active}
-    search = config.allocation == "search" and bool(active)
+    search = config.allocation in ("search", "greedy+search") and bool(active)
+    greedy = config.allocation in ("greedy", "greedy+search") and bool(active)
     lowest_alpha = 1.0 - ALPHA_STEP * ALPHA_GENES if search else config.alpha
-    max_rank = {n: rsparse_budget(linears[n].in_features, linears[n].out_features, 0.0 if search else targets[n],
-                                  lowest_alpha)[1] for n in active}
+    max_rank = {n: rsparse_budget(linears[n].in_features, linears[n].out_features,
+                                  0.0 if search or greedy else targets[n], lowest_alpha)[1] for n in active}
     factors = cached(lambda name, rank: svd_factors(linears[name].weight, rank), max_rank)
+    if greedy:
+        first = RSparseInstaller(linears, config, scales, hists, factors)
+        targets = greedy_from_config(model, specs, config, calibration, {n: config.sparsity_for(n) for n in active},
+                                     lambda name, sparsity: first(name, sparsity, config.alpha))
+    plan = {n: (targets[n], config.alpha) for n in active}
     recalibrate = config.recalibrate and thresholds
     if (recalibrate or config.lowrank == "dropped") and active:
         # Second pass on the model as sparsified by the start plan: the dropped channels' second
@@ -151,6 +161,7 @@ def apply_rsparse(model, specs, config: RSparseConfig, calibration) -> dict:
     if search:
         layer_of = {name: spec.index for spec in specs for name in spec.linear_names().values()}
         plan, recipe["search"] = _search(model, config, calibration, install, sizes, layer_of, targets, active)
+    recipe["allocation"] = {n: s for n, (s, _) in plan.items()}
     recipe["linears"] = {n: install(n, s, a) for n, (s, a) in plan.items()}
     return recipe
 
