@@ -104,12 +104,27 @@ def input_sparse_gemv_kernel(
             tl.store(scratch + pos, ks, mask=row_keep > 0)
             n_active += tl.sum(row_keep, axis=0)
         tl.debug_barrier()
-        for j in range(0, n_active, BK):
-            jj = j + tl.arange(0, BK)
-            j_ok = jj < n_active
-            rows = tl.load(scratch + jj, mask=j_ok, other=0)
-            acc = _accumulate(acc, rows, j_ok, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, toks, tok_ok,
-                              stride_x, stride_w, HAS_SCALE, COMPLEMENT, IEEE, BB)
+        if BB == 1:
+            # Every listed row is kept, so the weight loads wait on nothing but the index list,
+            # and the next block's indices load while this block's weights stream.
+            jj = tl.arange(0, BK)
+            rows = tl.load(scratch + jj, mask=jj < n_active, other=0)
+            for j in range(0, n_active, BK):
+                jj = j + tl.arange(0, BK)
+                j_ok = jj < n_active
+                next_rows = tl.load(scratch + jj + BK, mask=jj + BK < n_active, other=0)
+                w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :],
+                            mask=j_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+                xv = tl.load(x_ptr + rows, mask=j_ok, other=0.0)
+                acc += w.to(tl.float32) * xv.to(tl.float32)[:, None]
+                rows = next_rows
+        else:
+            for j in range(0, n_active, BK):
+                jj = j + tl.arange(0, BK)
+                j_ok = jj < n_active
+                rows = tl.load(scratch + jj, mask=j_ok, other=0)
+                acc = _accumulate(acc, rows, j_ok, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, toks, tok_ok,
+                                  stride_x, stride_w, HAS_SCALE, COMPLEMENT, IEEE, BB)
     else:
         # Every row block in turn, the weight loads masked by the kept rows: more iterations at
         # high sparsity, but no index list, so the loads pipeline like a dense GEMV's.
