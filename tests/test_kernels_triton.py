@@ -88,11 +88,13 @@ def test_input_sparse_scale_bias_lowrank(dtype, batch, complement, cfg):
 @pytest.mark.parametrize("compact", [True, False])
 def test_split_k_reduction_in_several_chunks(batch, compact):
     torch.manual_seed(4)
-    x, wt = torch.randn(batch, 200), torch.randn(200, 600)
-    t = _threshold(x, 0.5)
-    y = torch.full((batch, 600), float("nan"))
-    ops.launch_input_sparse(x, wt, t, None, None, None, None, False, ops.GemvConfig(512, 16, 12, 4, 1, compact), y)
-    assert _rel(y, _reference(x, wt, t)) < 1e-5
+    cfg = ops.GemvConfig(512, 16, 12, 4, 1, compact)
+    for _ in range(2):  # the second launch relies on the first leaving the counters at zero
+        x, wt = torch.randn(batch, 200), torch.randn(200, 600)
+        t = _threshold(x, 0.5)
+        y = torch.full((batch, 600), float("nan"))
+        ops.launch_input_sparse(x, wt, t, None, None, None, None, False, cfg, y)
+        assert _rel(y, _reference(x, wt, t)) < 1e-5
 
 
 def test_input_sparse_op_skips_nothing_at_zero_sparsity_and_everything_above_max():
@@ -165,7 +167,62 @@ def test_teal_thresholds_fused_gate_up_and_lowrank(arch):
         out = model(ids).logits
     if arch == "llama":
         assert hasattr(layer.mlp, "actsparse_gate_up_t") and not hasattr(layer.mlp.gate_proj, "actsparse_wt")
+        attn = layer.self_attn
+        assert hasattr(attn.q_proj, "actsparse_group_t") and not hasattr(attn.k_proj, "actsparse_wt")
     assert _rel(out, ref.double()) < 1e-5
+
+
+def _launches_per_layer(model, ids, monkeypatch):
+    calls = []
+    launch = ops.launch_input_sparse
+    monkeypatch.setattr(ops, "launch_input_sparse", lambda *args: calls.append(args[1].shape) or launch(*args))
+    with torch.no_grad():
+        out = model(ids).logits
+    monkeypatch.setattr(ops, "launch_input_sparse", launch)
+    return out, len(calls) / len(model.model.layers)
+
+
+def test_q_k_v_with_one_selection_run_as_one_kernel_call(monkeypatch):
+    model = tiny_model("llama")
+    impose_sparsity(model, collect_scores(model, random_tokens(1, 32), "teal"), 0.5)
+    ids = random_tokens(1, 1, seed=8)
+    with torch.no_grad():
+        ref = model(ids).logits
+    set_backend(model, "triton")
+    out, launches = _launches_per_layer(model, ids, monkeypatch)
+    assert launches == 4  # q/k/v, o, gate/up, down
+    assert _rel(out, ref.double()) < 1e-5
+    # torch.compile traces the group (no graph break) and computes the same.
+    explained = torch._dynamo.explain(lambda i: model(input_ids=i).logits)(ids)
+    assert explained.graph_break_count == 0
+    torch._dynamo.reset()
+    with torch.no_grad():
+        assert _rel(torch.compile(lambda i: model(input_ids=i).logits, backend="eager")(ids), ref.double()) < 1e-5
+    # Different thresholds: q, k and v run alone.
+    model.model.layers[0].self_attn.k_proj.threshold.mul_(2)
+    set_backend(model, "torch")
+    with torch.no_grad():
+        ref = model(ids).logits
+    set_backend(model, "triton")
+    assert not hasattr(model.model.layers[0].self_attn.q_proj, "actsparse_group_t")
+    assert hasattr(model.model.layers[1].self_attn.q_proj, "actsparse_group_t")
+    out, launches = _launches_per_layer(model, ids, monkeypatch)
+    assert launches == 4 + 2 / len(model.model.layers)
+    assert _rel(out, ref.double()) < 1e-5
+
+
+def test_a_group_member_called_on_another_input_computes_it():
+    model = tiny_model("llama")
+    impose_sparsity(model, collect_scores(model, random_tokens(1, 32), "teal"), 0.5)
+    set_backend(model, "triton")
+    attn = model.model.layers[0].self_attn
+    x, other = torch.randn(1, 1, attn.q_proj.in_features), torch.randn(1, 1, attn.q_proj.in_features)
+    with torch.no_grad():
+        attn.q_proj(x)  # keeps k and v of x
+        got = attn.k_proj(other)
+        set_backend(model, "torch")
+        expected = attn.k_proj(other)
+    assert _rel(got, expected.double()) < 1e-5
 
 
 def test_triton_backend_decodes_one_token_at_a_time_through_the_kernels(monkeypatch):

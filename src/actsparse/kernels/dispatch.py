@@ -11,13 +11,18 @@ torch reference in `actsparse.nn` computes:
     main call adds ``lowrank_b @ z`` in its epilogue;
   - gated MLP: gate and up with one selection share one call over ``[Wg.T | Wu.T]``; with a gate
     mask (CATS/ProSparse) the gate is dense, `up` is computed only for kept rows
-    (`output_sparse_rows`) and `down` skips the zero rows of its input.
+    (`output_sparse_rows`) and `down` skips the zero rows of its input;
+  - separate q/k/v with one selection (a `SharedInput` group): the attention calls them one by
+    one on the same tensor, so the first call runs one kernel over ``[Wq.T | Wk.T | Wv.T]`` and
+    keeps the other two slices for the next calls that pass that same tensor (any other input is
+    computed afresh).
 Inputs of more than `max_batch` tokens (prefill) run the reference path: kernels help decode.
 
 `prepare(model)` packs, once, the input-major copies the ops read, as non-persistent buffers
 (never saved): `actsparse_wt` (W.T) on input-sparse linears, `actsparse_lowrank_at` (A.T),
-`actsparse_gate_up_t` on MLPs whose gate and up share one selection (instead of their own
-copies), and a zero threshold `actsparse_zero`. Call `set_backend` again after changing any
+`actsparse_gate_up_t` on MLPs whose gate and up share one selection and `actsparse_group_t` on
+the first linear of a q/k/v group (instead of their own copies), and a zero threshold
+`actsparse_zero`. Call `set_backend` again after changing any
 sparsity state.
 """
 from __future__ import annotations
@@ -28,8 +33,37 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import ActSparseError
+from ..models import layer_specs
 from ..nn import SparseGatedMLP, SparseLinear
 from . import Backend
+
+
+class SharedInput:
+    """Linears that read one input with one selection, run as one kernel call over their packed
+    weights (on the first member, `actsparse_group_t`). A call computes every member's output;
+    the outputs of the others wait, with the input they belong to, until each is asked for."""
+
+    def __init__(self, members: list[SparseLinear]) -> None:
+        self.members = members
+        self.sizes = [m.out_features for m in members]
+        self.input: torch.Tensor | None = None
+        self.waiting: dict[int, torch.Tensor] = {}
+
+    def take(self, member: SparseLinear, x: torch.Tensor) -> torch.Tensor | None:
+        """The output kept for `member` if the last group call was on this very tensor."""
+        if self.input is not x:
+            return None
+        y = self.waiting.pop(self.members.index(member), None)
+        if not self.waiting:
+            self.input = None
+        return y
+
+    def keep(self, member: SparseLinear, x: torch.Tensor, outputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """Keeps the other members' outputs for `x`; returns `member`'s."""
+        index = self.members.index(member)
+        self.input = x
+        self.waiting = {i: y for i, y in enumerate(outputs) if i != index}
+        return outputs[index]
 
 
 def linear_reference(module: SparseLinear, x: torch.Tensor) -> torch.Tensor:
@@ -73,6 +107,20 @@ def _pack_zero(module: torch.nn.Module, device: torch.device) -> None:
     _pack(module, "actsparse_zero", lambda: zero, zero, ())
 
 
+def _attention_group(model: torch.nn.Module, names: dict[str, str]) -> list[SparseLinear] | None:
+    """q, k and v when they are separate sparse linears with one selection and bias alike."""
+    if not all(role in names for role in ("q", "k", "v")):
+        return None
+    members = [model.get_submodule(names[role]) for role in ("q", "k", "v")]
+    if not all(isinstance(m, SparseLinear) for m in members):
+        return None
+    if not all(_same_selection(members[0], m) for m in members[1:]):
+        return None
+    if len({m.bias is None for m in members}) != 1:
+        return None
+    return members
+
+
 def _output_sparse_up(mlp: SparseGatedMLP) -> torch.Tensor | None:
     """The `up` rows a gate mask skips, when the MLP can take the output-sparse path."""
     if mlp.gate_mode == "dense":
@@ -102,18 +150,43 @@ def make_backend(
         for module in model.modules():
             if isinstance(module, SparseGatedMLP):
                 fused |= _prepare_mlp(module)
+        grouped: set[int] = set()
+        for module in model.modules():
+            if isinstance(module, SparseLinear):
+                module.actsparse_shared = None
+                if hasattr(module, "actsparse_group_t"):
+                    del module.actsparse_group_t
+        for spec in layer_specs(model):
+            grouped |= _prepare_group(model, spec.linear_names())
         for module in model.modules():
             if isinstance(module, SparseLinear):
                 # Only meters call a fused gate/up alone; they get the reference.
                 module.actsparse_fused = id(module) in fused
-                if module.actsparse_fused and hasattr(module, "actsparse_wt"):
+                if (module.actsparse_fused or id(module) in grouped) and hasattr(module, "actsparse_wt"):
                     del module.actsparse_wt
-                if module.mode != "dense" and not module.actsparse_fused:
+                if module.mode != "dense" and not module.actsparse_fused and id(module) not in grouped:
                     _pack_transposed(module, "actsparse_wt", module.weight)
                     _pack_zero(module, module.weight.device)
                     set_hint(module.actsparse_wt, module.target)
                     if module.rank:
                         _pack_transposed(module, "actsparse_lowrank_at", module.lowrank_a)
+
+    def _prepare_group(model: torch.nn.Module, names: dict[str, str]) -> set[int]:
+        """Packs q/k/v as one weight when they share their selection; returns their ids then."""
+        members = _attention_group(model, names)
+        if members is None:
+            return set()
+        lead = members[0]
+        shape = (lead.in_features, sum(m.out_features for m in members))
+        _pack(lead, "actsparse_group_t", lambda: torch.cat([m.weight.detach().T for m in members], dim=1), lead.weight, shape)
+        if lead.bias is not None:
+            _pack(lead, "actsparse_group_bias", lambda: torch.cat([m.bias.detach() for m in members]), lead.bias, shape[1:])
+        _pack_zero(lead, lead.weight.device)
+        set_hint(lead.actsparse_group_t, lead.target)
+        group = SharedInput(members)
+        for m in members:
+            m.actsparse_shared = group
+        return {id(m) for m in members}
 
     def _prepare_mlp(mlp: SparseGatedMLP) -> set[int]:
         """Packs the MLP's fused gate+up when their selections agree; returns their ids then."""
@@ -167,8 +240,24 @@ def make_backend(
         tokens = x.numel() // module.in_features
         if module.mode == "dense" or tokens > max_batch or module.actsparse_fused:
             return linear_reference(module, x)
+        group = getattr(module, "actsparse_shared", None)
+        if group is not None:
+            y = group.take(module, x)
+            return y if y is not None else run_group(group, module, x, tokens)
         y = run_input_sparse(module, x.reshape(tokens, module.in_features).contiguous())
         return y.reshape(*x.shape[:-1], module.out_features)
+
+    def run_group(group: SharedInput, module: SparseLinear, x: torch.Tensor, tokens: int) -> torch.Tensor:
+        lead = group.members[0]
+        x2 = x.reshape(tokens, lead.in_features).contiguous()
+        bias = getattr(lead, "actsparse_group_bias", None)
+        if lead.mode == "threshold":
+            y = input_sparse_linear(x2, lead.actsparse_group_t, lead.threshold, lead.score_scale, bias, None, None, False)
+        else:
+            kept = torch.where(lead.mask(x2), x2, torch.zeros((), dtype=x2.dtype, device=x2.device))
+            y = input_sparse_linear(kept, lead.actsparse_group_t, lead.actsparse_zero, None, bias, None, None, False)
+        outputs = tuple(part.reshape(*x.shape[:-1], part.shape[-1]) for part in y.split(group.sizes, dim=-1))
+        return group.keep(module, x, outputs)
 
     def gated_mlp(mlp: SparseGatedMLP, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // mlp.hidden_size
