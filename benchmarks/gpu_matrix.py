@@ -14,6 +14,7 @@ Sections, in order of importance (each is skipped, and says so, once the time bu
   matrix   the rest: fp16, batch 2/4/8 (union of masks), fused q/k/v and gate+up, o_proj, the
            output-sparse CATS up, top-K, the R-Sparse low-rank term
   e2e-more batch 4 end to end, as time allows
+  profile  (only when named) GPU time per decode step by kernel, dense and at 50%
 Results go to OUT/gpu_matrix.json (rewritten after every section) and a log; a short table last.
 """
 from __future__ import annotations
@@ -310,6 +311,47 @@ def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bo
     return out
 
 
+def section_profile(run: Run, steps: int = 8) -> dict:
+    """Where a decode step's time goes, dense and at 50%: the Llama-3-8B shape, bf16, batch 1, the
+    engine's graph replayed under the profiler; GPU time per step by kernel name, largest first."""
+    prompt_len, tokens = 32, steps + 1
+    model = random_model("llama3-8b", torch.bfloat16, "cuda")
+    prompts = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+    swap_modules(model)
+    scores = collect_scores(model, torch.randint(0, model.config.vocab_size, (1, 256)), "teal")
+    engine = DecodeEngine(model, max_len=prompt_len + 64)
+    out = {}
+    for label, sparsity in (("dense", None), ("sparse 0.5", 0.5)):
+        if sparsity is not None:
+            impose_sparsity(model, scores, sparsity)
+            set_backend(model, "triton")
+            engine.invalidate()
+        engine.generate(prompts, 4)  # compile, tune, capture
+        # The prefill is profiled alone and taken out, leaving the graph replays of the steps.
+        per_run = []
+        for new_tokens in (1, tokens):
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                engine.generate(prompts, new_tokens)
+            per_run.append({e.key: (e.device_time_total, e.count) for e in prof.key_averages()})
+        prefill, whole = per_run
+        kernels = {}
+        for key, (us, count) in whole.items():
+            us0, count0 = prefill.get(key, (0, 0))
+            if us - us0 > 0:
+                kernels[key] = ((us - us0) / steps, (count - count0) / steps)
+        total = sum(us for us, _ in kernels.values())
+        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
+        out[label] = {"gpu_us_per_step": total, "kernels_per_step": sum(c for _, c in kernels.values()),
+                      "top": [{"kernel": k[:120], "us_per_step": us, "calls_per_step": c} for k, (us, c) in top]}
+        run.say(f"profile {label}: {total:.0f} us of GPU time per step in {out[label]['kernels_per_step']:.0f} kernels")
+        for k, (us, c) in top[:12]:
+            run.say(f"   {us:8.1f} us {c:6.1f}x  {k[:100]}")
+    del engine, model, scores
+    torch._dynamo.reset()
+    torch.cuda.empty_cache()
+    return out
+
+
 def section_matrix(run: Run) -> dict:
     """In order of importance, until the time is spent: the other batch-1 bf16 shapes, the union
     of masks at batch 2/4/8, fp16, then CATS / top-K / low-rank."""
@@ -440,6 +482,7 @@ def main() -> int:
         ("bars", section_bars, 20),
         ("e2e", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4, 0.25, 0.65, 0.9), hf=args.hf)]}, 100),
         ("matrix", section_matrix, 60),
+        ("profile", section_profile, 60),
         ("e2e-more", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 4, (0.5,), hf=False)]}, 90),
     ]
     for name, fn, need_s in sections:
