@@ -7,7 +7,7 @@ every config of a grid wider than the tuner's candidate list (tile, warps, stage
 masked, 1-8 waves of split-K programs), each timed as the bars are (`gpu_matrix.graph_time`:
 rotating weight copies past L2). Then what the tuner picks from its own candidates, timed the
 same way: the gap between the two says whether the tuner or its candidate list loses speed.
-Kernels are compiled first by `--workers` processes (the grid is ~100 kernels).
+Kernels are compiled first by `--workers` processes (the grid is several hundred launches).
 Prints a table (best, tuner, cuBLAS per problem), then one JSON line; writes OUT/gemv_configs.json.
 """
 from __future__ import annotations
@@ -102,8 +102,7 @@ def main() -> int:
         for s in SPARSITIES:
             wts, x, t = inputs(k, n, s, copies)
             kept = float((x.abs().float() > t).float().mean())
-            ws = [wt.T for wt in wts]  # cuBLAS reads the output-major view: same bytes, its best layout
-            ws = [w.contiguous() for w in ws]
+            ws = [wt.T.contiguous() for wt in wts]  # cuBLAS gets output-major weights: same bytes, its best layout
             dense = graph_time([lambda w=w: F.linear(x, w) for w in ws])
             del ws
             reference = ref_gemv(x, wts[0], t)
@@ -121,8 +120,7 @@ def main() -> int:
             timed.sort(key=lambda uc: uc[0])
             tuning.clear()
             ops.set_sparsity_hint(wts[0], s)
-            chosen = ops.input_sparse_linear  # the product's path: tunes on first call
-            chosen(x, wts[0], t, None, None, None, None, False)
+            ops.input_sparse_linear(x, wts[0], t, None, None, None, None, False)  # the product's path: tunes
             pick = next(iter(tuning.tuned().values()))
             pick_us = next((us for us, cfg in timed if cfg == pick), float("nan"))
             row = {

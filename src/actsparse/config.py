@@ -280,10 +280,10 @@ class RSparseConfig(MethodConfig):
     allocation: "uniform" (every linear at its target and `alpha`); "greedy": TEAL's per-block
               greedy search over per-linear sparsity (see TealConfig), each linear in its R-Sparse
               state at `alpha`, so the low-rank path's compensation is part of the block error it
-              minimises (role_coefficients are then not used); "search": a seeded evolutionary search over per-layer alpha (and, with
-              search_over="alpha+sparsity", per-layer sparsity at a fixed model-level budget)
-              minimising the LM loss on `search_windows` calibration windows; "greedy+search": the
-              search started from the greedy allocation.
+              minimises (role_coefficients are then not used); "search": a seeded evolutionary
+              search over per-layer alpha (and, with search_over="alpha+sparsity", per-layer
+              sparsity at a fixed model-level budget) minimising the LM loss on `search_windows`
+              calibration windows; "greedy+search": the search started from the greedy allocation.
     """
 
     method: ClassVar[str] = "rsparse"

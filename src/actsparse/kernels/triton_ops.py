@@ -67,8 +67,8 @@ def _block_b(batch: int) -> int:
 def gemv_candidates(n: int, k: int, batch: int, device: torch.device) -> list[GemvConfig]:
     if tuning.interpreting() or device.type != "cuda":
         return [GemvConfig(32, 16, 2, 4, 1)]
-    # Batch 1: wide column blocks (1-2 KB row segments) and 4 warps won every problem of
-    # benchmarks/gemv_configs.py on the H200 (results/gemv_configs_run1.json).
+    # Batch 1: 4 warps won every problem of benchmarks/gemv_configs.py on the H200, 512-column
+    # blocks (1 KB row segments) most of them (results/gemv_configs_run{1,2,3}.json).
     tiles = [(512, 16, 4, 3), (512, 32, 4, 3), (1024, 8, 4, 3), (1024, 16, 4, 3), (128, 64, 4, 3), (256, 32, 4, 3)] if batch == 1 else [
         (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3)]
     sms = _sm_count(device)

@@ -40,7 +40,7 @@ def choose(key: Hashable, candidates: Sequence[Config], launch: Callable[[Config
         return _CHOICES[key]  # type: ignore[return-value]
     if len(candidates) == 1 or interpreting() or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return candidates[0]
-    timings = [(cfg, _graph_time(lambda cfg=cfg: launch(cfg))) for cfg in candidates]
+    timings = [(cfg, _graph_time(lambda cfg=cfg: launch(cfg), device)) for cfg in candidates]
     best = min(timings, key=lambda ct: ct[1])[0]
     _CHOICES[key] = best
     _TIMINGS[key] = timings
@@ -62,9 +62,9 @@ def clear() -> None:
     _TIMINGS.clear()
 
 
-def _graph_time(fn: Callable[[], None], launches: int = 10, replays: int = 5) -> float:
+def _graph_time(fn: Callable[[], None], device: torch.device, launches: int = 10, replays: int = 5) -> float:
     fn()  # compiles the variant and allocates outside the capture
-    flush = _l2_flush_buffer(torch.cuda.current_device())
+    flush = _l2_flush_buffer(device.index if device.index is not None else torch.cuda.current_device())
     with_flush = _best_replay(lambda: (flush.zero_(), fn()), launches, replays)
     flush_only = _best_replay(flush.zero_, launches, replays)
     return max(with_flush - flush_only, 0.0) / launches

@@ -135,8 +135,10 @@ def apply_rsparse(model, specs, config: RSparseConfig, calibration) -> dict:
     max_rank = {n: rsparse_budget(linears[n].in_features, linears[n].out_features,
                                   0.0 if search or greedy else targets[n], lowest_alpha)[1] for n in active}
     factors = cached(lambda name, rank: svd_factors(linears[name].weight, rank), max_rank)
+    # With dense-activation thresholds and SVD factors (which stand in for "dropped" until the
+    # second pass has measured the dropped channels): the greedy search and the start plan.
+    first = RSparseInstaller(linears, config, scales, hists, factors)
     if greedy:
-        first = RSparseInstaller(linears, config, scales, hists, factors)
         targets = greedy_from_config(model, specs, config, calibration, {n: config.sparsity_for(n) for n in active},
                                      lambda name, sparsity: first(name, sparsity, config.alpha))
     plan = {n: (targets[n], config.alpha) for n in active}
@@ -144,9 +146,8 @@ def apply_rsparse(model, specs, config: RSparseConfig, calibration) -> dict:
     if (recalibrate or config.lowrank == "dropped") and active:
         # Second pass on the model as sparsified by the start plan: the dropped channels' second
         # moments, and the scores as the sparse upstream layers really deliver them.
-        start = RSparseInstaller(linears, config, scales, hists, factors)  # SVD factors stand in for "dropped"
         for n, (s, a) in plan.items():
-            start(n, s, a)
+            first(n, s, a)
         dropped = {n: Covariance(linears[n].in_features) for n in active if max_rank[n]} if config.lowrank == "dropped" else {}
         observers = [Observer(n, _dropped_observer(linears[n], c)) for n, c in dropped.items()]
         if recalibrate:
