@@ -121,6 +121,19 @@ def test_rotated_and_unrotated_linears_take_the_coefficients_at_the_model_budget
     assert 0 < model.actsparse_recipe["rotation_reads"] < 1
 
 
+@pytest.mark.parametrize("head_rotation", [False, True])
+def test_unrotated_inputs_can_take_thresholds_while_rotated_ones_keep_top_k(head_rotation):
+    config = asp.LaRoSAConfig(sparsity=0.5, unrotated_selection="threshold", head_rotation=head_rotation)
+    model = asp.sparsify_(tiny_model("llama"), config, CALIB)
+    for layer in model.model.layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        assert [m.mode for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)] == ["topk"] * 5
+        assert attn.o_proj.mode == ("topk" if head_rotation else "threshold") and mlp.down_proj.mode == "threshold"
+    with measure_sparsity(model) as meter, torch.no_grad():
+        model(CALIB)
+    assert meter.report().model == pytest.approx(0.5, abs=0.02)
+
+
 def test_rotation_beats_plain_top_k_on_correlated_inputs():
     reference = logits(tiny_model("llama"))
     errors = {}
@@ -158,7 +171,8 @@ def test_ignored_linears_stay_dense_but_read_the_rotated_input():
 
 @pytest.mark.parametrize("bad,match", [
     (dict(rotated_coefficient=0), "rotated_coefficient"), (dict(unrotated_coefficient=-1), "unrotated_coefficient"),
-    (dict(damping=1.0), "damping"), (dict(sparsity=0.97), None),
+    (dict(damping=1.0), "damping"), (dict(unrotated_selection="top-k"), "unrotated_selection"),
+    (dict(sparsity=0.97), None),
 ])
 def test_bad_config_values_are_named(bad, match):
     if match is None:  # valid config, unreachable budget: said at sparsify time

@@ -331,8 +331,12 @@ class LaRoSAConfig(MethodConfig):
     head_rotation: also rotate o_proj's input, head by head, into the eigenbasis of each value
               head's output (folded into v_proj and o_proj: nothing runs at inference); o then
               counts as a rotated input for the coefficients.
-    recalibrate: with selection="threshold", thresholds from the scores of the model already
-              sparsified by top-K at the targets (False: of the dense rotated model).
+    unrotated_selection: how the linears that read an unrotated input (o, down; down only with
+              head_rotation) select: "topk", "threshold", or None (default: as `selection`).
+              "threshold" with selection="topk" keeps top-K where the rotation packs the energy
+              and lets TEAL's calibrated thresholds give o/down a per-token budget (beyond the paper).
+    recalibrate: for thresholds, calibrate on the scores of the model already sparsified by
+              top-K at the targets (False: of the dense rotated model).
     rotation: "per-layer" (the paper's: each norm output in its own basis, one d x d rotation per
               input at inference, reported as `rotation_reads`) or "residual": one basis for the
               whole residual stream, from the pooled second moment of the normalised layer inputs,
@@ -346,6 +350,7 @@ class LaRoSAConfig(MethodConfig):
 
     method: ClassVar[str] = "larosa"
     selection: str = "topk"
+    unrotated_selection: str | None = None
     score: str = "magnitude"
     head_rotation: bool = False
     recalibrate: bool = True
@@ -360,6 +365,8 @@ class LaRoSAConfig(MethodConfig):
     def __post_init__(self) -> None:
         super().__post_init__()
         _check_choice("rotation", self.rotation, LAROSA_ROTATIONS)
+        if self.unrotated_selection is not None:
+            _check_choice("unrotated_selection", self.unrotated_selection, SELECTIONS)
         _check_choice("allocation", self.allocation, LAROSA_ALLOCATIONS)
         _check_greedy(self)
         for what in ("rotated_coefficient", "unrotated_coefficient"):

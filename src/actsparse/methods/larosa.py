@@ -102,14 +102,19 @@ def apply_larosa(model, specs, config: LaRoSAConfig, calibration) -> dict:
                                      install_topk)
     for n in active:  # top-K at the targets: the method itself, or the start of threshold calibration
         install_topk(n, targets[n])
-    if config.selection == "threshold":
+    unrotated_selection = config.unrotated_selection or config.selection
+    thresholded = [n for n in active if targets[n] > 0 and
+                   (unrotated_selection if roles[n] not in rotated_roles else config.selection) == "threshold"]
+    if thresholded:
         if not config.recalibrate:  # the paper's convention: scores of the dense (rotated) model
             for n in active:
                 linears[n].set_dense()
-        hists = score_histograms(model, calibration, {n: scales[n] for n in active}, "larosa: thresholds")
-        for n in active:
-            if targets[n] > 0:
-                linears[n].set_threshold(hists[n].quantile(targets[n]), targets[n], scales[n])
+        hists = score_histograms(model, calibration, {n: scales[n] for n in thresholded}, "larosa: thresholds")
+        if not config.recalibrate:
+            for n in active:
+                install_topk(n, targets[n])
+        for n in thresholded:
+            linears[n].set_threshold(hists[n].quantile(targets[n]), targets[n], scales[n])
 
     dense_reads = sum(m.weight.numel() for m in linears.values())
     rotation_reads = 0 if residual else sum(linears[names[0]].in_features ** 2 for names in consumers.values())
