@@ -1,12 +1,15 @@
 """Core behaviour on tiny random models of every supported architecture."""
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 
 import actsparse as asp
 from actsparse.calibrate import Histogram
 from actsparse.errors import ActSparseError
+from actsparse.methods import allocation
 from actsparse.nn import SparseGatedMLP, SparseLinear
 from tiny import ARCHS, CALIB, logits, measured, tiny_model
 
@@ -67,6 +70,15 @@ def test_greedy_allocation_keeps_each_block_at_target(method, fields):
         total = sum(m.weight.numel() for m in mods)
         assert sum(m.target * m.weight.numel() for m in mods) / total == pytest.approx(0.5, abs=1e-6)
     assert measured(model).model == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
+def test_greedy_replaying_the_attention_output_changes_nothing(arch, monkeypatch):
+    config = asp.TealConfig(sparsity=0.5, allocation="greedy", greedy_tokens=48)
+    replayed = asp.sparsify_(tiny_model(arch), config, CALIB).actsparse_recipe["allocation"]
+    monkeypatch.setattr(allocation._AttentionOutputs, "replaying", lambda self: contextlib.nullcontext())
+    recomputed = asp.sparsify_(tiny_model(arch), config, CALIB).actsparse_recipe["allocation"]
+    assert replayed == recomputed
 
 
 def test_histogram_quantiles_match_exact_quantiles():

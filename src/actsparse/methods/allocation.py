@@ -11,10 +11,13 @@ The search is lazy: candidates are tried in the order of their last measured err
 whose fresh error is still no larger than every other candidate's last error is taken. Errors only
 grow as the block gets sparser, so a stale error is a lower bound and the choice is the one the
 full scan would make whenever that holds; it costs about two block forwards per move instead of one
-per linear.
+per linear. Trying an MLP linear leaves the attention's output as it was, so those tries replay it
+(`_AttentionOutputs`) and run only the rest of the block: most moves are MLP moves, whose steps are
+small because MLP linears are large.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Callable
 
@@ -95,8 +98,52 @@ def greedy_from_config(model: nn.Module, specs: list[LayerSpec], config, calibra
                              f"{config.method}: greedy allocation", fixed)
 
 
+class _Replay(nn.Module):
+    """Stands in for a module whose output for the block's calibration inputs is already known."""
+
+    def __init__(self, output) -> None:
+        super().__init__()
+        self.output = output
+
+    def forward(self, *args, **kwargs):
+        return self.output
+
+
+class _AttentionOutputs:
+    """The attention's output on a block's calibration inputs, for the current attention linears.
+
+    `replaying()` puts a `_Replay` of it in the attention's place for one block forward (and
+    records it first if the attention changed since), so a forward that only changes MLP linears
+    does not recompute the attention."""
+
+    def __init__(self, model: nn.Module, spec: LayerSpec, args: tuple, kwargs: dict) -> None:
+        parent, _, self.attr = spec.attn_prefix.rpartition(".")
+        self.parent = model.get_submodule(parent)
+        self.attn, self.layer, self.args, self.kwargs = spec.attn, spec.layer, args, kwargs
+        self.output = None
+
+    def invalidate(self) -> None:
+        self.output = None
+
+    @contextlib.contextmanager
+    def replaying(self):
+        if self.output is None:
+            handle = self.attn.register_forward_hook(lambda module, args, output: setattr(self, "output", output))
+            try:
+                _layer_output(self.layer, self.args, self.kwargs)
+            finally:
+                handle.remove()
+        setattr(self.parent, self.attr, _Replay(self.output))
+        try:
+            yield
+        finally:
+            setattr(self.parent, self.attr, self.attn)
+
+
 def _greedy_block(model, spec, names, targets, inputs, install, step, reference_size) -> dict[str, float]:
     args, kwargs = inputs
+    in_attention = {n for n in names if n.startswith(spec.attn_prefix + ".")}
+    attention = _AttentionOutputs(model, spec, args, kwargs)
     sizes = {n: model.get_submodule(n).weight.numel() for n in names}
     total = sum(sizes.values())
     share = {n: sizes[n] / total for n in names}
@@ -112,7 +159,8 @@ def _greedy_block(model, spec, names, targets, inputs, install, step, reference_
 
     def error_after(n: str, inc: float) -> float:
         install(n, current[n] + inc)
-        error = float((_layer_output(spec.layer, args, kwargs).float() - dense).pow(2).sum() / dense_norm)
+        with contextlib.nullcontext() if n in in_attention else attention.replaying():
+            error = float((_layer_output(spec.layer, args, kwargs).float() - dense).pow(2).sum() / dense_norm)
         install(n, current[n])
         return error
 
@@ -129,4 +177,6 @@ def _greedy_block(model, spec, names, targets, inputs, install, step, reference_
         current[n] += inc
         reached += share[n] * inc
         install(n, current[n])
+        if n in in_attention:
+            attention.invalidate()
     return current
