@@ -54,7 +54,10 @@ def main() -> None:
     p.add_argument("--threshold", type=float, default=0.01)
     p.add_argument("--sweep-windows", type=int, default=48)
     p.add_argument("--device", default="cuda")
+    p.add_argument("--distill", type=float, default=0.0, help="weight of the KL to the SiLU model in the loss (TrainArgs.distill)")
+    p.add_argument("--schedules", default="progressive,constant", help="comma-separated runs, from progressive,constant")
     a = p.parse_args()
+    schedules = a.schedules.split(",")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="prosparse-"))
@@ -85,18 +88,19 @@ def main() -> None:
                        "pack_s": round(time.perf_counter() - t0, 1)}
     seconds = a.seconds
     if a.deadline is not None:
-        evals = 2 * summary["silu"]["eval_s"] + 2 * len(SWEEP) * summary["silu_sweep_windows"]["eval_s"]
+        evals = len(schedules) * (summary["silu"]["eval_s"] + len(SWEEP) * summary["silu_sweep_windows"]["eval_s"])
         probe = 30.0
-        seconds = min(seconds, (a.deadline - (time.perf_counter() - began) - evals - probe - 30.0) / 2)
+        seconds = min(seconds, (a.deadline - (time.perf_counter() - began) - evals - probe - 30.0) / len(schedules))
     summary["seconds_per_run"] = round(seconds, 1)
     summary["steps"] = steps = a.steps or _steps_for(base, windows, a, seconds, work)
     save()
 
     logs = {}
-    for schedule in ("progressive", "constant"):
+    for schedule in schedules:
         model = copy.deepcopy(base)
         config = ProSparseConfig(threshold=a.threshold, schedule=schedule, preset=a.preset, peak_lambda=a.peak_lambda)
-        args = TrainArgs(steps=steps, batch_size=a.batch_size, lr=a.lr, warmup=0.03, log_every=max(1, steps // 100))
+        args = TrainArgs(steps=steps, batch_size=a.batch_size, lr=a.lr, warmup=0.03, log_every=max(1, steps // 100),
+                         distill=a.distill)
         t0 = time.perf_counter()
         history = train_prosparse(model, windows, config, args, work / schedule, progress=False)
         train_s = time.perf_counter() - t0
@@ -118,7 +122,7 @@ def main() -> None:
     _plot(logs, summary, out / "curves.png")
     print(json.dumps({k: summary[k] for k in ("silu", "steps")} | {
         s: {"ppl": summary[s]["eval"]["ppl"], "mlp": summary[s]["eval"]["mlp"], "tokens": summary[s]["tokens"]}
-        for s in ("progressive", "constant")}))
+        for s in schedules}))
 
 
 def _ppl(model, tok, source, windows) -> dict:
@@ -134,8 +138,8 @@ def _steps_for(base, windows, a, seconds: float, work: Path) -> int:
     probe = copy.deepcopy(base)
     relufy_(probe)
     schedule = L1Schedule(stages=((1, 0.0), (2, 0.01)))
-    history = train(probe, windows, schedule, TrainArgs(steps=16, batch_size=a.batch_size, lr=a.lr, log_every=4),
-                    work / "probe", progress=False)
+    history = train(probe, windows, schedule, TrainArgs(steps=16, batch_size=a.batch_size, lr=a.lr, log_every=4, distill=a.distill),
+                    work / "probe", progress=False, teacher=base if a.distill > 0 else None)
     per_step = (history[-1]["seconds"] - history[0]["seconds"]) / 12
     del probe
     return max(50, int(seconds / per_step))

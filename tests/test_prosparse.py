@@ -2,6 +2,7 @@
 training loop (sparsity rises, loss finite, resume gives the same next step) and the HF callback."""
 from __future__ import annotations
 
+import copy
 import csv
 import math
 
@@ -13,7 +14,7 @@ from actsparse.errors import ActSparseError
 from actsparse.measure import measure_sparsity
 from actsparse.methods.prosparse import relufy_
 from actsparse.models import layer_specs
-from actsparse.train import IntermediateL1, L1Schedule, ShardedBatches, TrainArgs, train_prosparse
+from actsparse.train import IntermediateL1, L1Schedule, ShardedBatches, TrainArgs, train, train_prosparse
 from tiny import ARCHS, random_tokens, tiny_model
 
 EVAL = random_tokens(4, 32, seed=4)
@@ -204,6 +205,36 @@ def test_a_few_steps_raise_measured_sparsity_with_finite_loss(tmp_path):
     rows = list(csv.DictReader((tmp_path / "train_log.csv").open()))
     assert [int(r["step"]) for r in rows] == [4, 8, 12]
     assert {"lambda", "l1", "loss", "sparsity", "sparsity_0", "sparsity_1"} <= set(rows[0])
+
+
+def test_distillation_against_itself_is_zero_and_needs_a_teacher(tmp_path):
+    model = tiny_model("llama")
+    relufy_(model)
+    schedule = L1Schedule(stages=((1, 0.0), (2, 0.0)))
+    args = TrainArgs(steps=1, batch_size=4, lr=1e-3, log_every=1, distill=1.0)
+    history = train(model, TRAIN, schedule, args, tmp_path / "a", progress=False,
+                    teacher=copy.deepcopy(model).requires_grad_(False))
+    assert abs(history[0]["kd"]) < 1e-6 and history[0]["loss"] > 1
+    with pytest.raises(ActSparseError, match="teacher"):
+        train(model, TRAIN, schedule, args, tmp_path / "b", progress=False)
+    with pytest.raises(ActSparseError, match="distill"):
+        TrainArgs(distill=1.5)
+
+
+def test_distillation_pulls_the_relu_model_towards_the_silu_model(tmp_path):
+    teacher_logits = logits(tiny_model("llama"))
+    config = asp.ProSparseConfig(threshold=0.0, schedule="constant", stages=((1, 0.0), (2, 0.0)))
+    args = TrainArgs(steps=12, batch_size=8, lr=1e-2, log_every=4, distill=1.0)
+    model = tiny_model("llama")
+    history = train_prosparse(model, TRAIN, config, args, tmp_path, progress=False)
+    assert history[-1]["kd"] < history[0]["kd"]
+    plain = tiny_model("llama")
+    train_prosparse(plain, TRAIN, config, TrainArgs(steps=12, batch_size=8, lr=1e-2, log_every=4), tmp_path / "plain",
+                    progress=False)
+    kl = lambda m: torch.nn.functional.kl_div(logits(m).log_softmax(-1), teacher_logits.log_softmax(-1), log_target=True,
+                                              reduction="batchmean").item()
+    assert kl(model) < kl(plain)
+    assert model.actsparse_recipe["training"]["distill"] == 1.0
 
 
 def test_resume_from_a_checkpoint_gives_the_same_next_steps(tmp_path):

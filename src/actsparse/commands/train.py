@@ -35,6 +35,9 @@ def register(sub) -> None:
     p.add_argument("--peak-lambda", type=float, default=None, help="rescale the table so its last lambda is this")
     p.add_argument("--l1-reduce", default="sum", help="combine per-layer L1 terms by sum (default) or mean")
     p.add_argument("--threshold", type=float, default=0.01, help="FATReLU threshold at inference (default 0.01; 0 = ReLU)")
+    p.add_argument("--distill", type=float, default=0.0, metavar="W",
+                   help="weight in [0, 1] of the KL to the original (SiLU) model's next-token distribution in the loss "
+                        "(default 0: plain LM loss)")
     p.add_argument("--log-every", type=int, default=10, metavar="N", help="log every N steps (default 10)")
     p.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps (default 0: none)")
     p.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
@@ -58,7 +61,8 @@ def run(args) -> int:
                          peak_lambda=args.peak_lambda, l1_reduce=args.l1_reduce)
     check_positive("--seq-len", args.seq_len)
     train_args = TrainArgs(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-                           log_every=args.log_every, save_every=args.save_every, seed=args.seed, bf16=args.bf16)
+                           log_every=args.log_every, save_every=args.save_every, seed=args.seed, bf16=args.bf16,
+                           distill=args.distill)
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite and not args.resume:
         raise ActSparseError(f"{output}: exists and is not empty (choose another output or pass --overwrite)")

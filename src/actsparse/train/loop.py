@@ -1,5 +1,10 @@
 """The plain training loop: causal-LM loss plus lambda(step) times the MLP-intermediate L1 term.
 
+With `distill` > 0 and a teacher (the model before ReLU-fication), the LM loss becomes
+``(1 - distill) * CE + distill * KL(teacher || student)`` over every token's next-token
+distribution: the teacher's full distribution carries far more signal per token than the one
+label, which is what a ReLU-fied model has to recover from on a small token budget.
+
 AdamW with linear warm-up and cosine decay, gradient accumulation, gradient clipping, bf16
 autocast (fp32 master weights) on CUDA, DDP when the process group is up (`distributed.setup`),
 a CSV log (written by rank 0; every rank returns the same rows, reduced across ranks) and
@@ -16,6 +21,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
@@ -30,14 +36,16 @@ from .schedule import L1Schedule
 
 LOG_FILE = "train_log.csv"
 # A checkpoint resumes only a run that would have made the same steps from it.
-RESUME_KEYS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "seed", "world_size")
+RESUME_KEYS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "seed", "world_size",
+               "distill")
 
 
 @dataclass(frozen=True)
 class TrainArgs:
     """steps: optimizer steps; batch_size: sequences per micro-batch per rank; warmup: fraction
     of the steps with a linear LR ramp; log_every / save_every: in steps (save_every 0: no
-    checkpoints); bf16: None means on for CUDA."""
+    checkpoints); bf16: None means on for CUDA; distill: weight in [0, 1] of the KL to a teacher's
+    next-token distribution in the loss (0: plain LM loss)."""
 
     steps: int = 1000
     batch_size: int = 8
@@ -51,6 +59,7 @@ class TrainArgs:
     log_every: int = 10
     save_every: int = 0
     seed: int = 0
+    distill: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -62,6 +71,8 @@ class TrainArgs:
             raise ActSparseError(f"lr must be > 0, got {self.lr}")
         if not 0 <= self.warmup < 1 or not 0 <= self.min_lr_ratio <= 1:
             raise ActSparseError(f"warmup must be in [0, 1) and min_lr_ratio in [0, 1], got {self.warmup}, {self.min_lr_ratio}")
+        if not 0 <= self.distill <= 1:
+            raise ActSparseError(f"distill must be in [0, 1], got {self.distill}")
 
     def lr_factor(self, step: int) -> float:
         warm = math.ceil(self.warmup * self.steps)
@@ -83,9 +94,13 @@ def train(
     dist: Dist | None = None,
     meta: dict | None = None,
     progress: bool = True,
+    teacher: nn.Module | None = None,
 ) -> list[dict]:
     """Train `model` (already on its device) in place on token windows [n, seq_len]; returns the
-    logged rows. Checkpoints and the CSV log go under `out_dir`."""
+    logged rows. Checkpoints and the CSV log go under `out_dir`. `teacher` (frozen, on the same
+    device) is required when `args.distill` > 0."""
+    if args.distill > 0 and teacher is None:
+        raise ActSparseError(f"distill={args.distill} needs a teacher model")
     device = next(model.parameters()).device
     dist = dist or Dist(device=device)
     out_dir = Path(out_dir)
@@ -111,11 +126,11 @@ def train(
         start = load_checkpoint(found, model, optimizer, scheduler)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     penalty = IntermediateL1(model, l1_reduce)
-    columns = ["step", "tokens", "lr", "lambda", "loss", "l1", "sparsity"] + [f"sparsity_{i}" for i in range(penalty.layers)] + ["seconds"]
+    columns = ["step", "tokens", "lr", "lambda", "loss", "kd", "l1", "sparsity"] + [f"sparsity_{i}" for i in range(penalty.layers)] + ["seconds"]
     log = CsvLog(out_dir / LOG_FILE, columns, resume_step=start if resume is not None else None) if dist.is_main else None
     tokens_per_step = args.batch_size * args.grad_accum * dist.world_size * windows.shape[1]
     history: list[dict] = []
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, l1, micro-batches since the last log
+    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, kd, l1, micro-batches since the last log
     began = time.perf_counter()
     try:
         bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="prosparse", unit="step",
@@ -128,10 +143,13 @@ def train(
                 last = micro == args.grad_accum - 1
                 with (ddp.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        loss = ddp(input_ids=ids, labels=ids, use_cache=False).loss.float()
+                        out = ddp(input_ids=ids, labels=ids, use_cache=False)
+                        loss = out.loss.float()
+                        kd = _distillation(out.logits, teacher, ids) if args.distill > 0 else torch.zeros((), device=device)
                     l1 = penalty.pop_term()
-                    ((loss + lam * l1) / args.grad_accum).backward()
-                sums += torch.stack([loss.detach().double(), l1.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+                    (((1 - args.distill) * loss + args.distill * kd + lam * l1) / args.grad_accum).backward()
+                sums += torch.stack([loss.detach().double(), kd.detach().double(), l1.detach().double(),
+                                     torch.ones((), dtype=torch.float64, device=device)])
             if args.max_grad_norm > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
@@ -155,14 +173,22 @@ def train(
     return history
 
 
+def _distillation(logits: torch.Tensor, teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) between next-token distributions, in fp32."""
+    with torch.no_grad():
+        target = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), dim=-1).flatten(0, -2)
+    student = F.log_softmax(logits.float(), dim=-1).flatten(0, -2)
+    return F.kl_div(student, target, log_target=True, reduction="batchmean")
+
+
 def _log_row(step, tokens, lr, lam, sums, penalty, dist, seconds) -> dict:
     zeros, entries = penalty.pop_sparsity()
     reduced = dist.all_reduce_sum(torch.cat([sums, zeros, entries]))
-    loss_sum, l1_sum, count = reduced[:3].tolist()
+    loss_sum, kd_sum, l1_sum, count = reduced[:4].tolist()
     layers = penalty.layers
-    zeros, entries = reduced[3 : 3 + layers], reduced[3 + layers :]
-    row = {"step": step, "tokens": tokens, "lr": lr, "lambda": lam, "loss": loss_sum / count, "l1": l1_sum / count,
-           "sparsity": (zeros.sum() / entries.sum()).item()}
+    zeros, entries = reduced[4 : 4 + layers], reduced[4 + layers :]
+    row = {"step": step, "tokens": tokens, "lr": lr, "lambda": lam, "loss": loss_sum / count, "kd": kd_sum / count,
+           "l1": l1_sum / count, "sparsity": (zeros.sum() / entries.sum()).item()}
     row.update({f"sparsity_{i}": v for i, v in enumerate((zeros / entries).tolist())})
     row["seconds"] = round(seconds, 3)
     return row
