@@ -220,13 +220,16 @@ def make_backend(
             )
         return tensor
 
+    def selected(module: SparseLinear, x2: torch.Tensor, zero: torch.Tensor) -> tuple:
+        """(input, threshold, scale) of a kernel call with `module`'s selection: a threshold is
+        applied by the op itself, a top-K mask by torch (the op then skips the zeros)."""
+        if module.mode == "threshold":
+            return x2, module.threshold, module.score_scale
+        return torch.where(module.mask(x2), x2, torch.zeros((), dtype=x2.dtype, device=x2.device)), zero, None
+
     def run_input_sparse(module: SparseLinear, x2: torch.Tensor) -> torch.Tensor:
         wt = packed(module, "actsparse_wt")
-        if module.mode == "threshold":
-            kept, threshold, scale = x2, module.threshold, module.score_scale
-        else:
-            kept = torch.where(module.mask(x2), x2, torch.zeros((), dtype=x2.dtype, device=x2.device))
-            threshold, scale = module.actsparse_zero, None
+        kept, threshold, scale = selected(module, x2, module.actsparse_zero)
         z = None
         if module.rank:
             at = module.actsparse_lowrank_at
@@ -250,12 +253,9 @@ def make_backend(
     def run_group(group: SharedInput, module: SparseLinear, x: torch.Tensor, tokens: int) -> torch.Tensor:
         lead = group.members[0]
         x2 = x.reshape(tokens, lead.in_features).contiguous()
-        bias = getattr(lead, "actsparse_group_bias", None)
-        if lead.mode == "threshold":
-            y = input_sparse_linear(x2, lead.actsparse_group_t, lead.threshold, lead.score_scale, bias, None, None, False)
-        else:
-            kept = torch.where(lead.mask(x2), x2, torch.zeros((), dtype=x2.dtype, device=x2.device))
-            y = input_sparse_linear(kept, lead.actsparse_group_t, lead.actsparse_zero, None, bias, None, None, False)
+        kept, threshold, scale = selected(lead, x2, lead.actsparse_zero)
+        y = input_sparse_linear(kept, lead.actsparse_group_t, threshold, scale, getattr(lead, "actsparse_group_bias", None),
+                                None, None, False)
         outputs = tuple(part.reshape(*x.shape[:-1], part.shape[-1]) for part in y.split(group.sizes, dim=-1))
         return group.keep(module, x, outputs)
 
@@ -279,12 +279,8 @@ def make_backend(
 
     def _fused_gate_up(mlp: SparseGatedMLP, x2: torch.Tensor, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate = mlp.gate_linear  # `up` has the same selection (checked by prepare)
-        bias = getattr(mlp, "actsparse_gate_up_bias", None)
-        if gate.mode == "threshold":
-            gu = input_sparse_linear(x2, fused, gate.threshold, gate.score_scale, bias, None, None, False)
-        else:
-            kept = torch.where(gate.mask(x2), x2, torch.zeros((), dtype=x2.dtype, device=x2.device))
-            gu = input_sparse_linear(kept, fused, mlp.actsparse_zero, None, bias, None, None, False)
+        kept, threshold, scale = selected(gate, x2, mlp.actsparse_zero)
+        gu = input_sparse_linear(kept, fused, threshold, scale, getattr(mlp, "actsparse_gate_up_bias", None), None, None, False)
         return gu.chunk(2, dim=-1)
 
     def _gate_driven(mlp: SparseGatedMLP, x2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
