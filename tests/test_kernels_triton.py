@@ -7,6 +7,8 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from dataclasses import replace  # noqa: E402
+
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
@@ -15,14 +17,20 @@ if os.environ["TRITON_INTERPRET"] != "1":
     pytest.skip("these tests run the Triton interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
 
 import actsparse  # noqa: E402
-from actsparse.kernels import register_backend, set_backend, triton_ops as ops  # noqa: E402
+from actsparse.kernels import dispatch, register_backend, set_backend, triton_ops as ops  # noqa: E402
 from actsparse.kernels.triton_backend import batched_backend  # noqa: E402
 from actsparse.kernels.benchmark import collect_scores, impose_sparsity  # noqa: E402
 from tiny import random_tokens, tiny_model  # noqa: E402
 
 register_backend(batched_backend("triton-batch8"))  # the "triton" backend sends kernels one token
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
-CONFIGS = [ops.GemvConfig(32, 16, 1, 4, 1), ops.GemvConfig(64, 32, 3, 4, 1), ops.GemvConfig(32, 16, 3, 4, 1, compact=False)]
+CONFIGS = {
+    "compact": ops.GemvConfig(32, 16, 1, 4, 1),
+    "compact-split-k": ops.GemvConfig(64, 32, 3, 4, 1),
+    "masked-split-k": ops.GemvConfig(32, 16, 3, 4, 1, compact=False),
+    "pipelined": ops.GemvConfig(32, 16, 1, 4, 1, pipelined=True),
+    "pipelined-split-k": ops.GemvConfig(64, 32, 3, 4, 1, pipelined=True),
+}
 
 
 def _skip_interpreter_bf16_dot(dtype, batch):
@@ -53,7 +61,7 @@ def _rel(out, ref):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
-@pytest.mark.parametrize("cfg", CONFIGS, ids=["compact", "compact-split-k", "masked-split-k"])
+@pytest.mark.parametrize("cfg", CONFIGS.values(), ids=CONFIGS.keys())
 def test_input_sparse_matches_reference(dtype, batch, sparsity, cfg):
     _skip_interpreter_bf16_dot(dtype, batch)
     torch.manual_seed(0)
@@ -69,7 +77,8 @@ def test_input_sparse_matches_reference(dtype, batch, sparsity, cfg):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("complement", [False, True])
-@pytest.mark.parametrize("cfg", CONFIGS[1:], ids=["compact", "masked"])
+@pytest.mark.parametrize("cfg", [CONFIGS[n] for n in ("compact-split-k", "masked-split-k", "pipelined-split-k")],
+                         ids=["compact", "masked", "pipelined"])
 def test_input_sparse_scale_bias_lowrank(dtype, batch, complement, cfg):
     torch.manual_seed(1)
     k, n, r = 67, 45, 5
@@ -85,10 +94,10 @@ def test_input_sparse_scale_bias_lowrank(dtype, batch, complement, cfg):
 
 
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("compact", [True, False])
-def test_split_k_reduction_in_several_chunks(batch, compact):
+@pytest.mark.parametrize("compact,pipelined", [(True, False), (False, False), (True, True)])
+def test_split_k_reduction_in_several_chunks(batch, compact, pipelined):
     torch.manual_seed(4)
-    cfg = ops.GemvConfig(512, 16, 12, 4, 1, compact)
+    cfg = ops.GemvConfig(512, 16, 12, 4, 1, compact, pipelined)
     for _ in range(2):  # the second launch relies on the first leaving the counters at zero
         x, wt = torch.randn(batch, 200), torch.randn(200, 600)
         t = _threshold(x, 0.5)
@@ -123,6 +132,53 @@ def test_output_sparse_rows_matches_reference(dtype, batch, sparsity):
     assert torch.equal(m == 0, ref == 0) or sparsity == 0.0  # masked rows are exact zeros
 
 
+ACTS = {
+    "silu": torch.nn.functional.silu,
+    "gelu_tanh": lambda g: torch.nn.functional.gelu(g, approximate="tanh"),
+    "gelu": torch.nn.functional.gelu,
+    "relu": torch.relu,
+}
+
+
+def test_interleaved_gate_up_splits_back():
+    gate_t, up_t = torch.randn(5, 96), torch.randn(5, 96)
+    group = dispatch.gate_up_group(96)
+    packed = dispatch.interleave_gate_up(gate_t, up_t, group)
+    assert group == 32 and torch.equal(packed[:, 32:64], up_t[:, :32]) and torch.equal(packed[:, 64:96], gate_t[:, 32:64])
+    g, u = dispatch.split_gate_up(packed, group)
+    assert torch.equal(g, gate_t) and torch.equal(u, up_t)
+    assert dispatch.gate_up_group(100) == 100  # no power of two from 16 divides it: one group, [gate | up]
+
+
+@pytest.mark.parametrize("act", sorted(ACTS))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
+@pytest.mark.parametrize("cfg", [CONFIGS[n] for n in ("compact", "pipelined-split-k", "masked-split-k")], ids=["compact", "pipelined", "masked"])
+def test_gated_op_returns_act_gate_times_up(act, dtype, sparsity, cfg):
+    torch.manual_seed(9)
+    k, j, group = 70, 96, 16
+    x = torch.randn(1, k).to(dtype)
+    gate_t, up_t = (torch.randn(k, j) / 4).to(dtype), (torch.randn(k, j) / 4).to(dtype)
+    bias = torch.randn(2 * j).to(dtype)
+    t = _threshold(x, sparsity)
+    packed = dispatch.interleave_gate_up(gate_t, up_t, group)
+    m = torch.full((1, j), float("nan"), dtype=dtype)
+    ops.launch_input_sparse(x, packed, t, None, bias, None, None, False, replace(cfg, bn=4 * group), m, act, group)
+    kept = torch.where(x.abs().float() > t, x, torch.zeros((), dtype=dtype))
+    gu = (kept.double() @ packed.double() + bias.double()).to(dtype)
+    g, u = dispatch.split_gate_up(gu, group)
+    reference = (ACTS[act](g.float()).to(dtype) * u).double()
+    assert _rel(m, reference) < TOL[dtype]
+
+
+def test_gated_op_names_a_bad_activation_and_batch():
+    x, wt, t = torch.randn(1, 8), torch.randn(8, 64), torch.tensor(0.0)
+    with pytest.raises(ValueError, match="act must be one of"):
+        ops.input_sparse_gated(x, wt, t, None, None, 16, "swiglu")
+    with pytest.raises(ValueError, match="one token at a time"):
+        ops.input_sparse_gated(torch.randn(2, 8), wt, t, None, None, 16, "silu")
+
+
 def test_ops_trace_with_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -130,6 +186,7 @@ def test_ops_trace_with_fake_tensors():
         x, wt, t = torch.empty(3, 40), torch.empty(40, 24), torch.empty(())
         assert ops.input_sparse_linear(x, wt, t, None, None, None, None, False).shape == (3, 24)
         assert ops.output_sparse_rows(x, torch.empty(3, 24), t, torch.empty(24, 40)).shape == (3, 24)
+        assert ops.input_sparse_gated(x[:1], torch.empty(40, 64), t, None, None, 16, "silu").shape == (1, 32)
 
 
 CATS = actsparse.CatsConfig(sparsity=0.5)
@@ -208,6 +265,24 @@ def test_q_k_v_with_one_selection_run_as_one_kernel_call(monkeypatch):
     assert hasattr(model.model.layers[1].self_attn.q_proj, "actsparse_group_t")
     out, launches = _launches_per_layer(model, ids, monkeypatch)
     assert launches == 4 + 2 / len(model.model.layers)
+    assert _rel(out, ref.double()) < 1e-5
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma", "qwen2"])
+def test_one_token_mlp_returns_the_gated_product_from_the_gate_up_kernel(arch, monkeypatch):
+    model = tiny_model(arch)
+    impose_sparsity(model, collect_scores(model, random_tokens(1, 32), "teal"), 0.5)
+    ids = random_tokens(1, 1, seed=8)
+    with torch.no_grad():
+        ref = model(ids).logits
+    set_backend(model, "triton")
+    acts = []
+    launch = ops.launch_input_sparse
+    monkeypatch.setattr(ops, "launch_input_sparse", lambda *args: acts.append(args[10:11]) or launch(*args))
+    with torch.no_grad():
+        out = model(ids).logits
+    expected = {"llama": "silu", "qwen2": "silu", "gemma": "gelu_tanh"}[arch]
+    assert acts.count((expected,)) == len(model.model.layers)  # one gated call per MLP
     assert _rel(out, ref.double()) < 1e-5
 
 

@@ -9,7 +9,9 @@ torch reference in `actsparse.nn` computes:
   - top-K selection: the mask comes from torch (`topk`), the op skips the zeros of the kept input;
   - R-Sparse low-rank term: ``z = A (x - x_kept)`` is a complement-selected op call, then the
     main call adds ``lowrank_b @ z`` in its epilogue;
-  - gated MLP: gate and up with one selection share one call over ``[Wg.T | Wu.T]``; with a gate
+  - gated MLP: gate and up with one selection share one call over ``[Wg.T | Wu.T]`` (columns
+    interleaved in groups, so that one token's call can return ``act(gate) * up`` when the
+    backend has an `input_sparse_gated` op and the activation is one it computes); with a gate
     mask (CATS/ProSparse) the gate is dense, `up` is computed only for kept rows
     (`output_sparse_rows`) and `down` skips the zero rows of its input;
   - separate q/k/v with one selection (a `SharedInput` group): the attention calls them one by
@@ -36,6 +38,38 @@ from ..errors import ActSparseError
 from ..models import layer_specs
 from ..nn import SparseGatedMLP, SparseLinear
 from . import Backend
+
+
+def gate_up_group(intermediate: int) -> int:
+    """Columns per group of the interleaved gate+up weight: gated launches need column blocks of
+    whole group pairs, so the largest of 256..16 that divides the width (else one group)."""
+    return next((g for g in (256, 128, 64, 32, 16) if intermediate % g == 0), intermediate)
+
+
+def interleave_gate_up(gate_t: torch.Tensor, up_t: torch.Tensor, group: int) -> torch.Tensor:
+    """``[K, 2J]`` columns g[0:G], u[0:G], g[G:2G], u[G:2G], ... (gate_t, up_t: ``[K, J]``)."""
+    k, j = gate_t.shape
+    return torch.stack([gate_t.reshape(k, j // group, group), up_t.reshape(k, j // group, group)], dim=2).reshape(k, 2 * j)
+
+
+def split_gate_up(gu: torch.Tensor, group: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The gate and up halves of an output over interleaved columns."""
+    j = gu.shape[-1] // 2
+    pairs = gu.reshape(*gu.shape[:-1], j // group, 2, group)
+    return pairs[..., 0, :].reshape(*gu.shape[:-1], j), pairs[..., 1, :].reshape(*gu.shape[:-1], j)
+
+
+_ACTIVATION_NAMES = {
+    "SiLU": "silu", "SiLUActivation": "silu", "ReLU": "relu", "GELUActivation": "gelu",
+    "GELUTanh": "gelu_tanh", "PytorchGELUTanh": "gelu_tanh", "NewGELUActivation": "gelu_tanh",
+}
+
+
+def activation_name(act: Callable) -> str | None:
+    """The kernels' name for an MLP activation module, or None for one they do not compute."""
+    if isinstance(act, torch.nn.GELU):
+        return "gelu_tanh" if act.approximate == "tanh" else "gelu"
+    return _ACTIVATION_NAMES.get(type(act).__name__)
 
 
 class SharedInput:
@@ -143,6 +177,7 @@ def make_backend(
     max_batch: int,
     check_model: Callable[[torch.nn.Module], None],
     set_hint: Callable[[torch.Tensor, float], None] = lambda weight, sparsity: None,
+    input_sparse_gated: Callable[..., torch.Tensor] | None = None,
 ) -> Backend:
     def prepare(model: torch.nn.Module) -> None:
         check_model(model)
@@ -196,9 +231,16 @@ def make_backend(
         fused: set[int] = set()
         if mlp.gate_mode == "dense" and gate is not None and _same_selection(gate, up):
             shape = (gate.in_features, gate.out_features + up.out_features)
-            _pack(mlp, "actsparse_gate_up_t", lambda: torch.cat([gate.weight.detach().T, up.weight.detach().T], dim=1), gate.weight, shape)
+            group = gate_up_group(gate.out_features)
+            _pack(mlp, "actsparse_gate_up_t", lambda: interleave_gate_up(gate.weight.detach().T, up.weight.detach().T, group),
+                  gate.weight, shape)
             if gate.bias is not None:
-                _pack(mlp, "actsparse_gate_up_bias", lambda: torch.cat([gate.bias.detach(), up.bias.detach()]), gate.bias, shape[1:])
+                _pack(mlp, "actsparse_gate_up_bias", lambda: interleave_gate_up(gate.bias.detach()[None], up.bias.detach()[None], group)[0],
+                      gate.bias, shape[1:])
+            mlp.actsparse_gate_up_group = group
+            # The kernels compute act(gate) * up in their epilogue when they know the activation.
+            gated = input_sparse_gated is not None and group <= 256 and group & (group - 1) == 0
+            mlp.actsparse_gated_act = activation_name(mlp.act_fn) if gated else None
             set_hint(mlp.actsparse_gate_up_t, gate.target)
             fused = {id(gate), id(up)}
         elif hasattr(mlp, "actsparse_gate_up_t"):
@@ -274,14 +316,15 @@ def make_backend(
     def _gated_product(mlp: SparseGatedMLP, x2: torch.Tensor) -> torch.Tensor:
         """act(gate) (masked) * up, through whichever linears the MLP has."""
         fused = getattr(mlp, "actsparse_gate_up_t", None)
-        g, u = _fused_gate_up(mlp, x2, fused) if fused is not None else mlp.gate_and_up(x2)
-        return mlp.masked_product(g, u)[1]
-
-    def _fused_gate_up(mlp: SparseGatedMLP, x2: torch.Tensor, fused: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        gate = mlp.gate_linear  # `up` has the same selection (checked by prepare)
+        if fused is None:
+            return mlp.masked_product(*mlp.gate_and_up(x2))[1]
+        gate = mlp.gate_linear  # `up` has the same selection and the gate no mask (checked by prepare)
         kept, threshold, scale = selected(gate, x2, mlp.actsparse_zero)
-        gu = input_sparse_linear(kept, fused, threshold, scale, getattr(mlp, "actsparse_gate_up_bias", None), None, None, False)
-        return gu.chunk(2, dim=-1)
+        bias = getattr(mlp, "actsparse_gate_up_bias", None)
+        if mlp.actsparse_gated_act is not None and x2.shape[0] == 1:
+            return input_sparse_gated(kept, fused, threshold, scale, bias, mlp.actsparse_gate_up_group, mlp.actsparse_gated_act)
+        gu = input_sparse_linear(kept, fused, threshold, scale, bias, None, None, False)
+        return mlp.masked_product(*split_gate_up(gu, mlp.actsparse_gate_up_group))[1]
 
     def _gate_driven(mlp: SparseGatedMLP, x2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if mlp.gate_up_linear is not None:

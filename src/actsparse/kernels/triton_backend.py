@@ -14,7 +14,7 @@ import torch
 from ..errors import ActSparseError
 from . import register_backend
 from .dispatch import make_backend
-from .triton_ops import MAX_BATCH, input_sparse_linear, output_sparse_rows, set_sparsity_hint
+from .triton_ops import MAX_BATCH, input_sparse_gated, input_sparse_linear, output_sparse_rows, set_sparsity_hint
 from .tuning import interpreting
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -35,7 +35,7 @@ KERNEL_MAX_TOKENS = 1
 
 
 def batched_backend(name: str, max_tokens: int = MAX_BATCH):
-    return make_backend(name, input_sparse_linear, output_sparse_rows, max_tokens, _check_model, set_sparsity_hint)
+    return make_backend(name, input_sparse_linear, output_sparse_rows, max_tokens, _check_model, set_sparsity_hint, input_sparse_gated)
 
 
 register_backend(batched_backend("triton", KERNEL_MAX_TOKENS))

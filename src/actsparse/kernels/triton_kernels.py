@@ -4,11 +4,16 @@ Input-sparse GEMV, ``y = x_kept @ Wt (+ bias) (+ lowrank_b @ z)`` with ``Wt = W.
 input-major, so that a kept input channel is one contiguous weight row:
   grid (column blocks, K splits). Two variants, chosen by the tuner: COMPACT programs first
   compact the kept rows of their K range into a private list (union over the batch) and loop
-  over those only, ``(1 - s) * rows / BK`` iterations; masked programs loop over every row block
+  over those only, ``(1 - s) * rows / BK`` iterations (PIPE: with the next block's weights
+  loading while one block is accumulated); masked programs loop over every row block
   with the weight loads predicated on the kept rows, which pipeline like a dense GEMV's. Split-K
   partial sums go to a fp32 workspace; the last program of a column block to arrive (an arrival
   counter, reset by that program) adds them up and writes the output: one launch, no memset, no
   atomics on data.
+
+Gated (``ACT``): the gate and up columns of a fused ``[K, 2 * d_ff]`` weight interleaved in
+groups, so that a column block holds both halves of its outputs and the epilogue stores the MLP
+intermediate ``act(gate) * up`` instead of gate and up.
 
 Output-sparse rows (CATS / ProSparse up projection), ``m = a_kept * (x @ Wup[rows].T)``:
   grid over row blocks of the output-major `up` weight; a row whose gate activation is masked is
@@ -69,8 +74,9 @@ def input_sparse_gemv_kernel(
     B, K, N, R, rows_per_split, split_k,
     stride_x, stride_w, stride_y, stride_lrb, stride_lrz,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr,
-    COMPLEMENT: tl.constexpr, USE_SPLIT: tl.constexpr, IEEE: tl.constexpr, COMPACT: tl.constexpr,
+    COMPLEMENT: tl.constexpr, USE_SPLIT: tl.constexpr, IEEE: tl.constexpr, COMPACT: tl.constexpr, PIPE: tl.constexpr,
     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CHUNK: tl.constexpr, BR: tl.constexpr, SC: tl.constexpr,
+    ACT: tl.constexpr, GROUP: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -104,7 +110,27 @@ def input_sparse_gemv_kernel(
             tl.store(scratch + pos, ks, mask=row_keep > 0)
             n_active += tl.sum(row_keep, axis=0)
         tl.debug_barrier()
-        if BB == 1:
+        if BB == 1 and PIPE:
+            # Software-pipelined by hand (Triton pipelines only loads that feed a dot): block
+            # j + 1's weights and block j + 2's indices load while block j is accumulated, so a
+            # program keeps two weight tiles in flight and no load waits on an index load.
+            jj = tl.arange(0, BK)
+            rows = tl.load(scratch + jj, mask=jj < n_active, other=0)
+            rows_next = tl.load(scratch + BK + jj, mask=BK + jj < n_active, other=0)
+            w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :],
+                        mask=(jj < n_active)[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+            xv = tl.load(x_ptr + rows, mask=jj < n_active, other=0.0)
+            for j in range(0, n_active, BK):
+                jn = j + BK + jj
+                jn_ok = jn < n_active
+                w_next = tl.load(w_ptr + rows_next.to(tl.int64)[:, None] * stride_w + cols[None, :],
+                                 mask=jn_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
+                x_next = tl.load(x_ptr + rows_next, mask=jn_ok, other=0.0)
+                rows_next = tl.load(scratch + jn + BK, mask=jn + BK < n_active, other=0)
+                acc += w.to(tl.float32) * xv.to(tl.float32)[:, None]
+                w = w_next
+                xv = x_next
+        elif BB == 1:
             # Every listed row is kept, so the weight loads wait on nothing but the index list,
             # and the next block's indices load while this block's weights stream.
             jj = tl.arange(0, BK)
@@ -161,19 +187,36 @@ def input_sparse_gemv_kernel(
                         other=0.0, cache_modifier=".cg",
                     )
                 total += tl.sum(p, axis=0)
-            _epilogue(total, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
-                      stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BR)
+            _epilogue(total, pid_n, N, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
+                      stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BN, BR, ACT, GROUP)
             tl.atomic_xchg(count_ptr + pid_n, 0)
     else:
-        _epilogue(part, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
-                  stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BR)
+        _epilogue(part, pid_n, N, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
+                  stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BN, BR, ACT, GROUP)
 
 
 @triton.jit
-def _epilogue(total, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
+def _activation(g, ACT: tl.constexpr):
+    """1: SiLU, 2: GELU (tanh approximation), 3: GELU (erf), 4: ReLU; in fp32."""
+    if ACT == 1:
+        return g / (1.0 + tl.exp(-g))
+    elif ACT == 2:
+        inner = 0.7978845608028654 * (g + 0.044715 * g * g * g)
+        return g * (1.0 - 1.0 / (1.0 + tl.exp(2.0 * inner)))
+    elif ACT == 3:
+        return 0.5 * g * (1.0 + tl.math.erf(g * 0.7071067811865476))
+    else:
+        return tl.maximum(g, 0.0)
+
+
+@triton.jit
+def _epilogue(total, pid_n, N, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
               stride_y, stride_lrb, stride_lrz,
-              HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr, BR: tl.constexpr):
-    """Adds the bias and the low-rank term ``lowrank_b @ z`` in fp32, then stores y."""
+              HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr,
+              BN: tl.constexpr, BR: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr):
+    """Adds the bias and the low-rank term ``lowrank_b @ z`` in fp32, then stores y; with ACT
+    (batch 1), the columns are gate and up interleaved in groups of GROUP and the stored output is
+    ``act(gate) * up``, rounded to y's dtype at each step as the torch MLP rounds."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         if BB == 1:
@@ -194,7 +237,16 @@ def _epilogue(total, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_
                     total = tl.dot(z.to(lrb.dtype), tl.trans(lrb), total, input_precision="ieee")
                 else:
                     total = tl.dot(z.to(lrb.dtype), tl.trans(lrb), total)
-    if BB == 1:
+    if ACT != 0:
+        pairs: tl.constexpr = BN // (2 * GROUP)
+        g, u = tl.split(tl.permute(tl.reshape(total, (pairs, 2, GROUP)), (0, 2, 1)))
+        dtype = y_ptr.dtype.element_ty
+        g = tl.reshape(g, (BN // 2,)).to(dtype).to(tl.float32)
+        u = tl.reshape(u, (BN // 2,)).to(dtype).to(tl.float32)
+        a = _activation(g, ACT).to(dtype).to(tl.float32)
+        out = pid_n * (BN // 2) + tl.arange(0, BN // 2)
+        tl.store(y_ptr + out, (a * u).to(dtype), mask=out < N // 2)
+    elif BB == 1:
         tl.store(y_ptr + cols, total.to(y_ptr.dtype.element_ty), mask=col_ok)
     else:
         tl.store(y_ptr + toks[:, None] * stride_y + cols[None, :], total.to(y_ptr.dtype.element_ty), mask=tok_ok[:, None] & col_ok[None, :])

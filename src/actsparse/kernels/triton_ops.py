@@ -9,13 +9,17 @@
       m = where(|a| > threshold, a, 0) * (x @ weight.T), rounded like the reference; rows of
       `weight` whose `a` is masked for every token are never read.
 
+  actsparse::input_sparse_gated(x[1,K], weight_t[K,2J], threshold, scale?, bias?, group, act) -> m[1,J]
+      the same GEMV over a gate+up weight whose columns alternate gate and up in groups of
+      `group` (see `dispatch.interleave_gate_up`), returning act(gate) * up (act: one of ACTIVATIONS).
+
 T is a decode batch of at most MAX_BATCH tokens; callers route longer inputs to the dense
 reference. Launch configurations are tuned per shape, batch, dtype and sparsity bin
 (`tuning.py`); `set_sparsity_hint` tells the tuner which bin a weight runs at.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -43,6 +47,7 @@ class GemvConfig:
     num_warps: int
     num_stages: int
     compact: bool = True
+    pipelined: bool = False  # batch-1 compact loop with two weight tiles in flight
 
 
 @dataclass(frozen=True)
@@ -73,13 +78,17 @@ def gemv_candidates(n: int, k: int, batch: int, device: torch.device) -> list[Ge
         (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3)]
     sms = _sm_count(device)
     out: list[GemvConfig] = []
-    for compact in (True, False):
+    # The pipelined loop holds two weight tiles in registers: tiles of at most 8192 elements.
+    variants = [(True, False), (False, False)] + ([(True, True)] if batch == 1 else [])
+    for compact, pipelined in variants:
         for bn, bk, warps, stages in tiles:
+            if pipelined and bn * bk > 8192:
+                continue
             blocks = triton.cdiv(n, bn)
             max_split = max(1, min(64, k // (2 * bk)))
             for waves in (1, 2, 4, 8):
                 split = max(1, min(max_split, round(waves * sms / blocks)))
-                cfg = GemvConfig(bn, bk, split, warps, stages, compact)
+                cfg = GemvConfig(bn, bk, split, warps, stages, compact, pipelined)
                 if cfg not in out:
                     out.append(cfg)
     return out
@@ -91,6 +100,14 @@ def rows_candidates(batch: int, device: torch.device) -> list[RowsConfig]:
     if batch == 1:
         return [RowsConfig(4, 512, 4, 3), RowsConfig(8, 256, 4, 3), RowsConfig(2, 1024, 4, 3), RowsConfig(16, 256, 8, 3)]
     return [RowsConfig(16, 128, 4, 3), RowsConfig(16, 256, 8, 3), RowsConfig(32, 128, 8, 3)]
+
+
+ACTIVATIONS = {"silu": 1, "gelu_tanh": 2, "gelu": 3, "relu": 4}
+
+
+def gated_candidates(n: int, k: int, device: torch.device, group: int) -> list[GemvConfig]:
+    fitting = [c for c in gemv_candidates(n, k, 1, device) if c.bn % (2 * group) == 0]
+    return fitting or [replace(gemv_candidates(n, k, 1, device)[0], bn=2 * group)]
 
 
 def _counters(device: torch.device) -> torch.Tensor:
@@ -112,6 +129,8 @@ def launch_input_sparse(
     complement: bool,
     cfg: GemvConfig,
     y: torch.Tensor,
+    act: str | None = None,
+    group: int = 1,
 ) -> None:
     batch, k = x.shape
     n = weight_t.shape[1]
@@ -136,9 +155,9 @@ def launch_input_sparse(
         lowrank_b.stride(0) if lowrank_b is not None else 0,
         lowrank_z.stride(0) if lowrank_z is not None else 0,
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_LOWRANK=lowrank_b is not None,
-        COMPLEMENT=complement, USE_SPLIT=split_k > 1, IEEE=weight_t.dtype == torch.float32, COMPACT=cfg.compact,
+        COMPLEMENT=complement, USE_SPLIT=split_k > 1, IEEE=weight_t.dtype == torch.float32, COMPACT=cfg.compact, PIPE=cfg.pipelined and cfg.compact and bb == 1,
         BB=bb, BN=cfg.bn, BK=cfg.bk, CHUNK=chunk, BR=16 if bb > 1 else min(64, triton.next_power_of_2(max(rank, 1))),
-        SC=split_chunk,
+        SC=split_chunk, ACT=ACTIVATIONS[act] if act else 0, GROUP=group,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
 
@@ -192,6 +211,39 @@ def input_sparse_linear(
 @input_sparse_linear.register_fake
 def _(x, weight_t, threshold, scale, bias, lowrank_b, lowrank_z, complement):
     return x.new_empty((x.shape[0], weight_t.shape[1]))
+
+
+@torch.library.custom_op("actsparse::input_sparse_gated", mutates_args=())
+def input_sparse_gated(
+    x: torch.Tensor,
+    weight_t: torch.Tensor,
+    threshold: torch.Tensor,
+    scale: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+    group: int,
+    act: str,
+) -> torch.Tensor:
+    _check_decode_batch(x, "input_sparse_gated")
+    if x.shape[0] != 1:
+        raise ValueError(f"input_sparse_gated: one token at a time, got {x.shape[0]}")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"input_sparse_gated: act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
+    k, n = weight_t.shape
+    if n % (2 * group) or group & (group - 1):
+        raise ValueError(f"input_sparse_gated: group {group} must be a power of two and {n} a multiple of twice it")
+    m = torch.empty((1, n // 2), dtype=x.dtype, device=x.device)
+    args = (x, weight_t, threshold, scale, bias, None, None, False)
+    key = ("gated", n, k, x.dtype, scale is not None, bias is not None, group, act, tuning.sparsity_bin(_HINTS.get(weight_t.data_ptr())))
+    cfg = tuning.choose(
+        key, gated_candidates(n, k, x.device, group), lambda c: launch_input_sparse(*args, c, m, act, group), x.device
+    )
+    launch_input_sparse(*args, cfg, m, act, group)
+    return m
+
+
+@input_sparse_gated.register_fake
+def _(x, weight_t, threshold, scale, bias, group, act):
+    return x.new_empty((x.shape[0], weight_t.shape[1] // 2))
 
 
 @torch.library.custom_op("actsparse::output_sparse_rows", mutates_args=())
