@@ -30,9 +30,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+import triton
 
 from actsparse.engine import DecodeEngine
-from actsparse.kernels import register_backend, set_backend, tuning
+from actsparse.kernels import dispatch, register_backend, set_backend, tuning
 from actsparse.kernels import triton_ops as ops
 from actsparse.kernels.triton_backend import batched_backend
 from actsparse.kernels.benchmark import (
@@ -180,6 +181,22 @@ def section_check(run: Run) -> dict:
                         m = torch.full((batch, j), float("nan"), dtype=dtype, device=dev)
                         ops.launch_output_sparse_rows(x, a, t, w, cfg, m)
                         record(f"rows {dtype} b{batch}", rel_err(m, ref), dtype)
+    # The gated gate+up call (act(gate) * up in the epilogue), every candidate, batch 1.
+    for dtype in (torch.bfloat16, torch.float16):
+        for k, j in ((1000, 512), (4096, 14336)):
+            group = dispatch.gate_up_group(j)
+            x = torch.randn(1, k, device=dev).to(dtype)
+            gate_t, up_t = ((torch.randn(k, j, device=dev) / math.sqrt(k)).to(dtype) for _ in range(2))
+            packed = dispatch.interleave_gate_up(gate_t, up_t, group)
+            for s in (0.0, 0.5, 0.95):
+                t = torch.tensor(-1.0 if s == 0 else float(x.abs().float().quantile(s)), device=dev)
+                g, u = dispatch.split_gate_up(ref_gemv(x, packed, t).to(dtype), group)
+                for act, fn in (("silu", F.silu), ("gelu_tanh", lambda v: F.gelu(v, approximate="tanh"))):
+                    ref = (fn(g.float()).to(dtype) * u).double()
+                    for cfg in ops.gated_candidates(2 * j, k, x.device, group)[:: 1 if dtype == torch.bfloat16 else 8]:
+                        m = torch.full((1, j), float("nan"), dtype=dtype, device=dev)
+                        ops.launch_input_sparse(x, packed, t, None, None, None, None, False, cfg, m, act, group)
+                        record(f"gated {act} {dtype}", rel_err(m, ref), dtype)
     run.say("kernel checks: " + ("all within tolerance" if not failures else f"{len(failures)} FAILURES"))
     for f in failures[:20]:
         run.say("  " + f)
@@ -261,6 +278,53 @@ def time_gemv(k: int, n: int, dtype: torch.dtype, batch: int, sparsities, what: 
     return rows
 
 
+def time_floor(k: int, n: int, dtype: torch.dtype) -> dict:
+    """The fixed cost of one launch: the kernel tuned for 50% with nothing kept (no weight row
+    is read), and an empty Triton kernel, both in the same graph timing."""
+    wts = [torch.zeros(k, n, device="cuda", dtype=dtype) for _ in range(2)]
+    x = torch.randn(1, k, device="cuda").to(dtype)
+    half = torch.tensor(float(x.abs().float().quantile(0.5)), device="cuda")
+    none = torch.tensor(float("inf"), device="cuda")
+    for wt in wts:
+        ops.set_sparsity_hint(wt, 0.5)
+    ops.input_sparse_linear(x, wts[0], half, None, None, None, None, False)  # tunes at 50%
+    y = torch.empty(1, device="cuda")
+    return {"k": k, "n": n,
+            "nothing_kept_us": graph_time([lambda wt=wt: ops.input_sparse_linear(x, wt, none, None, None, None, None, False) for wt in wts]) * 1e6,
+            "empty_kernel_us": graph_time([lambda: _empty_kernel[(1,)](y)]) * 1e6}
+
+
+@triton.jit
+def _empty_kernel(y_ptr):
+    pass
+
+
+def time_gated(k: int, j: int, dtype: torch.dtype, sparsities) -> list[dict]:
+    """The gate+up call with act(gate) * up in its epilogue against the same GEMV followed by
+    torch's silu and product, and against cuBLAS on the fused [2J, K] weight alone."""
+    rows = []
+    nbytes = 2 * k * j * torch.finfo(dtype).bits // 8
+    group = dispatch.gate_up_group(j)
+    ws = [(torch.randn(2 * j, k, device="cuda") / math.sqrt(k)).to(dtype) for _ in range(copies_for(nbytes))]
+    packs = [dispatch.interleave_gate_up(w[:j].T, w[j:].T, group).contiguous() for w in ws]
+    x = torch.randn(1, k, device="cuda").to(dtype)
+    dense = graph_time([lambda w=w: F.linear(x, w) for w in ws])
+    for s in sparsities:
+        t = torch.tensor(-1.0 if s == 0 else float(x.abs().float().quantile(s)), device="cuda")
+        for p in packs:
+            ops.set_sparsity_hint(p, s)
+
+        def unfused(p):
+            g, u = dispatch.split_gate_up(ops.input_sparse_linear(x, p, t, None, None, None, None, False), group)
+            return F.silu(g) * u
+
+        gated = graph_time([lambda p=p: ops.input_sparse_gated(x, p, t, None, None, group, "silu") for p in packs])
+        apart = graph_time([lambda p=p: unfused(p) for p in packs])
+        rows.append({"k": k, "j": j, "sparsity": s, "cublas_gemv_us": dense * 1e6, "gated_us": gated * 1e6, "unfused_us": apart * 1e6})
+    del ws, packs
+    return rows
+
+
 def section_bars(run: Run) -> dict:
     rows = []
     for k, n, what in ((4096, 14336, "up 4096x14336"), (14336, 4096, "down 14336x4096")):
@@ -268,7 +332,14 @@ def section_bars(run: Run) -> dict:
     for r in rows:
         run.say(f"{r['kernel']:<18} s={r['sparsity']:.2f} cuBLAS {r['dense_us']:6.1f}us ({r['dense_tb_s']:.2f} TB/s) "
                 f"sparse {r['sparse_us']:6.1f}us ({r['sparse_tb_s']:.2f} TB/s) x{r['speedup']:.2f} (ideal x{r['ideal']:.2f})")
-    return {"rows": rows}
+    floors = [time_floor(k, n, torch.bfloat16) for k, n in ((4096, 14336), (14336, 4096), (4096, 4096), (4096, 6144))]
+    for f in floors:
+        run.say(f"floor {f['k']}x{f['n']}: nothing kept {f['nothing_kept_us']:.1f} us, empty kernel {f['empty_kernel_us']:.1f} us")
+    gated = time_gated(4096, 14336, torch.bfloat16, (0.0, 0.5, 0.9))
+    for g in gated:
+        run.say(f"gate+up 4096x2x14336 s={g['sparsity']:.2f}: cuBLAS GEMV {g['cublas_gemv_us']:.1f} us, "
+                f"gated {g['gated_us']:.1f} us, GEMV + silu*up {g['unfused_us']:.1f} us")
+    return {"rows": rows, "floors": floors, "gated": gated}
 
 
 def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bool, tokens: int = 128) -> dict:
@@ -455,6 +526,10 @@ def summary(run: Run) -> None:
         for r in sec["bars"]["rows"]:
             if r["sparsity"] in (0.0, 0.5, 0.9):
                 print(f"BAR {r['kernel']:<18} s={r['sparsity']:.2f} x{r['speedup']:.2f} ({r['dense_us']:.1f} -> {r['sparse_us']:.1f} us)")
+        for f in sec["bars"].get("floors", []):
+            print(f"FLOOR {f['k']}x{f['n']}: nothing kept {f['nothing_kept_us']:.1f} us, empty kernel {f['empty_kernel_us']:.1f} us")
+        for g in sec["bars"].get("gated", []):
+            print(f"GATED s={g['sparsity']:.2f}: cuBLAS {g['cublas_gemv_us']:.1f} gated {g['gated_us']:.1f} unfused {g['unfused_us']:.1f} us")
     for name in ("e2e", "e2e-more"):
         for res in sec.get(name, {}).get("runs", []):
             print(f"E2E {res['shape']} {res['dtype']} b{res['batch']}: hf {res.get('hf_tok_s', 0):.1f} dense {res['dense_tok_s']:.1f} tok/s; "
