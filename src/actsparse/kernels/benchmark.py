@@ -21,7 +21,6 @@ from torch import nn
 from ..engine import DecodeEngine, DecodeResult
 from ..errors import ActSparseError
 from ..measure import measure_sparsity
-from ..models import layer_specs
 from ..nn import SparseGatedMLP, SparseLinear
 from ..swap import swap_modules
 
