@@ -97,11 +97,11 @@ def test_input_sparse_scale_bias_lowrank(dtype, batch, complement, cfg):
 @pytest.mark.parametrize("compact,pipelined", [(True, False), (False, False), (True, True)])
 def test_split_k_reduction_in_several_chunks(batch, compact, pipelined):
     torch.manual_seed(4)
-    cfg = ops.GemvConfig(512, 16, 12, 4, 1, compact, pipelined)
+    cfg = ops.GemvConfig(1024, 16, 24, 4, 1, compact, pipelined)  # 13 splits: partials summed 8 at a time
     for _ in range(2):  # the second launch relies on the first leaving the counters at zero
-        x, wt = torch.randn(batch, 200), torch.randn(200, 600)
+        x, wt = torch.randn(batch, 400), torch.randn(400, 1200)
         t = _threshold(x, 0.5)
-        y = torch.full((batch, 600), float("nan"))
+        y = torch.full((batch, 1200), float("nan"))
         ops.launch_input_sparse(x, wt, t, None, None, None, None, False, cfg, y)
         assert _rel(y, _reference(x, wt, t)) < 1e-5
 

@@ -143,8 +143,10 @@ def launch_input_sparse(
     idx = torch.empty(blocks * split_k * rows_per_split if cfg.compact else 1, dtype=torch.int32, device=x.device)
     part = torch.empty((split_k, batch, n) if split_k > 1 else (1,), dtype=torch.float32, device=x.device)
     rank = lowrank_b.shape[1] if lowrank_b is not None else 0
-    chunk = min(512 if bb == 1 else 128, triton.next_power_of_2(rows_per_split))
-    split_chunk = max(1, min(64, 4096 // (bb * cfg.bn)))
+    # One compaction chunk per program where it fits (each chunk is an x load round trip), and
+    # the split-K partials summed in as few chunks as registers allow (each a round trip too).
+    chunk = min(2048 if bb == 1 else 128, triton.next_power_of_2(rows_per_split))
+    split_chunk = max(1, min(64, 8192 // (bb * cfg.bn)))
     input_sparse_gemv_kernel[(blocks, split_k)](
         x, scale if scale is not None else threshold, threshold, weight_t,
         bias if bias is not None else weight_t, lowrank_b if lowrank_b is not None else weight_t,
