@@ -3,7 +3,7 @@
     PYTHONPATH=src python3 benchmarks/gemv_floor.py --out $OUT [--shapes up,down,o,qkv]
 
 For each Llama-3-8B shape, bf16, batch 1: the tuner's pick at 50% sparsity, then that tile with
-split-K 1, 2, 4, ... 64, each timed (`gpu_matrix.graph_time`, rotating weight copies past L2)
+split-K 1, 2, 4, ... 64, each timed (`gpu_matrix.graph_time`, rotating weight copies past L2; `--configs` adds more)
 with nothing kept (no weight row is read: the launch, the compaction, the split-K arrival and
 reduction) and at 50%; an empty Triton kernel gives the launch floor of the same timing.
 Prints a table, then one JSON line; writes OUT/gemv_floor.json.
@@ -30,7 +30,16 @@ from actsparse.kernels import triton_ops as ops  # noqa: E402
 SPLITS = (1, 2, 4, 8, 16, 32, 64)
 
 
-def sweep(k: int, n: int, what: str) -> dict:
+def parse_configs(spec: str) -> list[ops.GemvConfig]:
+    """'bn:bk:split:warps[:pipe],...' -> configs (compacting)."""
+    out = []
+    for item in filter(None, spec.split(",")):
+        bn, bk, split, warps, *pipe = item.split(":")
+        out.append(ops.GemvConfig(int(bn), int(bk), int(split), int(warps), 3, True, pipe == ["pipe"]))
+    return out
+
+
+def sweep(k: int, n: int, what: str, extra: list[ops.GemvConfig]) -> dict:
     dtype = torch.bfloat16
     copies = copies_for(k * n * 2)
     wts = [(torch.randn(k, n, device="cuda") / math.sqrt(k)).to(dtype) for _ in range(copies)]
@@ -44,7 +53,7 @@ def sweep(k: int, n: int, what: str) -> dict:
     ys = torch.empty(1, n, device="cuda", dtype=dtype)
     rows = []
     max_split = max(1, k // (2 * tuned.bk))
-    for cfg in [tuned] + [replace(tuned, split_k=s) for s in SPLITS if s <= max_split and s != tuned.split_k]:
+    for cfg in [tuned] + [replace(tuned, split_k=s) for s in SPLITS if s <= max_split and s != tuned.split_k] + extra:
         def call(wt, t, cfg=cfg):
             ops.launch_input_sparse(x, wt, t, None, None, None, None, False, cfg, ys)
 
@@ -65,12 +74,13 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "gemv_floor_out"))
     p.add_argument("--shapes", default="up,down,o,qkv", help=f"comma-separated, from {', '.join(SHAPES)}")
+    p.add_argument("--configs", default="", help="more configs for every shape: bn:bk:split:warps[:pipe],...")
     args = p.parse_args()
     y = torch.empty(1, device="cuda")
     empty_us = graph_time([lambda: _empty_kernel[(1,)](y)]) * 1e6
     print(f"empty Triton kernel: {empty_us:.1f} us", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
-              "empty_kernel_us": empty_us, "shapes": [sweep(*SHAPES[s]) for s in args.shapes.split(",")]}
+              "empty_kernel_us": empty_us, "shapes": [sweep(*SHAPES[s], parse_configs(args.configs)) for s in args.shapes.split(",")]}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / "gemv_floor.json").write_text(json.dumps(result, indent=1))
     print(json.dumps(result))
