@@ -50,7 +50,7 @@ def _phases(x_ptr, thr_ptr, idx_ptr, y_ptr, part_ptr, count_ptr, K, N, rows_per_
             pos = n_active + tl.cumsum(keep.to(tl.int32), axis=0) - 1
             if PHASE >= 3:
                 tl.store(scratch + pos, ks, mask=keep)
-            n_active += tl.sum(keep.to(tl.int32), axis=0)
+            n_active = tl.max(pos, axis=0) + 1  # uses the cumsum, so that it is not compiled away
     if PHASE >= 3:
         tl.debug_barrier()
         jj = tl.arange(0, BK)
