@@ -11,7 +11,6 @@ Prints a table, then one JSON line; writes OUT/gemv_floor.json.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -23,7 +22,7 @@ import triton
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gemv_configs import SHAPES  # noqa: E402
-from gpu_matrix import _empty_kernel, copies_for, graph_time, ref_gemv, rel_err  # noqa: E402
+from gpu_matrix import _empty_kernel, emit, copies_for, graph_time, ref_gemv, rel_err  # noqa: E402
 
 from actsparse.kernels import triton_ops as ops  # noqa: E402
 
@@ -81,9 +80,7 @@ def main() -> int:
     print(f"empty Triton kernel: {empty_us:.1f} us", flush=True)
     result = {"device": torch.cuda.get_device_name(), "torch": torch.__version__, "triton": triton.__version__,
               "empty_kernel_us": empty_us, "shapes": [sweep(*SHAPES[s], parse_configs(args.configs)) for s in args.shapes.split(",")]}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gemv_floor.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
+    emit(args.out, "gemv_floor", result)
     return 0
 
 

@@ -12,7 +12,6 @@ between neighbouring rows are what the phases cost. Prints a table, then one JSO
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -22,7 +21,7 @@ import triton
 import triton.language as tl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_matrix import _empty_kernel, graph_time  # noqa: E402
+from gpu_matrix import _empty_kernel, emit, graph_time  # noqa: E402
 
 from actsparse.kernels import triton_ops as ops  # noqa: E402
 
@@ -118,9 +117,7 @@ def main() -> int:
                                       (4096, 14336, 512, 32, 9, "up")):
         rows += measure(k, n, bn, bk, split, what)
     result = {"device": torch.cuda.get_device_name(), "triton": triton.__version__, "empty_kernel_us": empty, "rows": rows}
-    Path(args.out).mkdir(parents=True, exist_ok=True)
-    (Path(args.out) / "gemv_phases.json").write_text(json.dumps(result, indent=1))
-    print(json.dumps(result))
+    emit(args.out, "gemv_phases", result)
     return 0
 
 

@@ -100,6 +100,13 @@ def graph_time(calls: list, reps: int = 20, replays: int = 7) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def emit(out: str, name: str, result: dict) -> None:
+    """Writes OUT/NAME.json and prints the result as the last line (one JSON line)."""
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / f"{name}.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+
+
 def copies_for(nbytes: int) -> int:
     return max(2, min(16, math.ceil(4 * L2_BYTES / nbytes)))
 
