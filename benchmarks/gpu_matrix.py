@@ -11,6 +11,8 @@ Sections, in order of importance (each is skipped, and says so, once the time bu
   bars     Llama-3-8B MLP shapes (4096x14336, 14336x4096), bf16, batch 1, 0..90%: kernel vs cuBLAS
   e2e      Llama-3-8B shape, bf16, batch 1: (with --hf) transformers' static-cache compiled
            generate, the engine dense, the engine sparse (TEAL thresholds on its own activations) at every level
+  e2e-nopdl (only when named) the same at 50% and 40% with programmatic dependent launch off, for
+           the engine's Inductor kernels and actsparse's alike
   matrix   the rest: fp16, batch 2/4/8 (union of masks), fused q/k/v and gate+up, o_proj, the
            output-sparse CATS up, top-K, the R-Sparse low-rank term
   e2e-more batch 4 end to end, as time allows
@@ -145,6 +147,7 @@ def section_check(run: Run) -> dict:
     dev = "cuda"
     worst: dict[str, float] = {}
     failures = []
+    refused: set[str] = set()  # spread configs whose grid the device cannot hold at once
 
     def record(name: str, err: float, dtype: torch.dtype) -> None:
         worst[name] = max(worst.get(name, 0.0), err)
@@ -167,7 +170,11 @@ def section_check(run: Run) -> dict:
                     t = torch.tensor(-1.0 if s == 0 else float(x.abs().float().quantile(s)), device=dev)
                     for cfg in candidates if dtype == torch.bfloat16 else candidates[:1]:
                         y = torch.full((batch, n), float("nan"), dtype=dtype, device=dev)
-                        ops.launch_input_sparse(x, wt, t, None, None, None, None, False, cfg, y)
+                        try:
+                            ops.launch_input_sparse(x, wt, t, None, None, None, None, False, cfg, y)
+                        except tuning.Unlaunchable as e:
+                            refused.add(f"{k}x{n} {cfg}: {e}")
+                            continue
                         record(f"gemv {dtype} b{batch}", rel_err(y, ref_gemv(x, wt, t)), dtype)
                     y = torch.full((batch, n), float("nan"), dtype=dtype, device=dev)
                     ops.launch_input_sparse(x, wt, t, scale, bias, lrb, lrz, False, candidates[0], y)
@@ -204,10 +211,50 @@ def section_check(run: Run) -> dict:
                         m = torch.full((1, j), float("nan"), dtype=dtype, device=dev)
                         ops.launch_input_sparse(x, packed, t, None, None, None, None, False, cfg, m, act, group)
                         record(f"gated {act} {dtype}", rel_err(m, ref), dtype)
-    run.say("kernel checks: " + ("all within tolerance" if not failures else f"{len(failures)} FAILURES"))
+    # The spread split-K sums (a spin-wait across programs): every spread candidate of the decode
+    # shapes, with the optional inputs once, then many launches on fresh inputs, element by element.
+    bf16 = torch.bfloat16
+    for k, n in ((4096, 6144), (4096, 4096), (14336, 4096), (4096, 28672)):
+        wt = (torch.randn(k, n, device=dev) / math.sqrt(k)).to(bf16)
+        spread = []
+        for cfg in (c for c in ops.gemv_candidates(n, k, 1, wt.device) if c.spread):
+            try:
+                ops.launch_input_sparse(torch.zeros(1, k, device=dev, dtype=bf16), wt, torch.zeros((), device=dev), None, None,
+                                        None, None, False, cfg, torch.empty(1, n, device=dev, dtype=bf16))
+                spread.append(cfg)
+            except tuning.Unlaunchable as e:
+                refused.add(f"{k}x{n} {cfg}: {e}")
+        scale, bias = torch.rand(k, device=dev) + 0.5, torch.randn(n, device=dev).to(bf16)
+        lrb, lrz = torch.randn(n, 24, device=dev).to(bf16), torch.randn(1, 24, device=dev).to(bf16)
+        for i, cfg in enumerate(spread):
+            if i == 0:  # a cooperative launch captured in a CUDA graph, as the decode engine runs it
+                x = torch.randn(1, k, device=dev).to(bf16)
+                t = torch.tensor(float(x.abs().float().quantile(0.5)), device=dev)
+                y = torch.full((1, n), float("nan"), dtype=bf16, device=dev)
+                ops.launch_input_sparse(x, wt, t, None, None, None, None, False, cfg, y)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    ops.launch_input_sparse(x, wt, t, None, None, None, None, False, cfg, y)
+                y.fill_(float("nan"))
+                graph.replay()
+                record(f"spread in a graph {k}x{n}", rel_err(y, ref_gemv(x, wt, t)), bf16)
+            for rep in range(10):
+                x = torch.randn(1, k, device=dev).to(bf16)
+                t = torch.tensor(float(x.abs().float().quantile(0.5)), device=dev)
+                full = i == 0 and rep == 0
+                args = (scale, bias, lrb, lrz) if full else (None, None, None, None)
+                y = torch.full((1, n), float("nan"), dtype=bf16, device=dev)
+                ops.launch_input_sparse(x, wt, t, *args, False, cfg, y)
+                ref = ref_gemv(x, wt, t, *args)
+                record(f"spread {'+scale+bias+lowrank ' if full else ''}{k}x{n}", rel_err(y, ref), bf16)
+                off = ((y.double() - ref).abs() > 0.02 * ref.abs().max()).sum().item()
+                if off:
+                    failures.append(f"spread {cfg} {k}x{n} launch {rep}: {off} outputs off")
+    run.say("kernel checks: " + ("all within tolerance" if not failures else f"{len(failures)} FAILURES")
+            + f"; {len(refused)} spread configs refused (grid too large to be resident)")
     for f in failures[:20]:
         run.say("  " + f)
-    return {"worst_rel_err": worst, "failures": failures}
+    return {"worst_rel_err": worst, "failures": failures, "refused": sorted(refused)}
 
 
 def check_model(run: Run, dtypes=(torch.float32, torch.bfloat16)) -> dict:
@@ -349,18 +396,23 @@ def section_bars(run: Run) -> dict:
     return {"rows": rows, "floors": floors, "gated": gated}
 
 
-def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bool, tokens: int = 128) -> dict:
+def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bool, tokens: int = 128,
+        dependent_launch: bool = True) -> dict:
+    """`dependent_launch` False: the engine's Inductor kernels and actsparse's kernels both launch
+    without programmatic dependent launch (to measure what it brings, dense and sparse alike)."""
     prompt_len = 32
     model = random_model(shape, dtype, "cuda")
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
-    out: dict = {"shape": shape, "dtype": str(dtype)[6:], "batch": batch, "tokens": tokens, "levels": []}
+    out: dict = {"shape": shape, "dtype": str(dtype)[6:], "batch": batch, "tokens": tokens, "levels": [],
+                 "dependent_launch": dependent_launch}
+    ops.set_dependent_launch(dependent_launch)
     if hf:
         t0 = time.perf_counter()
         out["hf_tok_s"] = hf_generate_speed(model, prompts, tokens)
         run.say(f"transformers generate, static cache, compiled: {out['hf_tok_s']:.1f} tok/s ({time.perf_counter() - t0:.0f}s incl. compile)")
         torch._dynamo.reset()
     swap_modules(model)
-    engine = DecodeEngine(model, max_len=prompt_len + tokens, batch_size=batch)
+    engine = DecodeEngine(model, max_len=prompt_len + tokens, batch_size=batch, dependent_launch=dependent_launch)
     t0 = time.perf_counter()
     dense = timed_decode(engine, prompts, tokens, repeats=2)
     out["dense_tok_s"] = dense.tokens_per_s
@@ -384,6 +436,7 @@ def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bo
         run.say(f"  s={s:.2f} (measured {measured:.3f}): {sparse.tokens_per_s:.1f} tok/s x{row['speedup']:.2f} "
                 f"(ideal x{row['ideal_speedup']:.2f}, {100 * row['fraction_of_ideal']:.0f}%) {row['sparse_gb_s']:.0f} GB/s")
     del engine, model, scores
+    ops.set_dependent_launch(True)
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     return out
@@ -537,7 +590,7 @@ def summary(run: Run) -> None:
             print(f"FLOOR {f['k']}x{f['n']}: nothing kept {f['nothing_kept_us']:.1f} us, empty kernel {f['empty_kernel_us']:.1f} us")
         for g in sec["bars"].get("gated", []):
             print(f"GATED s={g['sparsity']:.2f}: cuBLAS {g['cublas_gemv_us']:.1f} gated {g['gated_us']:.1f} unfused {g['unfused_us']:.1f} us")
-    for name in ("e2e", "e2e-more"):
+    for name in ("e2e", "e2e-nopdl", "e2e-more"):
         for res in sec.get(name, {}).get("runs", []):
             print(f"E2E {res['shape']} {res['dtype']} b{res['batch']}: hf {res.get('hf_tok_s', 0):.1f} dense {res['dense_tok_s']:.1f} tok/s; "
                   + " ".join(f"{l['target']:.2f}->x{l['speedup']:.2f}/{l['ideal_speedup']:.2f}" for l in res["levels"]))
@@ -563,6 +616,7 @@ def main() -> int:
         ("model", check_model, 40),
         ("bars", section_bars, 20),
         ("e2e", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4, 0.25, 0.65, 0.9), hf=args.hf)]}, 100),
+        ("e2e-nopdl", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4), hf=False, dependent_launch=False)]}, 70),
         ("matrix", section_matrix, 60),
         ("profile", section_profile, 60),
         ("e2e-more", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 4, (0.5,), hf=False)]}, 90),

@@ -66,6 +66,9 @@ def test_engine_reuse_and_limits():
         engine.generate(random_tokens(2, 4, seed=1), 4)
     with pytest.raises(ActSparseError, match="CUDA"):
         DecodeEngine(model, max_len=16, cuda_graph=True)
+    assert not engine.dependent_launch  # a CPU model: off by default
+    with pytest.raises(ActSparseError, match="dependent launch needs a CUDA model"):
+        DecodeEngine(model, max_len=16, dependent_launch=True)
 
 
 @pytest.mark.parametrize(

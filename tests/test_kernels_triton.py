@@ -17,7 +17,7 @@ if os.environ["TRITON_INTERPRET"] != "1":
     pytest.skip("these tests run the Triton interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
 
 import actsparse  # noqa: E402
-from actsparse.kernels import dispatch, register_backend, set_backend, triton_ops as ops  # noqa: E402
+from actsparse.kernels import dispatch, register_backend, set_backend, triton_ops as ops, tuning  # noqa: E402
 from actsparse.kernels.triton_backend import batched_backend  # noqa: E402
 from actsparse.kernels.benchmark import collect_scores, impose_sparsity  # noqa: E402
 from tiny import random_tokens, tiny_model  # noqa: E402
@@ -104,6 +104,31 @@ def test_split_k_reduction_in_several_chunks(batch, compact, pipelined):
         y = torch.full((batch, 1200), float("nan"))
         ops.launch_input_sparse(x, wt, t, None, None, None, None, False, cfg, y)
         assert _rel(y, _reference(x, wt, t)) < 1e-5
+
+
+def test_spread_reduction_is_refused_for_batches_and_the_gated_epilogue():
+    # The spread sums spin until every program of a column block has arrived, which the
+    # interpreter (one program at a time) cannot run: they are checked on the GPU by
+    # benchmarks/gpu_matrix.py's check section; here only the refusals.
+    cfg = ops.GemvConfig(64, 32, 3, 4, 1, spread=True)
+    x, wt = torch.randn(3, 100), torch.randn(100, 128)
+    with pytest.raises(ValueError, match="spread"):
+        ops.launch_input_sparse(x, wt, torch.tensor(0.5), None, None, None, None, False, cfg, torch.empty(3, 128))
+    with pytest.raises(ValueError, match="spread"):
+        ops.launch_input_sparse(x[:1], wt, torch.tensor(0.5), None, None, None, None, False, cfg, torch.empty(1, 64), "silu", 32)
+
+
+def test_tuner_skips_unlaunchable_candidates():
+    def seconds(cfg):
+        if cfg == "too big":
+            raise tuning.Unlaunchable("the grid does not fit")
+        return {"slow": 2.0, "fast": 1.0}[cfg]
+
+    best, timings = tuning.fastest("key", ["slow", "too big", "fast"], seconds)
+    assert best == "fast"
+    assert timings == [("slow", 2.0), ("too big", float("inf")), ("fast", 1.0)]
+    with pytest.raises(tuning.Unlaunchable, match="none of the 1 candidates"):
+        tuning.fastest("key", ["too big"], seconds)
 
 
 def test_input_sparse_op_skips_nothing_at_zero_sparsity_and_everything_above_max():

@@ -43,7 +43,12 @@ class DecodeEngine:
         batch_size: int = 1,
         compile: bool | str | None = None,
         cuda_graph: bool | None = None,
+        dependent_launch: bool | None = None,
     ) -> None:
+        """`dependent_launch`: compile the step's Inductor kernels for programmatic dependent launch
+        (each kernel's launch overlaps the previous one's tail; Inductor's `triton.enable_pdl`);
+        None: on for CUDA GPUs of compute capability 9.0 and later. actsparse's own kernels
+        use it there regardless (`triton_ops.dependent_launch`)."""
         from transformers import StaticCache
 
         self.model = model.eval()
@@ -59,9 +64,15 @@ class DecodeEngine:
         self._token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self._out = torch.zeros(batch_size, max_len + 1, dtype=torch.long, device=self.device)
+        if dependent_launch is None:
+            dependent_launch = on_cuda and torch.cuda.get_device_capability(self.device)[0] >= 9
+        if dependent_launch and not on_cuda:
+            raise ActSparseError(f"dependent launch needs a CUDA model; this one is on {self.device}")
+        self.dependent_launch = dependent_launch
         if self.compile:
             backend = self.compile if isinstance(self.compile, str) else "inductor"
-            self._next = torch.compile(self._next_token, backend=backend, dynamic=False)
+            options = {"triton.enable_pdl": True} if dependent_launch and backend == "inductor" else None
+            self._next = torch.compile(self._next_token, backend=backend, dynamic=False, options=options)
         else:
             self._next = self._next_token
         self._graph: torch.cuda.CUDAGraph | None = None

@@ -9,11 +9,16 @@ input-major, so that a kept input channel is one contiguous weight row:
   with the weight loads predicated on the kept rows, which pipeline like a dense GEMV's. Split-K
   partial sums go to a fp32 workspace; the last program of a column block to arrive (an arrival
   counter, reset by that program) adds them up and writes the output: one launch, no memset, no
-  atomics on data.
+  atomics on data. SPREAD (batch 1, a cooperative launch): every program of the column block
+  waits for all partials, then sums a slice of the columns, so no one program reads them all.
 
 Gated (``ACT``): the gate and up columns of a fused ``[K, 2 * d_ff]`` weight interleaved in
 groups, so that a column block holds both halves of its outputs and the epilogue stores the MLP
 intermediate ``act(gate) * up`` instead of gate and up.
+
+On Hopper and later both kernels are launched with programmatic dependent launch (PDL): a launch
+and its programs' start overlap the previous kernel's tail, and `_wait_for_producer` holds every
+memory access until that kernel is done.
 
 Output-sparse rows (CATS / ProSparse up projection), ``m = a_kept * (x @ Wup[rows].T)``:
   grid over row blocks of the output-major `up` weight; a row whose gate activation is masked is
@@ -23,6 +28,16 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+
+@triton.jit
+def _wait_for_producer():
+    """Under programmatic dependent launch the programs start while the previous kernel still
+    runs: wait for it before any global memory access (x, the workspace and the arrival counters
+    may all be its to write), then let the next kernel begin launching."""
+    gdc_wait()
+    gdc_launch_dependents()
 
 
 @triton.jit
@@ -76,8 +91,10 @@ def input_sparse_gemv_kernel(
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr,
     COMPLEMENT: tl.constexpr, USE_SPLIT: tl.constexpr, IEEE: tl.constexpr, COMPACT: tl.constexpr, PIPE: tl.constexpr,
     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CHUNK: tl.constexpr, BR: tl.constexpr, SC: tl.constexpr,
-    ACT: tl.constexpr, GROUP: tl.constexpr,
+    ACT: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr, SPREAD: tl.constexpr, SS: tl.constexpr, SL: tl.constexpr,
 ):
+    if PDL:
+        _wait_for_producer()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_n * BN + tl.arange(0, BN)
@@ -163,9 +180,29 @@ def input_sparse_gemv_kernel(
     else:
         part = acc
 
-    # Split-K: the last program of this column block to arrive sums the partials, SC at a time
-    # (all loads of a chunk in flight together).
-    if USE_SPLIT:
+    if USE_SPLIT and SPREAD:
+        # Split-K, spread: every program of the column block waits until all have stored their
+        # partials (the launch is cooperative, so they are all resident and the wait ends), then
+        # sums one slice of SL columns over the SS >= split_k partials. The arrivals count the
+        # counter up to split_k and the finished sums on to 2 * split_k; the last resets it.
+        tl.store(part_ptr + pid_k * N + cols, part, mask=col_ok)
+        tl.debug_barrier()
+        seen = tl.atomic_add(count_ptr + pid_n, 1, sem="acq_rel") + 1
+        while seen < split_k:
+            seen = tl.atomic_add(count_ptr + pid_n, 0, sem="acquire")
+        in_block = pid_k * SL + tl.arange(0, SL)
+        slice_cols = pid_n * BN + in_block
+        slice_ok = (in_block < BN) & (slice_cols < N)
+        ss = tl.arange(0, SS)
+        p = tl.load(part_ptr + ss[:, None] * N + slice_cols[None, :], mask=(ss < split_k)[:, None] & slice_ok[None, :],
+                    other=0.0, cache_modifier=".cg")
+        _epilogue(tl.sum(p, axis=0), pid_n, N, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, slice_cols, slice_ok, toks, tok_ok, R,
+                  stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BN, BR, ACT, GROUP)
+        if tl.atomic_add(count_ptr + pid_n, 1, sem="relaxed") == 2 * split_k - 1:
+            tl.atomic_xchg(count_ptr + pid_n, 0)
+    elif USE_SPLIT:
+        # Split-K: the last program of this column block to arrive sums the partials, SC at a time
+        # (all loads of a chunk in flight together).
         if BB == 1:
             tl.store(part_ptr + pid_k * N + cols, part, mask=col_ok)
         else:
@@ -257,8 +294,10 @@ def output_sparse_rows_kernel(
     x_ptr, a_ptr, thr_ptr, w_ptr, m_ptr,
     B, J, D,
     stride_x, stride_a, stride_w, stride_m,
-    IEEE: tl.constexpr, BB: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr,
+    IEEE: tl.constexpr, BB: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr,
 ):
+    if PDL:
+        _wait_for_producer()
     pid = tl.program_id(0)
     js = pid * BJ + tl.arange(0, BJ)
     j_ok = js < J

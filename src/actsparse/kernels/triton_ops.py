@@ -32,6 +32,20 @@ MAX_BATCH = 8
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _MAX_COLUMN_BLOCKS = 1 << 16
 _HINTS: dict[int, float] = {}
+_DEPENDENT_LAUNCH = {"enabled": True}
+
+
+def set_dependent_launch(enabled: bool) -> None:
+    """Whether kernels launch with programmatic dependent launch where the GPU has it (on by
+    default; off only to measure what it brings)."""
+    _DEPENDENT_LAUNCH["enabled"] = bool(enabled)
+
+
+def dependent_launch(device: torch.device) -> bool:
+    """Programmatic dependent launch: on for CUDA devices of compute capability 9.0 (Hopper) and
+    later, never under the Triton interpreter."""
+    return (_DEPENDENT_LAUNCH["enabled"] and device.type == "cuda" and not tuning.interpreting()
+            and torch.cuda.get_device_capability(device)[0] >= 9)
 
 
 def set_sparsity_hint(weight: torch.Tensor, sparsity: float) -> None:
@@ -48,6 +62,7 @@ class GemvConfig:
     num_stages: int
     compact: bool = True
     pipelined: bool = False  # batch-1 compact loop with two weight tiles in flight
+    spread: bool = False  # batch-1 split-K sums spread over the column block's programs (cooperative launch)
 
 
 @dataclass(frozen=True)
@@ -88,9 +103,12 @@ def gemv_candidates(n: int, k: int, batch: int, device: torch.device) -> list[Ge
             max_split = max(1, min(64, k // (2 * bk)))
             for waves in (1, 2, 4, 8):
                 split = max(1, min(max_split, round(waves * sms / blocks)))
-                cfg = GemvConfig(bn, bk, split, warps, stages, compact, pipelined)
-                if cfg not in out:
-                    out.append(cfg)
+                # A spread reduction needs the whole grid resident at once: at most two waves.
+                spreads = (False, True) if batch == 1 and compact and split > 1 and waves <= 2 else (False,)
+                for spread in spreads:
+                    cfg = GemvConfig(bn, bk, split, warps, stages, compact, pipelined, spread)
+                    if cfg not in out:
+                        out.append(cfg)
     return out
 
 
@@ -106,7 +124,7 @@ ACTIVATIONS = {"silu": 1, "gelu_tanh": 2, "gelu": 3, "relu": 4}
 
 
 def gated_candidates(n: int, k: int, device: torch.device, group: int) -> list[GemvConfig]:
-    fitting = [c for c in gemv_candidates(n, k, 1, device) if c.bn % (2 * group) == 0]
+    fitting = [c for c in gemv_candidates(n, k, 1, device) if c.bn % (2 * group) == 0 and not c.spread]
     return fitting or [replace(gemv_candidates(n, k, 1, device)[0], bn=2 * group)]
 
 
@@ -135,11 +153,15 @@ def launch_input_sparse(
     batch, k = x.shape
     n = weight_t.shape[1]
     bb = _block_b(batch)
+    pdl = dependent_launch(x.device)
     blocks = triton.cdiv(n, cfg.bn)
     if blocks > _MAX_COLUMN_BLOCKS:
         raise ValueError(f"{n} output columns need {blocks} column blocks; at most {_MAX_COLUMN_BLOCKS}")
     rows_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), 16) * 16
     split_k = triton.cdiv(k, rows_per_split)
+    if cfg.spread and (bb != 1 or act):
+        raise ValueError(f"{cfg}: a spread split-K reduction is for one token and no gated epilogue")
+    spread = cfg.spread and split_k > 1
     idx = torch.empty(blocks * split_k * rows_per_split if cfg.compact else 1, dtype=torch.int32, device=x.device)
     part = torch.empty((split_k, batch, n) if split_k > 1 else (1,), dtype=torch.float32, device=x.device)
     rank = lowrank_b.shape[1] if lowrank_b is not None else 0
@@ -147,7 +169,7 @@ def launch_input_sparse(
     # the split-K partials summed in as few chunks as registers allow (each a round trip too).
     chunk = min(2048 if bb == 1 else 128, triton.next_power_of_2(rows_per_split))
     split_chunk = max(1, min(64, 8192 // (bb * cfg.bn)))
-    input_sparse_gemv_kernel[(blocks, split_k)](
+    args = (
         x, scale if scale is not None else threshold, threshold, weight_t,
         bias if bias is not None else weight_t, lowrank_b if lowrank_b is not None else weight_t,
         lowrank_z if lowrank_z is not None else x, y,
@@ -156,12 +178,34 @@ def launch_input_sparse(
         x.stride(0), weight_t.stride(0), y.stride(0),
         lowrank_b.stride(0) if lowrank_b is not None else 0,
         lowrank_z.stride(0) if lowrank_z is not None else 0,
+    )
+    kwargs = dict(
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_LOWRANK=lowrank_b is not None,
         COMPLEMENT=complement, USE_SPLIT=split_k > 1, IEEE=weight_t.dtype == torch.float32, COMPACT=cfg.compact, PIPE=cfg.pipelined and cfg.compact and bb == 1,
         BB=bb, BN=cfg.bn, BK=cfg.bk, CHUNK=chunk, BR=16 if bb > 1 else min(64, triton.next_power_of_2(max(rank, 1))),
-        SC=split_chunk, ACT=ACTIVATIONS[act] if act else 0, GROUP=group,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        SC=split_chunk, ACT=ACTIVATIONS[act] if act else 0, GROUP=group, PDL=pdl,
+        SPREAD=spread, SS=triton.next_power_of_2(split_k) if spread else 1,
+        SL=triton.next_power_of_2(triton.cdiv(cfg.bn, split_k)) if spread else 1,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl, launch_cooperative_grid=spread,
     )
+    if spread:
+        _check_resident(input_sparse_gemv_kernel.warmup(*args, grid=(blocks, split_k), **kwargs), blocks * split_k, x.device)
+    input_sparse_gemv_kernel[(blocks, split_k)](*args, **kwargs)
+
+
+def _check_resident(compiled, programs: int, device: torch.device) -> None:
+    """A spread reduction spins until every program of its column block has arrived: the grid must
+    fit on the device at once (registers, shared memory, threads per SM), or it is refused."""
+    compiled._init_handles()  # loads the binary, which fills in n_regs
+    props = torch.cuda.get_device_properties(device)
+    threads = compiled.metadata.num_warps * 32
+    per_sm = min(32, props.max_threads_per_multi_processor // threads,
+                 props.regs_per_multiprocessor // (triton.cdiv(compiled.n_regs, 8) * 8 * threads))
+    if compiled.metadata.shared:
+        per_sm = min(per_sm, props.shared_memory_per_multiprocessor // (compiled.metadata.shared + 1024))
+    if programs > per_sm * props.multi_processor_count:
+        raise tuning.Unlaunchable(f"a spread reduction over {programs} programs; {props.name} holds "
+                                  f"{per_sm} x {props.multi_processor_count} of them at once")
 
 
 def launch_output_sparse_rows(
@@ -169,12 +213,13 @@ def launch_output_sparse_rows(
 ) -> None:
     batch, d = x.shape
     j = weight.shape[0]
+    pdl = dependent_launch(x.device)
     output_sparse_rows_kernel[(triton.cdiv(j, cfg.bj),)](
         x, a, threshold, weight, m,
         batch, j, d,
         x.stride(0), a.stride(0), weight.stride(0), m.stride(0),
-        IEEE=weight.dtype == torch.float32, BB=_block_b(batch), BJ=cfg.bj, BD=cfg.bd,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        IEEE=weight.dtype == torch.float32, BB=_block_b(batch), BJ=cfg.bj, BD=cfg.bd, PDL=pdl,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )
 
 

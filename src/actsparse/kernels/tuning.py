@@ -6,10 +6,12 @@ token, so a weight is never in L2 when its linear runs; the time of the writes a
 subtracted), on the first call with a new key. That first call must come before any CUDA
 graph capture of the caller: the decode engine runs one eager warm-up step for this. A key seen
 for the first time during a capture, or under the Triton interpreter, takes the first
-candidate untimed.
+candidate untimed. A candidate that raises `Unlaunchable` (a grid the device cannot hold at once)
+is recorded with an infinite time and never chosen.
 """
 from __future__ import annotations
 
+import math
 import os
 from typing import Callable, Hashable, Sequence, TypeVar
 
@@ -22,6 +24,10 @@ _TIMINGS: dict[Hashable, list[tuple[object, float]]] = {}
 
 # Sparsity bins used in tuning keys: a kernel tuned at 50% sparsity is not the best one at 90%.
 SPARSITY_EDGES = (0.2, 0.45, 0.6, 0.8)
+
+
+class Unlaunchable(ValueError):
+    """A candidate configuration that cannot run this problem on this device (the tuner skips it)."""
 
 
 def interpreting() -> bool:
@@ -40,11 +46,25 @@ def choose(key: Hashable, candidates: Sequence[Config], launch: Callable[[Config
         return _CHOICES[key]  # type: ignore[return-value]
     if len(candidates) == 1 or interpreting() or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return candidates[0]
-    timings = [(cfg, _graph_time(lambda cfg=cfg: launch(cfg), device)) for cfg in candidates]
-    best = min(timings, key=lambda ct: ct[1])[0]
+    best, timings = fastest(key, candidates, lambda cfg: _graph_time(lambda: launch(cfg), device))
     _CHOICES[key] = best
     _TIMINGS[key] = timings
     return best
+
+
+def fastest(key: Hashable, candidates: Sequence[Config], seconds: Callable[[Config], float]) -> tuple[Config, list[tuple[Config, float]]]:
+    """The candidate with the least `seconds`, and every candidate's time (infinite for the
+    `Unlaunchable` ones)."""
+    timings = []
+    for cfg in candidates:
+        try:
+            timings.append((cfg, seconds(cfg)))
+        except Unlaunchable:
+            timings.append((cfg, math.inf))
+    best, least = min(timings, key=lambda ct: ct[1])
+    if math.isinf(least):
+        raise Unlaunchable(f"{key}: none of the {len(candidates)} candidates can run here")
+    return best, timings
 
 
 def tuned() -> dict[Hashable, object]:
