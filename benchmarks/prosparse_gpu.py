@@ -55,6 +55,8 @@ def main() -> None:
     p.add_argument("--sweep-windows", type=int, default=48)
     p.add_argument("--device", default="cuda")
     p.add_argument("--distill", type=float, default=0.0, help="weight of the KL to the SiLU model in the loss (TrainArgs.distill)")
+    p.add_argument("--distill-hidden", type=float, default=0.0,
+                   help="weight of the normalized MSE to the SiLU model's per-layer hidden states (TrainArgs.distill_hidden)")
     p.add_argument("--schedules", default="progressive,constant", help="comma-separated runs, from progressive,constant")
     a = p.parse_args()
     schedules = a.schedules.split(",")
@@ -100,7 +102,7 @@ def main() -> None:
         model = copy.deepcopy(base)
         config = ProSparseConfig(threshold=a.threshold, schedule=schedule, preset=a.preset, peak_lambda=a.peak_lambda)
         args = TrainArgs(steps=steps, batch_size=a.batch_size, lr=a.lr, warmup=0.03, log_every=max(1, steps // 100),
-                         distill=a.distill)
+                         distill=a.distill, distill_hidden=a.distill_hidden)
         t0 = time.perf_counter()
         history = train_prosparse(model, windows, config, args, work / schedule, progress=False)
         train_s = time.perf_counter() - t0
@@ -138,8 +140,8 @@ def _steps_for(base, windows, a, seconds: float, work: Path) -> int:
     probe = copy.deepcopy(base)
     relufy_(probe)
     schedule = L1Schedule(stages=((1, 0.0), (2, 0.01)))
-    history = train(probe, windows, schedule, TrainArgs(steps=16, batch_size=a.batch_size, lr=a.lr, log_every=4, distill=a.distill),
-                    work / "probe", progress=False, teacher=base if a.distill > 0 else None)
+    args = TrainArgs(steps=16, batch_size=a.batch_size, lr=a.lr, log_every=4, distill=a.distill, distill_hidden=a.distill_hidden)
+    history = train(probe, windows, schedule, args, work / "probe", progress=False, teacher=base if args.distills else None)
     per_step = (history[-1]["seconds"] - history[0]["seconds"]) / 12
     del probe
     return max(50, int(seconds / per_step))

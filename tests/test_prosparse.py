@@ -15,6 +15,7 @@ from actsparse.measure import measure_sparsity
 from actsparse.methods.prosparse import relufy_
 from actsparse.models import layer_specs
 from actsparse.train import IntermediateL1, L1Schedule, ShardedBatches, TrainArgs, train, train_prosparse
+from actsparse.train.loop import _distillation
 from tiny import ARCHS, random_tokens, tiny_model
 
 EVAL = random_tokens(4, 32, seed=4)
@@ -205,6 +206,7 @@ def test_a_few_steps_raise_measured_sparsity_with_finite_loss(tmp_path):
     rows = list(csv.DictReader((tmp_path / "train_log.csv").open()))
     assert [int(r["step"]) for r in rows] == [4, 8, 12]
     assert {"lambda", "l1", "loss", "sparsity", "sparsity_0", "sparsity_1"} <= set(rows[0])
+    assert all(r["kd"] == 0 and r["hidden"] == 0 for r in history)
 
 
 def test_distillation_against_itself_is_zero_and_needs_a_teacher(tmp_path):
@@ -235,6 +237,73 @@ def test_distillation_pulls_the_relu_model_towards_the_silu_model(tmp_path):
                                               reduction="batchmean").item()
     assert kl(model) < kl(plain)
     assert model.actsparse_recipe["training"]["distill"] == 1.0
+
+
+def test_hidden_distillation_is_zero_against_itself_and_its_gradient_reaches_the_student():
+    student = tiny_model("llama")
+    relufy_(student)
+    teacher = copy.deepcopy(student)
+    args = TrainArgs(distill_hidden=1.0)
+    out = student(input_ids=EVAL, output_hidden_states=True)
+    kd, hidden = _distillation(out, teacher, EVAL, args)
+    assert kd.item() == 0 and hidden.item() == 0
+    first = student.model.layers[0]
+    with torch.no_grad():
+        first.mlp.up_proj.weight.add_(0.05 * torch.randn_like(first.mlp.up_proj.weight))
+    out = student(input_ids=EVAL, output_hidden_states=True)
+    kd, hidden = _distillation(out, teacher, EVAL, args)
+    with torch.no_grad():
+        target = teacher(input_ids=EVAL, output_hidden_states=True).hidden_states
+    layers = [((s - t) ** 2).mean() / (t**2).mean() for s, t in zip(out.hidden_states[1:], target[1:])]
+    assert len(layers) == 2 and hidden.item() > 1e-4
+    assert hidden.item() == pytest.approx(sum(layers).item() / 2, rel=1e-5)
+    hidden.backward()
+    assert first.mlp.up_proj.weight.grad.abs().sum() > 0 and first.self_attn.q_proj.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for p in teacher.parameters())
+
+
+def test_hidden_distillation_trains_logs_and_pulls_the_hidden_states_towards_the_teacher(tmp_path):
+    teacher = tiny_model("llama")
+
+    def gap(model):
+        with torch.no_grad():
+            out = model(input_ids=EVAL, output_hidden_states=True)
+            return _distillation(out, teacher, EVAL, TrainArgs(distill_hidden=1.0))[1].item()
+
+    config = asp.ProSparseConfig(threshold=0.0, schedule="constant", stages=((1, 0.0), (2, 0.0)))
+    model = tiny_model("llama")
+    args = TrainArgs(steps=12, batch_size=8, lr=3e-3, log_every=4, distill_hidden=5.0)
+    history = train_prosparse(model, TRAIN, config, args, tmp_path, progress=False)
+    assert all(math.isfinite(r["loss"]) and r["kd"] == 0 and r["hidden"] > 0 for r in history)
+    rows = list(csv.DictReader((tmp_path / "train_log.csv").open()))
+    assert list(rows[0]).index("hidden") == list(rows[0]).index("kd") + 1
+    assert [float(r["hidden"]) for r in rows] == pytest.approx([r["hidden"] for r in history])
+    assert model.actsparse_recipe["training"]["distill_hidden"] == 5.0
+    plain = tiny_model("llama")
+    train_prosparse(plain, TRAIN, config, TrainArgs(steps=12, batch_size=8, lr=3e-3, log_every=4), tmp_path / "plain",
+                    progress=False)
+    assert gap(model) < gap(plain) / 2, (gap(model), gap(plain))
+
+
+def test_both_distillation_terms_share_one_teacher_forward_per_micro_batch(tmp_path):
+    model = tiny_model("llama")
+    relufy_(model)
+    teacher = tiny_model("llama").requires_grad_(False)
+    calls = []
+    teacher.register_forward_hook(lambda module, args, out: calls.append(out.hidden_states is not None))
+    args = TrainArgs(steps=2, batch_size=4, grad_accum=2, lr=1e-3, log_every=1, distill=0.5, distill_hidden=2.0)
+    history = train(model, TRAIN, L1Schedule(stages=((1, 0.0), (2, 0.5))), args, tmp_path, progress=False, teacher=teacher)
+    assert calls == [True] * 4
+    assert all(math.isfinite(r["loss"]) and r["kd"] > 0 and r["hidden"] > 0 for r in history)
+
+
+def test_hidden_distillation_rejects_a_negative_weight_and_needs_a_teacher(tmp_path):
+    with pytest.raises(ActSparseError, match=r"distill_hidden must be >= 0, got -0\.1"):
+        TrainArgs(distill_hidden=-0.1)
+    with pytest.raises(ActSparseError, match=r"distill_hidden=0\.5 needs a teacher"):
+        train(tiny_model("llama"), TRAIN, L1Schedule(stages=((1, 0.0), (2, 0.0))), TrainArgs(steps=1, distill_hidden=0.5),
+              tmp_path, progress=False)
+    assert not (tmp_path / "train_log.csv").exists()
 
 
 def test_resume_from_a_checkpoint_gives_the_same_next_steps(tmp_path):

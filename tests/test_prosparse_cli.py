@@ -59,6 +59,7 @@ def test_train_then_eval_reports_mlp_sparsity(tmp_path, model_dir, data, capsys)
         (["--threshold", "-1"], "threshold must be"),
         (["--data", "{tmp}/nope.jsonl"], "nope.jsonl: no such file"),
         (["--steps", "0"], "steps must be at least 1"),
+        (["--distill-hidden", "-1"], "distill_hidden must be >= 0"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, model_dir, data, extra, message, capsys):

@@ -38,6 +38,9 @@ def register(sub) -> None:
     p.add_argument("--distill", type=float, default=0.0, metavar="W",
                    help="weight in [0, 1] of the KL to the original (SiLU) model's next-token distribution in the loss "
                         "(default 0: plain LM loss)")
+    p.add_argument("--distill-hidden", type=float, default=0.0, metavar="W",
+                   help="weight (>= 0) of the normalized MSE to the original (SiLU) model's per-layer hidden states, "
+                        "added to the loss (default 0: off)")
     p.add_argument("--log-every", type=int, default=10, metavar="N", help="log every N steps (default 10)")
     p.add_argument("--save-every", type=int, default=0, metavar="N", help="checkpoint every N steps (default 0: none)")
     p.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
@@ -62,7 +65,7 @@ def run(args) -> int:
     check_positive("--seq-len", args.seq_len)
     train_args = TrainArgs(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                            log_every=args.log_every, save_every=args.save_every, seed=args.seed, bf16=args.bf16,
-                           distill=args.distill)
+                           distill=args.distill, distill_hidden=args.distill_hidden)
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite and not args.resume:
         raise ActSparseError(f"{output}: exists and is not empty (choose another output or pass --overwrite)")

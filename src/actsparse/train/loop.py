@@ -3,7 +3,9 @@
 With `distill` > 0 and a teacher (the model before ReLU-fication), the LM loss becomes
 ``(1 - distill) * CE + distill * KL(teacher || student)`` over every token's next-token
 distribution: the teacher's full distribution carries far more signal per token than the one
-label, which is what a ReLU-fied model has to recover from on a small token budget.
+label, which is what a ReLU-fied model has to recover from on a small token budget. With
+`distill_hidden` > 0 the loss also adds that weight times the mean over decoder layers of the
+student's normalized MSE to the teacher's hidden states (one teacher forward serves both terms).
 
 AdamW with linear warm-up and cosine decay, gradient accumulation, gradient clipping, bf16
 autocast (fp32 master weights) on CUDA, DDP when the process group is up (`distributed.setup`),
@@ -37,7 +39,7 @@ from .schedule import L1Schedule
 LOG_FILE = "train_log.csv"
 # A checkpoint resumes only a run that would have made the same steps from it.
 RESUME_KEYS = ("steps", "batch_size", "grad_accum", "lr", "min_lr_ratio", "warmup", "weight_decay", "seed", "world_size",
-               "distill")
+               "distill", "distill_hidden")
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,8 @@ class TrainArgs:
     """steps: optimizer steps; batch_size: sequences per micro-batch per rank; warmup: fraction
     of the steps with a linear LR ramp; log_every / save_every: in steps (save_every 0: no
     checkpoints); bf16: None means on for CUDA; distill: weight in [0, 1] of the KL to a teacher's
-    next-token distribution in the loss (0: plain LM loss)."""
+    next-token distribution in the loss (0: plain LM loss); distill_hidden: weight (>= 0) of the
+    normalized MSE to the teacher's per-layer hidden states, added to the loss (0: off)."""
 
     steps: int = 1000
     batch_size: int = 8
@@ -60,6 +63,7 @@ class TrainArgs:
     save_every: int = 0
     seed: int = 0
     distill: float = 0.0
+    distill_hidden: float = 0.0
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -73,6 +77,13 @@ class TrainArgs:
             raise ActSparseError(f"warmup must be in [0, 1) and min_lr_ratio in [0, 1], got {self.warmup}, {self.min_lr_ratio}")
         if not 0 <= self.distill <= 1:
             raise ActSparseError(f"distill must be in [0, 1], got {self.distill}")
+        if not self.distill_hidden >= 0:
+            raise ActSparseError(f"distill_hidden must be >= 0, got {self.distill_hidden}")
+
+    @property
+    def distills(self) -> bool:
+        """Whether the loss has a term against a teacher."""
+        return self.distill > 0 or self.distill_hidden > 0
 
     def lr_factor(self, step: int) -> float:
         warm = math.ceil(self.warmup * self.steps)
@@ -98,9 +109,10 @@ def train(
 ) -> list[dict]:
     """Train `model` (already on its device) in place on token windows [n, seq_len]; returns the
     logged rows. Checkpoints and the CSV log go under `out_dir`. `teacher` (frozen, on the same
-    device) is required when `args.distill` > 0."""
-    if args.distill > 0 and teacher is None:
-        raise ActSparseError(f"distill={args.distill} needs a teacher model")
+    device) is required when `args.distill` or `args.distill_hidden` > 0."""
+    for name in ("distill", "distill_hidden"):
+        if getattr(args, name) > 0 and teacher is None:
+            raise ActSparseError(f"{name}={getattr(args, name)} needs a teacher model")
     device = next(model.parameters()).device
     dist = dist or Dist(device=device)
     out_dir = Path(out_dir)
@@ -118,7 +130,8 @@ def train(
     if resume is not None:
         found = find_checkpoint(resume)
         saved = read_meta(found)
-        differ = [k for k in RESUME_KEYS if saved.get(k) != run_meta.get(k)]
+        defaults = asdict(TrainArgs())  # a key a checkpoint predates had its default value
+        differ = [k for k in RESUME_KEYS if saved.get(k, defaults.get(k)) != run_meta.get(k)]
         if differ:
             raise ActSparseError(
                 f"{found}: was written by a different run ({', '.join(f'{k}={saved.get(k)!r} here {run_meta.get(k)!r}' for k in differ)})"
@@ -126,11 +139,11 @@ def train(
         start = load_checkpoint(found, model, optimizer, scheduler)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     penalty = IntermediateL1(model, l1_reduce)
-    columns = ["step", "tokens", "lr", "lambda", "loss", "kd", "l1", "sparsity"] + [f"sparsity_{i}" for i in range(penalty.layers)] + ["seconds"]
+    columns = ["step", "tokens", "lr", "lambda", "loss", "kd", "hidden", "l1", "sparsity"] + [f"sparsity_{i}" for i in range(penalty.layers)] + ["seconds"]
     log = CsvLog(out_dir / LOG_FILE, columns, resume_step=start if resume is not None else None) if dist.is_main else None
     tokens_per_step = args.batch_size * args.grad_accum * dist.world_size * windows.shape[1]
     history: list[dict] = []
-    sums = torch.zeros(4, dtype=torch.float64, device=device)  # loss, kd, l1, micro-batches since the last log
+    sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, kd, hidden, l1, micro-batches since the last log
     began = time.perf_counter()
     try:
         bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="prosparse", unit="step",
@@ -143,13 +156,14 @@ def train(
                 last = micro == args.grad_accum - 1
                 with (ddp.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        out = ddp(input_ids=ids, labels=ids, use_cache=False)
+                        out = ddp(input_ids=ids, labels=ids, use_cache=False, output_hidden_states=args.distill_hidden > 0)
                         loss = out.loss.float()
-                        kd = _distillation(out.logits, teacher, ids) if args.distill > 0 else torch.zeros((), device=device)
+                        kd, hidden = _distillation(out, teacher, ids, args)
                     l1 = penalty.pop_term()
-                    (((1 - args.distill) * loss + args.distill * kd + lam * l1) / args.grad_accum).backward()
-                sums += torch.stack([loss.detach().double(), kd.detach().double(), l1.detach().double(),
-                                     torch.ones((), dtype=torch.float64, device=device)])
+                    (((1 - args.distill) * loss + args.distill * kd + args.distill_hidden * hidden + lam * l1)
+                     / args.grad_accum).backward()
+                sums += torch.stack([loss.detach().double(), kd.detach().double(), hidden.detach().double(),
+                                     l1.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
             if args.max_grad_norm > 0:
                 nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
             optimizer.step()
@@ -173,22 +187,41 @@ def train(
     return history
 
 
-def _distillation(logits: torch.Tensor, teacher: nn.Module, ids: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) between next-token distributions, in fp32."""
+def _distillation(out, teacher: nn.Module, ids: torch.Tensor, args: TrainArgs) -> tuple[torch.Tensor, torch.Tensor]:
+    """The KL and hidden-state terms of the student's output `out` against one teacher forward
+    on `ids`; a term whose weight in `args` is 0 is 0, uncomputed."""
+    zero = torch.zeros((), device=ids.device)
+    if not args.distills:
+        return zero, zero
     with torch.no_grad():
-        target = F.log_softmax(teacher(input_ids=ids, use_cache=False).logits.float(), dim=-1).flatten(0, -2)
+        target = teacher(input_ids=ids, use_cache=False, output_hidden_states=args.distill_hidden > 0)
+    kd = _kl(out.logits, target.logits) if args.distill > 0 else zero
+    hidden = _hidden_mse(out.hidden_states, target.hidden_states) if args.distill_hidden > 0 else zero
+    return kd, hidden
+
+
+def _kl(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """Mean over tokens of KL(teacher || student) between next-token distributions, in fp32."""
+    target = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
     student = F.log_softmax(logits.float(), dim=-1).flatten(0, -2)
     return F.kl_div(student, target, log_target=True, reduction="batchmean")
+
+
+def _hidden_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Mean over decoder layers of MSE(student, teacher) / mean(teacher**2), in fp32; entry 0 of
+    HF's `hidden_states` (the embeddings, the same for both) is skipped."""
+    terms = [F.mse_loss(s.float(), t.float()) / t.float().square().mean() for s, t in zip(student[1:], teacher[1:])]
+    return torch.stack(terms).mean()
 
 
 def _log_row(step, tokens, lr, lam, sums, penalty, dist, seconds) -> dict:
     zeros, entries = penalty.pop_sparsity()
     reduced = dist.all_reduce_sum(torch.cat([sums, zeros, entries]))
-    loss_sum, kd_sum, l1_sum, count = reduced[:4].tolist()
+    loss_sum, kd_sum, hidden_sum, l1_sum, count = reduced[:5].tolist()
     layers = penalty.layers
-    zeros, entries = reduced[4 : 4 + layers], reduced[4 + layers :]
+    zeros, entries = reduced[5 : 5 + layers], reduced[5 + layers :]
     row = {"step": step, "tokens": tokens, "lr": lr, "lambda": lam, "loss": loss_sum / count, "kd": kd_sum / count,
-           "l1": l1_sum / count, "sparsity": (zeros.sum() / entries.sum()).item()}
+           "hidden": hidden_sum / count, "l1": l1_sum / count, "sparsity": (zeros.sum() / entries.sum()).item()}
     row.update({f"sparsity_{i}": v for i, v in enumerate((zeros / entries).tolist())})
     row["seconds"] = round(seconds, 3)
     return row

@@ -28,11 +28,12 @@ def train_prosparse(
     progress: bool = True,
 ) -> list[dict]:
     """ReLU-fy `model`, train it with `config`'s L1 schedule, then install FATReLU so that it is a
-    sparsified actsparse model (`actsparse.io.save` writes it). With `args.distill` > 0 the model
-    as given (before the swap) is the frozen teacher. Returns the logged rows."""
+    sparsified actsparse model (`actsparse.io.save` writes it). With `args.distill` or
+    `args.distill_hidden` > 0 the model as given (before the swap) is the frozen teacher. Returns
+    the logged rows."""
     if getattr(model, "actsparse_config", None) is not None:
         raise ActSparseError(f"model is already sparsified with {model.actsparse_config.method}; train from the dense model")
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if args.distill > 0 else None
+    teacher = copy.deepcopy(model).eval().requires_grad_(False) if args.distills else None
     relufy_(model)
     schedule = L1Schedule.from_config(config, args.steps)
     history = train(model, windows, schedule, args, out_dir, l1_reduce=config.l1_reduce, resume=resume, dist=dist,
@@ -48,7 +49,8 @@ def train_prosparse(
             "world_size": dist.world_size if dist else 1,
             "stages": [list(s) for s in schedule.stages],
             "distill": args.distill,
-            "final": {k: history[-1][k] for k in ("loss", "kd", "l1", "lambda", "sparsity")} if history else {},
+            "distill_hidden": args.distill_hidden,
+            "final": {k: history[-1][k] for k in ("loss", "kd", "hidden", "l1", "lambda", "sparsity")} if history else {},
         },
     }
     return history
