@@ -16,8 +16,8 @@ gguf_file=$(.venv/bin/python -c 'from actsparse.loading import default_model_pat
 data=../shared/data
 grep -qx '/.gpsp/' .git/info/exclude 2>/dev/null || echo '/.gpsp/' >> .git/info/exclude
 rm -rf .gpsp && mkdir -p .gpsp/a .gpsp/b/site
-head -c 42000000 "$gguf_file" > .gpsp/a/part1
-tail -c +42000001 "$gguf_file" > .gpsp/b/part2
+head -c 39000000 "$gguf_file" > .gpsp/a/part1
+tail -c +39000001 "$gguf_file" > .gpsp/b/part2
 cp "$data/train/wikipedia_en.jsonl.gz" "$data/train/openstax_textbooks.jsonl.gz" .gpsp/a/
 cp "$data/wikitext2/wiki.test.raw" .gpsp/b/
 cp -r "$site/gguf" "$site"/gguf-*.dist-info .gpsp/b/site/  # transformers reads gguf's version from its metadata
