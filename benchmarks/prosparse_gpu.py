@@ -33,7 +33,7 @@ from actsparse.models import layer_specs
 from actsparse.train import TrainArgs, pack_texts, train, train_prosparse
 from actsparse.train.schedule import L1Schedule
 
-SWEEP = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2)
+SWEEP = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
 
 
 def main() -> None:
