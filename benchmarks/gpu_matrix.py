@@ -209,7 +209,11 @@ def section_check(run: Run) -> dict:
                     ref = (fn(g.float()).to(dtype) * u).double()
                     for cfg in ops.gated_candidates(2 * j, k, x.device, group)[:: 1 if dtype == torch.bfloat16 else 8]:
                         m = torch.full((1, j), float("nan"), dtype=dtype, device=dev)
-                        ops.launch_input_sparse(x, packed, t, None, None, None, None, False, cfg, m, act, group)
+                        try:
+                            ops.launch_input_sparse(x, packed, t, None, None, None, None, False, cfg, m, act, group)
+                        except tuning.Unlaunchable as e:
+                            refused.add(f"gated {k}x{j} {cfg}: {e}")
+                            continue
                         record(f"gated {act} {dtype}", rel_err(m, ref), dtype)
     # The spread split-K sums (a spin-wait across programs): every spread candidate of the decode
     # shapes, with the optional inputs once, then many launches on fresh inputs, element by element.

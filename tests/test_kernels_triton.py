@@ -106,10 +106,11 @@ def test_split_k_reduction_in_several_chunks(batch, compact, pipelined):
         assert _rel(y, _reference(x, wt, t)) < 1e-5
 
 
-def test_spread_reduction_is_refused_for_batches_and_the_gated_epilogue():
+def test_spread_reduction_is_refused_for_batches_and_slices_that_split_gate_up_groups():
     # The spread sums spin until every program of a column block has arrived, which the
     # interpreter (one program at a time) cannot run: they are checked on the GPU by
-    # benchmarks/gpu_matrix.py's check section; here only the refusals.
+    # benchmarks/gpu_matrix.py's check section; here only the refusals (3 splits of 64 columns:
+    # slices of 32, less than a gate and an up group of 32).
     cfg = ops.GemvConfig(64, 32, 3, 4, 1, spread=True)
     x, wt = torch.randn(3, 100), torch.randn(100, 128)
     with pytest.raises(ValueError, match="spread"):

@@ -41,9 +41,10 @@ from . import Backend
 
 
 def gate_up_group(intermediate: int) -> int:
-    """Columns per group of the interleaved gate+up weight: gated launches need column blocks of
-    whole group pairs, so the largest of 256..16 that divides the width (else one group)."""
-    return next((g for g in (256, 128, 64, 32, 16) if intermediate % g == 0), intermediate)
+    """Columns per group of the interleaved gate+up weight: gated launches need column blocks,
+    and spread split-K slices, of whole group pairs, so groups are small: 32 or 16 columns where
+    they divide the width (else one group)."""
+    return next((g for g in (32, 16) if intermediate % g == 0), intermediate)
 
 
 def interleave_gate_up(gate_t: torch.Tensor, up_t: torch.Tensor, group: int) -> torch.Tensor:

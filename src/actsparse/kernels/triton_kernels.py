@@ -10,7 +10,8 @@ input-major, so that a kept input channel is one contiguous weight row:
   partial sums go to a fp32 workspace; the last program of a column block to arrive (an arrival
   counter, reset by that program) adds them up and writes the output: one launch, no memset, no
   atomics on data. SPREAD (batch 1, a cooperative launch): every program of the column block
-  waits for all partials, then sums a slice of the columns, so no one program reads them all.
+  waits for all partials, then sums a slice of the columns (whole gate/up group pairs when
+  gated), so no one program reads them all.
 
 Gated (``ACT``): the gate and up columns of a fused ``[K, 2 * d_ff]`` weight interleaved in
 groups, so that a column block holds both halves of its outputs and the epilogue stores the MLP
@@ -196,8 +197,8 @@ def input_sparse_gemv_kernel(
         ss = tl.arange(0, SS)
         p = tl.load(part_ptr + ss[:, None] * N + slice_cols[None, :], mask=(ss < split_k)[:, None] & slice_ok[None, :],
                     other=0.0, cache_modifier=".cg")
-        _epilogue(tl.sum(p, axis=0), pid_n, N, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, slice_cols, slice_ok, toks, tok_ok, R,
-                  stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BN, BR, ACT, GROUP)
+        _epilogue(tl.sum(p, axis=0), pid_n * BN + pid_k * SL, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, slice_cols, slice_ok,
+                  toks, tok_ok, R, stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, SL, BR, ACT, GROUP)
         if tl.atomic_add(count_ptr + pid_n, 1, sem="relaxed") == 2 * split_k - 1:
             tl.atomic_xchg(count_ptr + pid_n, 0)
     elif USE_SPLIT:
@@ -224,11 +225,11 @@ def input_sparse_gemv_kernel(
                         other=0.0, cache_modifier=".cg",
                     )
                 total += tl.sum(p, axis=0)
-            _epilogue(total, pid_n, N, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
+            _epilogue(total, pid_n * BN, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
                       stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BN, BR, ACT, GROUP)
             tl.atomic_xchg(count_ptr + pid_n, 0)
     else:
-        _epilogue(part, pid_n, N, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
+        _epilogue(part, pid_n * BN, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
                   stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BN, BR, ACT, GROUP)
 
 
@@ -247,13 +248,14 @@ def _activation(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(total, pid_n, N, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
+def _epilogue(total, first, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
               stride_y, stride_lrb, stride_lrz,
               HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr,
-              BN: tl.constexpr, BR: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr):
-    """Adds the bias and the low-rank term ``lowrank_b @ z`` in fp32, then stores y; with ACT
-    (batch 1), the columns are gate and up interleaved in groups of GROUP and the stored output is
-    ``act(gate) * up``, rounded to y's dtype at each step as the torch MLP rounds."""
+              W: tl.constexpr, BR: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr):
+    """Adds the bias and the low-rank term ``lowrank_b @ z`` in fp32, then stores y for the W
+    columns `cols` (the first is `first`); with ACT (batch 1), the columns are gate and up
+    interleaved in groups of GROUP (W a multiple of 2 * GROUP, `first` of 2 * GROUP) and the stored
+    output is ``act(gate) * up``, rounded to y's dtype at each step as the torch MLP rounds."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         if BB == 1:
@@ -275,14 +277,15 @@ def _epilogue(total, pid_n, N, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, 
                 else:
                     total = tl.dot(z.to(lrb.dtype), tl.trans(lrb), total)
     if ACT != 0:
-        pairs: tl.constexpr = BN // (2 * GROUP)
+        pairs: tl.constexpr = W // (2 * GROUP)
         g, u = tl.split(tl.permute(tl.reshape(total, (pairs, 2, GROUP)), (0, 2, 1)))
+        g_ok, _ = tl.split(tl.permute(tl.reshape(col_ok.to(tl.int32), (pairs, 2, GROUP)), (0, 2, 1)))
         dtype = y_ptr.dtype.element_ty
-        g = tl.reshape(g, (BN // 2,)).to(dtype).to(tl.float32)
-        u = tl.reshape(u, (BN // 2,)).to(dtype).to(tl.float32)
+        g = tl.reshape(g, (W // 2,)).to(dtype).to(tl.float32)
+        u = tl.reshape(u, (W // 2,)).to(dtype).to(tl.float32)
         a = _activation(g, ACT).to(dtype).to(tl.float32)
-        out = pid_n * (BN // 2) + tl.arange(0, BN // 2)
-        tl.store(y_ptr + out, (a * u).to(dtype), mask=out < N // 2)
+        out = first // 2 + tl.arange(0, W // 2)
+        tl.store(y_ptr + out, (a * u).to(dtype), mask=tl.reshape(g_ok, (W // 2,)) > 0)
     elif BB == 1:
         tl.store(y_ptr + cols, total.to(y_ptr.dtype.element_ty), mask=col_ok)
     else:

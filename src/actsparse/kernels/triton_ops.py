@@ -124,8 +124,15 @@ ACTIVATIONS = {"silu": 1, "gelu_tanh": 2, "gelu": 3, "relu": 4}
 
 
 def gated_candidates(n: int, k: int, device: torch.device, group: int) -> list[GemvConfig]:
-    fitting = [c for c in gemv_candidates(n, k, 1, device) if c.bn % (2 * group) == 0 and not c.spread]
+    fitting = [c for c in gemv_candidates(n, k, 1, device)
+               if c.bn % (2 * group) == 0 and not (c.spread and _spread_slice(c) < 2 * group)]
     return fitting or [replace(gemv_candidates(n, k, 1, device)[0], bn=2 * group)]
+
+
+def _spread_slice(cfg: GemvConfig) -> int:
+    """The fewest columns each program of a spread reduction sums (more when the rows round to
+    fewer splits)."""
+    return triton.next_power_of_2(triton.cdiv(cfg.bn, cfg.split_k))
 
 
 def _counters(device: torch.device) -> torch.Tensor:
@@ -159,9 +166,12 @@ def launch_input_sparse(
         raise ValueError(f"{n} output columns need {blocks} column blocks; at most {_MAX_COLUMN_BLOCKS}")
     rows_per_split = triton.cdiv(triton.cdiv(k, cfg.split_k), 16) * 16
     split_k = triton.cdiv(k, rows_per_split)
-    if cfg.spread and (bb != 1 or act):
-        raise ValueError(f"{cfg}: a spread split-K reduction is for one token and no gated epilogue")
     spread = cfg.spread and split_k > 1
+    spread_slice = _spread_slice(replace(cfg, split_k=split_k)) if spread else 1
+    if cfg.spread and bb != 1:
+        raise ValueError(f"{cfg}: a spread split-K reduction is for one token, got {batch}")
+    if spread and act and spread_slice < 2 * group:
+        raise ValueError(f"{cfg}: its spread slices of {spread_slice} columns split the gate/up groups of {group}")
     idx = torch.empty(blocks * split_k * rows_per_split if cfg.compact else 1, dtype=torch.int32, device=x.device)
     part = torch.empty((split_k, batch, n) if split_k > 1 else (1,), dtype=torch.float32, device=x.device)
     rank = lowrank_b.shape[1] if lowrank_b is not None else 0
@@ -184,8 +194,7 @@ def launch_input_sparse(
         COMPLEMENT=complement, USE_SPLIT=split_k > 1, IEEE=weight_t.dtype == torch.float32, COMPACT=cfg.compact, PIPE=cfg.pipelined and cfg.compact and bb == 1,
         BB=bb, BN=cfg.bn, BK=cfg.bk, CHUNK=chunk, BR=16 if bb > 1 else min(64, triton.next_power_of_2(max(rank, 1))),
         SC=split_chunk, ACT=ACTIVATIONS[act] if act else 0, GROUP=group, PDL=pdl,
-        SPREAD=spread, SS=triton.next_power_of_2(split_k) if spread else 1,
-        SL=triton.next_power_of_2(triton.cdiv(cfg.bn, split_k)) if spread else 1,
+        SPREAD=spread, SS=triton.next_power_of_2(split_k) if spread else 1, SL=spread_slice,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl, launch_cooperative_grid=spread,
     )
     if spread:
