@@ -169,7 +169,7 @@ def launch_input_sparse(
     spread = cfg.spread and split_k > 1
     spread_slice = _spread_slice(replace(cfg, split_k=split_k)) if spread else 1
     if cfg.spread and bb != 1:
-        raise ValueError(f"{cfg}: a spread split-K reduction is for one token, got {batch}")
+        raise ValueError(f"{cfg}: a spread split-K reduction is for one token, got {batch} tokens")
     if spread and act and spread_slice < 2 * group:
         raise ValueError(f"{cfg}: its spread slices of {spread_slice} columns split the gate/up groups of {group}")
     idx = torch.empty(blocks * split_k * rows_per_split if cfg.compact else 1, dtype=torch.int32, device=x.device)
