@@ -198,13 +198,19 @@ def launch_input_sparse(
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl, launch_cooperative_grid=spread,
     )
     if spread:
-        _check_resident(input_sparse_gemv_kernel.warmup(*args, grid=(blocks, split_k), **kwargs), blocks * split_k, x.device)
+        variant = (x.device, x.dtype, weight_t.dtype, y.dtype, tuple(sorted(kwargs.items())))
+        if variant not in _RESIDENT_PER_SM:
+            compiled = input_sparse_gemv_kernel.warmup(*args, grid=(blocks, split_k), **kwargs)
+            _RESIDENT_PER_SM[variant] = _resident_per_sm(compiled, x.device)
+        _check_resident(_RESIDENT_PER_SM[variant], blocks * split_k, x.device)
     input_sparse_gemv_kernel[(blocks, split_k)](*args, **kwargs)
 
 
-def _check_resident(compiled, programs: int, device: torch.device) -> None:
-    """A spread reduction spins until every program of its column block has arrived: the grid must
-    fit on the device at once (registers, shared memory, threads per SM), or it is refused."""
+_RESIDENT_PER_SM: dict[tuple, int] = {}  # by kernel variant: compiling one to read its registers is not free
+
+
+def _resident_per_sm(compiled, device: torch.device) -> int:
+    """How many programs of `compiled` one SM holds at once (registers, shared memory, threads)."""
     compiled._init_handles()  # loads the binary, which fills in n_regs
     props = torch.cuda.get_device_properties(device)
     threads = compiled.metadata.num_warps * 32
@@ -212,6 +218,13 @@ def _check_resident(compiled, programs: int, device: torch.device) -> None:
                  props.regs_per_multiprocessor // (triton.cdiv(compiled.n_regs, 8) * 8 * threads))
     if compiled.metadata.shared:
         per_sm = min(per_sm, props.shared_memory_per_multiprocessor // (compiled.metadata.shared + 1024))
+    return per_sm
+
+
+def _check_resident(per_sm: int, programs: int, device: torch.device) -> None:
+    """A spread reduction spins until every program of its column block has arrived: the grid must
+    fit on the device at once, or it is refused."""
+    props = torch.cuda.get_device_properties(device)
     if programs > per_sm * props.multi_processor_count:
         raise tuning.Unlaunchable(f"a spread reduction over {programs} programs; {props.name} holds "
                                   f"{per_sm} x {props.multi_processor_count} of them at once")
