@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from .attention import use_decode_attention
 from .errors import ActSparseError
+from .kernels import tuning
 
 
 @dataclass
@@ -44,8 +46,12 @@ class DecodeEngine:
         compile: bool | str | None = None,
         cuda_graph: bool | None = None,
         dependent_launch: bool | None = None,
+        decode_attention: bool | None = None,
     ) -> None:
-        """`dependent_launch`: compile the step's Inductor kernels for programmatic dependent launch
+        """`decode_attention`: run the decode steps' attention through actsparse's Triton decode
+        attention kernel (`attention.use_decode_attention`, which switches the model's attention
+        implementation; prefill keeps the model's own); None: on for CUDA models.
+        `dependent_launch`: compile the step's Inductor kernels for programmatic dependent launch
         (each kernel's launch overlaps the previous one's tail; Inductor's `triton.enable_pdl`);
         None: on for CUDA GPUs of compute capability 9.0 and later. actsparse's own kernels
         use it there regardless (`triton_ops.dependent_launch`)."""
@@ -69,6 +75,14 @@ class DecodeEngine:
         if dependent_launch and not on_cuda:
             raise ActSparseError(f"dependent launch needs a CUDA model; this one is on {self.device}")
         self.dependent_launch = dependent_launch
+        if decode_attention is None:
+            decode_attention = on_cuda
+        if decode_attention and not (on_cuda or tuning.interpreting()):
+            raise ActSparseError(f"the decode attention kernel runs on CUDA models (or under TRITON_INTERPRET=1); "
+                                 f"this one is on {self.device}")
+        if decode_attention:
+            use_decode_attention(model)
+        self.decode_attention = decode_attention
         if self.compile:
             backend = self.compile if isinstance(self.compile, str) else "inductor"
             options = {"triton.enable_pdl": True} if dependent_launch and backend == "inductor" else None

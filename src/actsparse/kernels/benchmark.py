@@ -173,9 +173,12 @@ def timed_decode(engine: DecodeEngine, prompt: torch.Tensor, tokens: int, repeat
 
 
 def environment(device: torch.device) -> dict:
+    import transformers
+
     env = {
         "date": datetime.date.today().isoformat(),
         "torch": torch.__version__,
+        "transformers": transformers.__version__,
         "host": platform.node(),
         "cpu_threads": torch.get_num_threads(),
     }
