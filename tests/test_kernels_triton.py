@@ -340,3 +340,44 @@ def test_triton_backend_decodes_one_token_at_a_time_through_the_kernels(monkeypa
     tokens = DecodeEngine(model, max_len=16).generate(prompt, 4).tokens
     assert torch.equal(tokens, reference)
     assert batches and set(batches) == {1}  # decode steps only: the 5-token prefill ran the reference
+
+
+def test_tuner_records_keys_ranks_candidates_and_takes_a_choice(monkeypatch):
+    monkeypatch.setitem(tuning._TIMINGS, "key", [("slow", 2.0), ("too big", float("inf")), ("fast", 1.0)])
+    with tuning.recording() as keys:
+        tuning.choose("key", ["slow", "fast"], lambda cfg: None, torch.device("cpu"))
+        tuning.choose("other", ["only"], lambda cfg: None, torch.device("cpu"))
+        tuning.choose("key", ["slow", "fast"], lambda cfg: None, torch.device("cpu"))
+    assert keys == ["key", "other"]
+    assert tuning.ranked("key", 3) == ["fast", "slow"] and tuning.ranked("other", 3) == []
+    monkeypatch.delitem(tuning._CHOICES, "key", raising=False)
+    tuning.set_choice("key", "slow")
+    assert tuning.tuned()["key"] == "slow"
+    tuning._CHOICES.pop("key")
+    with pytest.raises(ValueError, match="not a timed candidate"):
+        tuning.set_choice("key", "unknown")
+
+
+def test_engine_tune_times_each_alternative_inside_the_step_and_keeps_the_fastest(monkeypatch):
+    from actsparse.engine import DecodeEngine
+
+    model = tiny_model("llama")
+    impose_sparsity(model, collect_scores(model, random_tokens(1, 32), "teal"), 0.5)
+    prompt = random_tokens(1, 5, seed=7)
+    engine = DecodeEngine(model, max_len=16)
+    reference = engine.generate(prompt, 4).tokens
+    set_backend(model, "triton")
+    with tuning.recording() as keys:
+        engine.generate(prompt, 3)
+    assert keys and all(k[0] in ("gemv", "gated") for k in keys)
+    alternatives = [ops.GemvConfig(64, 16, 1, 4, 1), ops.GemvConfig(64, 32, 3, 4, 1)]  # fit gate/up groups of 32
+    for key in keys:  # as if the GPU tuner had timed two candidates alone
+        monkeypatch.setitem(tuning._TIMINGS, key, [(cfg, 1.0 + i) for i, cfg in enumerate(alternatives)])
+    report = engine.tune(prompt, tokens=3)
+    assert set(report) == {str(k) for k in keys}
+    for key in keys:
+        times = report[str(key)]
+        assert set(times) == {str(c) for c in alternatives} and all(t > 0 for t in times.values())
+        assert str(tuning.tuned()[key]) == min(times, key=times.get)
+        tuning._CHOICES.pop(key)
+    assert torch.equal(engine.generate(prompt, 4).tokens, reference)

@@ -91,11 +91,44 @@ class DecodeEngine:
             self._next = self._next_token
         self._graph: torch.cuda.CUDAGraph | None = None
         self._warm = False
+        self.tuning_report: dict[str, dict[str, float]] = {}  # the last `tune`
 
     def invalidate(self) -> None:
         """Drop the captured graph; call after changing the model's backend or sparsity state."""
         self._graph = None
         self._warm = False
+
+    def tune(self, input_ids: torch.Tensor, candidates: int = 10, tokens: int = 64) -> dict[str, dict[str, float]]:
+        """Re-choose the launch config of every kernel the decode step tunes by the step's own time.
+
+        The kernels are first tuned one by one, each launched alone (`kernels.tuning`); inside the
+        step they overlap their neighbours (programmatic dependent launch) and share the L2, so the
+        order can differ. For each tuned problem in turn, the `candidates` fastest alone are each
+        captured into the step and timed over `tokens` decode steps of `input_ids`; the fastest
+        stays. Returns, by problem, each candidate's seconds per step (empty when nothing is
+        tuned: the CPU, or a dense model without actsparse kernels)."""
+        self.invalidate()
+        with tuning.recording() as keys:
+            self.generate(input_ids, 4)
+
+        def seconds_per_step() -> float:
+            self.invalidate()
+            return min(self.generate(input_ids, tokens).decode_s for _ in range(2)) / (tokens - 1)
+
+        report: dict[str, dict[str, float]] = {}
+        for key in keys:
+            alternatives = tuning.ranked(key, candidates)
+            if len(alternatives) < 2:
+                continue
+            times = {}
+            for cfg in alternatives:
+                tuning.set_choice(key, cfg)
+                times[cfg] = seconds_per_step()
+            tuning.set_choice(key, min(times, key=times.get))
+            report[str(key)] = {str(cfg): t for cfg, t in times.items()}
+        self.invalidate()
+        self.tuning_report = report
+        return report
 
     def _next_token(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         logits = self.model(input_ids=token, past_key_values=self.cache, cache_position=pos, use_cache=True).logits

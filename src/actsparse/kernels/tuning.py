@@ -11,6 +11,7 @@ is recorded with an infinite time and never chosen.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from typing import Callable, Hashable, Sequence, TypeVar
@@ -21,6 +22,7 @@ Config = TypeVar("Config")
 
 _CHOICES: dict[Hashable, object] = {}
 _TIMINGS: dict[Hashable, list[tuple[object, float]]] = {}
+_RECORDERS: list[list[Hashable]] = []
 
 # Sparsity bins used in tuning keys: a kernel tuned at 50% sparsity is not the best one at 90%.
 SPARSITY_EDGES = (0.2, 0.45, 0.6, 0.8)
@@ -42,6 +44,9 @@ def sparsity_bin(sparsity: float | None) -> int:
 
 def choose(key: Hashable, candidates: Sequence[Config], launch: Callable[[Config], None], device: torch.device) -> Config:
     """The fastest of `candidates` for `key` (timed once, then remembered)."""
+    for keys in _RECORDERS:
+        if key not in keys:
+            keys.append(key)
     if key in _CHOICES:
         return _CHOICES[key]  # type: ignore[return-value]
     if len(candidates) == 1 or interpreting() or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
@@ -75,6 +80,30 @@ def tuned() -> dict[Hashable, object]:
 def timings() -> dict[Hashable, list[tuple[object, float]]]:
     """Seconds per launch of every candidate timed so far, by key."""
     return dict(_TIMINGS)
+
+
+@contextlib.contextmanager
+def recording():
+    """Collect, in a list, the keys of every `choose` call made inside the block."""
+    keys: list[Hashable] = []
+    _RECORDERS.append(keys)
+    try:
+        yield keys
+    finally:
+        _RECORDERS.remove(keys)
+
+
+def ranked(key: Hashable, n: int) -> list[object]:
+    """The `n` candidates of `key` that ran fastest alone (none if `key` was not timed)."""
+    finite = sorted((ct for ct in _TIMINGS.get(key, []) if math.isfinite(ct[1])), key=lambda ct: ct[1])
+    return [cfg for cfg, _ in finite[:n]]
+
+
+def set_choice(key: Hashable, cfg: object) -> None:
+    """Make `cfg` the choice for `key` (one of its timed candidates)."""
+    if cfg not in [c for c, _ in _TIMINGS.get(key, [])]:
+        raise ValueError(f"{cfg} is not a timed candidate of {key}")
+    _CHOICES[key] = cfg
 
 
 def clear() -> None:
