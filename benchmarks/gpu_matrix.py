@@ -6,6 +6,9 @@ Sections, in order of importance (each is skipped, and says so, once the time bu
   env      versions, device, a device-to-device copy (the bandwidth ceiling)
   check    every kernel variant and launch config against a float64 reference on fresh random
            inputs, outputs poisoned with NaN first
+  attention the decode attention kernel: every launch config against a float64 reference (bf16,
+           fp16; Llama-3-8B heads; short and long caches; in a CUDA graph), timed against
+           transformers' SDPA path (repeat_kv copies, then SDPA)
   model    a small model through the triton backend against the torch reference (fp32 logits,
            bf16 module by module), and the compiled + CUDA-graph engine against the eager one
   bars     Llama-3-8B MLP shapes (4096x14336, 14336x4096), bf16, batch 1, 0..90%: kernel vs cuBLAS
@@ -13,6 +16,11 @@ Sections, in order of importance (each is skipped, and says so, once the time bu
            generate, the engine dense, the engine sparse (TEAL thresholds on its own activations) at every level
   e2e-nopdl (only when named) the same at 50% and 40% with programmatic dependent launch off, for
            the engine's Inductor kernels and actsparse's alike
+  e2e-bars (only when named) e2e at the bars' levels only, 50% and 40% (a second measurement)
+  e2e-alone (only when named) the same at 50% and 40% with every launch config the fastest timed
+           alone, not re-chosen inside the decode step
+  e2e-sdpa (only when named) the same at 50% and 40% with the model's own (SDPA) attention in
+           the decode steps instead of actsparse's decode attention kernel
   matrix   the rest: fp16, batch 2/4/8 (union of masks), fused q/k/v and gate+up, o_proj, the
            output-sparse CATS up, top-K, the R-Sparse low-rank term
   e2e-more batch 4 end to end, as time allows
@@ -35,7 +43,7 @@ import torch.nn.functional as F
 import triton
 
 from actsparse.engine import DecodeEngine
-from actsparse.kernels import dispatch, register_backend, set_backend, tuning
+from actsparse.kernels import attention_ops, dispatch, register_backend, set_backend, tuning
 from actsparse.kernels import triton_ops as ops
 from actsparse.kernels.triton_backend import batched_backend
 from actsparse.kernels.benchmark import (
@@ -138,7 +146,7 @@ def section_env(run: Run) -> dict:
     dst = torch.empty_like(src)
     t = graph_time([lambda: dst.copy_(src)], reps=5)
     env["copy_tb_s"] = 2 * src.numel() * 2 / t / 1e12
-    run.say(f"{env['device_name']} · torch {env['torch']} · triton {env['triton']} · copy {env['copy_tb_s']:.2f} TB/s")
+    run.say(f"{env['device_name']} · torch {env['torch']} · triton {env['triton']} · transformers {env['transformers']} · copy {env['copy_tb_s']:.2f} TB/s")
     return env
 
 
@@ -259,6 +267,57 @@ def section_check(run: Run) -> dict:
     for f in failures[:20]:
         run.say("  " + f)
     return {"worst_rel_err": worst, "failures": failures, "refused": sorted(refused)}
+
+
+def _attention_reference(q, k, v, keep, scale):
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.double().repeat_interleave(groups, 1), v.double().repeat_interleave(groups, 1)
+    s = (q.double() @ k.transpose(-1, -2) * scale).masked_fill(~keep, float("-inf"))
+    return torch.softmax(s, -1).matmul(v).transpose(1, 2)
+
+
+def section_attention(run: Run) -> dict:
+    """The decode attention kernel: correctness of every config, then its time against
+    transformers' SDPA path for a decode step (Llama-3-8B: 32 query heads, 8 KV heads, 128)."""
+    from transformers.integrations.sdpa_attention import repeat_kv
+
+    torch.manual_seed(0)
+    failures, worst, timings = [], {}, []
+    for dtype in (torch.bfloat16, torch.float16):
+        for batch, q_len, kv_len, filled in ((1, 1, 160, 40), (1, 1, 160, 159), (2, 1, 1024, 700), (1, 4, 4096, 3000)):
+            q = torch.randn(batch, 32, q_len, 128, device="cuda").to(dtype)
+            k, v = (torch.randn(batch, 8, kv_len, 128, device="cuda").to(dtype) for _ in range(2))
+            keep = (torch.arange(kv_len, device="cuda")[None, None, None, :]
+                    < filled + torch.arange(q_len, device="cuda")[None, None, :, None] + 1).expand(batch, 1, q_len, kv_len)
+            ref = _attention_reference(q, k, v, keep, 128 ** -0.5)
+            name = f"{str(dtype)[6:]} b{batch} q{q_len} L{kv_len}"
+            for cfg in attention_ops.attention_candidates(kv_len, q.device):
+                out = torch.full((batch, q_len, 32, 128), float("nan"), dtype=dtype, device="cuda")
+                attention_ops.launch_decode_attention(q, k, v, keep, 128 ** -0.5, 0.0, cfg, out)
+                err = rel_err(out, ref)
+                worst[name] = max(worst.get(name, 0.0), err)
+                if not err <= TOLERANCE[dtype]:
+                    failures.append(f"{name} {cfg}: {err:.2e}")
+            out = torch.full((batch, q_len, 32, 128), float("nan"), dtype=dtype, device="cuda")
+            graph = torch.cuda.CUDAGraph()
+            attention_ops.decode_attention(q, k, v, keep, 128 ** -0.5, 0.0)  # tunes outside the capture
+            with torch.cuda.graph(graph):
+                out.copy_(attention_ops.decode_attention(q, k, v, keep, 128 ** -0.5, 0.0))
+            out.fill_(float("nan"))
+            graph.replay()
+            if not rel_err(out, ref) <= TOLERANCE[dtype]:
+                failures.append(f"{name} in a graph: {rel_err(out, ref):.2e}")
+            if dtype == torch.bfloat16:
+                kernel_s = graph_time([lambda: attention_ops.decode_attention(q, k, v, keep, 128 ** -0.5, 0.0)])
+                sdpa_s = graph_time([lambda: F.scaled_dot_product_attention(
+                    q, repeat_kv(k, 4), repeat_kv(v, 4), attn_mask=keep, scale=128 ** -0.5)])
+                timings.append({"case": name, "kernel_us": kernel_s * 1e6, "sdpa_repeat_kv_us": sdpa_s * 1e6})
+                run.say(f"attention {name}: kernel {kernel_s * 1e6:.1f} us, repeat_kv + SDPA {sdpa_s * 1e6:.1f} us")
+    run.say("attention checks: " + ("all within tolerance" if not failures else f"{len(failures)} FAILURES"))
+    for f in failures[:20]:
+        run.say("  " + f)
+    tuned = {str(key): str(cfg) for key, cfg in tuning.tuned().items() if key[0] == "attention"}
+    return {"worst_rel_err": worst, "failures": failures, "timings": timings, "tuned": tuned}
 
 
 def check_model(run: Run, dtypes=(torch.float32, torch.bfloat16)) -> dict:
@@ -401,14 +460,19 @@ def section_bars(run: Run) -> dict:
 
 
 def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bool, tokens: int = 128,
-        dependent_launch: bool = True) -> dict:
+        dependent_launch: bool = True, decode_attention: bool = True, tune_in_step: bool = True) -> dict:
     """`dependent_launch` False: the engine's Inductor kernels and actsparse's kernels both launch
-    without programmatic dependent launch (to measure what it brings, dense and sparse alike)."""
+    without programmatic dependent launch (to measure what it brings, dense and sparse alike).
+    `decode_attention` False: the decode steps run the model's SDPA attention instead of
+    actsparse's decode attention kernel. `tune_in_step` False: the kernels' launch configs are
+    the fastest timed alone, not re-chosen inside the decode step (`DecodeEngine.tune`)."""
     prompt_len = 32
+    tuning.clear()  # every run tunes its own kernels
     model = random_model(shape, dtype, "cuda")
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     out: dict = {"shape": shape, "dtype": str(dtype)[6:], "batch": batch, "tokens": tokens, "levels": [],
-                 "dependent_launch": dependent_launch}
+                 "dependent_launch": dependent_launch, "decode_attention": decode_attention,
+                 "tune_in_step": tune_in_step}
     ops.set_dependent_launch(dependent_launch)
     if hf:
         t0 = time.perf_counter()
@@ -416,10 +480,12 @@ def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bo
         run.say(f"transformers generate, static cache, compiled: {out['hf_tok_s']:.1f} tok/s ({time.perf_counter() - t0:.0f}s incl. compile)")
         torch._dynamo.reset()
     swap_modules(model)
-    engine = DecodeEngine(model, max_len=prompt_len + tokens, batch_size=batch, dependent_launch=dependent_launch)
+    engine = DecodeEngine(model, max_len=prompt_len + tokens, batch_size=batch, dependent_launch=dependent_launch,
+                          decode_attention=decode_attention)
     t0 = time.perf_counter()
-    dense = timed_decode(engine, prompts, tokens, repeats=2)
+    dense = timed_decode(engine, prompts, tokens, repeats=2, tune=tune_in_step)
     out["dense_tok_s"] = dense.tokens_per_s
+    out["dense_tuning_in_step"] = engine.tuning_report
     out["dense_warm_s"] = time.perf_counter() - t0
     linear_bytes, other_bytes = read_bytes(model)
     run.say(f"engine dense: {dense.tokens_per_s:.1f} tok/s ({out['dense_warm_s']:.0f}s incl. compile)")
@@ -432,10 +498,14 @@ def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bo
         impose_sparsity(model, scores, s)
         set_backend(model, "triton")
         engine.invalidate()
-        sparse = timed_decode(engine, prompts, tokens, repeats=2)
+        sparse = timed_decode(engine, prompts, tokens, repeats=2, tune=tune_in_step)
         measured = measured_sparsity(model, torch.cat([prompts, sparse.tokens], 1))
         row = speed_result(dense, sparse, measured, linear_bytes, other_bytes, batch)
-        row.update(target=s, warm_s=time.perf_counter() - t0)
+        row.update(target=s, warm_s=time.perf_counter() - t0, tuning_in_step=engine.tuning_report)
+        for key, times in engine.tuning_report.items():
+            alone, best = next(iter(times)), min(times, key=times.get)
+            if best != alone:
+                run.say(f"    in the step {key[:40]}: {best} over {alone}, {1e6 * times[best]:.1f} against {1e6 * times[alone]:.1f} us per step")
         out["levels"].append(row)
         run.say(f"  s={s:.2f} (measured {measured:.3f}): {sparse.tokens_per_s:.1f} tok/s x{row['speedup']:.2f} "
                 f"(ideal x{row['ideal_speedup']:.2f}, {100 * row['fraction_of_ideal']:.0f}%) {row['sparse_gb_s']:.0f} GB/s")
@@ -617,10 +687,14 @@ def main() -> int:
     sections = [
         ("env", section_env, 5),
         ("check", section_check, 60),
+        ("attention", section_attention, 30),
         ("model", check_model, 40),
         ("bars", section_bars, 20),
         ("e2e", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4, 0.25, 0.65, 0.9), hf=args.hf)]}, 100),
         ("e2e-nopdl", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4), hf=False, dependent_launch=False)]}, 70),
+        ("e2e-bars", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4), hf=False)]}, 70),
+        ("e2e-alone", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4), hf=False, tune_in_step=False)]}, 70),
+        ("e2e-sdpa", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4), hf=False, decode_attention=False)]}, 70),
         ("matrix", section_matrix, 60),
         ("profile", section_profile, 60),
         ("e2e-more", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 4, (0.5,), hf=False)]}, 90),
