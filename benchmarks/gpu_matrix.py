@@ -17,6 +17,8 @@ Sections, in order of importance (each is skipped, and says so, once the time bu
   e2e-nopdl (only when named) the same at 50% and 40% with programmatic dependent launch off, for
            the engine's Inductor kernels and actsparse's alike
   e2e-bars (only when named) e2e at the bars' levels only, 50% and 40% (a second measurement)
+  e2e-nocombo (only when named) e2e-bars without Inductor's combo kernels (the engine's default on
+           CUDA: independent small kernels of the step launched as one), dense and sparse alike
   e2e-alone (only when named) the same at 50% and 40% with every launch config the fastest timed
            alone, not re-chosen inside the decode step
   e2e-sdpa (only when named) the same at 50% and 40% with the model's own (SDPA) attention in
@@ -460,19 +462,22 @@ def section_bars(run: Run) -> dict:
 
 
 def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bool, tokens: int = 128,
-        dependent_launch: bool = True, decode_attention: bool = True, tune_in_step: bool = True) -> dict:
+        dependent_launch: bool = True, decode_attention: bool = True, tune_in_step: bool = True,
+        inductor_options: dict | None = None) -> dict:
     """`dependent_launch` False: the engine's Inductor kernels and actsparse's kernels both launch
     without programmatic dependent launch (to measure what it brings, dense and sparse alike).
     `decode_attention` False: the decode steps run the model's SDPA attention instead of
     actsparse's decode attention kernel. `tune_in_step` False: the kernels' launch configs are
-    the fastest timed alone, not re-chosen inside the decode step (`DecodeEngine.tune`)."""
+    the fastest timed alone, not re-chosen inside the decode step (`DecodeEngine.tune`).
+    `inductor_options`: passed to the engine's compile, dense and sparse alike (None: the
+    engine's default)."""
     prompt_len = 32
     tuning.clear()  # every run tunes its own kernels
     model = random_model(shape, dtype, "cuda")
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     out: dict = {"shape": shape, "dtype": str(dtype)[6:], "batch": batch, "tokens": tokens, "levels": [],
                  "dependent_launch": dependent_launch, "decode_attention": decode_attention,
-                 "tune_in_step": tune_in_step}
+                 "tune_in_step": tune_in_step, "inductor_options": inductor_options}
     ops.set_dependent_launch(dependent_launch)
     if hf:
         t0 = time.perf_counter()
@@ -481,7 +486,7 @@ def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bo
         torch._dynamo.reset()
     swap_modules(model)
     engine = DecodeEngine(model, max_len=prompt_len + tokens, batch_size=batch, dependent_launch=dependent_launch,
-                          decode_attention=decode_attention)
+                          decode_attention=decode_attention, inductor_options=inductor_options)
     t0 = time.perf_counter()
     dense = timed_decode(engine, prompts, tokens, repeats=2, tune=tune_in_step)
     out["dense_tok_s"] = dense.tokens_per_s
@@ -679,7 +684,14 @@ def main() -> int:
     p.add_argument("--sections", default="env,check,model,bars,e2e,matrix,e2e-more",
                    help="comma-separated sections to run, in the fixed order above")
     p.add_argument("--hf", action="store_true", help="also time transformers' compiled static-cache generate")
+    p.add_argument("--inductor", default="", help="comma-separated Inductor config flags to turn on (an experiment)")
     args = p.parse_args()
+    for flag in filter(None, args.inductor.split(",")):
+        import torch._inductor.config as inductor_config
+
+        if not hasattr(inductor_config, flag):
+            p.error(f"--inductor: torch._inductor.config has no {flag!r}")
+        setattr(inductor_config, flag, True)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     run = Run(out, args.budget_s)
@@ -693,6 +705,8 @@ def main() -> int:
         ("e2e", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4, 0.25, 0.65, 0.9), hf=args.hf)]}, 100),
         ("e2e-nopdl", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4), hf=False, dependent_launch=False)]}, 70),
         ("e2e-bars", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4), hf=False)]}, 70),
+        ("e2e-nocombo", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4), hf=False,
+                                                  inductor_options={})]}, 70),
         ("e2e-alone", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4), hf=False, tune_in_step=False)]}, 70),
         ("e2e-sdpa", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4), hf=False, decode_attention=False)]}, 70),
         ("matrix", section_matrix, 60),

@@ -47,10 +47,15 @@ class DecodeEngine:
         cuda_graph: bool | None = None,
         dependent_launch: bool | None = None,
         decode_attention: bool | None = None,
+        inductor_options: dict | None = None,
     ) -> None:
         """`decode_attention`: run the decode steps' attention through actsparse's Triton decode
         attention kernel (`attention.use_decode_attention`, which switches the model's attention
         implementation; prefill keeps the model's own); None: on for CUDA models.
+        `inductor_options`: Inductor options for the compiled step; None: on CUDA,
+        ``{"combo_kernels": True}`` (independent small kernels of the step, such as the key and
+        value cache writes, launched as one: on the H200 both the dense and the sparse Llama-3-8B
+        step gain 1-3%, benchmarks/results/gpu_matrix_run20.json), none elsewhere.
         `dependent_launch`: compile the step's Inductor kernels for programmatic dependent launch
         (each kernel's launch overlaps the previous one's tail; Inductor's `triton.enable_pdl`);
         None: on for CUDA GPUs of compute capability 9.0 and later. actsparse's own kernels
@@ -85,8 +90,14 @@ class DecodeEngine:
         self.decode_attention = decode_attention
         if self.compile:
             backend = self.compile if isinstance(self.compile, str) else "inductor"
-            options = {"triton.enable_pdl": True} if dependent_launch and backend == "inductor" else None
-            self._next = torch.compile(self._next_token, backend=backend, dynamic=False, options=options)
+            if inductor_options is None:
+                inductor_options = {"combo_kernels": True} if on_cuda and backend == "inductor" else {}
+            options = dict(inductor_options)
+            if dependent_launch and backend == "inductor":
+                options["triton.enable_pdl"] = True
+            if options and backend != "inductor":
+                raise ActSparseError(f"inductor_options need the inductor backend, not {backend!r}")
+            self._next = torch.compile(self._next_token, backend=backend, dynamic=False, options=options or None)
         else:
             self._next = self._next_token
         self._graph: torch.cuda.CUDAGraph | None = None
