@@ -14,7 +14,7 @@ pytest.importorskip("triton")
 if os.environ["TRITON_INTERPRET"] != "1":
     pytest.skip("these tests run the Triton interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
 
-from actsparse.attention import decode_attention_name, use_decode_attention  # noqa: E402
+from actsparse.attention import builds_on, decode_attention_name, use_decode_attention  # noqa: E402
 from actsparse.engine import DecodeEngine  # noqa: E402
 from actsparse.errors import ActSparseError  # noqa: E402
 from actsparse.kernels import attention_ops as ops  # noqa: E402
@@ -133,7 +133,9 @@ _launch = ops.launch_decode_attention
 
 def test_use_decode_attention_names_the_implementations_it_builds_on():
     model = tiny_model("llama")
+    assert builds_on(model)
     model.config._attn_implementation = "flex_attention"
+    assert not builds_on(model)
     with pytest.raises(ActSparseError, match="sdpa or eager"):
         use_decode_attention(model)
 
@@ -143,7 +145,7 @@ def test_engine_decodes_through_the_kernel_on_request():
     prompt = random_tokens(1, 5, seed=3)
     plain = DecodeEngine(model, max_len=16).generate(prompt, 8).tokens
     engine = DecodeEngine(model, max_len=16, decode_attention=True)
-    assert model.config._attn_implementation.startswith("actsparse_")
+    assert model.config._attn_implementation.startswith("actsparse_") and builds_on(model)
     assert torch.equal(engine.generate(prompt, 8).tokens, plain)
 
 

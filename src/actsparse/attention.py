@@ -24,6 +24,11 @@ def decode_attention_name(base: str) -> str:
     return PREFIX + base
 
 
+def builds_on(model: torch.nn.Module) -> bool:
+    """Whether `model`'s attention is one `use_decode_attention` builds on (or already uses it)."""
+    return model.config._attn_implementation.removeprefix(PREFIX) in BASES
+
+
 def use_decode_attention(model: torch.nn.Module) -> str:
     """Switch `model` (a transformers model whose attention is "sdpa" or "eager") to the decode
     attention kernel for decode steps; returns the implementation's name."""

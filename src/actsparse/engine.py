@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from .attention import use_decode_attention
+from .attention import builds_on, use_decode_attention
 from .errors import ActSparseError
 from .kernels import tuning
 
@@ -51,7 +51,8 @@ class DecodeEngine:
     ) -> None:
         """`decode_attention`: run the decode steps' attention through actsparse's Triton decode
         attention kernel (`attention.use_decode_attention`, which switches the model's attention
-        implementation; prefill keeps the model's own); None: on for CUDA models.
+        implementation; prefill keeps the model's own); None: on for CUDA models whose attention is
+        "sdpa" or "eager", the ones it builds on.
         `inductor_options`: Inductor options for the compiled step; None: on CUDA,
         ``{"combo_kernels": True}`` (independent small kernels of the step, such as the key and
         value cache writes, launched as one: on the H200 both the dense and the sparse Llama-3-8B
@@ -81,7 +82,7 @@ class DecodeEngine:
             raise ActSparseError(f"dependent launch needs a CUDA model; this one is on {self.device}")
         self.dependent_launch = dependent_launch
         if decode_attention is None:
-            decode_attention = on_cuda
+            decode_attention = on_cuda and builds_on(model)
         if decode_attention and not (on_cuda or tuning.interpreting()):
             raise ActSparseError(f"the decode attention kernel runs on CUDA models (or under TRITON_INTERPRET=1); "
                                  f"this one is on {self.device}")
