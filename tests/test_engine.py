@@ -102,4 +102,5 @@ def test_bench_on_a_random_smollm2_shape(tmp_path, capsys):
     for key in ("dense_tok_s", "sparse_tok_s", "speedup", "ideal_speedup", "sparsity", "device", "dtype", "batch"):
         assert key in result
     assert result["device"] == "cpu" and result["batch"] == 1 and 0.4 < result["sparsity"] < 0.6
+    assert result["decode_attention"] is False and result["dependent_launch"] is False  # CUDA only
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result

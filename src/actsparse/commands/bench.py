@@ -95,6 +95,7 @@ def run(args) -> int:
         result["hf_tok_s"] = hf_generate_speed(model, prompts, args.tokens)
     swap_modules(model)
     engine = DecodeEngine(model, max_len=args.prompt_len + args.tokens, batch_size=args.batch)
+    result.update(decode_attention=engine.decode_attention, dependent_launch=engine.dependent_launch)
     log("dense decode")
     if loaded_sparse:
         with dense_modes(model):
