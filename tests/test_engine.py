@@ -69,6 +69,9 @@ def test_engine_reuse_and_limits():
     assert not engine.dependent_launch  # a CPU model: off by default
     with pytest.raises(ActSparseError, match="dependent launch needs a CUDA model"):
         DecodeEngine(model, max_len=16, dependent_launch=True)
+    with pytest.raises(ActSparseError, match="tokens >= 2"):
+        engine.tune(random_tokens(1, 4, seed=1), tokens=1)
+    assert engine.tune(random_tokens(1, 4, seed=1), tokens=3) == {}  # the CPU: nothing tuned
     with pytest.raises(ActSparseError, match="inductor_options need the inductor backend"):
         DecodeEngine(model, max_len=16, compile="eager", inductor_options={"combo_kernels": True})
 

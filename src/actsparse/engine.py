@@ -118,7 +118,9 @@ class DecodeEngine:
         order can differ. For each tuned problem in turn, the `candidates` fastest alone are each
         captured into the step and timed over `tokens` decode steps of `input_ids`; the fastest
         stays. Returns, by problem, each candidate's seconds per step (empty when nothing is
-        tuned: the CPU, or a dense model without actsparse kernels)."""
+        tuned, as on the CPU)."""
+        if tokens < 2 or candidates < 1:
+            raise ActSparseError(f"tune needs tokens >= 2 and candidates >= 1, got {tokens} and {candidates}")
         self.invalidate()
         with tuning.recording() as keys:
             self.generate(input_ids, 4)
