@@ -669,9 +669,9 @@ def summary(run: Run) -> None:
             print(f"FLOOR {f['k']}x{f['n']}: nothing kept {f['nothing_kept_us']:.1f} us, empty kernel {f['empty_kernel_us']:.1f} us")
         for g in sec["bars"].get("gated", []):
             print(f"GATED s={g['sparsity']:.2f}: cuBLAS {g['cublas_gemv_us']:.1f} gated {g['gated_us']:.1f} unfused {g['unfused_us']:.1f} us")
-    for name in ("e2e", "e2e-nopdl", "e2e-more"):
-        for res in sec.get(name, {}).get("runs", []):
-            print(f"E2E {res['shape']} {res['dtype']} b{res['batch']}: hf {res.get('hf_tok_s', 0):.1f} dense {res['dense_tok_s']:.1f} tok/s; "
+    for name in (n for n in sec if n.startswith("e2e")):
+        for res in sec[name].get("runs", []):
+            print(f"E2E ({name}) {res['shape']} {res['dtype']} b{res['batch']}: hf {res.get('hf_tok_s', 0):.1f} dense {res['dense_tok_s']:.1f} tok/s; "
                   + " ".join(f"{l['target']:.2f}->x{l['speedup']:.2f}/{l['ideal_speedup']:.2f}" for l in res["levels"]))
     print("skipped:", run.results["skipped"], "errors:", list(run.results["errors"]))
     print(f"total {run.elapsed():.0f}s")

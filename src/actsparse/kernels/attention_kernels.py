@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
-from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
+
+from .triton_kernels import wait_for_producer
 
 
 @triton.jit
@@ -25,8 +26,7 @@ def decode_attention_kernel(
     PDL: tl.constexpr,
 ):
     if PDL:
-        gdc_wait()  # the cache and the queries are the previous kernels' to write
-        gdc_launch_dependents()
+        wait_for_producer()
     seq_head = tl.program_id(0)
     split = tl.program_id(1)
     b = seq_head // kv_heads
@@ -101,8 +101,7 @@ def attention_combine_kernel(
 ):
     """Merge the KV splits of one (sequence, KV head): out = sum_s e^(m_s - m) acc_s / sum_s e^(m_s - m) l_s."""
     if PDL:
-        gdc_wait()
-        gdc_launch_dependents()
+        wait_for_producer()
     seq_head = tl.program_id(0)
     b = seq_head // kv_heads
     kv_head = seq_head % kv_heads

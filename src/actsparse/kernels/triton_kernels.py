@@ -18,7 +18,7 @@ groups, so that a column block holds both halves of its outputs and the epilogue
 intermediate ``act(gate) * up`` instead of gate and up.
 
 On Hopper and later both kernels are launched with programmatic dependent launch (PDL): a launch
-and its programs' start overlap the previous kernel's tail, and `_wait_for_producer` holds every
+and its programs' start overlap the previous kernel's tail, and `wait_for_producer` holds every
 memory access until that kernel is done.
 
 Output-sparse rows (CATS / ProSparse up projection), ``m = a_kept * (x @ Wup[rows].T)``:
@@ -33,7 +33,7 @@ from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 
 @triton.jit
-def _wait_for_producer():
+def wait_for_producer():
     """Under programmatic dependent launch the programs start while the previous kernel still
     runs: wait for it before any global memory access (x, the workspace and the arrival counters
     may all be its to write), then let the next kernel begin launching."""
@@ -95,7 +95,7 @@ def input_sparse_gemv_kernel(
     ACT: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr, SPREAD: tl.constexpr, SS: tl.constexpr, SL: tl.constexpr,
 ):
     if PDL:
-        _wait_for_producer()
+        wait_for_producer()
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     cols = pid_n * BN + tl.arange(0, BN)
@@ -300,7 +300,7 @@ def output_sparse_rows_kernel(
     IEEE: tl.constexpr, BB: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr,
 ):
     if PDL:
-        _wait_for_producer()
+        wait_for_producer()
     pid = tl.program_id(0)
     js = pid * BJ + tl.arange(0, BJ)
     j_ok = js < J
