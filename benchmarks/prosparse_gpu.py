@@ -11,12 +11,19 @@ sparsity.mlp), then over a FATReLU threshold sweep on the first --sweep-windows 
 sparsity/perplexity curve, to compare the two at equal sparsity). OUT receives summary.json
 (rewritten after every phase), the two training logs, curves.png; the last stdout line is the
 summary as one JSON document. `benchmarks/prosparse_gpu_prepare.sh` packs what a lent GPU needs
-and gives the two device calls.
+and gives the device calls.
+
+A run longer than one device call: give --work DIR on a disk that outlives the call (the lent
+machine's /tmp while it stays warm). The first call fixes the steps (--steps, or --seconds of
+training over all calls by the probe); training stops in time for --deadline with a checkpoint
+under DIR; the same command again resumes it (and skips what DIR already holds: the SiLU
+evaluations, finished runs), until every run is trained and evaluated.
 """
 from __future__ import annotations
 
 import argparse
 import copy
+import csv
 import json
 import shutil
 import tempfile
@@ -33,7 +40,7 @@ from actsparse.models import layer_specs
 from actsparse.train import TrainArgs, pack_texts, train, train_prosparse
 from actsparse.train.schedule import L1Schedule
 
-SWEEP = (0.0, 0.01, 0.02, 0.05, 0.1, 0.2, 0.3)
+SWEEP = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
 
 
 def main() -> None:
@@ -42,7 +49,8 @@ def main() -> None:
     p.add_argument("--data", required=True, help="comma-separated training files")
     p.add_argument("--eval", required=True, help="WikiText-2 test (wiki.test.raw)")
     p.add_argument("--out", required=True)
-    p.add_argument("--seconds", type=float, default=160.0, help="training time per run")
+    p.add_argument("--seconds", type=float, default=160.0,
+                   help="training time per run (with --work: over every call; without, --deadline may shorten it)")
     p.add_argument("--steps", type=int, default=None, help="steps per run (default: from --seconds and a timed probe)")
     p.add_argument("--deadline", type=float, default=None,
                    help="seconds for the whole script: shortens --seconds so both runs and their evaluations fit")
@@ -58,59 +66,89 @@ def main() -> None:
     p.add_argument("--distill-hidden", type=float, default=0.0,
                    help="weight of the normalized MSE to the SiLU model's per-layer hidden states (TrainArgs.distill_hidden)")
     p.add_argument("--schedules", default="progressive,constant", help="comma-separated runs, from progressive,constant")
+    p.add_argument("--work", default=None,
+                   help="checkpoints and finished results, on a disk that outlives one call (default: a fresh temporary "
+                        "directory); the same command again resumes from it")
+    p.add_argument("--compile", action="store_true", help="compile the decoder layers while training (TrainArgs.compile)")
     a = p.parse_args()
     schedules = a.schedules.split(",")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix="prosparse-"))
+    work = Path(a.work) if a.work is not None else Path(tempfile.mkdtemp(prefix="prosparse-"))
+    work.mkdir(parents=True, exist_ok=True)
     device = torch.cuda.get_device_name(0) if a.device == "cuda" else a.device
-    summary: dict = {"device": device, "torch": torch.__version__, "args": vars(a)}
+    summary: dict = {"device": device, "torch": torch.__version__}
+    if (work / "summary.json").is_file():
+        summary = json.loads((work / "summary.json").read_text())
+    summary["args"] = vars(a)
+    summary["calls"] = summary.get("calls", 0) + 1
 
     def save() -> None:
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        text = json.dumps(summary, indent=1)
+        (out / "summary.json").write_text(text)
+        (work / "summary.json").write_text(text)
 
     began = time.perf_counter()
     t0 = time.perf_counter()
     base, tok = load_model(a.model, torch.float32, a.device)
     summary["load_s"] = round(time.perf_counter() - t0, 1)
 
-    dense = copy.deepcopy(base)
-    sparsify_(dense, DenseConfig())
-    summary["silu"] = _ppl(dense, tok, a.eval, None)
-    summary["silu_sweep_windows"] = _ppl(dense, tok, a.eval, a.sweep_windows)
-    relu0 = copy.deepcopy(base)
-    sparsify_(relu0, ProSparseConfig(threshold=0.0))
-    summary["relu_untrained"] = _ppl(relu0, tok, a.eval, a.sweep_windows)
-    del dense, relu0
-    save()
+    if "relu_untrained" not in summary:
+        dense = copy.deepcopy(base)
+        sparsify_(dense, DenseConfig())
+        summary["silu"] = _ppl(dense, tok, a.eval, None)
+        summary["silu_sweep_windows"] = _ppl(dense, tok, a.eval, a.sweep_windows)
+        relu0 = copy.deepcopy(base)
+        sparsify_(relu0, ProSparseConfig(threshold=0.0))
+        summary["relu_untrained"] = _ppl(relu0, tok, a.eval, a.sweep_windows)
+        del dense, relu0
+        save()
 
     t0 = time.perf_counter()
     windows = pack_texts(tok, a.data.split(","), a.seq_len)
     summary["data"] = {"files": a.data.split(","), "windows": windows.shape[0], "tokens": windows.numel(),
                        "pack_s": round(time.perf_counter() - t0, 1)}
-    seconds = a.seconds
-    if a.deadline is not None:
-        evals = len(schedules) * (summary["silu"]["eval_s"] + len(SWEEP) * summary["silu_sweep_windows"]["eval_s"])
-        probe = 30.0
-        seconds = min(seconds, (a.deadline - (time.perf_counter() - began) - evals - probe - 30.0) / len(schedules))
-    summary["seconds_per_run"] = round(seconds, 1)
-    summary["steps"] = steps = a.steps or _steps_for(base, windows, a, seconds, work)
+    # One run's evaluation: every window once, the sweep windows once per threshold.
+    eval_s = summary["silu"]["eval_s"] + len(SWEEP) * summary["silu_sweep_windows"]["eval_s"]
+    if "steps" in summary:  # set by the call that began these runs
+        if a.steps is not None and a.steps != summary["steps"]:
+            p.error(f"--steps {a.steps}: the runs under {work} make {summary['steps']} steps")
+    else:
+        seconds = a.seconds
+        if a.deadline is not None and a.work is None:
+            probe = 30.0
+            seconds = min(seconds, (a.deadline - (time.perf_counter() - began) - len(schedules) * eval_s - probe - 30.0) / len(schedules))
+        summary["seconds_per_run"] = round(seconds, 1)
+        summary["steps"] = a.steps or _steps_for(base, windows, a, seconds, work)
+    steps = summary["steps"]
     save()
 
-    logs = {}
     for schedule in schedules:
+        if "eval" in summary.get(schedule, {}):
+            continue  # trained and evaluated by an earlier call
         model = copy.deepcopy(base)
         config = ProSparseConfig(threshold=a.threshold, schedule=schedule, preset=a.preset, peak_lambda=a.peak_lambda)
+        time_limit = None
+        if a.deadline is not None:
+            time_limit = a.deadline - (time.perf_counter() - began) - eval_s - 30.0
+            if time_limit <= 0:
+                _stop(summary, save, f"no time left before --deadline to train {schedule}")
+                return
         args = TrainArgs(steps=steps, batch_size=a.batch_size, lr=a.lr, warmup=0.03, log_every=max(1, steps // 100),
-                         distill=a.distill, distill_hidden=a.distill_hidden)
+                         distill=a.distill, distill_hidden=a.distill_hidden, time_limit=time_limit, compile=a.compile)
+        run_dir = work / schedule
+        resume = run_dir if (run_dir / "checkpoints").is_dir() else None
         t0 = time.perf_counter()
-        history = train_prosparse(model, windows, config, args, work / schedule, progress=False)
-        train_s = time.perf_counter() - t0
-        shutil.copy(work / schedule / "train_log.csv", out / f"{schedule}_log.csv")
-        logs[schedule] = history
-        result = {"config": config.to_dict(), "stages": [list(s) for s in L1Schedule.from_config(config, steps).stages],
-                  "train_s": round(train_s, 1), "tokens": history[-1]["tokens"],
-                  "tokens_per_s": round(history[-1]["tokens"] / train_s), "final_log": history[-1]}
+        history = train_prosparse(model, windows, config, args, run_dir, resume=resume, progress=False)
+        result = summary.setdefault(schedule, {"train_s": 0.0})
+        result["train_s"] = round(result["train_s"] + time.perf_counter() - t0, 1)
+        result["step"], result["tokens"] = history[-1]["step"], history[-1]["tokens"]
+        shutil.copy(run_dir / "train_log.csv", out / f"{schedule}_log.csv")
+        if history[-1]["step"] < steps:
+            _stop(summary, save, f"{schedule} stopped at step {history[-1]['step']} of {steps}, checkpoint in {run_dir}")
+            return
+        result.update({"config": config.to_dict(), "stages": [list(s) for s in L1Schedule.from_config(config, steps).stages],
+                       "tokens_per_s": round(result["tokens"] / result["train_s"]), "final_log": history[-1]})
         result["eval"] = _ppl(model, tok, a.eval, None)
         result["sweep"] = []
         for t in SWEEP:
@@ -118,13 +156,26 @@ def main() -> None:
                 spec.mlp.set_gate_threshold(t, 0.0)
             r = _ppl(model, tok, a.eval, a.sweep_windows)
             result["sweep"].append({"threshold": t, "ppl": r["ppl"], "mlp": r["mlp"], "model": r["model"]})
-        summary[schedule] = result
         save()
         del model
-    _plot(logs, summary, out / "curves.png")
+    summary.pop("resume", None)
+    save()
+    _plot({s: _read_log(work / s / "train_log.csv") for s in schedules}, summary, out / "curves.png")
     print(json.dumps({k: summary[k] for k in ("silu", "steps")} | {
         s: {"ppl": summary[s]["eval"]["ppl"], "mlp": summary[s]["eval"]["mlp"], "tokens": summary[s]["tokens"]}
         for s in schedules}))
+
+
+def _stop(summary: dict, save, why: str) -> None:
+    """End this call before every run is done: the same command again resumes."""
+    summary["resume"] = why
+    save()
+    print(json.dumps({"resume": why, "steps": summary["steps"]}))
+
+
+def _read_log(path: Path) -> list[dict]:
+    with path.open(newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _ppl(model, tok, source, windows) -> dict:
@@ -140,7 +191,8 @@ def _steps_for(base, windows, a, seconds: float, work: Path) -> int:
     probe = copy.deepcopy(base)
     relufy_(probe)
     schedule = L1Schedule(stages=((1, 0.0), (2, 0.01)))
-    args = TrainArgs(steps=16, batch_size=a.batch_size, lr=a.lr, log_every=4, distill=a.distill, distill_hidden=a.distill_hidden)
+    args = TrainArgs(steps=16, batch_size=a.batch_size, lr=a.lr, log_every=4, distill=a.distill, distill_hidden=a.distill_hidden,
+                     compile=a.compile)
     history = train(probe, windows, schedule, args, work / "probe", progress=False, teacher=base if args.distills else None)
     per_step = (history[-1]["seconds"] - history[0]["seconds"]) / 12
     del probe

@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
-# Builds .gpsp/ (ignored through .git/info/exclude) for benchmarks/prosparse_gpu.py on a lent GPU:
-# the 98 MB GGUF is over the 64 MiB one device call carries, so it travels in two halves.
+# Builds .gpsp/ (ignored through .git/info/exclude) for benchmarks/prosparse_gpu.py on a lent GPU.
+# The 98 MB GGUF and the three training files are over the 64 MiB one device call carries, so
+# they travel in three parts, one call each, while the machine stays warm (/tmp persists there;
+# a carried path that a later call does not name is not kept, hence the copies):
 #   call 1: carry .gpsp/a   command: mkdir -p /tmp/gpsp && cp .gpsp/a/* /tmp/gpsp/
-#   call 2 (while the machine is warm): carry .gpsp/b   command:
-#     cat /tmp/gpsp/part1 .gpsp/b/part2 > /tmp/SmolLM2-135M-Instruct.Q4_1.gguf &&
-#     PYTHONPATH=$PWD/src:$PWD/.gpsp/b/site python3 benchmarks/prosparse_gpu.py \
-#       --model /tmp/SmolLM2-135M-Instruct.Q4_1.gguf \
-#       --data /tmp/gpsp/wikipedia_en.jsonl.gz,/tmp/gpsp/openstax_textbooks.jsonl.gz \
-#       --eval .gpsp/b/wiki.test.raw --out $OUT --seconds 180 --deadline 540 --lr 3e-4 --peak-lambda 0.2
-# (A carried path that a later call does not name is not kept there, hence the copy to /tmp.)
+#   call 2: carry .gpsp/b   command: cp .gpsp/b/* /tmp/gpsp/
+#   call 3: carry .gpsp/c   command: cp -r .gpsp/c/* /tmp/gpsp/ && cat /tmp/gpsp/part[123] > /tmp/model.gguf && ./RUN
+#   later calls (nothing carried): ./RUN, which resumes from the checkpoint under --work
+# where RUN is
+#     PYTHONPATH=$PWD/src:/tmp/gpsp/site python3 benchmarks/prosparse_gpu.py --model /tmp/model.gguf \
+#       --data /tmp/gpsp/wikipedia_en.jsonl.gz,/tmp/gpsp/openstax_textbooks.jsonl.gz,/tmp/gpsp/gutenberg_books.jsonl.gz \
+#       --eval /tmp/gpsp/wiki.test.raw --work /tmp/psw --out $OUT --steps N --deadline 570 ...
 set -euo pipefail
 cd "$(dirname "$0")/.."
 site=$(.venv/bin/python -c 'import gguf, pathlib; print(pathlib.Path(gguf.__file__).parents[1])')
 gguf_file=$(.venv/bin/python -c 'from actsparse.loading import default_model_path; print(default_model_path())')
 data=../shared/data
 grep -qx '/.gpsp/' .git/info/exclude 2>/dev/null || echo '/.gpsp/' >> .git/info/exclude
-rm -rf .gpsp && mkdir -p .gpsp/a .gpsp/b/site
-head -c 39000000 "$gguf_file" > .gpsp/a/part1
-tail -c +39000001 "$gguf_file" > .gpsp/b/part2
+rm -rf .gpsp && mkdir -p .gpsp/a .gpsp/b .gpsp/c/site
+dd if="$gguf_file" of=.gpsp/a/part1 bs=1M iflag=count_bytes count=39000000 status=none
+dd if="$gguf_file" of=.gpsp/b/part2 bs=1M iflag=skip_bytes,count_bytes skip=39000000 count=45000000 status=none
+dd if="$gguf_file" of=.gpsp/c/part3 bs=1M iflag=skip_bytes skip=84000000 status=none
 cp "$data/train/wikipedia_en.jsonl.gz" "$data/train/openstax_textbooks.jsonl.gz" .gpsp/a/
-cp "$data/wikitext2/wiki.test.raw" .gpsp/b/
-cp -r "$site/gguf" "$site"/gguf-*.dist-info .gpsp/b/site/  # transformers reads gguf's version from its metadata
+cp "$data/train/gutenberg_books.jsonl.gz" .gpsp/b/
+cp "$data/wikitext2/wiki.test.raw" .gpsp/c/
+cp -r "$site/gguf" "$site"/gguf-*.dist-info .gpsp/c/site/  # transformers reads gguf's version from its metadata
 find .gpsp -name __pycache__ -prune -exec rm -rf {} +
-du -sb .gpsp/a .gpsp/b
+cat .gpsp/a/part1 .gpsp/b/part2 .gpsp/c/part3 | cmp - "$gguf_file"
+du -sb .gpsp/a .gpsp/b .gpsp/c

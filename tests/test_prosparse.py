@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import math
 
 import pytest
@@ -15,7 +16,8 @@ from actsparse.measure import measure_sparsity
 from actsparse.methods.prosparse import relufy_
 from actsparse.models import layer_specs
 from actsparse.train import IntermediateL1, L1Schedule, ShardedBatches, TrainArgs, train, train_prosparse
-from actsparse.train.loop import _distillation
+from actsparse.train.distill import LayerOutputs
+from actsparse.train.loop import _distillation, finished
 from tiny import ARCHS, random_tokens, tiny_model
 
 EVAL = random_tokens(4, 32, seed=4)
@@ -239,24 +241,48 @@ def test_distillation_pulls_the_relu_model_towards_the_silu_model(tmp_path):
     assert model.actsparse_recipe["training"]["distill"] == 1.0
 
 
+def test_layer_outputs_are_what_each_decoder_layer_returns():
+    model = tiny_model("llama")
+    outputs = LayerOutputs(model)
+    with torch.no_grad():
+        states = model(input_ids=EVAL, output_hidden_states=True).hidden_states
+    kept = outputs.pop()
+    # transformers' last hidden state is the final norm's output; the others are the layers'.
+    assert len(kept) == len(states) - 1 == 2
+    assert torch.equal(kept[0], states[1])
+    assert torch.equal(model.model.norm(kept[1]), states[2])
+    with pytest.raises(RuntimeError, match="expected one forward pass"):
+        outputs.pop()
+    outputs.remove()
+    model(input_ids=EVAL)
+    with pytest.raises(RuntimeError, match=r"saw \[0, 0\]"):
+        outputs.pop()
+
+
 def test_hidden_distillation_is_zero_against_itself_and_its_gradient_reaches_the_student():
     student = tiny_model("llama")
     relufy_(student)
     teacher = copy.deepcopy(student)
+    outputs = (LayerOutputs(student), LayerOutputs(teacher))
     args = TrainArgs(distill_hidden=1.0)
-    out = student(input_ids=EVAL, output_hidden_states=True)
-    kd, hidden = _distillation(out, teacher, EVAL, args)
+    kd, hidden = _distillation(student(input_ids=EVAL), teacher, EVAL, args, outputs)
     assert kd.item() == 0 and hidden.item() == 0
     first = student.model.layers[0]
     with torch.no_grad():
         first.mlp.up_proj.weight.add_(0.05 * torch.randn_like(first.mlp.up_proj.weight))
-    out = student(input_ids=EVAL, output_hidden_states=True)
-    kd, hidden = _distillation(out, teacher, EVAL, args)
-    with torch.no_grad():
-        target = teacher(input_ids=EVAL, output_hidden_states=True).hidden_states
-    layers = [((s - t) ** 2).mean() / (t**2).mean() for s, t in zip(out.hidden_states[1:], target[1:])]
-    assert len(layers) == 2 and hidden.item() > 1e-4
-    assert hidden.item() == pytest.approx(sum(layers).item() / 2, rel=1e-5)
+    kd, hidden = _distillation(student(input_ids=EVAL), teacher, EVAL, args, outputs)
+    reference = []
+    for model in (student, teacher):
+        layers = []
+        handles = [layer.register_forward_hook(lambda m, a, o: layers.append(o)) for layer in model.model.layers]
+        with torch.no_grad():
+            model(input_ids=EVAL)
+        for h in handles:
+            h.remove()
+        reference.append(layers)
+    terms = [((s - t) ** 2).mean() / (t**2).mean() for s, t in zip(*reference)]
+    assert len(terms) == 2 and hidden.item() > 1e-4
+    assert hidden.item() == pytest.approx(sum(terms).item() / 2, rel=1e-5)
     hidden.backward()
     assert first.mlp.up_proj.weight.grad.abs().sum() > 0 and first.self_attn.q_proj.weight.grad.abs().sum() > 0
     assert all(p.grad is None for p in teacher.parameters())
@@ -266,9 +292,12 @@ def test_hidden_distillation_trains_logs_and_pulls_the_hidden_states_towards_the
     teacher = tiny_model("llama")
 
     def gap(model):
+        outputs = (LayerOutputs(model), LayerOutputs(teacher))
         with torch.no_grad():
-            out = model(input_ids=EVAL, output_hidden_states=True)
-            return _distillation(out, teacher, EVAL, TrainArgs(distill_hidden=1.0))[1].item()
+            gap = _distillation(model(input_ids=EVAL), teacher, EVAL, TrainArgs(distill_hidden=1.0), outputs)[1].item()
+        for o in outputs:
+            o.remove()
+        return gap
 
     config = asp.ProSparseConfig(threshold=0.0, schedule="constant", stages=((1, 0.0), (2, 0.0)))
     model = tiny_model("llama")
@@ -290,10 +319,10 @@ def test_both_distillation_terms_share_one_teacher_forward_per_micro_batch(tmp_p
     relufy_(model)
     teacher = tiny_model("llama").requires_grad_(False)
     calls = []
-    teacher.register_forward_hook(lambda module, args, out: calls.append(out.hidden_states is not None))
+    teacher.register_forward_hook(lambda module, args, out: calls.append(out.logits.shape[0]))
     args = TrainArgs(steps=2, batch_size=4, grad_accum=2, lr=1e-3, log_every=1, distill=0.5, distill_hidden=2.0)
     history = train(model, TRAIN, L1Schedule(stages=((1, 0.0), (2, 0.5))), args, tmp_path, progress=False, teacher=teacher)
-    assert calls == [True] * 4
+    assert calls == [4] * 4
     assert all(math.isfinite(r["loss"]) and r["kd"] > 0 and r["hidden"] > 0 for r in history)
 
 
@@ -325,6 +354,57 @@ def test_resume_from_a_checkpoint_gives_the_same_next_steps(tmp_path):
     other = TrainArgs(steps=6, batch_size=2, grad_accum=2, lr=5e-3, log_every=1)
     with pytest.raises(ActSparseError, match="batch_size"):
         train_prosparse(tiny_model("llama"), TRAIN, config, other, tmp_path / "c", resume=tmp_path / "a", progress=False)
+
+
+def test_a_time_limit_stops_at_a_checkpoint_and_resuming_gives_the_uninterrupted_run(tmp_path):
+    config = asp.ProSparseConfig(stages=((2, 0.0), (3, 0.5), (6, 1.0)))
+    args = TrainArgs(steps=6, batch_size=4, grad_accum=2, lr=5e-3, log_every=1)
+    whole = tiny_model("llama")
+    full = train_prosparse(whole, TRAIN, config, args, tmp_path / "whole", progress=False)
+    # A limit no step fits in stops after every step; the stop logs its step although log_every is 4.
+    limited = dataclasses.replace(args, time_limit=1e-9, log_every=4)
+    model = tiny_model("llama")
+    rows = train_prosparse(model, TRAIN, config, limited, tmp_path / "run", progress=False)
+    assert [r["step"] for r in rows] == [1] and not finished(rows, limited)
+    assert (tmp_path / "run" / "checkpoints" / "step-000001" / "model.safetensors").is_file()
+    assert getattr(model, "actsparse_config", None) is None  # ReLU-fied, not finalised
+    assert all(isinstance(spec.mlp.act_fn, torch.nn.ReLU) for spec in layer_specs(model))
+    rows += train_prosparse(tiny_model("llama"), TRAIN, config, limited, tmp_path / "run", resume=tmp_path / "run",
+                            progress=False)
+    # The limit is not part of what a checkpoint must match: the last call has none and finishes.
+    model = tiny_model("llama")
+    last = train_prosparse(model, TRAIN, config, args, tmp_path / "run", resume=tmp_path / "run", progress=False)
+    assert finished(last, args) and model.actsparse_config == config
+    strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
+    assert strip(rows + last) == strip(full)
+    for (name, a), b in zip(whole.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name
+    logged = list(csv.DictReader((tmp_path / "run" / "train_log.csv").open()))
+    assert [int(r["step"]) for r in logged] == [1, 2, 3, 4, 5, 6]
+    for bad in (0, -1.0, float("nan")):
+        with pytest.raises(ActSparseError, match=f"time_limit must be > 0 seconds .*got {bad}"):
+            TrainArgs(time_limit=bad)
+
+
+def test_compiled_layers_train_like_eager_with_one_graph_for_every_layer(tmp_path):
+    torch.compiler.reset()
+    schedule = L1Schedule(stages=((1, 0.5), (2, 1.0)))
+    rows = {}
+    for compiled in (False, True):
+        model = tiny_model("llama")
+        teacher = copy.deepcopy(model).requires_grad_(False)
+        relufy_(model)
+        args = TrainArgs(steps=2, batch_size=4, lr=1e-3, log_every=1, distill=0.5, distill_hidden=2.0, compile=compiled)
+        # Two graphs at most, one for the student's layers (training) and one for the teacher's: a
+        # graph per layer (as when the L1 hooks' per-layer state was guarded on) fails here.
+        with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
+            rows[compiled] = train(model, TRAIN, schedule, args, tmp_path / str(compiled), progress=False,
+                                   teacher=teacher)
+        assert all(layer._compiled_call_impl is None for m in (model, teacher) for layer in m.model.layers)
+    assert rows[True][-1]["l1"] > 0 and 0 < rows[True][-1]["sparsity"] < 1
+    for eager, compiled in zip(rows[False], rows[True]):
+        for key in ("loss", "kd", "hidden", "l1", "sparsity", "sparsity_0", "sparsity_1"):
+            assert compiled[key] == pytest.approx(eager[key], rel=1e-4), key
 
 
 def test_hf_trainer_callback_adds_the_scheduled_penalty(tmp_path):

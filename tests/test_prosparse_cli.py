@@ -60,6 +60,7 @@ def test_train_then_eval_reports_mlp_sparsity(tmp_path, model_dir, data, capsys)
         (["--data", "{tmp}/nope.jsonl"], "nope.jsonl: no such file"),
         (["--steps", "0"], "steps must be at least 1"),
         (["--distill-hidden", "-1"], "distill_hidden must be >= 0"),
+        (["--time-limit", "0"], "time_limit must be > 0 seconds"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, model_dir, data, extra, message, capsys):
@@ -70,3 +71,31 @@ def test_bad_input_is_one_line(tmp_path, model_dir, data, extra, message, capsys
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_time_limit_stops_at_a_checkpoint_without_a_model_and_resume_finishes(tmp_path, model_dir, data, capsys):
+    train, _ = data
+    args = ["train", str(model_dir), "--data", str(train), "--steps", "6", "--seq-len", "32", "--batch-size", "4",
+            "--lr", "5e-3", "--log-every", "1", "--device", "cpu"]
+    out = tmp_path / "relu"
+    assert main([*args, "-o", str(out), "--time-limit", "1e-9", "--json", str(tmp_path / "stopped.json")]) == 0
+    checkpoint = tmp_path / "relu.train" / "checkpoints" / "step-000001"
+    err = capsys.readouterr().err
+    assert f"stopped at the time limit after step 1 of 6; checkpoint in {checkpoint}" in err
+    assert f"run the same command with --resume {checkpoint}" in err
+    assert (checkpoint / "model.safetensors").is_file() and not out.exists()
+    summary = json.loads((tmp_path / "stopped.json").read_text())
+    assert summary["finished"] is False and summary["output"] is None and summary["log"][-1]["step"] == 1
+
+    # The resumed run (compiled this time: neither flag is part of the run) finishes like an uninterrupted one.
+    resume = ["--resume", str(checkpoint), "--compile", "--json", str(tmp_path / "done.json")]
+    assert main([*args, "-o", str(out), *resume]) == 0
+    assert '"hidden_act": "relu"' in (out / "config.json").read_text()
+    summary = json.loads((tmp_path / "done.json").read_text())
+    assert summary["finished"] is True and summary["output"] == str(out) and summary["train_args"]["compile"] is True
+    assert main([*args, "-o", str(tmp_path / "whole")]) == 0
+    read = lambda d: [{k: float(v) for k, v in r.items() if k != "seconds"}
+                      for r in csv.DictReader((d / "train_log.csv").open())]
+    resumed, whole = read(tmp_path / "relu.train"), read(tmp_path / "whole.train")
+    assert [r["step"] for r in resumed] == [1, 2, 3, 4, 5, 6]
+    assert resumed == [pytest.approx(r, rel=1e-4) for r in whole]

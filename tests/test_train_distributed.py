@@ -1,6 +1,6 @@
 """ProSparse training under `torchrun --nproc_per_node 2` (gloo, CPU) on a tiny model: the ranks
-see different data shards, stay in sync, log the same schedule and sparsity, and resume from a
-checkpoint written by rank 0."""
+see different data shards, stay in sync, log the same schedule and sparsity, resume from a
+checkpoint written by rank 0, and stop together when one rank runs out of time."""
 from __future__ import annotations
 
 import json
@@ -15,7 +15,7 @@ TESTS = Path(__file__).parent
 
 WORKER = textwrap.dedent(
     """
-    import hashlib, json, sys
+    import dataclasses, hashlib, json, sys
     import torch
     sys.path.insert(0, {tests!r})
     from tiny import random_tokens, tiny_model
@@ -42,9 +42,17 @@ WORKER = textwrap.dedent(
     resumed = tiny_model("llama")
     resumed_history = train_prosparse(resumed, windows, config, args, out + "/resumed", dist=dist, progress=False,
                                       resume=out + "/run/checkpoints/step-000002")
+    # Only rank 1 is out of time after a step; rank 0 stops with it.
+    limited = dataclasses.replace(args, time_limit=1e-9 if dist.rank else 1e9)
+    stopped = train_prosparse(tiny_model("llama"), windows, config, limited, out + "/limited", dist=dist,
+                              progress=False)
+    continued = tiny_model("llama")
+    rest = train_prosparse(continued, windows, config, args, out + "/limited", dist=dist, progress=False,
+                           resume=out + "/limited")
     shard = ShardedBatches(windows, 2, dist.rank, dist.world_size).indices(0).tolist()
     result = {{"rank": dist.rank, "world": dist.world_size, "shard": shard, "digest": digest(model),
-               "resumed_digest": digest(resumed), "log": rows(history), "resumed_log": rows(resumed_history)}}
+               "resumed_digest": digest(resumed), "log": rows(history), "resumed_log": rows(resumed_history),
+               "stopped_log": rows(stopped), "continued_digest": digest(continued), "continued_log": rows(rest)}}
     with open(f"{{out}}/rank{{dist.rank}}.json", "w") as f:
         json.dump(result, f)
     """
@@ -75,3 +83,5 @@ def test_two_ranks_with_gloo(tmp_path):
     for r in ranks:
         assert r["resumed_digest"] == r["digest"]
         assert r["resumed_log"] == r["log"][2:]
+        assert r["stopped_log"] == r["log"][:1] and r["continued_log"] == r["log"][1:]
+        assert r["continued_digest"] == r["digest"]

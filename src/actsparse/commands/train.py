@@ -1,5 +1,5 @@
 """actsparse train [MODEL] --method prosparse --data FILE[,FILE...] [--steps N] [--seq-len L]
-[--batch-size B] [--schedule progressive|constant] [--resume DIR] -o DIR
+[--batch-size B] [--schedule progressive|constant] [--time-limit SECONDS] [--compile] [--resume DIR] -o DIR
 
 Runs unchanged on several devices: torchrun --nproc_per_node N -m actsparse.cli train ...
 """
@@ -46,6 +46,10 @@ def register(sub) -> None:
     p.add_argument("--seed", type=int, default=0, help="data order seed (default 0)")
     p.add_argument("--bf16", action="store_true", default=None, help="bf16 autocast (default: on for CUDA)")
     p.add_argument("--no-bf16", dest="bf16", action="store_false", help="train in fp32")
+    p.add_argument("--time-limit", type=float, default=None, metavar="SECONDS",
+                   help="stop training after this many seconds at a checkpoint, without saving the model; "
+                        "continue with --resume (default: no limit)")
+    p.add_argument("--compile", action="store_true", help="torch.compile each decoder layer (default: eager)")
     p.add_argument("--device", default=None, help="torch device (default: CUDA when available; under torchrun, one GPU per rank)")
     p.add_argument("--resume", metavar="DIR", help="a checkpoint directory, or a training directory to resume from its latest")
     p.add_argument("--train-dir", metavar="DIR", help="checkpoints and train_log.csv (default: OUTPUT.train)")
@@ -57,6 +61,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..train import TrainArgs, pack_texts, setup, train_prosparse
+    from ..train.checkpoint import checkpoint_dir
+    from ..train.loop import finished
 
     if args.method not in METHODS:
         raise ActSparseError(f"--method {args.method!r} cannot be trained; trainable methods: {', '.join(METHODS)}")
@@ -65,7 +71,8 @@ def run(args) -> int:
     check_positive("--seq-len", args.seq_len)
     train_args = TrainArgs(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                            log_every=args.log_every, save_every=args.save_every, seed=args.seed, bf16=args.bf16,
-                           distill=args.distill, distill_hidden=args.distill_hidden)
+                           distill=args.distill, distill_hidden=args.distill_hidden, time_limit=args.time_limit,
+                           compile=args.compile)
     output = Path(args.output)
     if output.exists() and any(output.iterdir()) and not args.overwrite and not args.resume:
         raise ActSparseError(f"{output}: exists and is not empty (choose another output or pass --overwrite)")
@@ -80,16 +87,23 @@ def run(args) -> int:
             f"{args.batch_size * args.grad_accum * dist.world_size} sequences on {dist.world_size} x {dist.device.type}")
     train_dir = Path(args.train_dir) if args.train_dir else output.with_name(output.name + ".train")
     history = train_prosparse(model, windows, config, train_args, train_dir, resume=args.resume, dist=dist)
+    complete = finished(history, train_args)
     if dist.is_main:
-        save(model.to("cpu"), output, tokenizer, overwrite=True)
         last = history[-1] if history else {}
-        log(f"saved to {output}; log and checkpoints in {train_dir}")
-        print(f"steps      {args.steps}  ({last.get('tokens', 0)} tokens)")
+        if complete:
+            save(model.to("cpu"), output, tokenizer, overwrite=True)
+            log(f"saved to {output}; log and checkpoints in {train_dir}")
+        else:
+            checkpoint = checkpoint_dir(train_dir, last["step"])
+            log(f"stopped at the time limit after step {last['step']} of {args.steps}; checkpoint in {checkpoint} "
+                f"({output} not written); to continue, run the same command with --resume {checkpoint}")
+        print(f"steps      {last.get('step', args.steps)}  ({last.get('tokens', 0)} tokens)")
         if last:
             print(f"loss       {last['loss']:.4f}  l1 {last['l1']:.4g}  lambda {last['lambda']:.4g}")
             print(f"sparsity   mlp {last['sparsity']:.3f}  (ReLU zeros on the last training batches)")
         if args.json:
-            write_json_atomic(args.json, {"output": str(output), "train_dir": str(train_dir), "config": config.to_dict(),
+            write_json_atomic(args.json, {"output": str(output) if complete else None, "train_dir": str(train_dir),
+                                          "finished": complete, "config": config.to_dict(),
                                           "train_args": json.loads(json.dumps(train_args.__dict__)), "log": history})
     dist.barrier()
     return 0

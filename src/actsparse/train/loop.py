@@ -9,8 +9,9 @@ student's normalized MSE to the teacher's hidden states (one teacher forward ser
 
 AdamW with linear warm-up and cosine decay, gradient accumulation, gradient clipping, bf16
 autocast (fp32 master weights) on CUDA, DDP when the process group is up (`distributed.setup`),
-a CSV log (written by rank 0; every rank returns the same rows, reduced across ranks) and
-checkpoints that resume to the same next step.
+a CSV log (written by rank 0; every rank returns the same rows, reduced across ranks),
+checkpoints that resume to the same next step, an optional wall-clock limit (stop at a checkpoint,
+resume later) and optional regional torch.compile (each decoder layer).
 """
 from __future__ import annotations
 
@@ -23,14 +24,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from ..errors import ActSparseError
+from ..models import decoder_layers
 from .checkpoint import checkpoint_dir, find_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from .data import ShardedBatches
+from .distill import LayerOutputs, hidden_mse, kl_to_teacher
 from .distributed import Dist
 from .log import CsvLog
 from .penalty import IntermediateL1
@@ -48,7 +50,11 @@ class TrainArgs:
     of the steps with a linear LR ramp; log_every / save_every: in steps (save_every 0: no
     checkpoints); bf16: None means on for CUDA; distill: weight in [0, 1] of the KL to a teacher's
     next-token distribution in the loss (0: plain LM loss); distill_hidden: weight (>= 0) of the
-    normalized MSE to the teacher's per-layer hidden states, added to the loss (0: off)."""
+    normalized MSE to the teacher's per-layer hidden states, added to the loss (0: off);
+    time_limit: seconds of training in one `train` call (None: no limit), after which it stops at a
+    checkpoint (see `train`); compile: compile each decoder layer of the student and the teacher
+    in place with `nn.Module.compile` while training (they run eagerly again afterwards). A checkpoint
+    resumes under other values of these two: they are not part of the run it belongs to."""
 
     steps: int = 1000
     batch_size: int = 8
@@ -64,6 +70,8 @@ class TrainArgs:
     seed: int = 0
     distill: float = 0.0
     distill_hidden: float = 0.0
+    time_limit: float | None = None
+    compile: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "grad_accum", "log_every"):
@@ -79,6 +87,8 @@ class TrainArgs:
             raise ActSparseError(f"distill must be in [0, 1], got {self.distill}")
         if not self.distill_hidden >= 0:
             raise ActSparseError(f"distill_hidden must be >= 0, got {self.distill_hidden}")
+        if self.time_limit is not None and not self.time_limit > 0:
+            raise ActSparseError(f"time_limit must be > 0 seconds (or None for no limit), got {self.time_limit}")
 
     @property
     def distills(self) -> bool:
@@ -109,7 +119,14 @@ def train(
 ) -> list[dict]:
     """Train `model` (already on its device) in place on token windows [n, seq_len]; returns the
     logged rows. Checkpoints and the CSV log go under `out_dir`. `teacher` (frozen, on the same
-    device) is required when `args.distill` or `args.distill_hidden` > 0."""
+    device) is required when `args.distill` or `args.distill_hidden` > 0.
+
+    With `args.time_limit`, once more than that many seconds have passed since this call began
+    training, the loop stops after the step it is on: it checkpoints that step, logs its row (on a
+    `log_every` boundary or not) and returns. Whether it did: `finished(history, args)` is False.
+    A later call with the same `args` (any time_limit) and `resume=out_dir` continues from there
+    to the same weights as an uninterrupted run; its first row averages only the steps since the
+    stop."""
     for name in ("distill", "distill_hidden"):
         if getattr(args, name) > 0 and teacher is None:
             raise ActSparseError(f"{name}={getattr(args, name)} needs a teacher model")
@@ -119,6 +136,9 @@ def train(
     batches = ShardedBatches(windows, args.batch_size, dist.rank, dist.world_size, args.seed)
     run_meta = {**asdict(args), "world_size": dist.world_size, **(meta or {})}
     model.train()
+    compiled = [layer for m in (model, teacher) if m is not None for layer in decoder_layers(m)[1]] if args.compile else []
+    for layer in compiled:
+        layer.compile()
     ddp = model
     if dist.enabled:
         ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -139,6 +159,7 @@ def train(
         start = load_checkpoint(found, model, optimizer, scheduler)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
     penalty = IntermediateL1(model, l1_reduce)
+    layer_outputs = (LayerOutputs(model), LayerOutputs(teacher)) if args.distill_hidden > 0 else None
     columns = ["step", "tokens", "lr", "lambda", "loss", "kd", "hidden", "l1", "sparsity"] + [f"sparsity_{i}" for i in range(penalty.layers)] + ["seconds"]
     log = CsvLog(out_dir / LOG_FILE, columns, resume_step=start if resume is not None else None) if dist.is_main else None
     tokens_per_step = args.batch_size * args.grad_accum * dist.world_size * windows.shape[1]
@@ -156,9 +177,9 @@ def train(
                 last = micro == args.grad_accum - 1
                 with (ddp.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        out = ddp(input_ids=ids, labels=ids, use_cache=False, output_hidden_states=args.distill_hidden > 0)
+                        out = ddp(input_ids=ids, labels=ids, use_cache=False)
                         loss = out.loss.float()
-                        kd, hidden = _distillation(out, teacher, ids, args)
+                        kd, hidden = _distillation(out, teacher, ids, args, layer_outputs)
                     l1 = penalty.pop_term()
                     (((1 - args.distill) * loss + args.distill * kd + args.distill_hidden * hidden + lam * l1)
                      / args.grad_accum).backward()
@@ -170,48 +191,57 @@ def train(
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
             done = step + 1
-            if done % args.log_every == 0 or done == args.steps:
+            stop = done < args.steps and _out_of_time(args.time_limit, began, dist, device)
+            if done % args.log_every == 0 or done == args.steps or stop:
                 row = _log_row(done, done * tokens_per_step, lr, lam, sums, penalty, dist, time.perf_counter() - began)
                 sums.zero_()
                 history.append(row)
                 if log is not None:
                     log.write(row)
                 bar.set_postfix(loss=f"{row['loss']:.3f}", l1=f"{row['l1']:.3g}", lam=f"{lam:.3g}", sparsity=f"{row['sparsity']:.3f}")
-            if args.save_every and done % args.save_every == 0:
+            if stop or (args.save_every and done % args.save_every == 0):
                 if dist.is_main:
                     save_checkpoint(checkpoint_dir(out_dir, done), model, optimizer, scheduler, done, run_meta)
                 dist.barrier()
+            if stop:
+                break
     finally:
         penalty.remove()
+        for layer in compiled:
+            layer._compiled_call_impl = None  # what nn.Module.compile set; it has no public inverse
+        for outputs in layer_outputs or ():
+            outputs.remove()
     model.eval()
     return history
 
 
-def _distillation(out, teacher: nn.Module, ids: torch.Tensor, args: TrainArgs) -> tuple[torch.Tensor, torch.Tensor]:
+def finished(history: list[dict], args: TrainArgs) -> bool:
+    """Whether the `train` call that returned `history` reached `args.steps` rather than stopping
+    at `args.time_limit` (no rows: it resumed from a checkpoint of the last step)."""
+    return not history or history[-1]["step"] == args.steps
+
+
+def _out_of_time(limit: float | None, began: float, dist: Dist, device: torch.device) -> bool:
+    """Whether `limit` seconds have passed since `began` on any rank: the ranks stop together."""
+    if limit is None:
+        return False
+    late = torch.tensor([float(time.perf_counter() - began > limit)], device=device)
+    return dist.all_reduce_sum(late).item() > 0
+
+
+def _distillation(out, teacher: nn.Module, ids: torch.Tensor, args: TrainArgs,
+                  hidden: tuple[LayerOutputs, LayerOutputs] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The KL and hidden-state terms of the student's output `out` against one teacher forward
-    on `ids`; a term whose weight in `args` is 0 is 0, uncomputed."""
+    on `ids` (`hidden`: the student's and the teacher's layer outputs, when that term is on); a
+    term whose weight in `args` is 0 is 0, uncomputed."""
     zero = torch.zeros((), device=ids.device)
     if not args.distills:
         return zero, zero
     with torch.no_grad():
-        target = teacher(input_ids=ids, use_cache=False, output_hidden_states=args.distill_hidden > 0)
-    kd = _kl(out.logits, target.logits) if args.distill > 0 else zero
-    hidden = _hidden_mse(out.hidden_states, target.hidden_states) if args.distill_hidden > 0 else zero
-    return kd, hidden
-
-
-def _kl(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) between next-token distributions, in fp32."""
-    target = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
-    student = F.log_softmax(logits.float(), dim=-1).flatten(0, -2)
-    return F.kl_div(student, target, log_target=True, reduction="batchmean")
-
-
-def _hidden_mse(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Mean over decoder layers of MSE(student, teacher) / mean(teacher**2), in fp32; entry 0 of
-    HF's `hidden_states` (the embeddings, the same for both) is skipped."""
-    terms = [F.mse_loss(s.float(), t.float()) / t.float().square().mean() for s, t in zip(student[1:], teacher[1:])]
-    return torch.stack(terms).mean()
+        target = teacher(input_ids=ids, use_cache=False)
+    kd = kl_to_teacher(out.logits, target.logits) if args.distill > 0 else zero
+    mse = hidden_mse(hidden[0].pop(), hidden[1].pop()) if hidden is not None else zero
+    return kd, mse
 
 
 def _log_row(step, tokens, lr, lam, sums, penalty, dist, seconds) -> dict:

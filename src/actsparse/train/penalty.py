@@ -18,42 +18,48 @@ class IntermediateL1:
         specs = layer_specs(model)
         self.reduce = reduce
         self.layers = len(specs)
-        self._terms: list[torch.Tensor] = []
         device = next(model.parameters()).device
-        self.zeros = torch.zeros(len(specs), dtype=torch.float64, device=device)
-        self.entries = torch.zeros(len(specs), dtype=torch.float64, device=device)
+        # Each hook gets its own layer's term list and (zeros, entries) counts rather than an index
+        # into shared ones: under torch.compile an index or a shared list's length is guarded on,
+        # and every layer would be compiled again.
+        self._terms: list[list[torch.Tensor]] = [[] for _ in specs]
+        self._counts = [torch.zeros(2, dtype=torch.float64, device=device) for _ in specs]
         self._handles = [
-            spec.mlp.down_linear.register_forward_pre_hook(self._hook(spec.index)) for spec in specs
+            spec.mlp.down_linear.register_forward_pre_hook(self._hook(terms, counts))
+            for spec, terms, counts in zip(specs, self._terms, self._counts)
         ]
 
-    def _hook(self, index: int):
+    @staticmethod
+    def _hook(terms: list[torch.Tensor], counts: torch.Tensor):
         def hook(module: nn.Module, args: tuple) -> None:
             if not module.training:
                 return
             m = args[0]
-            self._terms.append(m.abs().mean(dtype=torch.promote_types(m.dtype, torch.float32)))
-            self.zeros[index] += (m == 0).sum()
-            self.entries[index] += m.numel()
+            terms.append(m.abs().mean(dtype=torch.promote_types(m.dtype, torch.float32)))
+            counts[0] += (m == 0).sum()
+            counts[1] += m.numel()
 
         return hook
 
     def pop_term(self) -> torch.Tensor:
         """The penalty of the forward passes since the last call: per-layer terms summed (or
         averaged) over layers; several passes (e.g. a recomputation) add up."""
-        if not self._terms:
+        terms = [term for layer in self._terms for term in layer]
+        if not terms:
             raise RuntimeError("no MLP intermediate was seen: run a forward pass in training mode first")
-        total = torch.stack(self._terms).sum()
+        total = torch.stack(terms).sum()
         if self.reduce == "mean":
             total = total / self.layers
-        self._terms = []
+        for layer in self._terms:
+            layer.clear()
         return total
 
     def pop_sparsity(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(zeros, entries) per layer since the last call."""
-        counts = (self.zeros.clone(), self.entries.clone())
-        self.zeros.zero_()
-        self.entries.zero_()
-        return counts
+        counts = torch.stack(self._counts)
+        for layer in self._counts:
+            layer.zero_()
+        return counts[:, 0], counts[:, 1]
 
     def remove(self) -> None:
         for h in self._handles:

@@ -12,7 +12,7 @@ from ..errors import ActSparseError
 from ..methods import sparsify_
 from ..methods.prosparse import relufy_
 from .distributed import Dist
-from .loop import TrainArgs, train
+from .loop import TrainArgs, finished, train
 from .schedule import L1Schedule
 
 
@@ -30,7 +30,11 @@ def train_prosparse(
     """ReLU-fy `model`, train it with `config`'s L1 schedule, then install FATReLU so that it is a
     sparsified actsparse model (`actsparse.io.save` writes it). With `args.distill` or
     `args.distill_hidden` > 0 the model as given (before the swap) is the frozen teacher. Returns
-    the logged rows."""
+    the logged rows.
+
+    If training stopped at `args.time_limit` (`finished(history, args)` is False), the model is
+    left ReLU-fied but not finalised (no FATReLU, not savable): continue with a fresh dense model
+    and `resume=out_dir`."""
     if getattr(model, "actsparse_config", None) is not None:
         raise ActSparseError(f"model is already sparsified with {model.actsparse_config.method}; train from the dense model")
     teacher = copy.deepcopy(model).eval().requires_grad_(False) if args.distills else None
@@ -39,6 +43,8 @@ def train_prosparse(
     history = train(model, windows, schedule, args, out_dir, l1_reduce=config.l1_reduce, resume=resume, dist=dist,
                     meta={"config": config.to_dict()}, progress=progress, teacher=teacher)
     del teacher
+    if not finished(history, args):
+        return history
     sparsify_(model, config)
     model.actsparse_recipe = {
         **model.actsparse_recipe,
