@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 
 from actsparse import DenseConfig, ProSparseConfig, sparsify_
+from actsparse.commands._common import parse_stages
 from actsparse.evaluate import perplexity
 from actsparse.loading import load_model
 from actsparse.methods.prosparse import relufy_
@@ -58,6 +59,7 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--preset", default="7b")
+    p.add_argument("--stages", default=None, metavar="END:LAMBDA,...", help="own stage table instead of --preset (as actsparse train)")
     p.add_argument("--peak-lambda", type=float, default=0.1)
     p.add_argument("--threshold", type=float, default=0.01)
     p.add_argument("--sweep-windows", type=int, default=48)
@@ -127,7 +129,8 @@ def main() -> None:
         if "eval" in summary.get(schedule, {}):
             continue  # trained and evaluated by an earlier call
         model = copy.deepcopy(base)
-        config = ProSparseConfig(threshold=a.threshold, schedule=schedule, preset=a.preset, peak_lambda=a.peak_lambda)
+        config = ProSparseConfig(threshold=a.threshold, schedule=schedule, preset=a.preset, peak_lambda=a.peak_lambda,
+                                 stages=parse_stages(a.stages) if a.stages else ())
         time_limit = None
         if a.deadline is not None:
             time_limit = a.deadline - (time.perf_counter() - began) - eval_s - 30.0

@@ -61,6 +61,8 @@ def test_train_then_eval_reports_mlp_sparsity(tmp_path, model_dir, data, capsys)
         (["--steps", "0"], "steps must be at least 1"),
         (["--distill-hidden", "-1"], "distill_hidden must be >= 0"),
         (["--time-limit", "0"], "time_limit must be > 0 seconds"),
+        (["--stages", "0.3-0,1:0.2"], "'0.3-0' is not END:LAMBDA"),
+        (["--stages", "0.5:0,0.3:0.2"], "increasing end steps"),
     ],
 )
 def test_bad_input_is_one_line(tmp_path, model_dir, data, extra, message, capsys):
@@ -71,6 +73,17 @@ def test_bad_input_is_one_line(tmp_path, model_dir, data, extra, message, capsys
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_an_own_stage_table_sets_the_lambda_of_every_step(tmp_path, model_dir, data):
+    train, _ = data
+    assert main(["train", str(model_dir), "--data", str(train), "--steps", "4", "--seq-len", "32", "--batch-size", "2",
+                 "--log-every", "1", "--stages", "1:0, 2:0.5, 4:1", "--device", "cpu", "-o", str(tmp_path / "out"),
+                 "--json", str(tmp_path / "train.json")]) == 0
+    summary = json.loads((tmp_path / "train.json").read_text())
+    assert summary["config"]["stages"] == [[1.0, 0.0], [2.0, 0.5], [4.0, 1.0]]
+    # step 0 in stage 0, step 1 at the warm-up lambda, steps 2-3 on the half-sine ramp to 1
+    assert [row["lambda"] for row in summary["log"]] == pytest.approx([0.0, 0.5, 0.5, 0.75])
 
 
 def test_a_time_limit_stops_at_a_checkpoint_without_a_model_and_resume_finishes(tmp_path, model_dir, data, capsys):

@@ -79,6 +79,21 @@ def parse_sparsities(text: str) -> list[float]:
     return values
 
 
+def parse_stages(text: str) -> tuple[tuple[float, float], ...]:
+    """ProSparse stage table from "END:LAMBDA,END:LAMBDA,...", ends in any step unit (scaled to
+    the run's steps); ProSparseConfig checks the table itself."""
+    stages = []
+    for item in parse_list(text, "--stages"):
+        end, sep, lam = item.partition(":")
+        try:
+            stages.append((float(end), float(lam)))
+        except ValueError:
+            sep = ""
+        if not sep:
+            raise ActSparseError(f"--stages: {item!r} is not END:LAMBDA (e.g. 0.3:0,0.4:0.01,1:0.2)")
+    return tuple(stages)
+
+
 def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,7 @@ from ..data import read_texts
 from ..errors import ActSparseError
 from ..io import save
 from ..loading import load_model
-from ._common import check_positive, log, parse_list, write_json_atomic
+from ._common import check_positive, log, parse_list, parse_stages, write_json_atomic
 
 METHODS = ("prosparse",)
 
@@ -32,6 +32,9 @@ def register(sub) -> None:
     p.add_argument("--lr", type=float, default=1e-4, help="peak learning rate (AdamW, warm-up then cosine; default 1e-4)")
     p.add_argument("--schedule", default="progressive", help="progressive (default) or constant lambda (the ablation)")
     p.add_argument("--preset", default="7b", help="paper stage table scaled to --steps: 7b (default) or 1b")
+    p.add_argument("--stages", default=None, metavar="END:LAMBDA,...",
+                   help="own stage table instead of --preset, e.g. 0.3:0,0.36:0.005,0.6:0.05,0.73:0.05,0.97:0.2,1:0.2 "
+                        "(ends in any unit, scaled to --steps; the first lambda is 0: the ReLU swap alone)")
     p.add_argument("--peak-lambda", type=float, default=None, help="rescale the table so its last lambda is this")
     p.add_argument("--l1-reduce", default="sum", help="combine per-layer L1 terms by sum (default) or mean")
     p.add_argument("--threshold", type=float, default=0.01, help="FATReLU threshold at inference (default 0.01; 0 = ReLU)")
@@ -67,7 +70,8 @@ def run(args) -> int:
     if args.method not in METHODS:
         raise ActSparseError(f"--method {args.method!r} cannot be trained; trainable methods: {', '.join(METHODS)}")
     config = make_config("prosparse", threshold=args.threshold, schedule=args.schedule, preset=args.preset,
-                         peak_lambda=args.peak_lambda, l1_reduce=args.l1_reduce)
+                         stages=parse_stages(args.stages) if args.stages else (), peak_lambda=args.peak_lambda,
+                         l1_reduce=args.l1_reduce)
     check_positive("--seq-len", args.seq_len)
     train_args = TrainArgs(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                            log_every=args.log_every, save_every=args.save_every, seed=args.seed, bf16=args.bf16,
