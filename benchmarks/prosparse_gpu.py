@@ -38,7 +38,7 @@ from actsparse.evaluate import perplexity
 from actsparse.loading import load_model
 from actsparse.methods.prosparse import relufy_
 from actsparse.models import layer_specs
-from actsparse.train import TrainArgs, pack_texts, train, train_prosparse
+from actsparse.train import TrainArgs, finished, pack_texts, train, train_prosparse
 from actsparse.train.schedule import L1Schedule
 
 SWEEP = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
@@ -147,7 +147,7 @@ def main() -> None:
         result["train_s"] = round(result["train_s"] + time.perf_counter() - t0, 1)
         result["step"], result["tokens"] = history[-1]["step"], history[-1]["tokens"]
         shutil.copy(run_dir / "train_log.csv", out / f"{schedule}_log.csv")
-        if history[-1]["step"] < steps:
+        if not finished(history, args):
             _stop(summary, save, f"{schedule} stopped at step {history[-1]['step']} of {steps}, checkpoint in {run_dir}")
             return
         result.update({"config": config.to_dict(), "stages": [list(s) for s in L1Schedule.from_config(config, steps).stages],

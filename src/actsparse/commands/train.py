@@ -63,9 +63,8 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    from ..train import TrainArgs, pack_texts, setup, train_prosparse
+    from ..train import TrainArgs, finished, pack_texts, setup, train_prosparse
     from ..train.checkpoint import checkpoint_dir
-    from ..train.loop import finished
 
     if args.method not in METHODS:
         raise ActSparseError(f"--method {args.method!r} cannot be trained; trainable methods: {', '.join(METHODS)}")

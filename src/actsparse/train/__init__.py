@@ -3,7 +3,7 @@ callback, distributed through torchrun + DDP."""
 from .data import ShardedBatches, pack_texts
 from .distributed import Dist, setup
 from .hf import ProSparseCallback
-from .loop import TrainArgs, train
+from .loop import TrainArgs, finished, train
 from .penalty import IntermediateL1
 from .prosparse import train_prosparse
 from .schedule import L1Schedule
@@ -15,6 +15,7 @@ __all__ = [
     "ProSparseCallback",
     "ShardedBatches",
     "TrainArgs",
+    "finished",
     "pack_texts",
     "setup",
     "train",

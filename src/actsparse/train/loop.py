@@ -136,9 +136,6 @@ def train(
     batches = ShardedBatches(windows, args.batch_size, dist.rank, dist.world_size, args.seed)
     run_meta = {**asdict(args), "world_size": dist.world_size, **(meta or {})}
     model.train()
-    compiled = [layer for m in (model, teacher) if m is not None for layer in decoder_layers(m)[1]] if args.compile else []
-    for layer in compiled:
-        layer.compile()
     ddp = model
     if dist.enabled:
         ddp = DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
@@ -165,6 +162,9 @@ def train(
     tokens_per_step = args.batch_size * args.grad_accum * dist.world_size * windows.shape[1]
     history: list[dict] = []
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, kd, hidden, l1, micro-batches since the last log
+    compiled = [layer for m in (model, teacher) if m is not None for layer in decoder_layers(m)[1]] if args.compile else []
+    for layer in compiled:
+        layer.compile()
     began = time.perf_counter()
     try:
         bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="prosparse", unit="step",
