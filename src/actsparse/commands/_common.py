@@ -86,11 +86,9 @@ def parse_stages(text: str) -> tuple[tuple[float, float], ...]:
     for item in parse_list(text, "--stages"):
         end, sep, lam = item.partition(":")
         try:
-            stages.append((float(end), float(lam)))
+            stages.append((float(end), float(lam if sep else "")))
         except ValueError:
-            sep = ""
-        if not sep:
-            raise ActSparseError(f"--stages: {item!r} is not END:LAMBDA (e.g. 0.3:0,0.4:0.01,1:0.2)")
+            raise ActSparseError(f"--stages: {item!r} is not END:LAMBDA (e.g. 0.3:0,0.4:0.01,1:0.2)") from None
     return tuple(stages)
 
 
