@@ -18,6 +18,11 @@ machine's /tmp while it stays warm). The first call fixes the steps (--steps, or
 training over all calls by the probe); training stops in time for --deadline with a checkpoint
 under DIR; the same command again resumes it (and skips what DIR already holds: the SiLU
 evaluations, finished runs), until every run is trained and evaluated.
+
+Training longer than one lease (or session): --export FILE writes the trained student (bf16, 270 MB
+for SmolLM2); bring it back in parts (`split -b 15M FILE $OUT/student.part`, four parts per call:
+what one call returns is limited to 64 MiB), carry it to the next lease in parts and start from it
+with --init FILE and your own --stages and --lr; the SiLU model stays the teacher.
 """
 from __future__ import annotations
 
@@ -31,6 +36,7 @@ import time
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from actsparse import DenseConfig, ProSparseConfig, sparsify_
 from actsparse.commands._common import parse_stages
@@ -72,6 +78,11 @@ def main() -> None:
                    help="checkpoints and finished results, on a disk that outlives one call (default: a fresh temporary "
                         "directory); the same command again resumes from it")
     p.add_argument("--compile", action="store_true", help="compile the decoder layers while training (TrainArgs.compile)")
+    p.add_argument("--init", default=None, metavar="FILE",
+                   help="start every run from these ReLU student weights (an earlier run's --export) instead of the "
+                        "SiLU model, which stays the teacher")
+    p.add_argument("--export", default=None, metavar="FILE",
+                   help="write the last trained student's weights (bf16 safetensors) here, for a later --init")
     a = p.parse_args()
     schedules = a.schedules.split(",")
     out = Path(a.out)
@@ -129,6 +140,8 @@ def main() -> None:
         if "eval" in summary.get(schedule, {}):
             continue  # trained and evaluated by an earlier call
         model = copy.deepcopy(base)
+        if a.init is not None:
+            _load_student(model, a.init)
         config = ProSparseConfig(threshold=a.threshold, schedule=schedule, preset=a.preset, peak_lambda=a.peak_lambda,
                                  stages=parse_stages(a.stages) if a.stages else ())
         time_limit = None
@@ -142,7 +155,8 @@ def main() -> None:
         run_dir = work / schedule
         resume = run_dir if (run_dir / "checkpoints").is_dir() else None
         t0 = time.perf_counter()
-        history = train_prosparse(model, windows, config, args, run_dir, resume=resume, progress=False)
+        history = train_prosparse(model, windows, config, args, run_dir, resume=resume, progress=False,
+                                  teacher=copy.deepcopy(base))
         result = summary.setdefault(schedule, {"train_s": 0.0})
         result["train_s"] = round(result["train_s"] + time.perf_counter() - t0, 1)
         result["step"], result["tokens"] = history[-1]["step"], history[-1]["tokens"]
@@ -159,6 +173,9 @@ def main() -> None:
                 spec.mlp.set_gate_threshold(t, 0.0)
             r = _ppl(model, tok, a.eval, a.sweep_windows)
             result["sweep"].append({"threshold": t, "ppl": r["ppl"], "mlp": r["mlp"], "model": r["model"]})
+        if a.export is not None:
+            _save_student(model, base, a.export)
+            result["exported"] = a.export
         save()
         del model
     summary.pop("resume", None)
@@ -174,6 +191,27 @@ def _stop(summary: dict, save, why: str) -> None:
     summary["resume"] = why
     save()
     print(json.dumps({"resume": why, "steps": summary["steps"]}))
+
+
+def _save_student(model, base, path: str) -> None:
+    """The student's weights under the dense model's names, in bf16, tied copies once."""
+    names = set(base.state_dict())
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        if name in names and tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            state[name] = tensor.to(torch.bfloat16).contiguous()
+    save_file(state, path)
+
+
+def _load_student(model, path: str) -> None:
+    """ReLU-fy `model` and load an exported student into it: every parameter (tied ones once)."""
+    relufy_(model)
+    state = load_file(path, device=str(next(model.parameters()).device))
+    missing = sorted({name for name, _ in model.named_parameters()} - set(state))
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if missing or unexpected:
+        raise SystemExit(f"{path}: not a student of this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def _read_log(path: Path) -> list[dict]:

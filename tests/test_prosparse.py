@@ -314,6 +314,23 @@ def test_hidden_distillation_trains_logs_and_pulls_the_hidden_states_towards_the
     assert gap(model) < gap(plain) / 2, (gap(model), gap(plain))
 
 
+def test_training_continues_a_relu_model_against_the_teacher_passed_in(tmp_path):
+    original = tiny_model("llama")
+    before = copy.deepcopy(original.state_dict())
+    config = asp.ProSparseConfig(threshold=0.0, schedule="constant", stages=((1, 0.0), (2, 0.1)))
+    args = TrainArgs(steps=2, batch_size=4, lr=1e-3, log_every=1, distill=1.0)
+    first_kd = {}
+    for name, teacher in (("itself", None), ("original", original)):
+        relu = copy.deepcopy(original)
+        relufy_(relu)  # an earlier run's ReLU student, as it would be loaded
+        history = train_prosparse(relu, TRAIN, config, args, tmp_path / name, progress=False, teacher=teacher)
+        first_kd[name] = history[0]["kd"]
+    # By default the teacher is the model as given: here the ReLU model itself, so nothing to learn at first.
+    assert first_kd["itself"] == pytest.approx(0, abs=1e-6) and first_kd["original"] > 1e-3
+    assert all(torch.equal(before[k], v) for k, v in original.state_dict().items())
+    assert all(p.requires_grad for p in original.parameters())
+
+
 def test_both_distillation_terms_share_one_teacher_forward_per_micro_batch(tmp_path):
     model = tiny_model("llama")
     relufy_(model)

@@ -26,18 +26,26 @@ def train_prosparse(
     resume: str | os.PathLike | None = None,
     dist: Dist | None = None,
     progress: bool = True,
+    teacher: nn.Module | None = None,
 ) -> list[dict]:
     """ReLU-fy `model`, train it with `config`'s L1 schedule, then install FATReLU so that it is a
     sparsified actsparse model (`actsparse.io.save` writes it). With `args.distill` or
-    `args.distill_hidden` > 0 the model as given (before the swap) is the frozen teacher. Returns
-    the logged rows.
+    `args.distill_hidden` > 0, `teacher` (the original dense model, put in eval mode) is the frozen
+    teacher; by default a copy of `model` as given, before the swap. Pass it to continue training
+    a model that is ReLU-fied already (e.g. an earlier run's weights in a `relufy_`-ed copy of the
+    original). Returns the logged rows.
 
     If training stopped at `args.time_limit` (`finished(history, args)` is False), the model is
     left ReLU-fied but not finalised (no FATReLU, not savable): continue with a fresh dense model
     and `resume=out_dir`."""
     if getattr(model, "actsparse_config", None) is not None:
         raise ActSparseError(f"model is already sparsified with {model.actsparse_config.method}; train from the dense model")
-    teacher = copy.deepcopy(model).eval().requires_grad_(False) if args.distills else None
+    if not args.distills:
+        teacher = None
+    elif teacher is None:
+        teacher = copy.deepcopy(model).requires_grad_(False)
+    if teacher is not None:
+        teacher.eval()  # its forward runs under no_grad: a teacher passed in keeps its requires_grad
     relufy_(model)
     schedule = L1Schedule.from_config(config, args.steps)
     history = train(model, windows, schedule, args, out_dir, l1_reduce=config.l1_reduce, resume=resume, dist=dist,
