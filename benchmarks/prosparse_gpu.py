@@ -20,9 +20,10 @@ under DIR; the same command again resumes it (and skips what DIR already holds: 
 evaluations, finished runs), until every run is trained and evaluated.
 
 Training longer than one lease (or session): --export FILE writes the trained student (bf16, 270 MB
-for SmolLM2); bring it back in parts (`split -b 15M FILE $OUT/student.part`, four parts per call:
-what one call returns is limited to 64 MiB), carry it to the next lease in parts and start from it
-with --init FILE and your own --stages and --lr; the SiLU model stays the teacher.
+for SmolLM2); split it there (`split -b 15M FILE /tmp/parts/p`) and copy four parts to $OUT per
+call (one call returns at most 64 MiB), carry the parts to the next lease, join them with `cat`
+and start from the file with --init FILE and your own --stages and --lr; the SiLU model stays
+the teacher.
 """
 from __future__ import annotations
 
