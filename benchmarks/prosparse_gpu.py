@@ -31,6 +31,7 @@ import argparse
 import copy
 import csv
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -202,7 +203,9 @@ def _save_student(model, base, path: str) -> None:
         if name in names and tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             state[name] = tensor.to(torch.bfloat16).contiguous()
-    save_file(state, path)
+    partial = f"{path}.partial"
+    save_file(state, partial)
+    os.replace(partial, path)
 
 
 def _load_student(model, path: str) -> None:
