@@ -41,7 +41,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from actsparse import DenseConfig, ProSparseConfig, sparsify_
-from actsparse.commands._common import parse_stages
+from actsparse.commands._common import parse_stages, write_json_atomic
 from actsparse.evaluate import perplexity
 from actsparse.loading import load_model
 from actsparse.methods.prosparse import relufy_
@@ -68,7 +68,7 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=2e-4)
     p.add_argument("--preset", default="7b")
     p.add_argument("--stages", default=None, metavar="END:LAMBDA,...", help="own stage table instead of --preset (as actsparse train)")
-    p.add_argument("--peak-lambda", type=float, default=0.1)
+    p.add_argument("--peak-lambda", type=float, default=None, help="rescale the stage table so its last lambda is this")
     p.add_argument("--threshold", type=float, default=0.01)
     p.add_argument("--sweep-windows", type=int, default=48)
     p.add_argument("--device", default="cuda")
@@ -99,9 +99,8 @@ def main() -> None:
     summary["calls"] = summary.get("calls", 0) + 1
 
     def save() -> None:
-        text = json.dumps(summary, indent=1)
-        (out / "summary.json").write_text(text)
-        (work / "summary.json").write_text(text)
+        write_json_atomic(out / "summary.json", summary)
+        write_json_atomic(work / "summary.json", summary)
 
     began = time.perf_counter()
     t0 = time.perf_counter()
@@ -147,7 +146,7 @@ def main() -> None:
         config = ProSparseConfig(threshold=a.threshold, schedule=schedule, preset=a.preset, peak_lambda=a.peak_lambda,
                                  stages=parse_stages(a.stages) if a.stages else ())
         time_limit = None
-        if a.deadline is not None:
+        if a.deadline is not None and a.work is not None:
             time_limit = a.deadline - (time.perf_counter() - began) - eval_s - 30.0
             if time_limit <= 0:
                 _stop(summary, save, f"no time left before --deadline to train {schedule}")
@@ -155,10 +154,10 @@ def main() -> None:
         args = TrainArgs(steps=steps, batch_size=a.batch_size, lr=a.lr, warmup=0.03, log_every=max(1, steps // 100),
                          distill=a.distill, distill_hidden=a.distill_hidden, time_limit=time_limit, compile=a.compile)
         run_dir = work / schedule
-        resume = run_dir if (run_dir / "checkpoints").is_dir() else None
+        resume = run_dir if any(run_dir.glob("checkpoints/step-*/checkpoint.json")) else None
         t0 = time.perf_counter()
         history = train_prosparse(model, windows, config, args, run_dir, resume=resume, progress=False,
-                                  teacher=copy.deepcopy(base))
+                                  teacher=base)
         result = summary.setdefault(schedule, {"train_s": 0.0})
         result["train_s"] = round(result["train_s"] + time.perf_counter() - t0, 1)
         result["step"], result["tokens"] = history[-1]["step"], history[-1]["tokens"]

@@ -5,9 +5,9 @@
 # a carried path that a later call does not name is not kept, hence the copies):
 #   call 1: carry .gpsp/a   command: mkdir -p /tmp/gpsp && cp .gpsp/a/* /tmp/gpsp/
 #   call 2: carry .gpsp/b   command: cp .gpsp/b/* /tmp/gpsp/
-#   call 3: carry .gpsp/c   command: cp -r .gpsp/c/* /tmp/gpsp/ && cat /tmp/gpsp/part[123] > /tmp/model.gguf && ./RUN
-#   later calls (nothing carried): ./RUN, which resumes from the checkpoint under --work
-# where RUN is
+#   call 3: carry .gpsp/c   command: cp -r .gpsp/c/* /tmp/gpsp/ && cat /tmp/gpsp/part[123] > /tmp/model.gguf && RUN
+#   later calls (nothing carried): RUN again, which resumes from the checkpoint under --work
+# where RUN stands for the command
 #     PYTHONPATH=$PWD/src:/tmp/gpsp/site python3 benchmarks/prosparse_gpu.py --model /tmp/model.gguf \
 #       --data /tmp/gpsp/wikipedia_en.jsonl.gz,/tmp/gpsp/openstax_textbooks.jsonl.gz,/tmp/gpsp/gutenberg_books.jsonl.gz \
 #       --eval /tmp/gpsp/wiki.test.raw --work /tmp/psw --out $OUT --steps N --deadline 570 ...

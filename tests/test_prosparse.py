@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from torch._dynamo.utils import counters
 
 import actsparse as asp
 from actsparse.errors import ActSparseError
@@ -371,6 +372,10 @@ def test_resume_from_a_checkpoint_gives_the_same_next_steps(tmp_path):
     other = TrainArgs(steps=6, batch_size=2, grad_accum=2, lr=5e-3, log_every=1)
     with pytest.raises(ActSparseError, match="batch_size"):
         train_prosparse(tiny_model("llama"), TRAIN, config, other, tmp_path / "c", resume=tmp_path / "a", progress=False)
+    # Another stage table is another run too.
+    with pytest.raises(ActSparseError, match="config="):
+        train_prosparse(tiny_model("llama"), TRAIN, dataclasses.replace(config, peak_lambda=0.7), args, tmp_path / "c",
+                        resume=tmp_path / "a", progress=False)
 
 
 def test_a_time_limit_stops_at_a_checkpoint_and_resuming_gives_the_uninterrupted_run(tmp_path):
@@ -414,10 +419,13 @@ def test_compiled_layers_train_like_eager_with_one_graph_for_every_layer(tmp_pat
         args = TrainArgs(steps=2, batch_size=4, lr=1e-3, log_every=1, distill=0.5, distill_hidden=2.0, compile=compiled)
         # Two graphs at most, one for the student's layers (training) and one for the teacher's: a
         # graph per layer (as when the L1 hooks' per-layer state was guarded on) fails here.
+        counters.clear()
         with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
             rows[compiled] = train(model, TRAIN, schedule, args, tmp_path / str(compiled), progress=False,
                                    teacher=teacher)
+        assert counters["stats"]["unique_graphs"] == (2 if compiled else 0)
         assert all(layer._compiled_call_impl is None for m in (model, teacher) for layer in m.model.layers)
+    torch.compiler.reset()
     assert rows[True][-1]["l1"] > 0 and 0 < rows[True][-1]["sparsity"] < 1
     for eager, compiled in zip(rows[False], rows[True]):
         for key in ("loss", "kd", "hidden", "l1", "sparsity", "sparsity_0", "sparsity_1"):

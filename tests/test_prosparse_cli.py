@@ -95,13 +95,13 @@ def test_a_time_limit_stops_at_a_checkpoint_without_a_model_and_resume_finishes(
     checkpoint = tmp_path / "relu.train" / "checkpoints" / "step-000001"
     err = capsys.readouterr().err
     assert f"stopped at the time limit after step 1 of 6; checkpoint in {checkpoint}" in err
-    assert f"run the same command with --resume {checkpoint}" in err
+    assert f"run the same command with --resume {tmp_path / 'relu.train'}" in err
     assert (checkpoint / "model.safetensors").is_file() and not out.exists()
     summary = json.loads((tmp_path / "stopped.json").read_text())
     assert summary["finished"] is False and summary["output"] is None and summary["log"][-1]["step"] == 1
 
     # The resumed run (compiled this time: neither flag is part of the run) finishes like an uninterrupted one.
-    resume = ["--resume", str(checkpoint), "--compile", "--json", str(tmp_path / "done.json")]
+    resume = ["--resume", str(tmp_path / "relu.train"), "--compile", "--json", str(tmp_path / "done.json")]
     assert main([*args, "-o", str(out), *resume]) == 0
     assert '"hidden_act": "relu"' in (out / "config.json").read_text()
     summary = json.loads((tmp_path / "done.json").read_text())

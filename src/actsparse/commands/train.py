@@ -99,7 +99,7 @@ def run(args) -> int:
         else:
             checkpoint = checkpoint_dir(train_dir, last["step"])
             log(f"stopped at the time limit after step {last['step']} of {args.steps}; checkpoint in {checkpoint} "
-                f"({output} not written); to continue, run the same command with --resume {checkpoint}")
+                f"({output} not written); to continue, run the same command with --resume {train_dir}")
         print(f"steps      {last.get('step', args.steps)}  ({last.get('tokens', 0)} tokens)")
         if last:
             print(f"loss       {last['loss']:.4f}  l1 {last['l1']:.4g}  lambda {last['lambda']:.4g}")

@@ -16,6 +16,7 @@ resume later) and optional regional torch.compile (each decoder layer).
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
@@ -149,24 +150,32 @@ def train(
         saved = read_meta(found)
         defaults = asdict(TrainArgs())  # a key a checkpoint predates had its default value
         differ = [k for k in RESUME_KEYS if saved.get(k, defaults.get(k)) != run_meta.get(k)]
+        if "config" in saved and _as_json(saved["config"]) != _as_json(run_meta.get("config")):
+            differ.append("config")
         if differ:
             raise ActSparseError(
                 f"{found}: was written by a different run ({', '.join(f'{k}={saved.get(k)!r} here {run_meta.get(k)!r}' for k in differ)})"
             )
         start = load_checkpoint(found, model, optimizer, scheduler)
     bf16 = device.type == "cuda" if args.bf16 is None else args.bf16
-    penalty = IntermediateL1(model, l1_reduce)
-    layer_outputs = (LayerOutputs(model), LayerOutputs(teacher)) if args.distill_hidden > 0 else None
-    columns = ["step", "tokens", "lr", "lambda", "loss", "kd", "hidden", "l1", "sparsity"] + [f"sparsity_{i}" for i in range(penalty.layers)] + ["seconds"]
-    log = CsvLog(out_dir / LOG_FILE, columns, resume_step=start if resume is not None else None) if dist.is_main else None
     tokens_per_step = args.batch_size * args.grad_accum * dist.world_size * windows.shape[1]
     history: list[dict] = []
     sums = torch.zeros(5, dtype=torch.float64, device=device)  # loss, kd, hidden, l1, micro-batches since the last log
-    compiled = [layer for m in (model, teacher) if m is not None for layer in decoder_layers(m)[1]] if args.compile else []
-    for layer in compiled:
-        layer.compile()
-    began = time.perf_counter()
-    try:
+    with contextlib.ExitStack() as cleanup:  # hooks and compiled layers are undone on every way out
+        penalty = IntermediateL1(model, l1_reduce)
+        cleanup.callback(penalty.remove)
+        layer_outputs = None
+        if args.distill_hidden > 0:
+            layer_outputs = (LayerOutputs(model), LayerOutputs(teacher))
+            for outputs in layer_outputs:
+                cleanup.callback(outputs.remove)
+        if args.compile:
+            for m in (model, teacher):
+                if m is not None:
+                    cleanup.enter_context(_compiled_layers(m))
+        columns = ["step", "tokens", "lr", "lambda", "loss", "kd", "hidden", "l1", "sparsity"] + [f"sparsity_{i}" for i in range(penalty.layers)] + ["seconds"]
+        log = CsvLog(out_dir / LOG_FILE, columns, resume_step=start if resume is not None else None) if dist.is_main else None
+        began = time.perf_counter()
         bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="prosparse", unit="step",
                    file=sys.stderr, disable=not (progress and dist.is_main))
         for step in bar:
@@ -205,12 +214,6 @@ def train(
                 dist.barrier()
             if stop:
                 break
-    finally:
-        penalty.remove()
-        for layer in compiled:
-            layer._compiled_call_impl = None  # what nn.Module.compile set; it has no public inverse
-        for outputs in layer_outputs or ():
-            outputs.remove()
     model.eval()
     return history
 
@@ -225,22 +228,44 @@ def _out_of_time(limit: float | None, began: float, dist: Dist, device: torch.de
     """Whether `limit` seconds have passed since `began` on any rank: the ranks stop together."""
     if limit is None:
         return False
-    late = torch.tensor([float(time.perf_counter() - began > limit)], device=device)
-    return dist.all_reduce_sum(late).item() > 0
+    late = time.perf_counter() - began > limit
+    if not dist.enabled:
+        return late
+    return dist.all_reduce_sum(torch.tensor([float(late)], device=device)).item() > 0
+
+
+@contextlib.contextmanager
+def _compiled_layers(model: nn.Module):
+    """Each decoder layer compiled in place (`nn.Module.compile`) for the duration. That has no
+    public inverse: on the way out the attribute it sets goes back to what it was."""
+    layers = decoder_layers(model)[1]
+    before = [layer._compiled_call_impl for layer in layers]
+    for layer in layers:
+        layer.compile()
+    try:
+        yield
+    finally:
+        for layer, impl in zip(layers, before):
+            layer._compiled_call_impl = impl
+
+
+def _as_json(value):
+    """`value` as it reads back from a checkpoint's JSON (tuples become lists)."""
+    return json.loads(json.dumps(value))
 
 
 def _distillation(out, teacher: nn.Module, ids: torch.Tensor, args: TrainArgs,
-                  hidden: tuple[LayerOutputs, LayerOutputs] | None) -> tuple[torch.Tensor, torch.Tensor]:
+                  layer_outputs: tuple[LayerOutputs, LayerOutputs] | None) -> tuple[torch.Tensor, torch.Tensor]:
     """The KL and hidden-state terms of the student's output `out` against one teacher forward
-    on `ids` (`hidden`: the student's and the teacher's layer outputs, when that term is on); a
-    term whose weight in `args` is 0 is 0, uncomputed."""
+    on `ids` (`layer_outputs`: the student's and the teacher's, when that term is on); a term
+    whose weight in `args` is 0 is 0, uncomputed."""
     zero = torch.zeros((), device=ids.device)
     if not args.distills:
         return zero, zero
     with torch.no_grad():
         target = teacher(input_ids=ids, use_cache=False)
     kd = kl_to_teacher(out.logits, target.logits) if args.distill > 0 else zero
-    mse = hidden_mse(hidden[0].pop(), hidden[1].pop()) if hidden is not None else zero
+    mse = hidden_mse(layer_outputs[0].pop(), layer_outputs[1].pop()) if layer_outputs is not None else zero
     return kd, mse
 
 
