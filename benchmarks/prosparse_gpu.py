@@ -71,6 +71,7 @@ def main() -> None:
     p.add_argument("--peak-lambda", type=float, default=None, help="rescale the stage table so its last lambda is this")
     p.add_argument("--threshold", type=float, default=0.01)
     p.add_argument("--sweep-windows", type=int, default=48)
+    p.add_argument("--eval-seq-len", type=int, default=512, help="tokens per perplexity window")
     p.add_argument("--device", default="cuda")
     p.add_argument("--distill", type=float, default=0.0, help="weight of the KL to the SiLU model in the loss (TrainArgs.distill)")
     p.add_argument("--distill-hidden", type=float, default=0.0,
@@ -110,11 +111,11 @@ def main() -> None:
     if "relu_untrained" not in summary:
         dense = copy.deepcopy(base)
         sparsify_(dense, DenseConfig())
-        summary["silu"] = _ppl(dense, tok, a.eval, None)
-        summary["silu_sweep_windows"] = _ppl(dense, tok, a.eval, a.sweep_windows)
+        summary["silu"] = _ppl(dense, tok, a, None)
+        summary["silu_sweep_windows"] = _ppl(dense, tok, a, a.sweep_windows)
         relu0 = copy.deepcopy(base)
         sparsify_(relu0, ProSparseConfig(threshold=0.0))
-        summary["relu_untrained"] = _ppl(relu0, tok, a.eval, a.sweep_windows)
+        summary["relu_untrained"] = _ppl(relu0, tok, a, a.sweep_windows)
         del dense, relu0
         save()
 
@@ -159,7 +160,7 @@ def main() -> None:
         history = train_prosparse(model, windows, config, args, run_dir, resume=resume, progress=False,
                                   teacher=base)
         result = summary.setdefault(schedule, {"train_s": 0.0})
-        result["train_s"] = round(result["train_s"] + time.perf_counter() - t0, 1)
+        result["train_s"] = round(result["train_s"] + time.perf_counter() - t0, 3)
         result["step"], result["tokens"] = history[-1]["step"], history[-1]["tokens"]
         shutil.copy(run_dir / "train_log.csv", out / f"{schedule}_log.csv")
         if not finished(history, args):
@@ -167,12 +168,12 @@ def main() -> None:
             return
         result.update({"config": config.to_dict(), "stages": [list(s) for s in L1Schedule.from_config(config, steps).stages],
                        "tokens_per_s": round(result["tokens"] / result["train_s"]), "final_log": history[-1]})
-        result["eval"] = _ppl(model, tok, a.eval, None)
+        result["eval"] = _ppl(model, tok, a, None)
         result["sweep"] = []
         for t in SWEEP:
             for spec in layer_specs(model):
                 spec.mlp.set_gate_threshold(t, 0.0)
-            r = _ppl(model, tok, a.eval, a.sweep_windows)
+            r = _ppl(model, tok, a, a.sweep_windows)
             result["sweep"].append({"threshold": t, "ppl": r["ppl"], "mlp": r["mlp"], "model": r["model"]})
         if a.export is not None:
             _save_student(model, base, a.export)
@@ -222,9 +223,9 @@ def _read_log(path: Path) -> list[dict]:
         return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
-def _ppl(model, tok, source, windows) -> dict:
+def _ppl(model, tok, a, windows) -> dict:
     t0 = time.perf_counter()
-    r = perplexity(model, tok, source, seq_len=512, windows=windows, progress=False)
+    r = perplexity(model, tok, a.eval, seq_len=a.eval_seq_len, windows=windows, progress=False)
     s = r["sparsity"]
     return {"ppl": r["ppl"], "windows": r["ppl_windows"], "mlp": s["mlp"], "model": s["model"],
             "mlp_per_layer": [round(x["mlp"], 4) for x in s["per_layer"]], "eval_s": round(time.perf_counter() - t0, 1)}
