@@ -17,8 +17,8 @@ from actsparse.measure import measure_sparsity
 from actsparse.methods.prosparse import relufy_
 from actsparse.models import layer_specs
 from actsparse.train import IntermediateL1, L1Schedule, ShardedBatches, TrainArgs, train, train_prosparse
-from actsparse.train.distill import LayerOutputs
-from actsparse.train.loop import _distillation, finished
+from actsparse.train.distill import LayerOutputs, lm_and_kl
+from actsparse.train.loop import _losses, finished
 from tiny import ARCHS, random_tokens, tiny_model
 
 EVAL = random_tokens(4, 32, seed=4)
@@ -242,6 +242,19 @@ def test_distillation_pulls_the_relu_model_towards_the_silu_model(tmp_path):
     assert model.actsparse_recipe["training"]["distill"] == 1.0
 
 
+def test_lm_and_kl_is_transformers_loss_and_the_kl_from_one_log_softmax():
+    student, teacher = tiny_model("llama"), tiny_model("llama", seed=1)
+    out = student(input_ids=EVAL, labels=EVAL)
+    target = logits(teacher)
+    ce, kd = lm_and_kl(out.logits, target, EVAL)
+    assert ce.item() == pytest.approx(out.loss.item(), rel=1e-6)
+    p, q = target.softmax(-1), out.logits.float().softmax(-1)
+    assert kd.item() == pytest.approx((p * (p.log() - q.log())).sum(-1).mean().item(), rel=1e-5)
+    assert kd.item() > 1e-3
+    (ce + kd).backward()
+    assert student.lm_head.weight.grad.abs().sum() > 0
+
+
 def test_layer_outputs_are_what_each_decoder_layer_returns():
     model = tiny_model("llama")
     outputs = LayerOutputs(model)
@@ -266,12 +279,12 @@ def test_hidden_distillation_is_zero_against_itself_and_its_gradient_reaches_the
     teacher = copy.deepcopy(student)
     outputs = (LayerOutputs(student), LayerOutputs(teacher))
     args = TrainArgs(distill_hidden=1.0)
-    kd, hidden = _distillation(student(input_ids=EVAL), teacher, EVAL, args, outputs)
+    _, kd, hidden = _losses(student(input_ids=EVAL, labels=EVAL), teacher, EVAL, args, outputs)
     assert kd.item() == 0 and hidden.item() == 0
     first = student.model.layers[0]
     with torch.no_grad():
         first.mlp.up_proj.weight.add_(0.05 * torch.randn_like(first.mlp.up_proj.weight))
-    kd, hidden = _distillation(student(input_ids=EVAL), teacher, EVAL, args, outputs)
+    _, kd, hidden = _losses(student(input_ids=EVAL, labels=EVAL), teacher, EVAL, args, outputs)
     reference = []
     for model in (student, teacher):
         layers = []
@@ -295,7 +308,7 @@ def test_hidden_distillation_trains_logs_and_pulls_the_hidden_states_towards_the
     def gap(model):
         outputs = (LayerOutputs(model), LayerOutputs(teacher))
         with torch.no_grad():
-            gap = _distillation(model(input_ids=EVAL), teacher, EVAL, TrainArgs(distill_hidden=1.0), outputs)[1].item()
+            gap = _losses(model(input_ids=EVAL, labels=EVAL), teacher, EVAL, TrainArgs(distill_hidden=1.0), outputs)[2].item()
         for o in outputs:
             o.remove()
         return gap
@@ -417,13 +430,14 @@ def test_compiled_layers_train_like_eager_with_one_graph_for_every_layer(tmp_pat
         teacher = copy.deepcopy(model).requires_grad_(False)
         relufy_(model)
         args = TrainArgs(steps=2, batch_size=4, lr=1e-3, log_every=1, distill=0.5, distill_hidden=2.0, compile=compiled)
-        # Two graphs at most, one for the student's layers (training) and one for the teacher's: a
-        # graph per layer (as when the L1 hooks' per-layer state was guarded on) fails here.
+        # Three graphs: one for the student's layers (training), one for the teacher's and one for
+        # the vocabulary-wide losses; a graph per layer (as when the L1 hooks' per-layer state was
+        # guarded on) fails here.
         counters.clear()
         with torch._dynamo.config.patch(recompile_limit=2, fail_on_recompile_limit_hit=True):
             rows[compiled] = train(model, TRAIN, schedule, args, tmp_path / str(compiled), progress=False,
                                    teacher=teacher)
-        assert counters["stats"]["unique_graphs"] == (2 if compiled else 0)
+        assert counters["stats"]["unique_graphs"] == (3 if compiled else 0)
         assert all(layer._compiled_call_impl is None for m in (model, teacher) for layer in m.model.layers)
     torch.compiler.reset()
     assert rows[True][-1]["l1"] > 0 and 0 < rows[True][-1]["sparsity"] < 1

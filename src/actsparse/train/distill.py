@@ -46,11 +46,15 @@ class LayerOutputs:
             kept.clear()
 
 
-def kl_to_teacher(logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
-    """Mean over tokens of KL(teacher || student) between next-token distributions, in fp32."""
-    target = F.log_softmax(teacher_logits.float(), dim=-1).flatten(0, -2)
-    student = F.log_softmax(logits.float(), dim=-1).flatten(0, -2)
-    return F.kl_div(student, target, log_target=True, reduction="batchmean")
+def lm_and_kl(logits: torch.Tensor, teacher_logits: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The next-token cross-entropy on `ids` (transformers' causal-LM loss for unpadded windows)
+    and the mean over tokens of KL(teacher || student), both from one fp32 log-softmax of the
+    student's logits: the vocabulary-wide tensors are the costliest part of a small model's step."""
+    student = F.log_softmax(logits.float(), dim=-1)
+    target = F.log_softmax(teacher_logits.float(), dim=-1)
+    ce = -student[:, :-1].gather(-1, ids[:, 1:, None]).mean()
+    kd = F.kl_div(student.flatten(0, -2), target.flatten(0, -2), log_target=True, reduction="batchmean")
+    return ce, kd
 
 
 def hidden_mse(student: list[torch.Tensor], teacher: list[torch.Tensor]) -> torch.Tensor:

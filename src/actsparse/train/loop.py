@@ -33,7 +33,7 @@ from ..errors import ActSparseError
 from ..models import decoder_layers
 from .checkpoint import checkpoint_dir, find_checkpoint, load_checkpoint, read_meta, save_checkpoint
 from .data import ShardedBatches
-from .distill import LayerOutputs, hidden_mse, kl_to_teacher
+from .distill import LayerOutputs, hidden_mse, lm_and_kl
 from .distributed import Dist
 from .log import CsvLog
 from .penalty import IntermediateL1
@@ -169,10 +169,12 @@ def train(
             layer_outputs = (LayerOutputs(model), LayerOutputs(teacher))
             for outputs in layer_outputs:
                 cleanup.callback(outputs.remove)
+        lm_kl = lm_and_kl
         if args.compile:
             for m in (model, teacher):
                 if m is not None:
                     cleanup.enter_context(_compiled_layers(m))
+            lm_kl = torch.compile(lm_and_kl)
         columns = ["step", "tokens", "lr", "lambda", "loss", "kd", "hidden", "l1", "sparsity"] + [f"sparsity_{i}" for i in range(penalty.layers)] + ["seconds"]
         log = CsvLog(out_dir / LOG_FILE, columns, resume_step=start if resume is not None else None) if dist.is_main else None
         began = time.perf_counter()
@@ -186,9 +188,8 @@ def train(
                 last = micro == args.grad_accum - 1
                 with (ddp.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
                     with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        out = ddp(input_ids=ids, labels=ids, use_cache=False)
-                        loss = out.loss.float()
-                        kd, hidden = _distillation(out, teacher, ids, args, layer_outputs)
+                        out = ddp(input_ids=ids, labels=ids if args.distill == 0 else None, use_cache=False)
+                        loss, kd, hidden = _losses(out, teacher, ids, args, layer_outputs, lm_kl)
                     l1 = penalty.pop_term()
                     (((1 - args.distill) * loss + args.distill * kd + args.distill_hidden * hidden + lam * l1)
                      / args.grad_accum).backward()
@@ -254,19 +255,20 @@ def _as_json(value):
     return json.loads(json.dumps(value))
 
 
-def _distillation(out, teacher: nn.Module, ids: torch.Tensor, args: TrainArgs,
-                  layer_outputs: tuple[LayerOutputs, LayerOutputs] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The KL and hidden-state terms of the student's output `out` against one teacher forward
-    on `ids` (`layer_outputs`: the student's and the teacher's, when that term is on); a term
-    whose weight in `args` is 0 is 0, uncomputed."""
+def _losses(out, teacher: nn.Module, ids: torch.Tensor, args: TrainArgs,
+            layer_outputs: tuple[LayerOutputs, LayerOutputs] | None, lm_kl=lm_and_kl) -> tuple[torch.Tensor, ...]:
+    """The LM cross-entropy, KL and hidden-state terms of the student's output `out` (computed
+    without labels when `args.distill` > 0: the cross-entropy then comes from the KL's
+    log-softmax) against one teacher forward on `ids` (`layer_outputs`: the student's and the
+    teacher's, when that term is on); a term whose weight in `args` is 0 is 0, uncomputed."""
     zero = torch.zeros((), device=ids.device)
     if not args.distills:
-        return zero, zero
+        return out.loss.float(), zero, zero
     with torch.no_grad():
         target = teacher(input_ids=ids, use_cache=False)
-    kd = kl_to_teacher(out.logits, target.logits) if args.distill > 0 else zero
+    loss, kd = lm_kl(out.logits, target.logits, ids) if args.distill > 0 else (out.loss.float(), zero)
     mse = hidden_mse(layer_outputs[0].pop(), layer_outputs[1].pop()) if layer_outputs is not None else zero
-    return kd, mse
+    return loss, kd, mse
 
 
 def _log_row(step, tokens, lr, lam, sums, penalty, dist, seconds) -> dict:
