@@ -7,13 +7,13 @@
 #   call 2: carry .gpsp/b   command: cp .gpsp/b/* /tmp/gpsp/
 #   call 3: carry .gpsp/c   command: cp -r .gpsp/c/* /tmp/gpsp/ && cat /tmp/gpsp/part[123] > /tmp/model.gguf && RUN
 #   later calls (nothing carried): RUN again, which resumes from the checkpoint under --work
-# Send all of a lease's calls as one batch: the machine goes back after 30 s idle, and /tmp with
-# the checkpoint goes with it. Start each later call with `ls /tmp/psw || exit 3` so that one
-# finding a fresh machine stops at once.
 # where RUN stands for the command
 #     PYTHONPATH=$PWD/src:/tmp/gpsp/site python3 benchmarks/prosparse_gpu.py --model /tmp/model.gguf \
 #       --data /tmp/gpsp/wikipedia_en.jsonl.gz,/tmp/gpsp/openstax_textbooks.jsonl.gz,/tmp/gpsp/gutenberg_books.jsonl.gz \
 #       --eval /tmp/gpsp/wiki.test.raw --work /tmp/psw --out $OUT --steps N --deadline 570 ...
+# Send all of a lease's calls as one batch: the machine goes back after 30 s idle, and /tmp with
+# the checkpoint goes with it. Start each later call with `ls /tmp/psw || exit 3` so that one
+# finding a fresh machine stops at once.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 site=$(.venv/bin/python -c 'import gguf, pathlib; print(pathlib.Path(gguf.__file__).parents[1])')
