@@ -51,3 +51,20 @@ def test_teal_on_wikitext_windows_stays_close_to_dense(smollm):
     assert result["sparsity"]["model"] == pytest.approx(0.25, abs=0.02)
     # On 4 windows TEAL at 25% lands within noise of dense, on either side (29.86 vs 29.98 measured).
     assert result["ppl"] == pytest.approx(dense["ppl"], rel=0.03)
+
+
+def test_a_sparsified_embedded_model_saves_and_reloads_to_the_same_logits(smollm, tmp_path):
+    import copy
+
+    from actsparse.io import load, save
+
+    model, tokenizer = smollm
+    window = eval_windows(tokenizer, WIKITEXT, 64, 1)
+    calibration = asp.text_batches(tokenizer, C4, n=2, seq_len=128)
+    sparse = asp.sparsify_(copy.deepcopy(model), asp.TealConfig(sparsity=0.4), calibration)
+    save(sparse, tmp_path / "teal", tokenizer)  # the GGUF it came from is not serializable itself
+    reloaded, reloaded_tokenizer = load(tmp_path / "teal")
+    assert "quantization_config" not in (tmp_path / "teal" / "config.json").read_text()
+    assert reloaded_tokenizer.encode("activation sparsity") == tokenizer.encode("activation sparsity")
+    with torch.no_grad():
+        assert torch.equal(reloaded(window).logits, sparse(window).logits)

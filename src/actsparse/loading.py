@@ -66,4 +66,8 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
     except OSError as e:
         raise ActSparseError(f"could not load model {source}: {e}") from None
+    if path.suffix == ".gguf":
+        # transformers dequantizes GGUF tensors while loading; what stays of the quantizer only
+        # marks the model as not serializable, which would stop `actsparse.io.save`.
+        model.hf_quantizer.remove_quantization_config(model)
     return model.to(device).eval(), tokenizer
