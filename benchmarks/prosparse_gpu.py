@@ -31,14 +31,12 @@ import argparse
 import copy
 import csv
 import json
-import os
 import shutil
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 
 from actsparse import DenseConfig, ProSparseConfig, sparsify_
 from actsparse.commands._common import parse_stages, write_json_atomic
@@ -46,7 +44,7 @@ from actsparse.evaluate import perplexity
 from actsparse.loading import load_model
 from actsparse.methods.prosparse import relufy_
 from actsparse.models import layer_specs
-from actsparse.train import TrainArgs, finished, pack_texts, train, train_prosparse
+from actsparse.train import TrainArgs, export_student, finished, load_student, pack_texts, train, train_prosparse
 from actsparse.train.schedule import L1Schedule
 
 SWEEP = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
@@ -143,7 +141,7 @@ def main() -> None:
             continue  # trained and evaluated by an earlier call
         model = copy.deepcopy(base)
         if a.init is not None:
-            _load_student(model, a.init)
+            load_student(model, a.init)
         config = ProSparseConfig(threshold=a.threshold, schedule=schedule, preset=a.preset, peak_lambda=a.peak_lambda,
                                  stages=parse_stages(a.stages) if a.stages else ())
         time_limit = None
@@ -176,7 +174,7 @@ def main() -> None:
             r = _ppl(model, tok, a, a.sweep_windows)
             result["sweep"].append({"threshold": t, "ppl": r["ppl"], "mlp": r["mlp"], "model": r["model"]})
         if a.export is not None:
-            _save_student(model, base, a.export)
+            export_student(model, base, a.export)
             result["exported"] = a.export
         save()
         del model
@@ -193,29 +191,6 @@ def _stop(summary: dict, save, why: str) -> None:
     summary["resume"] = why
     save()
     print(json.dumps({"resume": why, "steps": summary["steps"]}))
-
-
-def _save_student(model, base, path: str) -> None:
-    """The student's weights under the dense model's names, in bf16, tied copies once."""
-    names = set(base.state_dict())
-    seen, state = set(), {}
-    for name, tensor in model.state_dict().items():
-        if name in names and tensor.data_ptr() not in seen:
-            seen.add(tensor.data_ptr())
-            state[name] = tensor.to(torch.bfloat16).contiguous()
-    partial = f"{path}.partial"
-    save_file(state, partial)
-    os.replace(partial, path)
-
-
-def _load_student(model, path: str) -> None:
-    """ReLU-fy `model` and load an exported student into it: every parameter (tied ones once)."""
-    relufy_(model)
-    state = load_file(path, device=str(next(model.parameters()).device))
-    missing = sorted({name for name, _ in model.named_parameters()} - set(state))
-    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
-    if missing or unexpected:
-        raise SystemExit(f"{path}: not a student of this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def _read_log(path: Path) -> list[dict]:

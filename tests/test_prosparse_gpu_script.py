@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from actsparse.loading import load_model
-from actsparse.train import ShardedBatches, pack_texts
+from actsparse.train import ShardedBatches, load_student, pack_texts
 from tiny import random_text, saved_tiny_llama
 
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "prosparse_gpu.py"
@@ -63,7 +63,7 @@ def test_runs_resume_across_calls_and_continue_from_an_export(tmp_path):
     base, tok = load_model(model)
     ids = ShardedBatches(pack_texts(tok, [tmp_path / "train.jsonl"], 32), 2, 0, 1, 0).get(0)
     exported = copy.deepcopy(base)
-    prosparse_gpu._load_student(exported, str(student))
+    load_student(exported, student)
     with torch.no_grad():
         p, q = base(input_ids=ids).logits.softmax(-1), exported(input_ids=ids).logits.softmax(-1)
         kd = (p * (p.log() - q.log())).sum(-1).mean().item()

@@ -7,6 +7,7 @@ from .loop import TrainArgs, finished, train
 from .penalty import IntermediateL1
 from .prosparse import train_prosparse
 from .schedule import L1Schedule
+from .student import export_student, load_student, student_model
 
 __all__ = [
     "Dist",
@@ -15,9 +16,12 @@ __all__ = [
     "ProSparseCallback",
     "ShardedBatches",
     "TrainArgs",
+    "export_student",
     "finished",
+    "load_student",
     "pack_texts",
     "setup",
+    "student_model",
     "train",
     "train_prosparse",
 ]

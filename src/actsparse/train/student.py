@@ -1,0 +1,66 @@
+"""A ProSparse student as one weights file, so that training can outlive the machine it ran on.
+
+`export_student` writes the trained weights (bf16, under the original model's parameter names, tied
+weights once: 270 MB for SmolLM2-135M); `load_student` puts them into a fresh copy of the original
+model, ReLU-fied, to train on (the original stays the teacher); `student_model` makes that copy a
+sparsified ProSparse model that `actsparse.save` writes and `eval`/`bench`/`generate` read.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from ..config import ProSparseConfig
+from ..errors import ActSparseError
+from ..methods import sparsify_
+from ..methods.prosparse import relufy_
+
+
+def export_student(model: nn.Module, base: nn.Module, path: str | os.PathLike) -> Path:
+    """Write `model`'s weights that `base` (the original model) also has, in bf16; a failed write
+    leaves no file behind."""
+    names = set(base.state_dict())
+    seen, state = set(), {}
+    for name, tensor in model.state_dict().items():
+        if name in names and tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            state[name] = tensor.detach().to(torch.bfloat16).contiguous()
+    path = Path(path)
+    partial = path.with_name(f"{path.name}.partial")
+    try:
+        save_file(state, str(partial))
+        os.replace(partial, path)
+    finally:
+        partial.unlink(missing_ok=True)
+    return path
+
+
+def load_student(model: nn.Module, path: str | os.PathLike) -> nn.Module:
+    """ReLU-fy `model` (a fresh copy of the original) and load the exported student into it; every
+    parameter must come from the file."""
+    if getattr(model, "actsparse_config", None) is not None:
+        raise ActSparseError(f"model is already sparsified with {model.actsparse_config.method}; load a student into the dense model")
+    relufy_(model)
+    try:
+        state = load_file(str(path), device=str(next(model.parameters()).device))
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise ActSparseError(f"{path}: not a readable safetensors file ({e})") from None
+    missing = sorted({name for name, _ in model.named_parameters()} - set(state))
+    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    if missing or unexpected:
+        raise ActSparseError(f"{path}: not a student of this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    return model
+
+
+def student_model(model: nn.Module, path: str | os.PathLike, config: ProSparseConfig) -> nn.Module:
+    """`model` (a fresh copy of the original) with the student's weights, sparsified with `config`
+    (its FATReLU threshold), ready for `actsparse.save`."""
+    load_student(model, path)
+    sparsify_(model, config)
+    model.actsparse_recipe = {**model.actsparse_recipe, "student": Path(path).name}
+    return model
