@@ -20,10 +20,10 @@ under DIR; the same command again resumes it (and skips what DIR already holds: 
 evaluations, finished runs), until every run is trained and evaluated.
 
 Training longer than one lease (or session): --export FILE writes the trained student (bf16, 270 MB
-for SmolLM2); split it there (`split -b 15M FILE /tmp/parts/p`) and copy four parts to $OUT per
-call (one call returns at most 64 MiB), carry the parts to the next lease, join them with `cat`
-and start from the file with --init FILE and your own --stages and --lr; the SiLU model stays
-the teacher.
+for SmolLM2); fetch it in parts, pack it for the next lease with `prosparse_gpu_prepare.sh FILE`
+(its header gives the device calls) and start from it with --init FILE and your own --stages and
+--lr; the SiLU model stays the teacher. `actsparse sparsify MODEL --method prosparse --sparsity 0
+--student FILE -o DIR` makes a saved model of it anywhere.
 """
 from __future__ import annotations
 
