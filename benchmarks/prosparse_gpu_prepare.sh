@@ -13,6 +13,8 @@
 #     PYTHONPATH=$PWD/src:/tmp/gpsp/site timeout 590 python3 benchmarks/prosparse_gpu.py --model /tmp/model.gguf \
 #       --data /tmp/gpsp/wikipedia_en.jsonl.gz,/tmp/gpsp/openstax_textbooks.jsonl.gz,/tmp/gpsp/gutenberg_books.jsonl.gz \
 #       --eval /tmp/gpsp/wiki.test.raw --work /tmp/psw --out $OUT --steps N --deadline 575 ...
+# .gpsp/c also holds Python's standard library sources (benchmarks/stdlib_corpus.py, 6 MB): add
+# /tmp/gpsp/stdlib_code.jsonl.gz to --data for training text beyond prose.
 # Send all of a lease's calls as one batch: the machine goes back after 30 s idle, and /tmp with
 # the checkpoint goes with it. Start each later call with `ls /tmp/psw || exit 3` so that one
 # finding a fresh machine stops at once.
@@ -46,6 +48,7 @@ cp "$data/train/wikipedia_en.jsonl.gz" .gpsp/a/
 cp "$data/train/gutenberg_books.jsonl.gz" .gpsp/b/
 cp "$data/train/openstax_textbooks.jsonl.gz" "$data/wikitext2/wiki.test.raw" .gpsp/c/
 cp -r "$site/gguf" "$site"/gguf-*.dist-info .gpsp/c/site/  # transformers reads gguf's version from its metadata
+.venv/bin/python benchmarks/stdlib_corpus.py .gpsp/c/stdlib_code.jsonl.gz | tail -1 >/dev/null  # code, for broader training text
 find .gpsp -name __pycache__ -prune -exec rm -rf {} +
 cat .gpsp/a/part1 .gpsp/b/part2 .gpsp/c/part3 | cmp - "$gguf_file"
 if [[ -n "$student" ]]; then
