@@ -40,6 +40,7 @@ import torch
 
 from actsparse import DenseConfig, ProSparseConfig, sparsify_
 from actsparse.commands._common import parse_stages, write_json_atomic
+from actsparse.errors import ActSparseError
 from actsparse.evaluate import perplexity
 from actsparse.loading import load_model
 from actsparse.methods.prosparse import relufy_
@@ -86,6 +87,8 @@ def main() -> None:
                    help="write the last trained student's weights (bf16 safetensors) here, for a later --init")
     a = p.parse_args()
     schedules = a.schedules.split(",")
+    if a.init is not None and not Path(a.init).is_file():
+        p.error(f"--init {a.init}: no such file")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     work = Path(a.work) if a.work is not None else Path(tempfile.mkdtemp(prefix="prosparse-"))
@@ -141,7 +144,10 @@ def main() -> None:
             continue  # trained and evaluated by an earlier call
         model = copy.deepcopy(base)
         if a.init is not None:
-            load_student(model, a.init)
+            try:
+                load_student(model, a.init)
+            except ActSparseError as e:
+                raise SystemExit(f"--init: {e}") from None
         config = ProSparseConfig(threshold=a.threshold, schedule=schedule, preset=a.preset, peak_lambda=a.peak_lambda,
                                  stages=parse_stages(a.stages) if a.stages else ())
         time_limit = None

@@ -30,12 +30,13 @@
 # /tmp/student.safetensors && sha256sum -c /tmp/gpsp/student.sha256 || exit 4`) before RUN with
 # `--init /tmp/student.safetensors`.
 set -euo pipefail
-cd "$(dirname "$0")/.."
 student=${1:-}
 if [[ -n "$student" && ! -f "$student" ]]; then
     echo "prosparse_gpu_prepare.sh: $student: no such file (give a student exported with --export)" >&2
     exit 2
 fi
+[[ -n "$student" ]] && student=$(realpath -- "$student")
+cd "$(dirname "$0")/.."
 site=$(.venv/bin/python -c 'import gguf, pathlib; print(pathlib.Path(gguf.__file__).parents[1])')
 gguf_file=$(.venv/bin/python -c 'from actsparse.loading import default_model_path; print(default_model_path())')
 data=../shared/data

@@ -52,6 +52,8 @@ def main() -> None:
     a = p.parse_args()
     if not a.root.is_dir():
         sys.exit(f"stdlib_corpus.py: --root {a.root}: no such folder")
+    if not a.out.parent.is_dir():
+        sys.exit(f"stdlib_corpus.py: {a.out}: its folder {a.out.parent} does not exist")
     summary = write_corpus(a.root, a.out, a.tests)
     print(f"{summary['files']} files, {summary['chars'] / 1e6:.1f} M characters -> {a.out} ({summary['bytes'] / 1e6:.1f} MB)")
     print(json.dumps(summary))

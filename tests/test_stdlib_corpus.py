@@ -51,3 +51,9 @@ def test_nothing_to_read_is_an_error_and_writes_nothing(tmp_path):
     done = run(str(tmp_path / "code.jsonl.gz"), "--root", str(tmp_path / "nope"))
     assert done.returncode == 1 and "--root" in done.stderr and "no such folder" in done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["empty"]
+
+
+def test_an_output_folder_that_does_not_exist_is_named(tmp_path):
+    root = tree(tmp_path / "lib")
+    done = run(str(tmp_path / "nope" / "code.jsonl.gz"), "--root", str(root))
+    assert done.returncode == 1 and f"its folder {tmp_path / 'nope'} does not exist" in done.stderr

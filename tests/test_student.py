@@ -99,3 +99,15 @@ def test_bad_student_arguments_are_one_line(tmp_path, model_dir, method, student
     err = capsys.readouterr().err.strip()
     assert message.format(tmp=tmp_path) in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out").exists()
+
+
+def test_a_student_of_another_size_is_refused_with_its_file_named(tmp_path):
+    import transformers
+
+    from tiny import COMMON
+
+    small = tiny_model("llama")
+    wider = transformers.AutoModelForCausalLM.from_config(transformers.LlamaConfig(**{**COMMON, "intermediate_size": 96}))
+    path = export_student(trained_student(wider), wider, tmp_path / "wider.safetensors")
+    with pytest.raises(ActSparseError, match=r"wider.safetensors: not a student of this model \(.*size mismatch"):
+        load_student(copy.deepcopy(small), path)

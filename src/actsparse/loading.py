@@ -46,11 +46,13 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
         from .io import load
 
         return load(path, device=device)
+    model_kwargs = {}
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ActSparseError(f"{path}: no such GGUF file")
         kwargs = dict(gguf_file=path.name)
         where = str(path.parent)
+        model_kwargs = _gguf_dense()
     elif path.is_dir():
         if not (path / "config.json").is_file():
             raise ActSparseError(f"{path}: not a model directory (no config.json)")
@@ -63,11 +65,22 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
         raise ActSparseError(f"{source}: no such model directory or file")
     try:
         tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
-        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **model_kwargs)
     except OSError as e:
         raise ActSparseError(f"could not load model {source}: {e}") from None
-    if path.suffix == ".gguf":
-        # transformers dequantizes GGUF tensors while loading; what stays of the quantizer only
-        # marks the model as not serializable, which would stop `actsparse.io.save`.
+    if getattr(model, "hf_quantizer", None) is not None and path.suffix == ".gguf":
+        # Dense weights under a quantizer that still marks the model as not serializable (as
+        # transformers versions that always unpack GGUF leave it), which would stop `actsparse.io.save`.
         model.hf_quantizer.remove_quantization_config(model)
     return model.to(device).eval(), tokenizer
+
+
+def _gguf_dense() -> dict:
+    """from_pretrained arguments that unpack every GGUF weight into a dense tensor: transformers
+    that can keep GGUF blocks packed (with the `kernels` package) does so unless told not to;
+    earlier versions always unpack."""
+    try:
+        from transformers import GgufConfig
+    except ImportError:
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}

@@ -51,7 +51,10 @@ def load_student(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     except (FileNotFoundError, SafetensorError, OSError) as e:
         raise ActSparseError(f"{path}: not a readable safetensors file ({e})") from None
     missing = sorted({name for name, _ in model.named_parameters()} - set(state))
-    unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    try:
+        unexpected = model.load_state_dict(state, strict=False).unexpected_keys
+    except RuntimeError as e:  # same names, other shapes: a student of another size
+        raise ActSparseError(f"{path}: not a student of this model ({str(e).splitlines()[-1].strip()})") from None
     if missing or unexpected:
         raise ActSparseError(f"{path}: not a student of this model (missing {missing[:3]}, unexpected {unexpected[:3]})")
     return model
