@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import shutil
 import tempfile
@@ -46,6 +45,7 @@ from actsparse.loading import load_model
 from actsparse.methods.prosparse import relufy_
 from actsparse.models import layer_specs
 from actsparse.train import TrainArgs, export_student, finished, load_student, pack_texts, train, train_prosparse
+from actsparse.train.log import read_log
 from actsparse.train.schedule import L1Schedule
 
 SWEEP = (0.0, 0.01, 0.02, 0.05, 0.1, 0.15, 0.2, 0.25, 0.3)
@@ -186,7 +186,7 @@ def main() -> None:
         del model
     summary.pop("resume", None)
     save()
-    _plot({s: _read_log(work / s / "train_log.csv") for s in schedules}, summary, out / "curves.png")
+    _plot({s: read_log(work / s / "train_log.csv") for s in schedules}, summary, out / "curves.png")
     print(json.dumps({k: summary[k] for k in ("silu", "steps")} | {
         s: {"ppl": summary[s]["eval"]["ppl"], "mlp": summary[s]["eval"]["mlp"], "tokens": summary[s]["tokens"]}
         for s in schedules}))
@@ -197,11 +197,6 @@ def _stop(summary: dict, save, why: str) -> None:
     summary["resume"] = why
     save()
     print(json.dumps({"resume": why, "steps": summary["steps"]}))
-
-
-def _read_log(path: Path) -> list[dict]:
-    with path.open(newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
 
 
 def _ppl(model, tok, a, windows) -> dict:

@@ -12,15 +12,10 @@ default the last row's step). Prints a table, then one JSON line.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
-from pathlib import Path
 
-
-def read_log(path: str | Path) -> list[dict]:
-    with Path(path).open(newline="") as f:
-        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+from actsparse.train.log import read_log
 
 
 def speed(rows: list[dict], skip_s: float) -> dict:

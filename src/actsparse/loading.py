@@ -68,10 +68,6 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **model_kwargs)
     except OSError as e:
         raise ActSparseError(f"could not load model {source}: {e}") from None
-    if getattr(model, "hf_quantizer", None) is not None and path.suffix == ".gguf":
-        # Dense weights under a quantizer that still marks the model as not serializable (as
-        # transformers versions that always unpack GGUF leave it), which would stop `actsparse.io.save`.
-        model.hf_quantizer.remove_quantization_config(model)
     return model.to(device).eval(), tokenizer
 
 

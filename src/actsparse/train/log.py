@@ -6,6 +6,12 @@ import os
 from pathlib import Path
 
 
+def read_log(path: str | os.PathLike) -> list[dict]:
+    """The rows of a log written by `CsvLog`, every value as a float."""
+    with Path(path).open(newline="") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
 class CsvLog:
     """Appends rows to `path`; resuming at step s first drops the rows logged after s."""
 
