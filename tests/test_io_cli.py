@@ -9,7 +9,9 @@ from safetensors.torch import load_file, save_file
 
 import actsparse as asp
 from actsparse.cli import main
+from actsparse.compare import pareto_plot
 from actsparse.errors import ActSparseError
+from actsparse.evaluate import perplexity
 from actsparse.io import load, save
 from tiny import ARCHS, random_text, random_tokens, tiny_model, tiny_tokenizer
 
@@ -108,6 +110,70 @@ def test_cli_compare_writes_table_json_and_plot(tmp_path, model_dir, texts):
     assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_cli_compare_saved_rows_equal_eval_of_their_directories(tmp_path, model_dir, texts):
+    calib, evaluation = texts
+    window = ["--ppl", str(evaluation), "--seq-len", "64", "--windows", "4"]
+    a, b = tmp_path / "teal-a", tmp_path / "teal-b"
+    assert main(["sparsify", str(model_dir), "--method", "teal", "--sparsity", "0.5", "--calib", str(calib),
+                 "--calib-samples", "4", "--calib-seq-len", "64", "-o", str(a)]) == 0
+    save(asp.sparsify_(tiny_model("llama"), asp.TealConfig(sparsity=0.3), CALIB), b)  # no tokenizer: MODEL's is used
+    out = tmp_path / "cmp"
+    assert main(["compare", str(model_dir), "--saved", f"{a},{b}", *window, "--out", str(out)]) == 0
+    results = json.loads((out / "results.json").read_text())
+    rows = results["rows"]
+    assert [(r["method"], r["source"], r["target"]) for r in rows] == [("dense", None, 0.0), ("teal", str(a), 0.5),
+                                                                       ("teal", str(b), 0.3)]
+    expected = []
+    for directory in (model_dir, a):
+        assert main(["eval", str(directory), *window, "--json", str(tmp_path / "r.json")]) == 0
+        expected.append(json.loads((tmp_path / "r.json").read_text()))
+    expected.append(perplexity(load(b)[0], tiny_tokenizer(), evaluation, 64, 4))
+    for row, want in zip(rows, expected):
+        assert row["ppl"] == pytest.approx(want["ppl"], rel=1e-6)
+        assert row["sparsity_model"] == pytest.approx(want["sparsity"]["model"], rel=1e-6)
+        assert row["sparsity_mlp"] == pytest.approx(want["sparsity"]["mlp"], rel=1e-6)
+    assert rows[1]["sparsity_model"] > rows[2]["sparsity_model"] > 0.2
+    table = (out / "results.md").read_text()
+    assert f"| teal ({a}) | 0.50 | model |" in table and f"| teal ({b}) | 0.30 | model |" in table
+    assert set(results["ppl_5pct_sparsity"]) == {f"teal ({a})", f"teal ({b})"}
+
+
+@pytest.mark.parametrize("case,message", [("missing", "no such directory"), ("incomplete", "actsparse.json: missing"),
+                                          ("other-tokenizer", "its tokenizer gives other token ids")])
+def test_cli_compare_refuses_a_bad_saved_directory_before_loading_the_model(tmp_path, model_dir, texts, case,
+                                                                             message, monkeypatch, capsys):
+    _, evaluation = texts
+    dense = asp.sparsify_(tiny_model("llama"), asp.DenseConfig())
+    good = save(dense, tmp_path / "good", tiny_tokenizer())
+    bad = {"missing": tmp_path / "nope", "incomplete": model_dir,
+           "other-tokenizer": save(dense, tmp_path / "shifted", tiny_tokenizer(shift=1))}[case]
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("MODEL was loaded before the saved directories were checked")
+
+    monkeypatch.setattr("actsparse.commands.compare.load_model", load_model)
+    out = tmp_path / "cmp"
+    assert main(["compare", str(model_dir), "--methods", "teal", "--sparsity", "0.5", "--saved", f"{good},{bad}",
+                 "--ppl", str(evaluation), "--seq-len", "64", "--windows", "4", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"actsparse: error: {bad}") and message in err, err
+    assert not out.exists()
+
+
+def test_pareto_plot_gives_each_saved_model_its_own_point(tmp_path, monkeypatch):
+    import matplotlib.figure
+
+    lines = {}
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *args, **kwargs: lines.update(
+        {line.get_label(): line.get_xydata().tolist() for line in fig.axes[0].get_lines()}))
+    rows = [{"method": m, "source": src, "sparsity_model": s, "ppl": ppl} for m, src, s, ppl in [
+        ("dense", None, 0.0, 10.0), ("teal", None, 0.5, 12.0), ("teal", None, 0.25, 11.0),
+        ("teal", "runs/a", 0.4, 13.0), ("teal", "runs/b", 0.6, 14.0)]]
+    pareto_plot(rows, tmp_path / "p.png")
+    assert lines["teal"] == [[0.0, 10.0], [0.25, 11.0], [0.5, 12.0]]
+    assert lines["teal (runs/a)"] == [[0.4, 13.0]] and lines["teal (runs/b)"] == [[0.6, 14.0]]
+
+
 def test_cli_generate_prints_the_prompt_and_a_continuation(model_dir, capsys):
     assert main(["generate", str(model_dir), "w1 w2 w3", "--max-new-tokens", "5"]) == 0
     out = capsys.readouterr().out.strip()
@@ -125,6 +191,8 @@ def test_cli_generate_prints_the_prompt_and_a_continuation(model_dir, capsys):
         (["sparsify", "{tmp}/no-model", "--method", "teal", "--sparsity", "0.5", "-o", "{out}"], "no-model: no such model"),
         (["eval", "{model}"], "nothing to evaluate"),
         (["compare", "{model}", "--methods", "teal", "--sparsity", "0.5,x", "--out", "{out}"], "'x' is not a number"),
+        (["compare", "{model}", "--out", "{out}"], "nothing to compare: give --methods with --sparsity, and/or --saved"),
+        (["compare", "{model}", "--methods", "teal", "--out", "{out}"], "give --methods and --sparsity together"),
         (["generate", "{model}", "  "], "prompt is empty"),
     ],
 )

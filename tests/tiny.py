@@ -44,12 +44,13 @@ def random_tokens(n: int, seq_len: int, seed: int = 1, vocab: int = COMMON["voca
     return torch.randint(0, vocab, (n, seq_len), generator=g)
 
 
-def tiny_tokenizer():
-    """A word-level tokenizer over the words w0..w126 (id 127 is [UNK]), built offline."""
+def tiny_tokenizer(shift: int = 0):
+    """A word-level tokenizer over the words w0..w126 (id 127 is [UNK]), built offline; word wi
+    has id (i + shift) mod 127."""
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {f"w{i}": i for i in range(COMMON["vocab_size"] - 1)}
+    vocab = {f"w{i}": (i + shift) % (COMMON["vocab_size"] - 1) for i in range(COMMON["vocab_size"] - 1)}
     vocab["[UNK]"] = COMMON["vocab_size"] - 1
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="[UNK]"))
     tok.pre_tokenizer = pre_tokenizers.Whitespace()

@@ -110,10 +110,9 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, overwri
     return directory
 
 
-def load(directory: str | os.PathLike, device: str = "cpu"):
-    """(model, tokenizer) as saved; tokenizer is None when none was saved."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
+def read_meta(directory: str | os.PathLike) -> dict:
+    """The contents of `actsparse.json`, after checking that `directory` is a complete actsparse
+    directory of a supported format version; reads no weights."""
     directory = Path(directory)
     if not directory.is_dir():
         raise ActSparseError(f"{directory}: no such directory")
@@ -131,13 +130,30 @@ def load(directory: str | os.PathLike, device: str = "cpu"):
             f"{directory / META_FILE}: format version {meta.get('format_version')!r} is not supported "
             f"(this actsparse reads version {FORMAT_VERSION})"
         )
+    return meta
+
+
+def saved_tokenizer(directory: str | os.PathLike):
+    """The tokenizer saved in `directory`, or None when none was saved."""
+    from transformers import AutoTokenizer
+
+    directory = Path(directory)
+    return AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").is_file() else None
+
+
+def load(directory: str | os.PathLike, device: str = "cpu"):
+    """(model, tokenizer) as saved; tokenizer is None when none was saved."""
+    from transformers import AutoModelForCausalLM
+
+    directory = Path(directory)
+    meta = read_meta(directory)
     config = config_from_dict(meta["config"])
     dtype = getattr(torch, meta["dtype"])
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
     except (RuntimeError, ValueError, OSError) as e:
         raise ActSparseError(f"{directory / 'model.safetensors'}: does not match config.json ({str(e).splitlines()[0]})") from None
-    tokenizer = AutoTokenizer.from_pretrained(directory) if (directory / "tokenizer_config.json").is_file() else None
+    tokenizer = saved_tokenizer(directory)
     swap_modules(model)
     for name, spec in meta["modules"].items():
         kind = MODULE_KINDS.get(spec.get("kind"))

@@ -39,36 +39,60 @@ def default_model_path() -> Path:
 
 def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer) in eval mode. An actsparse output directory comes back sparsified."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = default_model_path() if source is None else Path(source)
-    if path.is_dir() and (path / "actsparse.json").is_file():
+    if _is_saved(path):
         from .io import load
 
         return load(path, device=device)
-    model_kwargs = {}
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ActSparseError(f"{path}: no such GGUF file")
-        kwargs = dict(gguf_file=path.name)
-        where = str(path.parent)
-        model_kwargs = _gguf_dense()
-    elif path.is_dir():
-        if not (path / "config.json").is_file():
-            raise ActSparseError(f"{path}: not a model directory (no config.json)")
-        kwargs, where = {}, str(path)
-    elif path.exists():
-        raise ActSparseError(f"{path}: not a model directory or a .gguf file")
-    elif str(source).count("/") == 1 and not str(source).startswith((".", "/")):
-        kwargs, where = {}, str(source)  # a hub id; transformers honours HF_HUB_OFFLINE
-    else:
-        raise ActSparseError(f"{source}: no such model directory or file")
+    tokenizer = load_tokenizer(source)
+    where, kwargs = _locate(source, path)
+    model_kwargs = _gguf_dense() if "gguf_file" in kwargs else {}
     try:
-        tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **model_kwargs)
     except OSError as e:
         raise ActSparseError(f"could not load model {source}: {e}") from None
     return model.to(device).eval(), tokenizer
+
+
+def load_tokenizer(source: str | os.PathLike | None = None):
+    """The tokenizer of what `load_model(source)` loads, without the weights; None for an actsparse
+    output directory saved without one."""
+    from transformers import AutoTokenizer
+
+    path = default_model_path() if source is None else Path(source)
+    if _is_saved(path):
+        from .io import saved_tokenizer
+
+        return saved_tokenizer(path)
+    where, kwargs = _locate(source, path)
+    try:
+        return AutoTokenizer.from_pretrained(where, **kwargs)
+    except OSError as e:
+        raise ActSparseError(f"could not load model {source}: {e}") from None
+
+
+def _is_saved(path: Path) -> bool:
+    return path.is_dir() and (path / "actsparse.json").is_file()
+
+
+def _locate(source: str | os.PathLike | None, path: Path) -> tuple[str, dict]:
+    """Where transformers finds a model that is not an actsparse directory, and the from_pretrained
+    arguments that model and tokenizer share."""
+    if path.suffix == ".gguf":
+        if not path.is_file():
+            raise ActSparseError(f"{path}: no such GGUF file")
+        return str(path.parent), {"gguf_file": path.name}
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ActSparseError(f"{path}: not a model directory (no config.json)")
+        return str(path), {}
+    if path.exists():
+        raise ActSparseError(f"{path}: not a model directory or a .gguf file")
+    if str(source).count("/") == 1 and not str(source).startswith((".", "/")):
+        return str(source), {}  # a hub id; transformers honours HF_HUB_OFFLINE
+    raise ActSparseError(f"{source}: no such model directory or file")
 
 
 def _gguf_dense() -> dict:

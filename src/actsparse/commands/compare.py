@@ -1,4 +1,4 @@
-"""actsparse compare [MODEL] --methods teal,cats,wina --sparsity 0.25,0.4,0.5 [--calib FILE] [--ppl FILE] --out DIR"""
+"""actsparse compare [MODEL] [--methods teal,cats,wina --sparsity 0.25,0.4,0.5] [--saved DIR,DIR] [--calib FILE] [--ppl FILE] --out DIR"""
 from __future__ import annotations
 
 import json
@@ -6,20 +6,24 @@ import os
 import shutil
 from pathlib import Path
 
-from ..compare import markdown_table, pareto_plot, ppl_p_summary, run_comparison
+from ..compare import check_saved, markdown_table, pareto_plot, ppl_p_summary, run_comparison
 from ..config import make_config
 from ..data import read_texts, text_batches
 from ..errors import ActSparseError
-from ..loading import load_model, parse_dtype
+from ..loading import load_model, load_tokenizer, parse_dtype
 from ._common import (DEFAULT_EVAL, add_calibration, add_method_options, add_model, check_positive, log,
                       method_fields, parse_list, parse_sparsities)
 
 
 def register(sub) -> None:
-    p = sub.add_parser("compare", help="evaluate several methods and sparsities on the same model and text")
+    p = sub.add_parser("compare", help="evaluate methods x sparsities, and saved models, on the same model and text")
     add_model(p)
-    p.add_argument("--methods", required=True, help="comma-separated, e.g. teal,cats,wina,rsparse,larosa")
-    p.add_argument("--sparsity", required=True, help="comma-separated targets, e.g. 0.25,0.4,0.5")
+    p.add_argument("--methods", help="comma-separated, e.g. teal,cats,wina,rsparse,larosa, applied to MODEL")
+    p.add_argument("--sparsity", help="comma-separated targets for --methods, e.g. 0.25,0.4,0.5")
+    p.add_argument("--saved", metavar="DIR[,DIR...]",
+                   help="saved actsparse models (sparsify/train -o), one row each as saved (method, config, dtype), "
+                        "labelled by directory; --methods is then optional. A DIR whose tokenizer gives other token "
+                        "ids for the --ppl text is refused; one saved without a tokenizer uses MODEL's")
     add_calibration(p)
     add_method_options(p)
     p.add_argument("--ppl", default=DEFAULT_EVAL, metavar="FILE", help=f"perplexity text (default {DEFAULT_EVAL})")
@@ -30,8 +34,13 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    methods = parse_list(args.methods, "--methods")
-    sparsities = parse_sparsities(args.sparsity)
+    if args.methods is None and args.saved is None:
+        raise ActSparseError("nothing to compare: give --methods with --sparsity, and/or --saved DIR[,DIR...]")
+    if (args.methods is None) != (args.sparsity is None):
+        raise ActSparseError("give --methods and --sparsity together")
+    methods = parse_list(args.methods, "--methods") if args.methods is not None else []
+    sparsities = parse_sparsities(args.sparsity) if args.sparsity is not None else []
+    saved = parse_list(args.saved, "--saved") if args.saved is not None else []
     fields = method_fields(args)
     for m in methods:  # fail on a bad name or option before any slow work
         if m != "dense":
@@ -40,18 +49,22 @@ def run(args) -> int:
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ActSparseError(f"{out}: exists and is not empty")
-    texts = read_texts(args.calib)  # a bad file fails before the model loads
+    texts = read_texts(args.calib) if methods else None  # a bad file fails before the model loads
     if args.ppl != "wikitext2":
         read_texts(args.ppl)
+    tokenizer = load_tokenizer(args.model)
+    if tokenizer is None:
+        raise ActSparseError(f"{args.model}: no tokenizer saved with the model")
+    check_saved(saved, tokenizer, args.ppl, args.seq_len, args.windows)  # a bad DIR fails before MODEL's weights load
     model, tokenizer = load_model(args.model, parse_dtype(args.dtype), args.device)
-    calibration = text_batches(tokenizer, texts, args.calib_samples, args.calib_seq_len)
+    calibration = text_batches(tokenizer, texts, args.calib_samples, args.calib_seq_len) if methods else None
     rows = run_comparison(model, tokenizer, methods, sparsities, calibration, args.ppl, args.seq_len, args.windows,
-                          fields, log=log)
+                          fields, saved, log=log)
     table = markdown_table(rows)
     summary = ppl_p_summary(rows)
-    header = (f"model: {args.model or 'SmolLM2-135M-Instruct (embedded)'}; calibration: {args.calib} "
-              f"({args.calib_samples}x{args.calib_seq_len}); perplexity: {args.ppl}, {args.windows} windows of "
-              f"{args.seq_len}; every token sparsified")
+    calib = f"calibration: {args.calib} ({args.calib_samples}x{args.calib_seq_len}); " if methods else ""
+    header = (f"model: {args.model or 'SmolLM2-135M-Instruct (embedded)'}; {calib}perplexity: {args.ppl}, "
+              f"{args.windows} windows of {args.seq_len}; every token sparsified")
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -67,5 +80,5 @@ def run(args) -> int:
         raise
     print(header)
     print(table)
-    print(json.dumps({"rows": [{k: r[k] for k in ("method", "target", "ppl", "sparsity_model", "sparsity_mlp")} for r in rows]}))
+    print(json.dumps({"rows": [{k: r[k] for k in ("method", "source", "target", "ppl", "sparsity_model", "sparsity_mlp")} for r in rows]}))
     return 0
