@@ -107,3 +107,23 @@ def test_bench_on_a_random_smollm2_shape(tmp_path, capsys):
     assert result["device"] == "cpu" and result["batch"] == 1 and 0.4 < result["sparsity"] < 0.6
     assert result["decode_attention"] is False and result["dependent_launch"] is False  # CUDA only
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the cpu kernels build with g++")
+def test_bench_on_a_saved_prosparse_directory_keeps_its_method(tmp_path, capsys):
+    import json
+
+    from actsparse.cli import main
+    from tiny import saved_tiny_llama
+
+    relu = tmp_path / "relu"
+    assert main(["sparsify", str(saved_tiny_llama(tmp_path / "tiny")), "--method", "prosparse", "--sparsity", "0",
+                 "-o", str(relu)]) == 0
+    assert main(["bench", str(relu), "--sparsity", "0.5"]) == 2
+    assert "already sparsified" in capsys.readouterr().err
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(relu), "--tokens", "8", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["method"] == "prosparse" and result["target_sparsity"] == 0.0
+    assert 0.1 < result["sparsity"] < 0.4  # measured: the target is 0, the random ReLU gate zeroes ~half the MLP inputs

@@ -42,7 +42,7 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
     from transformers import AutoModelForCausalLM
 
     path = default_model_path() if source is None else Path(source)
-    if _is_saved(path):
+    if is_actsparse_dir(path):
         from .io import load
 
         return load(path, device=device)
@@ -62,7 +62,7 @@ def load_tokenizer(source: str | os.PathLike | None = None):
     from transformers import AutoTokenizer
 
     path = default_model_path() if source is None else Path(source)
-    if _is_saved(path):
+    if is_actsparse_dir(path):
         from .io import saved_tokenizer
 
         return saved_tokenizer(path)
@@ -73,7 +73,8 @@ def load_tokenizer(source: str | os.PathLike | None = None):
         raise ActSparseError(f"could not load model {source}: {e}") from None
 
 
-def _is_saved(path: Path) -> bool:
+def is_actsparse_dir(path: Path) -> bool:
+    """Whether `path` is a directory written by actsparse (`save`), which loads already sparsified."""
     return path.is_dir() and (path / "actsparse.json").is_file()
 
 

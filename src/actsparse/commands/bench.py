@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import torch
 
@@ -14,7 +15,7 @@ from ..kernels.benchmark import (
     METHODS, SHAPES, collect_scores, dense_modes, environment, hf_generate_speed, impose_sparsity,
     measured_sparsity, random_model, read_bytes, speed_result, timed_decode,
 )
-from ..loading import load_model, parse_dtype
+from ..loading import is_actsparse_dir, load_model, parse_dtype
 from ..methods import sparsify_
 from ..swap import swap_modules
 from ._common import DEFAULT_CALIB, DEFAULT_EVAL, check_positive, log, write_json_atomic
@@ -30,8 +31,10 @@ def register(sub) -> None:
     p.add_argument("--device", default="cpu", choices=sorted(BACKENDS), help="cpu (default) or cuda")
     p.add_argument("--shape", default=None, choices=sorted(SHAPES),
                    help="random weights of a published shape (default on CUDA: llama3-8b)")
-    p.add_argument("--method", default="teal", choices=METHODS, help="sparsity to impose (default teal)")
-    p.add_argument("--sparsity", type=float, default=0.5, help="target sparsity (default 0.5)")
+    p.add_argument("--method", default=None, choices=METHODS,
+                   help="sparsity to impose on a dense model (default teal); an actsparse directory keeps its own")
+    p.add_argument("--sparsity", type=float, default=None,
+                   help="target sparsity for a dense model (default 0.5); an actsparse directory keeps its own")
     p.add_argument("--batch", type=int, default=1, help="prompts decoded together, at most 8 (default 1)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on the CPU, bf16 on CUDA)")
     p.add_argument("--tokens", type=int, default=128, metavar="N", help="new tokens per prompt (default 128)")
@@ -45,7 +48,16 @@ def register(sub) -> None:
 
 
 def _check(args) -> None:
-    if not 0.0 < args.sparsity < 1.0:
+    """Refuse bad arguments before any slow work; a dense model gets --method/--sparsity defaults."""
+    if args.model is not None and is_actsparse_dir(Path(args.model)):
+        given = [f"--{k}" for k in ("method", "sparsity") if getattr(args, k) is not None]
+        if given:
+            raise ActSparseError(f"{args.model}: already sparsified (an actsparse directory); "
+                                 f"{' and '.join(given)} apply to a dense model only")
+    else:
+        args.method = args.method or "teal"
+        args.sparsity = 0.5 if args.sparsity is None else args.sparsity
+    if args.sparsity is not None and not 0.0 < args.sparsity < 1.0:
         raise ActSparseError(f"--sparsity must be in (0, 1), got {args.sparsity}")
     if not 1 <= args.batch <= 8:
         raise ActSparseError(f"--batch must be 1..8 (the kernels' decode batch), got {args.batch}")
@@ -87,7 +99,7 @@ def run(args) -> int:
     loaded_sparse = getattr(model, "actsparse_config", None) is not None
     prompts = _prompts(tokenizer, args.batch, args.prompt_len, model.config.vocab_size)
 
-    result = {"model": what, "method": None, "target_sparsity": args.sparsity, "device": device.type,
+    result = {"model": what, "method": None, "target_sparsity": None, "device": device.type,
               "dtype": str(dtype).removeprefix("torch."), "tokens": args.tokens, "prompt_len": args.prompt_len,
               "backend": backend, **environment(device)}
     if args.hf_baseline and not loaded_sparse:
@@ -100,7 +112,7 @@ def run(args) -> int:
     if loaded_sparse:
         with dense_modes(model):
             dense = timed_decode(engine, prompts, args.tokens, args.repeats)
-        result["method"] = model.actsparse_config.method
+        result.update(method=model.actsparse_config.method, target_sparsity=model.actsparse_config.sparsity)
     else:
         dense = timed_decode(engine, prompts, args.tokens, args.repeats)
         log(f"{args.method} at {args.sparsity:g}")
@@ -110,7 +122,7 @@ def run(args) -> int:
         else:
             calibration = text_batches(tokenizer, DEFAULT_CALIB, n=8, seq_len=256)
             sparsify_(model, make_config(args.method, sparsity=args.sparsity), calibration)
-        result["method"] = args.method
+        result.update(method=args.method, target_sparsity=args.sparsity)
     set_backend(model, backend)
     engine.invalidate()
     log(f"sparse decode ({backend} kernels)")
