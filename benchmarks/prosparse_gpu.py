@@ -69,6 +69,7 @@ def main() -> None:
     p.add_argument("--stages", default=None, metavar="END:LAMBDA,...", help="own stage table instead of --preset (as actsparse train)")
     p.add_argument("--peak-lambda", type=float, default=None, help="rescale the stage table so its last lambda is this")
     p.add_argument("--threshold", type=float, default=0.01)
+    p.add_argument("--train-threshold", type=float, default=0.0, help="FATReLU threshold while training (0: ReLU)")
     p.add_argument("--sweep-windows", type=int, default=48)
     p.add_argument("--eval-seq-len", type=int, default=512, help="tokens per perplexity window")
     p.add_argument("--device", default="cuda")
@@ -148,7 +149,7 @@ def main() -> None:
                 load_student(model, a.init)
             except ActSparseError as e:
                 raise SystemExit(f"--init: {e}") from None
-        config = ProSparseConfig(threshold=a.threshold, schedule=schedule, preset=a.preset, peak_lambda=a.peak_lambda,
+        config = ProSparseConfig(threshold=a.threshold, train_threshold=a.train_threshold, schedule=schedule, preset=a.preset, peak_lambda=a.peak_lambda,
                                  stages=parse_stages(a.stages) if a.stages else ())
         time_limit = None
         if a.deadline is not None and a.work is not None:

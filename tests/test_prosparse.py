@@ -40,13 +40,14 @@ def mlp_sparsity(model, tokens=EVAL):
 
 
 def test_config_round_trips_and_rejects_bad_values():
-    config = asp.ProSparseConfig(threshold=0.02, schedule="constant", preset="1b", peak_lambda=0.3, l1_reduce="mean")
+    config = asp.ProSparseConfig(threshold=0.02, train_threshold=0.01, schedule="constant", preset="1b", peak_lambda=0.3,
+                                 l1_reduce="mean")
     assert asp.config_from_dict(config.to_dict()) == config
     custom = asp.ProSparseConfig(stages=((1, 0), (3, 0.5)))
     assert asp.config_from_dict(custom.to_dict()) == custom
     assert asp.ProSparseConfig.targets == "mlp"
     for bad in (dict(sparsity=0.5), dict(threshold=-1), dict(schedule="cosine"), dict(preset="13b"),
-                dict(l1_reduce="max"), dict(peak_lambda=0), dict(stages=((5, 0.0), (3, 0.1))),
+                dict(l1_reduce="max"), dict(peak_lambda=0), dict(train_threshold=-0.1), dict(stages=((5, 0.0), (3, 0.1))),
                 dict(stages=((5, 0.1), (6, 0.1))), dict(selection="topk")):
         with pytest.raises(ActSparseError):
             asp.ProSparseConfig(**bad)
@@ -210,6 +211,29 @@ def test_a_few_steps_raise_measured_sparsity_with_finite_loss(tmp_path):
     assert [int(r["step"]) for r in rows] == [4, 8, 12]
     assert {"lambda", "l1", "loss", "sparsity", "sparsity_0", "sparsity_1"} <= set(rows[0])
     assert all(r["kd"] == 0 and r["hidden"] == 0 for r in history)
+
+
+def test_a_train_threshold_masks_the_training_forward_and_its_gradient(tmp_path):
+    args = TrainArgs(steps=3, batch_size=8, lr=1e-2, log_every=1)
+    common = dict(threshold=0.02, schedule="constant", stages=((1, 0.0), (2, 0.5)))
+    runs = {}
+    for t in (0.0, 0.2, 1e6):
+        model = tiny_model("llama")
+        history = train_prosparse(model, TRAIN, asp.ProSparseConfig(train_threshold=t, **common), args,
+                                  tmp_path / str(t), progress=False)
+        runs[t] = model, history
+    # the same weights see the same first batch: only the training mask differs
+    assert runs[0.2][1][0]["sparsity"] > runs[0.0][1][0]["sparsity"] + 0.1
+    # nothing passes a huge threshold: every MLP input is zero, and gate and up learn nothing
+    model, history = runs[1e6]
+    assert all(r["sparsity"] == 1.0 for r in history)
+    untrained = tiny_model("llama")
+    for spec, fresh in zip(layer_specs(model), layer_specs(untrained)):
+        for name in (spec.gate, spec.up):
+            assert torch.equal(model.get_submodule(f"{spec.mlp_prefix}.{name}").weight,
+                               untrained.get_submodule(f"{fresh.mlp_prefix}.{name}").weight)
+    # what is saved runs at the inference threshold, not the training one
+    assert all(float(spec.mlp.gate_threshold) == pytest.approx(0.02) for spec in layer_specs(runs[0.2][0]))
 
 
 def test_distillation_against_itself_is_zero_and_needs_a_teacher(tmp_path):

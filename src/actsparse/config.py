@@ -198,6 +198,8 @@ class ProSparseConfig(MethodConfig):
 
     There is no sparsity target: the sparsity comes from training and is measured (sparsity.mlp).
     threshold: FATReLU's t on the ReLU gate output (0 is plain ReLU).
+    train_threshold: FATReLU's t while training (0, the paper's: plain ReLU, the threshold is
+               shifted at inference only); > 0 trains the model under the mask it will run with.
     schedule:  "progressive" (the paper's stages with half-sine ramps) or "constant" (lambda 0
                during stage 0, then the final lambda throughout: the ablation).
     preset:    which paper stage table, "7b" or "1b"; `stages` replaces it when given, as
@@ -210,6 +212,7 @@ class ProSparseConfig(MethodConfig):
     targets: ClassVar[str] = "mlp"
     sparsity: float = 0.0
     threshold: float = 0.01
+    train_threshold: float = 0.0
     schedule: str = "progressive"
     preset: str = "7b"
     stages: tuple[tuple[float, float], ...] = ()
@@ -224,8 +227,10 @@ class ProSparseConfig(MethodConfig):
             )
         if self.selection != "threshold":
             raise ActSparseError(f"prosparse uses a FATReLU threshold, not selection {self.selection!r}")
-        if not isinstance(self.threshold, (int, float)) or self.threshold < 0:
-            raise ActSparseError(f"threshold must be a number >= 0, got {self.threshold!r}")
+        for name in ("threshold", "train_threshold"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise ActSparseError(f"{name} must be a number >= 0, got {value!r}")
         _check_choice("schedule", self.schedule, PROSPARSE_SCHEDULES)
         _check_choice("preset", self.preset, tuple(PROSPARSE_PRESETS))
         _check_choice("l1_reduce", self.l1_reduce, L1_REDUCTIONS)

@@ -38,6 +38,8 @@ def register(sub) -> None:
     p.add_argument("--peak-lambda", type=float, default=None, help="rescale the table so its last lambda is this")
     p.add_argument("--l1-reduce", default="sum", help="combine per-layer L1 terms by sum (default) or mean")
     p.add_argument("--threshold", type=float, default=0.01, help="FATReLU threshold at inference (default 0.01; 0 = ReLU)")
+    p.add_argument("--train-threshold", type=float, default=0.0,
+                   help="FATReLU threshold while training (default 0: plain ReLU, the threshold shifted at inference only)")
     p.add_argument("--distill", type=float, default=0.0, metavar="W",
                    help="weight in [0, 1] of the KL to the original (SiLU) model's next-token distribution in the loss "
                         "(default 0: plain LM loss)")
@@ -68,9 +70,9 @@ def run(args) -> int:
 
     if args.method not in METHODS:
         raise ActSparseError(f"--method {args.method!r} cannot be trained; trainable methods: {', '.join(METHODS)}")
-    config = make_config("prosparse", threshold=args.threshold, schedule=args.schedule, preset=args.preset,
-                         stages=parse_stages(args.stages) if args.stages else (), peak_lambda=args.peak_lambda,
-                         l1_reduce=args.l1_reduce)
+    config = make_config("prosparse", threshold=args.threshold, train_threshold=args.train_threshold,
+                         schedule=args.schedule, preset=args.preset, peak_lambda=args.peak_lambda,
+                         stages=parse_stages(args.stages) if args.stages else (), l1_reduce=args.l1_reduce)
     check_positive("--seq-len", args.seq_len)
     train_args = TrainArgs(steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
                            log_every=args.log_every, save_every=args.save_every, seed=args.seed, bf16=args.bf16,

@@ -38,10 +38,14 @@ def relufy_(model: nn.Module) -> list[LayerSpec]:
     return specs
 
 
-@register(ProSparseConfig, calibrated=False)
-def apply_prosparse(model, specs, config, calibration) -> dict:
-    specs = relufy_(model)
+def set_fatrelu(specs: list[LayerSpec], config: ProSparseConfig, threshold: float) -> None:
+    """FATReLU at `threshold` as the gate mask of every MLP that `config` does not ignore."""
     for spec in specs:
         if config.sparsity_for(f"{spec.mlp_prefix}.{spec.down}", default=0.0) is not None:
-            spec.mlp.set_gate_threshold(config.threshold, 0.0)
+            spec.mlp.set_gate_threshold(threshold, 0.0)
+
+
+@register(ProSparseConfig, calibrated=False)
+def apply_prosparse(model, specs, config, calibration) -> dict:
+    set_fatrelu(relufy_(model), config, config.threshold)
     return {"activation": "relu", "fatrelu_threshold": config.threshold}

@@ -10,7 +10,7 @@ from torch import nn
 from ..config import ProSparseConfig
 from ..errors import ActSparseError
 from ..methods import sparsify_
-from ..methods.prosparse import relufy_
+from ..methods.prosparse import relufy_, set_fatrelu
 from .distributed import Dist
 from .loop import TrainArgs, finished, train
 from .schedule import L1Schedule
@@ -28,7 +28,8 @@ def train_prosparse(
     progress: bool = True,
     teacher: nn.Module | None = None,
 ) -> list[dict]:
-    """ReLU-fy `model`, train it with `config`'s L1 schedule, then install FATReLU so that it is a
+    """ReLU-fy `model`, train it with `config`'s L1 schedule (under FATReLU at `config.train_threshold`
+    when that is > 0), then install FATReLU at `config.threshold` so that it is a
     sparsified actsparse model (`actsparse.io.save` writes it). With `args.distill` or
     `args.distill_hidden` > 0, `teacher` (the original dense model, put in eval mode) is the frozen
     teacher; by default a copy of `model` as given, before the swap. Pass it to continue training
@@ -46,7 +47,9 @@ def train_prosparse(
         teacher = copy.deepcopy(model).requires_grad_(False)
     if teacher is not None:
         teacher.eval()  # its forward runs under no_grad: a teacher passed in keeps its requires_grad
-    relufy_(model)
+    specs = relufy_(model)
+    if config.train_threshold > 0:
+        set_fatrelu(specs, config, config.train_threshold)
     schedule = L1Schedule.from_config(config, args.steps)
     history = train(model, windows, schedule, args, out_dir, l1_reduce=config.l1_reduce, resume=resume, dist=dist,
                     meta={"config": config.to_dict()}, progress=progress, teacher=teacher)
