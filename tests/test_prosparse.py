@@ -504,3 +504,19 @@ def test_hf_trainer_callback_adds_the_scheduled_penalty(tmp_path):
         model(input_ids=EVAL, labels=EVAL)
         l1 = penalty.pop_term()
     assert with_penalty.item() == pytest.approx(ce.item() + schedule.lambda_at(3) * l1.item(), rel=1e-6)
+
+
+def test_hf_trainer_callback_trains_under_the_train_threshold(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    from actsparse.train import ProSparseCallback
+
+    model = tiny_model("llama")
+    relufy_(model)
+    callback = ProSparseCallback(asp.ProSparseConfig(train_threshold=1e6, stages=((1, 0.0), (2, 0.5))))
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=2, per_device_train_batch_size=2,
+                             learning_rate=1e-3, logging_steps=1, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=[{"input_ids": w, "labels": w} for w in TRAIN[:4]],
+            callbacks=[callback]).train()
+    assert [r["sparsity"] for r in callback.history] == [1.0, 1.0]  # nothing passes the threshold while training

@@ -1,6 +1,6 @@
 """ProSparse as a Hugging Face `Trainer` callback.
 
-    relufy_(model)  # actsparse.methods.prosparse
+    relufy_(model)  # actsparse.methods.prosparse (with config.train_threshold > 0, FATReLU at it while training)
     trainer = Trainer(model=model, args=TrainingArguments(max_steps=N, ...), train_dataset=...,
                       callbacks=[ProSparseCallback(ProSparseConfig(), log_path="out/train_log.csv")])
     trainer.train(); sparsify_(model, config)  # FATReLU for inference
@@ -21,6 +21,7 @@ import torch.distributed as torch_dist
 from transformers import TrainerCallback
 
 from ..config import ProSparseConfig
+from ..methods.prosparse import relufy_, set_fatrelu
 from .log import CsvLog
 from .penalty import IntermediateL1
 from .schedule import L1Schedule
@@ -34,6 +35,8 @@ class ProSparseCallback(TrainerCallback):
         self.lam = 0.0
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
+        if self.config.train_threshold > 0:
+            set_fatrelu(relufy_(model), self.config, self.config.train_threshold)
         self.schedule = L1Schedule.from_config(self.config, state.max_steps)
         self.penalty = IntermediateL1(model, self.config.l1_reduce)
         averaged_over_devices = args.average_tokens_across_devices and args.world_size > 1
