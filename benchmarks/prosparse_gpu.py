@@ -42,7 +42,7 @@ from actsparse.commands._common import parse_stages, write_json_atomic
 from actsparse.errors import ActSparseError
 from actsparse.evaluate import perplexity
 from actsparse.loading import load_model
-from actsparse.methods.prosparse import relufy_
+from actsparse.methods.prosparse import relufy_, set_fatrelu
 from actsparse.models import layer_specs
 from actsparse.train import TrainArgs, export_student, finished, load_student, pack_texts, train, train_prosparse
 from actsparse.train.log import read_log
@@ -149,7 +149,8 @@ def main() -> None:
                 load_student(model, a.init)
             except ActSparseError as e:
                 raise SystemExit(f"--init: {e}") from None
-        config = ProSparseConfig(threshold=a.threshold, train_threshold=a.train_threshold, schedule=schedule, preset=a.preset, peak_lambda=a.peak_lambda,
+        config = ProSparseConfig(threshold=a.threshold, train_threshold=a.train_threshold, schedule=schedule,
+                                 preset=a.preset, peak_lambda=a.peak_lambda,
                                  stages=parse_stages(a.stages) if a.stages else ())
         time_limit = None
         if a.deadline is not None and a.work is not None:
@@ -176,8 +177,7 @@ def main() -> None:
         result["eval"] = _ppl(model, tok, a, None)
         result["sweep"] = []
         for t in SWEEP:
-            for spec in layer_specs(model):
-                spec.mlp.set_gate_threshold(t, 0.0)
+            set_fatrelu(layer_specs(model), config, t)
             r = _ppl(model, tok, a, a.sweep_windows)
             result["sweep"].append({"threshold": t, "ppl": r["ppl"], "mlp": r["mlp"], "model": r["model"]})
         if a.export is not None:

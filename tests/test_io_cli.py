@@ -160,6 +160,20 @@ def test_cli_compare_refuses_a_bad_saved_directory_before_loading_the_model(tmp_
     assert not out.exists()
 
 
+@pytest.mark.parametrize("with_saved", [False, True])
+def test_cli_compare_needs_a_tokenizer_for_model(tmp_path, texts, with_saved, capsys):
+    _, evaluation = texts
+    dense = asp.sparsify_(tiny_model("llama"), asp.DenseConfig())
+    bare = save(dense, tmp_path / "bare")  # no tokenizer
+    rows = ["--saved", str(save(dense, tmp_path / "good", tiny_tokenizer()))] if with_saved else ["--methods", "dense",
+                                                                                               "--sparsity", "0.5"]
+    out = tmp_path / "cmp"
+    assert main(["compare", str(bare), *rows, "--ppl", str(evaluation), "--seq-len", "64", "--windows", "4",
+                 "--out", str(out)]) == 2
+    assert f"{bare}: no tokenizer saved with the model" in capsys.readouterr().err
+    assert not out.exists()
+
+
 def test_pareto_plot_gives_each_saved_model_its_own_point(tmp_path, monkeypatch):
     import matplotlib.figure
 

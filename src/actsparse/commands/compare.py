@@ -52,11 +52,10 @@ def run(args) -> int:
     texts = read_texts(args.calib) if methods else None  # a bad file fails before the model loads
     if args.ppl != "wikitext2":
         read_texts(args.ppl)
-    tokenizer = load_tokenizer(args.model)
-    if tokenizer is None:
-        raise ActSparseError(f"{args.model}: no tokenizer saved with the model")
-    check_saved(saved, tokenizer, args.ppl, args.seq_len, args.windows)  # a bad DIR fails before MODEL's weights load
+    if saved:  # a bad DIR fails before MODEL's weights load
+        check_saved(saved, _tokenizer(args.model, load_tokenizer(args.model)), args.ppl, args.seq_len, args.windows)
     model, tokenizer = load_model(args.model, parse_dtype(args.dtype), args.device)
+    tokenizer = _tokenizer(args.model, tokenizer)
     calibration = text_batches(tokenizer, texts, args.calib_samples, args.calib_seq_len) if methods else None
     rows = run_comparison(model, tokenizer, methods, sparsities, calibration, args.ppl, args.seq_len, args.windows,
                           fields, saved, log=log)
@@ -82,3 +81,9 @@ def run(args) -> int:
     print(table)
     print(json.dumps({"rows": [{k: r[k] for k in ("method", "source", "target", "ppl", "sparsity_model", "sparsity_mlp")} for r in rows]}))
     return 0
+
+
+def _tokenizer(model, tokenizer):
+    if tokenizer is None:
+        raise ActSparseError(f"{model}: no tokenizer saved with the model")
+    return tokenizer
