@@ -239,7 +239,9 @@ def _plot(logs, summary, path: Path) -> None:
     ax[1, 1].axhline(base, color="gray", ls=":", label="SiLU original")
     ax[1, 1].axhline(base * 1.15, color="red", ls=":", label="+15%")
     ax[1, 1].axvline(0.85, color="red", ls="--", lw=0.8)
-    for a_, title, ylabel in ((ax[0, 0], "L1 coefficient", "lambda"), (ax[0, 1], "MLP sparsity on training batches (ReLU)", "sparsity"),
+    train_t = summary["args"]["train_threshold"]
+    train_act = f"FATReLU t = {train_t:g}" if train_t > 0 else "ReLU"
+    for a_, title, ylabel in ((ax[0, 0], "L1 coefficient", "lambda"), (ax[0, 1], f"MLP sparsity on training batches ({train_act})", "sparsity"),
                               (ax[1, 0], "training cross-entropy", "loss")):
         a_.set(title=title, xlabel="step", ylabel=ylabel)
         a_.legend()
