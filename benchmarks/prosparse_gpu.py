@@ -181,7 +181,7 @@ def main() -> None:
             r = _ppl(model, tok, a, a.sweep_windows)
             result["sweep"].append({"threshold": t, "ppl": r["ppl"], "mlp": r["mlp"], "model": r["model"]})
         if a.export is not None:
-            export_student(model, base, a.export)
+            export_student(model, base, a.export, config.train_threshold)
             result["exported"] = a.export
         save()
         del model

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from actsparse.io import load
 from actsparse.cli import main
@@ -79,6 +79,27 @@ def test_sparsify_with_a_student_saves_the_trained_prosparse_model(tmp_path, mod
                  "--json", str(tmp_path / "eval.json")]) == 0
     result = json.loads((tmp_path / "eval.json").read_text())
     assert result["method"] == "prosparse" and result["sparsity"]["mlp"] > 0.3
+
+
+def test_the_saved_config_records_the_threshold_the_student_was_trained_under(tmp_path, model_dir, capsys):
+    base, _ = load_model(model_dir)
+    path = export_student(trained_student(base), base, tmp_path / "student.safetensors", train_threshold=0.1)
+    common = ["sparsify", str(model_dir), "--method", "prosparse", "--sparsity", "0", "--student", str(path)]
+
+    assert main([*common, "-o", str(tmp_path / "taken")]) == 0
+    assert load(tmp_path / "taken")[0].actsparse_config.train_threshold == 0.1
+    assert main([*common, "--option", "train_threshold=0.1", "-o", str(tmp_path / "same")]) == 0
+
+    capsys.readouterr()
+    assert main([*common, "--option", "train_threshold=0.2", "-o", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert f"{path} was trained under FATReLU 0.1, not train_threshold 0.2" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "other").exists()
+
+    older = tmp_path / "older.safetensors"  # exported before the threshold was recorded
+    save_file(load_file(str(path)), str(older))
+    assert main([*common[:-1], str(older), "--option", "train_threshold=0.2", "-o", str(tmp_path / "older")]) == 0
+    assert load(tmp_path / "older")[0].actsparse_config.train_threshold == 0.2
 
 
 @pytest.mark.parametrize(

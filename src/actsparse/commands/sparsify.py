@@ -10,7 +10,7 @@ from ..errors import ActSparseError
 from ..io import save
 from ..loading import load_model, parse_dtype
 from ..methods import sparsify_
-from ..train.student import student_model
+from ..train.student import student_config, student_model
 from ._common import add_calibration, add_method_options, add_model, check_positive, log, method_fields
 
 
@@ -38,6 +38,8 @@ def run(args) -> int:
         raise ActSparseError(f"--student holds ProSparse weights: use it with --method prosparse, not {config.method}")
     if args.student is not None and not Path(args.student).is_file():
         raise ActSparseError(f"--student {args.student}: no such file")
+    if args.student is not None:
+        config = student_config(args.student, config)  # a conflicting train_threshold fails before the model loads
     texts = read_texts(args.calib)  # a bad file fails before the model loads
     model, tokenizer = load_model(args.model, parse_dtype(args.dtype), args.device)
     calibration = text_batches(tokenizer, texts, args.calib_samples, args.calib_seq_len)

@@ -7,7 +7,7 @@ from .loop import TrainArgs, finished, train
 from .penalty import IntermediateL1
 from .prosparse import train_prosparse
 from .schedule import L1Schedule
-from .student import export_student, load_student, student_model
+from .student import export_student, load_student, student_config, student_model
 
 __all__ = [
     "Dist",
@@ -21,6 +21,7 @@ __all__ = [
     "load_student",
     "pack_texts",
     "setup",
+    "student_config",
     "student_model",
     "train",
     "train_prosparse",

@@ -1,17 +1,19 @@
 """A ProSparse student as one weights file, so that training can outlive the machine it ran on.
 
 `export_student` writes the trained weights (bf16, under the original model's parameter names, tied
-weights once: 270 MB for SmolLM2-135M); `load_student` puts them into a fresh copy of the original
+weights once: 270 MB for SmolLM2-135M) and the FATReLU threshold they were trained under (the
+file's metadata); `load_student` puts them into a fresh copy of the original
 model, ReLU-fied, to train on (the original stays the teacher); `student_model` makes that copy a
 sparsified ProSparse model that `actsparse.save` writes and `eval`/`bench`/`generate` read.
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -21,9 +23,12 @@ from ..methods import sparsify_
 from ..methods.prosparse import relufy_
 
 
-def export_student(model: nn.Module, base: nn.Module, path: str | os.PathLike) -> Path:
-    """Write `model`'s weights that `base` (the original model) also has, in bf16; a failed write
-    leaves no file behind."""
+TRAIN_THRESHOLD_KEY = "actsparse.train_threshold"
+
+
+def export_student(model: nn.Module, base: nn.Module, path: str | os.PathLike, train_threshold: float = 0.0) -> Path:
+    """Write `model`'s weights that `base` (the original model) also has, in bf16, with the FATReLU
+    threshold it was trained under (0: plain ReLU); a failed write leaves no file behind."""
     names = set(base.state_dict())
     seen, state = set(), {}
     for name, tensor in model.state_dict().items():
@@ -33,7 +38,7 @@ def export_student(model: nn.Module, base: nn.Module, path: str | os.PathLike) -
     path = Path(path)
     partial = path.with_name(f"{path.name}.partial")
     try:
-        save_file(state, str(partial))
+        save_file(state, str(partial), metadata={TRAIN_THRESHOLD_KEY: repr(float(train_threshold))})
         os.replace(partial, path)
     finally:
         partial.unlink(missing_ok=True)
@@ -60,10 +65,33 @@ def load_student(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     return model
 
 
+def trained_threshold(path: str | os.PathLike) -> float | None:
+    """The FATReLU threshold the student in `path` was trained under (None: a file exported before
+    it was recorded)."""
+    try:
+        with safe_open(str(path), "pt") as f:
+            value = (f.metadata() or {}).get(TRAIN_THRESHOLD_KEY)
+    except (FileNotFoundError, SafetensorError, OSError) as e:
+        raise ActSparseError(f"{path}: not a readable safetensors file ({e})") from None
+    return None if value is None else float(value)
+
+
+def student_config(path: str | os.PathLike, config: ProSparseConfig) -> ProSparseConfig:
+    """`config` recording the threshold the student in `path` was trained under, when its file has
+    it; a different nonzero `config.train_threshold` is refused."""
+    trained = trained_threshold(path)
+    if trained is None:
+        return config
+    if config.train_threshold not in (0.0, trained):
+        raise ActSparseError(f"{path} was trained under FATReLU {trained:g}, not train_threshold "
+                             f"{config.train_threshold:g}; leave train_threshold out to take the file's")
+    return dataclasses.replace(config, train_threshold=trained)
+
+
 def student_model(model: nn.Module, path: str | os.PathLike, config: ProSparseConfig) -> nn.Module:
     """`model` (a fresh copy of the original) with the student's weights, sparsified with `config`
-    (its FATReLU threshold), ready for `actsparse.save`."""
+    (its FATReLU threshold; `student_config` fills in the training one), ready for `actsparse.save`."""
     load_student(model, path)
-    sparsify_(model, config)
+    sparsify_(model, student_config(path, config))
     model.actsparse_recipe = {**model.actsparse_recipe, "student": Path(path).name}
     return model
