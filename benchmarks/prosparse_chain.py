@@ -1,5 +1,5 @@
 """A chain of ProSparse runs (each continuing from the last one's exported student) as one record:
-per run the tokens so far, the training activation, the last lambda, the first-windows perplexity
+per run the tokens so far (and the chain's training time), the training activation, the last lambda, the first-windows perplexity
 interpolated at given MLP sparsities from the run's threshold sweep and its all-windows evaluation;
 with --plot, lambda, training-batch sparsity, the KL to the teacher and the interpolated
 perplexity over the chain's cumulative tokens.
@@ -42,7 +42,7 @@ def chain(runs: list[tuple[list[dict], dict]], targets: list[float]) -> list[dic
         run = summary["progressive"]
         sweep_ppl = summary["silu_sweep_windows"]["ppl"]
         records.append({
-            "tokens_start": start, "tokens": run["tokens"], "tokens_total": start + run["tokens"],
+            "tokens_start": start, "tokens": run["tokens"], "tokens_total": start + run["tokens"], "train_s": run["train_s"],
             "train_threshold": run["config"].get("train_threshold") or 0.0,
             "lambda_last": rows[-1]["lambda"], "kd_last": rows[-1]["kd"],
             "silu_sweep_ppl": sweep_ppl,
@@ -110,6 +110,7 @@ def main() -> None:
         print(f"{name:>3} {r['tokens'] / 1e6:6.1f} M ({r['tokens_total'] / 1e6:6.1f} M) {act:>11} {r['lambda_last']:7.3f} "
               f"{r['kd_last']:7.4f} " + " ".join(cells)
               + f"  {w['ppl']:.2f} ({w['ppl'] / w['silu_ppl'] - 1:+.1%}) at {w['mlp']:.3f}, t = {w['threshold']:g}")
+    print(f"chain: {records[-1]['tokens_total'] / 1e6:.1f} M tokens in {sum(r['train_s'] for r in records) / 3600:.2f} h of training")
     if a.plot:
         plot(runs, records, targets, a.plot)
         print(f"plot: {a.plot}")

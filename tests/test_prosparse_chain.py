@@ -26,7 +26,7 @@ def write_run(tmp_path: Path, name: str, tokens: int, lam: float, train_threshol
     config = {"threshold": 0.1, **({"train_threshold": train_threshold} if train_threshold is not None else {})}
     summary.write_text(json.dumps({
         "silu": {"ppl": 30.0}, "silu_sweep_windows": {"ppl": 20.0},
-        "progressive": {"tokens": tokens, "config": config, "eval": {"ppl": 33.0, "mlp": 0.86, "windows": 8},
+        "progressive": {"tokens": tokens, "train_s": tokens * 0.9, "config": config, "eval": {"ppl": 33.0, "mlp": 0.86, "windows": 8},
                         "sweep": [{"mlp": m, "ppl": p} for m, p in sweep]},
     }))
     return f"{log}={summary}"
@@ -47,6 +47,7 @@ def test_chain_table_json_and_plot(tmp_path):
     assert b["sweep_at"]["0.85"] == pytest.approx(22.5) and b["sweep_at"]["0.88"] is None
     assert b["lambda_last"] == pytest.approx(0.03) and b["kd_last"] == pytest.approx(0.05)
     assert "+12.5%" in done.stdout and "FATReLU 0.1" in done.stdout
+    assert "chain: 0.0 M tokens in 1.00 h of training" in done.stdout  # 4000 tokens, 3600 s
     assert png.stat().st_size > 10_000
 
 
