@@ -26,6 +26,12 @@ Sections, in order of importance (each is skipped, and says so, once the time bu
   matrix   the rest: fp16, batch 2/4/8 (union of masks), fused q/k/v and gate+up, o_proj, the
            output-sparse CATS up, top-K, the R-Sparse low-rank term
   e2e-more batch 4 end to end, as time allows
+  batches  (only when named) the decode shapes at batch 2/4/8, bf16: cuBLAS against the tuner's
+           pick, and the fastest CUDA-core and tensor-core (tl.dot) batch tiles timed alone
+  e2e-batch (only when named) batch 2 and 4 end to end at 50% and 90% with the kernels taking
+           the whole batch (the union of its masks), launch configs timed alone
+  e2e-routed (only when named) the same through the "triton" backend, where each module runs
+           its kernel on a batch only if it measured it faster than the dense products
   profile  (only when named) GPU time per decode step by kernel, dense and at 50%
 Results go to OUT/gpu_matrix.json (rewritten after every section) and a log; a short table last.
 """
@@ -54,6 +60,7 @@ from actsparse.kernels.benchmark import (
 )
 from actsparse.swap import swap_modules
 
+register_backend(batched_backend("triton-batch8"))  # "triton" sends the kernels one token at a time
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.9)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -343,7 +350,6 @@ def check_model(run: Run, dtypes=(torch.float32, torch.bfloat16)) -> dict:
             impose_sparsity(model, collect_scores(model, torch.randint(0, 4096, (1, 64)), method), 0.5)
             with torch.inference_mode():
                 ref = model(input_ids=ids).logits.double()
-                register_backend(batched_backend("triton-batch8"))  # "triton" sends kernels one token
                 set_backend(model, "triton-batch8")
                 module_errs = []
 
@@ -366,6 +372,12 @@ def check_model(run: Run, dtypes=(torch.float32, torch.bfloat16)) -> dict:
                 graphed = DecodeEngine(model, max_len=48)
                 a, b = eager.generate(ids[:1], 24).tokens, graphed.generate(ids[:1], 24).tokens
                 out[key]["engine_token_agreement"] = (a == b).float().mean().item()
+                # two prompts: each module runs its kernel or the reference, as it measured
+                eager = DecodeEngine(model, max_len=48, batch_size=2, compile=False, cuda_graph=False)
+                graphed = DecodeEngine(model, max_len=48, batch_size=2)
+                a, b = eager.generate(ids, 24).tokens, graphed.generate(ids, 24).tokens
+                out[key]["engine_token_agreement_batch2"] = (a == b).float().mean().item()
+                out[key]["batch2_choices"] = batch_choices(model, 2)
                 del eager, graphed
             run.say(f"model {key}: {json.dumps(out[key])}")
             del model
@@ -395,6 +407,37 @@ def time_gemv(k: int, n: int, dtype: torch.dtype, batch: int, sparsities, what: 
                      "dense_tb_s": nbytes / dense / 1e12, "sparse_tb_s": nbytes * union / sparse / 1e12, "rel_err": err})
     del ws, wts
     return rows
+
+
+def time_batches(k: int, n: int, what: str, batch: int, sparsities) -> list[dict]:
+    """`time_gemv` at one batch, with the tuner's choice and its fastest CUDA-core and tl.dot
+    candidates (each timed alone by the tuner, L2 evicted)."""
+    rows = time_gemv(k, n, torch.bfloat16, batch, sparsities, what)
+    for row in rows:
+        key = next(key for key in tuning.timings() if key[:4] == ("gemv", n, k, batch)
+                   and key[-1] == tuning.sparsity_bin(row["sparsity"]))
+        timed = tuning.timings()[key]
+        for label, dot in (("cuda_core", False), ("dot", True)):
+            cfg, sec = min(((c, t) for c, t in timed if c.dot == dot), key=lambda ct: ct[1])
+            row[f"best_{label}_us"], row[f"best_{label}_config"] = sec * 1e6, str(cfg)
+        row["chosen"] = str(tuning.tuned()[key])
+    return rows
+
+
+def section_batches(run: Run) -> dict:
+    plan = [(4096, 28672, "gate+up fused"), (14336, 4096, "down 14336x4096"), (4096, 6144, "qkv fused"), (4096, 4096, "o 4096x4096")]
+    rows = []
+    for batch in (4, 2, 8):
+        for k, n, what in plan:
+            if run.elapsed() > run.budget_s - 40:
+                run.say("batches: stop, out of time")
+                return {"rows": rows}
+            new = time_batches(k, n, what, batch, (0.0, 0.5, 0.65, 0.9))
+            rows += new
+            run.say(f"{what:<16} b{batch}: " + " ".join(
+                f"{r['sparsity']:.2f}:x{r['speedup']:.2f}(kept {r['union_kept']:.2f}; cuda-core {r['best_cuda_core_us']:.1f} "
+                f"dot {r['best_dot_us']:.1f} cuBLAS {r['dense_us']:.1f} us)" for r in new))
+    return {"rows": rows}
 
 
 def time_floor(k: int, n: int, dtype: torch.dtype) -> dict:
@@ -463,21 +506,22 @@ def section_bars(run: Run) -> dict:
 
 def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bool, tokens: int = 128,
         dependent_launch: bool = True, decode_attention: bool = True, tune_in_step: bool = True,
-        inductor_options: dict | None = None) -> dict:
+        inductor_options: dict | None = None, backend: str = "triton") -> dict:
     """`dependent_launch` False: the engine's Inductor kernels and actsparse's kernels both launch
     without programmatic dependent launch (to measure what it brings, dense and sparse alike).
     `decode_attention` False: the decode steps run the model's SDPA attention instead of
     actsparse's decode attention kernel. `tune_in_step` False: the kernels' launch configs are
     the fastest timed alone, not re-chosen inside the decode step (`DecodeEngine.tune`).
     `inductor_options`: passed to the engine's compile, dense and sparse alike (None: the
-    engine's default)."""
+    engine's default). `backend`: the kernel backend of the sparse model ("triton" sends the
+    kernels one token; "triton-batch8" up to 8)."""
     prompt_len = 32
     tuning.clear()  # every run tunes its own kernels
     model = random_model(shape, dtype, "cuda")
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     out: dict = {"shape": shape, "dtype": str(dtype)[6:], "batch": batch, "tokens": tokens, "levels": [],
                  "dependent_launch": dependent_launch, "decode_attention": decode_attention,
-                 "tune_in_step": tune_in_step, "inductor_options": inductor_options}
+                 "tune_in_step": tune_in_step, "inductor_options": inductor_options, "backend": backend}
     ops.set_dependent_launch(dependent_launch)
     if hf:
         t0 = time.perf_counter()
@@ -501,23 +545,40 @@ def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bo
             break
         t0 = time.perf_counter()
         impose_sparsity(model, scores, s)
-        set_backend(model, "triton")
+        set_backend(model, backend)
         engine.invalidate()
         sparse = timed_decode(engine, prompts, tokens, repeats=2, tune=tune_in_step)
         measured = measured_sparsity(model, torch.cat([prompts, sparse.tokens], 1))
         row = speed_result(dense, sparse, measured, linear_bytes, other_bytes, batch)
-        row.update(target=s, warm_s=time.perf_counter() - t0, tuning_in_step=engine.tuning_report)
+        row.update(target=s, warm_s=time.perf_counter() - t0, tuning_in_step=engine.tuning_report,
+                   batch_choices=batch_choices(model, batch))
         for key, times in engine.tuning_report.items():
             alone, best = next(iter(times)), min(times, key=times.get)
             if best != alone:
                 run.say(f"    in the step {key[:40]}: {best} over {alone}, {1e6 * times[best]:.1f} against {1e6 * times[alone]:.1f} us per step")
         out["levels"].append(row)
         run.say(f"  s={s:.2f} (measured {measured:.3f}): {sparse.tokens_per_s:.1f} tok/s x{row['speedup']:.2f} "
-                f"(ideal x{row['ideal_speedup']:.2f}, {100 * row['fraction_of_ideal']:.0f}%) {row['sparse_gb_s']:.0f} GB/s")
+                f"(ideal x{row['ideal_speedup']:.2f}, {100 * row['fraction_of_ideal']:.0f}%) {row['sparse_gb_s']:.0f} GB/s"
+                + (f"; batch calls measured: {row['batch_choices']}" if row["batch_choices"] else ""))
     del engine, model, scores
     ops.set_dependent_launch(True)
     torch._dynamo.reset()
     torch.cuda.empty_cache()
+    return out
+
+
+def batch_choices(model: torch.nn.Module, batch: int) -> dict:
+    """How many modules measured their kernel faster than the dense products at `batch` tokens
+    (the "triton" backend's choice), by module kind, with the summed times."""
+    out: dict = {}
+    for module in model.modules():
+        seconds = getattr(module, "actsparse_batch_seconds", {}).get(batch)
+        if seconds is None:
+            continue
+        kind = out.setdefault(type(module).__name__, {"kernel": 0, "dense": 0, "kernel_us": 0.0, "dense_us": 0.0})
+        kind["kernel" if seconds[0] < seconds[1] else "dense"] += 1
+        kind["kernel_us"] += seconds[0] * 1e6
+        kind["dense_us"] += seconds[1] * 1e6
     return out
 
 
@@ -669,6 +730,9 @@ def summary(run: Run) -> None:
             print(f"FLOOR {f['k']}x{f['n']}: nothing kept {f['nothing_kept_us']:.1f} us, empty kernel {f['empty_kernel_us']:.1f} us")
         for g in sec["bars"].get("gated", []):
             print(f"GATED s={g['sparsity']:.2f}: cuBLAS {g['cublas_gemv_us']:.1f} gated {g['gated_us']:.1f} unfused {g['unfused_us']:.1f} us")
+    for r in sec.get("batches", {}).get("rows", []):
+        print(f"BATCH {r['kernel']:<16} b{r['batch']} s={r['sparsity']:.2f} kept {r['union_kept']:.2f} x{r['speedup']:.2f} "
+              f"(cuBLAS {r['dense_us']:.1f}, cuda-core {r['best_cuda_core_us']:.1f}, dot {r['best_dot_us']:.1f} us)")
     for name in (n for n in sec if n.startswith("e2e")):
         for res in sec[name].get("runs", []):
             print(f"E2E ({name}) {res['shape']} {res['dtype']} b{res['batch']}: hf {res.get('hf_tok_s', 0):.1f} dense {res['dense_tok_s']:.1f} tok/s; "
@@ -712,6 +776,11 @@ def main() -> int:
         ("matrix", section_matrix, 60),
         ("profile", section_profile, 60),
         ("e2e-more", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 4, (0.5,), hf=False)]}, 90),
+        ("batches", section_batches, 60),
+        ("e2e-batch", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, b, (0.9, 0.5), hf=False, tune_in_step=False,
+                                              backend="triton-batch8") for b in (4, 2)]}, 90),
+        ("e2e-routed", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, b, (0.9, 0.5), hf=False, tune_in_step=False)
+                                           for b in (4, 2)]}, 90),
     ]
     for name, fn, need_s in sections:
         if name in wanted:

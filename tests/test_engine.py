@@ -38,6 +38,14 @@ def test_warm_up_steps_leave_no_trace():
     assert torch.equal(engine.generate(prompt, 16).tokens, first)
 
 
+def test_warm_up_fits_a_cache_filled_to_the_last_position():
+    """Two new tokens fill the cache: the warm-up steps (one of them not compiled) fit in it."""
+    model = tiny_model("llama")
+    prompt = random_tokens(1, 5, seed=3)
+    tokens = DecodeEngine(model, max_len=7, compile="eager").generate(prompt, 2).tokens
+    assert torch.equal(tokens, _forward_argmax(model, prompt, tokens))
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the cpu kernels build with g++")
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
 def test_sparse_decode_through_kernels_is_the_sparse_forward_argmax(arch):

@@ -1,7 +1,8 @@
 """The Triton kernels against the torch reference, run by the Triton interpreter on CPU tensors.
 
 The interpreter's bf16 `tl.dot` is wrong (triton 3.9: garbage results for bf16 operands), so bf16
-with more than one token, which uses `tl.dot`, is checked on the GPU by benchmarks/gpu_matrix.py.
+batches through `tl.dot` (`GemvConfig.dot`, and the output-sparse rows kernel) are checked on the
+GPU by benchmarks/gpu_matrix.py; the CUDA-core batch tiles run here in every dtype.
 """
 import os
 
@@ -30,11 +31,13 @@ CONFIGS = {
     "masked-split-k": ops.GemvConfig(32, 16, 3, 4, 1, compact=False),
     "pipelined": ops.GemvConfig(32, 16, 1, 4, 1, pipelined=True),
     "pipelined-split-k": ops.GemvConfig(64, 32, 3, 4, 1, pipelined=True),
+    "dot-compact-split-k": ops.GemvConfig(64, 32, 3, 4, 1, dot=True),
+    "dot-masked": ops.GemvConfig(32, 16, 1, 4, 1, compact=False, dot=True),
 }
 
 
-def _skip_interpreter_bf16_dot(dtype, batch):
-    if dtype == torch.bfloat16 and batch > 1:
+def _skip_interpreter_bf16_dot(dtype, batch, dot=True):
+    if dtype == torch.bfloat16 and batch > 1 and dot:
         pytest.skip("the Triton interpreter's bf16 tl.dot is wrong; covered on the GPU")
 
 
@@ -63,7 +66,7 @@ def _rel(out, ref):
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
 @pytest.mark.parametrize("cfg", CONFIGS.values(), ids=CONFIGS.keys())
 def test_input_sparse_matches_reference(dtype, batch, sparsity, cfg):
-    _skip_interpreter_bf16_dot(dtype, batch)
+    _skip_interpreter_bf16_dot(dtype, batch, cfg.dot)
     torch.manual_seed(0)
     k, n = 100, 70  # not multiples of any block
     x = torch.randn(batch, k).to(dtype)
@@ -74,12 +77,13 @@ def test_input_sparse_matches_reference(dtype, batch, sparsity, cfg):
     assert _rel(y, _reference(x, wt, t)) < TOL[dtype]
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 8])
 @pytest.mark.parametrize("complement", [False, True])
-@pytest.mark.parametrize("cfg", [CONFIGS[n] for n in ("compact-split-k", "masked-split-k", "pipelined-split-k")],
-                         ids=["compact", "masked", "pipelined"])
+@pytest.mark.parametrize("cfg", [CONFIGS[n] for n in ("compact-split-k", "masked-split-k", "pipelined-split-k", "dot-compact-split-k")],
+                         ids=["compact", "masked", "pipelined", "dot"])
 def test_input_sparse_scale_bias_lowrank(dtype, batch, complement, cfg):
+    _skip_interpreter_bf16_dot(dtype, batch, cfg.dot)
     torch.manual_seed(1)
     k, n, r = 67, 45, 5
     x = torch.randn(batch, k).to(dtype)
@@ -97,7 +101,7 @@ def test_input_sparse_scale_bias_lowrank(dtype, batch, complement, cfg):
 @pytest.mark.parametrize("compact,pipelined", [(True, False), (False, False), (True, True)])
 def test_split_k_reduction_in_several_chunks(batch, compact, pipelined):
     torch.manual_seed(4)
-    cfg = ops.GemvConfig(1024, 16, 24, 4, 1, compact, pipelined)  # 13 splits: partials summed 8 at a time
+    cfg = ops.GemvConfig(1024, 16, 24, 4, 1, compact, pipelined)  # 13 splits: partials summed 2 at a time at batch 3
     for _ in range(2):  # the second launch relies on the first leaving the counters at zero
         x, wt = torch.randn(batch, 400), torch.randn(400, 1200)
         t = _threshold(x, 0.5)
@@ -331,7 +335,7 @@ def test_triton_backend_decodes_one_token_at_a_time_through_the_kernels(monkeypa
 
     model = tiny_model("llama")
     impose_sparsity(model, collect_scores(model, random_tokens(1, 32), "teal"), 0.5)
-    prompt = random_tokens(1, 5, seed=7)
+    prompt = random_tokens(1, 10, seed=7)
     reference = DecodeEngine(model, max_len=16).generate(prompt, 4).tokens
     set_backend(model, "triton")
     batches = []
@@ -339,7 +343,48 @@ def test_triton_backend_decodes_one_token_at_a_time_through_the_kernels(monkeypa
     monkeypatch.setattr(ops, "launch_input_sparse", lambda *args: batches.append(args[0].shape[0]) or launch(*args))
     tokens = DecodeEngine(model, max_len=16).generate(prompt, 4).tokens
     assert torch.equal(tokens, reference)
-    assert batches and set(batches) == {1}  # decode steps only: the 5-token prefill ran the reference
+    assert batches and set(batches) == {1}  # decode steps only: the 10-token prefill (over 8) ran the reference
+
+
+@pytest.mark.parametrize("kernel_faster", [True, False])
+def test_batches_run_the_kernels_only_where_measured_faster(monkeypatch, kernel_faster):
+    timed = []
+
+    def timer(kernel, dense):
+        timed.append((kernel(), dense()))  # both run: each returns its outputs
+        return (1.0, 2.0) if kernel_faster else (2.0, 1.0)
+
+    register_backend(dispatch.make_backend("triton-timed", ops.input_sparse_linear, ops.output_sparse_rows, ops.MAX_BATCH,
+                                           lambda model: None, ops.set_sparsity_hint, ops.input_sparse_gated, timer))
+    model = tiny_model("llama")
+    impose_sparsity(model, collect_scores(model, random_tokens(1, 32), "teal"), 0.5)
+    ids = random_tokens(1, 3, seed=8)
+    with torch.no_grad():
+        ref = model(ids).logits
+        set_backend(model, "triton-timed")
+        launches = []
+        launch = ops.launch_input_sparse
+        monkeypatch.setattr(ops, "launch_input_sparse", lambda *args: launches.append(args[0].shape[0]) or launch(*args))
+        out = model(ids).logits
+        layer = model.model.layers[0]
+        # q/k/v (one group), o, the MLP's gate+up call and down: one measurement each, at 3 tokens
+        owners = [layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp, layer.mlp.down_proj]
+        expected = (1.0, 2.0) if kernel_faster else (2.0, 1.0)
+        assert all(owner.actsparse_batch_seconds == {3: expected} for owner in owners)
+        assert len(timed) == 4 * len(model.model.layers)
+        kernel_launches = len(launches) - len(timed)  # the timer's own kernel calls left out
+        assert kernel_launches == (4 * len(model.model.layers) if kernel_faster else 0)
+        assert _rel(out, ref.double()) < 1e-5
+        launches.clear()
+        model(ids)  # measured once: no more timing, the same choice
+        assert len(timed) == 4 * len(model.model.layers)
+        assert len(launches) == (4 * len(model.model.layers) if kernel_faster else 0)
+        set_backend(model, "triton-timed")  # a new sparsity state is measured again
+        assert not hasattr(layer.mlp, "actsparse_batch_seconds")
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+        launches.clear()
+        model(ids)  # a batch first met while compiling runs the reference
+        assert launches == [] and not hasattr(layer.mlp, "actsparse_batch_seconds")
 
 
 def test_tuner_records_keys_ranks_candidates_and_takes_a_choice(monkeypatch):
@@ -381,3 +426,18 @@ def test_engine_tune_times_each_alternative_inside_the_step_and_keeps_the_fastes
         assert str(tuning.tuned()[key]) == min(times, key=times.get)
         tuning._CHOICES.pop(key)
     assert torch.equal(engine.generate(prompt, 4).tokens, reference)
+
+
+def test_gate_driven_mlp_batches_are_measured_as_a_whole():
+    register_backend(dispatch.make_backend("triton-dense-wins", ops.input_sparse_linear, ops.output_sparse_rows, ops.MAX_BATCH,
+                                           lambda model: None, ops.set_sparsity_hint, ops.input_sparse_gated,
+                                           lambda kernel, dense: (kernel(), dense()) and (2.0, 1.0)))
+    model = tiny_model("llama")
+    actsparse.sparsify_(model, CATS, random_tokens(1, 32))
+    ids = random_tokens(1, 4, seed=9)
+    with torch.no_grad():
+        ref = model(ids).logits
+        set_backend(model, "triton-dense-wins")
+        out = model(ids).logits
+    assert model.model.layers[0].mlp.actsparse_batch_seconds == {4: (2.0, 1.0)}
+    assert _rel(out, ref.double()) < 1e-5

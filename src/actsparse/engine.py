@@ -148,20 +148,24 @@ class DecodeEngine:
         logits = self.model(input_ids=token, past_key_values=self.cache, cache_position=pos, use_cache=True).logits
         return logits[:, -1].argmax(-1)
 
-    def _step(self) -> None:
-        nxt = self._next(self._token, self._pos)
+    def _step(self, compiled: bool = True) -> None:
+        nxt = (self._next if compiled else self._next_token)(self._token, self._pos)
         self._token.copy_(nxt[:, None])
         self._pos.add_(1)
         self._out.index_copy_(1, self._pos, nxt[:, None])
 
-    def _warm_up(self) -> None:
-        """Two eager steps (compile, tune kernels, allocate), then, on CUDA, record one step as a
-        graph. The steps advance the cache (transformers' static layers count positions
-        themselves), so the caller prefills again afterwards."""
+    def _warm_up(self, input_ids: torch.Tensor) -> None:
+        """One step not compiled (the kernels tune, and a backend measures its batched kernels
+        against dense products, on real activations), then after prefilling again two compiled
+        steps (compile, allocate) and, on CUDA, one step recorded as a graph. The steps advance
+        the cache (transformers' static layers count positions themselves), so the caller
+        prefills again afterwards."""
         side = torch.cuda.Stream() if self.cuda_graph else None
         if side is not None:
             side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            self._step(compiled=False)
+            self._prefill(input_ids)
             for _ in range(2):
                 self._step()
         if side is not None:
@@ -204,7 +208,7 @@ class DecodeEngine:
         self._prefill(input_ids)
         steps = max_new_tokens - 1
         if steps and (self.compile or self.cuda_graph) and not self._warm:
-            self._warm_up()
+            self._warm_up(input_ids)
             self._prefill(input_ids)
         self._sync()
         prefill_s = time.perf_counter() - start

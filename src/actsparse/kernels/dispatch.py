@@ -19,6 +19,12 @@ torch reference in `actsparse.nn` computes:
     keeps the other two slices for the next calls that pass that same tensor (any other input is
     computed afresh).
 Inputs of more than `max_batch` tokens (prefill) run the reference path: kernels help decode.
+Batches of 2 to `max_batch` tokens read every weight row some token keeps (the union of their
+masks), which at moderate sparsity is most rows: with a `batch_timer`, a module (an MLP for its
+gate+up call) runs its kernel on a batch only where that takes less time than the dense products
+it replaces, measured on its first eager call at that batch size (`DecodeEngine` makes one
+before compiling) and kept as ``actsparse_batch_seconds[tokens] = (kernel_s, dense_s)``; a batch
+size first met inside torch.compile runs the reference.
 
 `prepare(model)` packs, once, the input-major copies the ops read, as non-persistent buffers
 (never saved): `actsparse_wt` (W.T) on input-sparse linears, `actsparse_lowrank_at` (A.T),
@@ -179,9 +185,13 @@ def make_backend(
     check_model: Callable[[torch.nn.Module], None],
     set_hint: Callable[[torch.Tensor, float], None] = lambda weight, sparsity: None,
     input_sparse_gated: Callable[..., torch.Tensor] | None = None,
+    batch_timer: Callable[[Callable[[], object], Callable[[], object]], tuple[float, float]] | None = None,
 ) -> Backend:
     def prepare(model: torch.nn.Module) -> None:
         check_model(model)
+        for module in model.modules():
+            if hasattr(module, "actsparse_batch_seconds"):
+                del module.actsparse_batch_seconds  # measured under the old sparsity state
         fused: set[int] = set()
         for module in model.modules():
             if isinstance(module, SparseGatedMLP):
@@ -282,6 +292,20 @@ def make_backend(
                 z = input_sparse_linear(x2 - kept, at, module.actsparse_zero, None, None, None, None, False)
         return input_sparse_linear(kept, wt, threshold, scale, module.bias, module.lowrank_b if z is not None else None, z, False)
 
+    def kernel_pays(owner: torch.nn.Module, tokens: int, kernel: Callable[[], object], dense: Callable[[], object]) -> bool:
+        """Whether `owner` runs its kernel on this many tokens (see the module docstring)."""
+        if tokens == 1 or batch_timer is None:
+            return True
+        measured = getattr(owner, "actsparse_batch_seconds", None)
+        if measured is None or tokens not in measured:
+            if torch.compiler.is_compiling():
+                return False
+            if measured is None:
+                measured = owner.actsparse_batch_seconds = {}
+            measured[tokens] = batch_timer(kernel, dense)
+        kernel_s, dense_s = measured[tokens]
+        return kernel_s < dense_s
+
     def linear(module: SparseLinear, x: torch.Tensor) -> torch.Tensor:
         tokens = x.numel() // module.in_features
         if module.mode == "dense" or tokens > max_batch or module.actsparse_fused:
@@ -290,16 +314,23 @@ def make_backend(
         if group is not None:
             y = group.take(module, x)
             return y if y is not None else run_group(group, module, x, tokens)
-        y = run_input_sparse(module, x.reshape(tokens, module.in_features).contiguous())
-        return y.reshape(*x.shape[:-1], module.out_features)
+        x2 = x.reshape(tokens, module.in_features).contiguous()
+        if not kernel_pays(module, tokens, lambda: run_input_sparse(module, x2), lambda: F.linear(x2, module.weight)):
+            return linear_reference(module, x)
+        return run_input_sparse(module, x2).reshape(*x.shape[:-1], module.out_features)
 
     def run_group(group: SharedInput, module: SparseLinear, x: torch.Tensor, tokens: int) -> torch.Tensor:
         lead = group.members[0]
         x2 = x.reshape(tokens, lead.in_features).contiguous()
-        kept, threshold, scale = selected(lead, x2, lead.actsparse_zero)
-        y = input_sparse_linear(kept, lead.actsparse_group_t, threshold, scale, getattr(lead, "actsparse_group_bias", None),
-                                None, None, False)
-        outputs = tuple(part.reshape(*x.shape[:-1], part.shape[-1]) for part in y.split(group.sizes, dim=-1))
+
+        def call() -> torch.Tensor:
+            kept, threshold, scale = selected(lead, x2, lead.actsparse_zero)
+            return input_sparse_linear(kept, lead.actsparse_group_t, threshold, scale, getattr(lead, "actsparse_group_bias", None),
+                                       None, None, False)
+
+        if not kernel_pays(lead, tokens, call, lambda: [F.linear(x2, m.weight) for m in group.members]):
+            return linear_reference(module, x)
+        outputs = tuple(part.reshape(*x.shape[:-1], part.shape[-1]) for part in call().split(group.sizes, dim=-1))
         return group.keep(module, x, outputs)
 
     def gated_mlp(mlp: SparseGatedMLP, x: torch.Tensor) -> torch.Tensor:
@@ -309,6 +340,8 @@ def make_backend(
         x2 = x.reshape(tokens, mlp.hidden_size).contiguous()
         rows = _output_sparse_up(mlp)
         if rows is not None:
+            if not kernel_pays(mlp, tokens, lambda: _gate_driven(mlp, x2, rows), lambda: _dense_mlp(mlp, x2)):
+                return mlp._forward_reference(x)
             y = _gate_driven(mlp, x2, rows)
         else:
             y = mlp.down_linear(_gated_product(mlp, x2))
@@ -324,8 +357,13 @@ def make_backend(
         bias = getattr(mlp, "actsparse_gate_up_bias", None)
         if mlp.actsparse_gated_act is not None and x2.shape[0] == 1:
             return input_sparse_gated(kept, fused, threshold, scale, bias, mlp.actsparse_gate_up_group, mlp.actsparse_gated_act)
-        gu = input_sparse_linear(kept, fused, threshold, scale, bias, None, None, False)
-        return mlp.masked_product(*split_gate_up(gu, mlp.actsparse_gate_up_group))[1]
+
+        def call() -> torch.Tensor:
+            return input_sparse_linear(kept, fused, threshold, scale, bias, None, None, False)
+
+        if not kernel_pays(mlp, x2.shape[0], call, lambda: (F.linear(x2, gate.weight), F.linear(x2, mlp.up_linear.weight))):
+            return mlp.masked_product(*mlp.gate_and_up(x2))[1]  # the fused linears run their reference
+        return mlp.masked_product(*split_gate_up(call(), mlp.actsparse_gate_up_group))[1]
 
     def _gate_driven(mlp: SparseGatedMLP, x2: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         if mlp.gate_up_linear is not None:
@@ -346,3 +384,14 @@ def make_backend(
         return input_sparse_linear(m, packed(down, "actsparse_wt"), mlp.actsparse_zero, None, down.bias, None, None, False)
 
     return Backend(name=name, linear=linear, gated_mlp=gated_mlp, prepare=prepare)
+
+
+def _dense_mlp(mlp: SparseGatedMLP, x2: torch.Tensor) -> torch.Tensor:
+    """The dense products of a gated MLP (what its kernels stand in for, timed against them)."""
+    if mlp.gate_up_linear is not None:
+        weight = mlp.gate_up_linear.weight
+        gate, up = weight[: mlp.intermediate_size], weight[mlp.intermediate_size:]
+    else:
+        gate, up = mlp.gate_linear.weight, mlp.up_linear.weight
+    F.linear(x2, up)
+    return F.linear(F.linear(x2, gate), mlp.down_linear.weight)

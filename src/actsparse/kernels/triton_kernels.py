@@ -50,8 +50,8 @@ def _keep(score, t, COMPLEMENT: tl.constexpr):
 
 
 @triton.jit
-def _accumulate(acc, rows, row_ok, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, toks, tok_ok, stride_x, stride_w,
-                HAS_SCALE: tl.constexpr, COMPLEMENT: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr):
+def _accumulate(acc, rows, row_ok, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, toks, tok_ok, B, stride_x, stride_w,
+                HAS_SCALE: tl.constexpr, COMPLEMENT: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr):
     """acc += x_kept[:, rows] @ W.T[rows, cols]; weight rows no token keeps are not loaded."""
     if BB == 1:
         xv = tl.load(x_ptr + rows, mask=row_ok, other=0.0)
@@ -75,11 +75,32 @@ def _accumulate(acc, rows, row_ok, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, tok
             w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :],
             mask=row_keep[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first",
         )
-        xk = tl.where(keep, xv, 0.0).to(w.dtype)
-        if IEEE:
-            acc = tl.dot(xk, w, acc, input_precision="ieee")
+        if DOT:
+            xk = tl.where(keep, xv, 0.0).to(w.dtype)
+            if IEEE:
+                acc = tl.dot(xk, w, acc, input_precision="ieee")
+            else:
+                acc = tl.dot(xk, w, acc)
         else:
-            acc = tl.dot(xk, w, acc)
+            acc = _accumulate_tokens(acc, w.to(tl.float32), rows, row_ok, x_ptr, scale_ptr, t, toks, B, stride_x,
+                                     HAS_SCALE, COMPLEMENT, BB)
+    return acc
+
+
+@triton.jit
+def _accumulate_tokens(acc, w, rows, row_ok, x_ptr, scale_ptr, t, toks, B, stride_x,
+                       HAS_SCALE: tl.constexpr, COMPLEMENT: tl.constexpr, BB: tl.constexpr):
+    """acc[b] += x_kept[b, rows] @ w for each token of a small batch, on the CUDA cores: the
+    weight tile is read once for all BB tokens, and when the column block spans every thread
+    (256 columns a warp in 16-bit) a token's sum over the tile's rows stays within each thread,
+    with no layout change through shared memory (tl.dot pads the batch to 16 rows instead)."""
+    for b in tl.static_range(BB):
+        xb = tl.load(x_ptr + b * stride_x + rows, mask=row_ok & (tl.zeros_like(rows) + b < B), other=0.0).to(tl.float32)
+        score = tl.abs(xb)
+        if HAS_SCALE:
+            score = score * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
+        xk = tl.where(_keep(score, t, COMPLEMENT), xb, 0.0)
+        acc = tl.where(toks[:, None] == b, acc + tl.sum(w * xk[:, None], axis=0)[None, :], acc)
     return acc
 
 
@@ -93,6 +114,7 @@ def input_sparse_gemv_kernel(
     COMPLEMENT: tl.constexpr, USE_SPLIT: tl.constexpr, IEEE: tl.constexpr, COMPACT: tl.constexpr, PIPE: tl.constexpr,
     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CHUNK: tl.constexpr, BR: tl.constexpr, SC: tl.constexpr,
     ACT: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr, SPREAD: tl.constexpr, SS: tl.constexpr, SL: tl.constexpr,
+    DOT: tl.constexpr,
 ):
     if PDL:
         wait_for_producer()
@@ -148,9 +170,9 @@ def input_sparse_gemv_kernel(
                 acc += w.to(tl.float32) * xv.to(tl.float32)[:, None]
                 w = w_next
                 xv = x_next
-        elif BB == 1:
-            # Every listed row is kept, so the weight loads wait on nothing but the index list,
-            # and the next block's indices load while this block's weights stream.
+        elif BB == 1 or not DOT:
+            # Every listed row is kept (by some token), so the weight loads wait on nothing but
+            # the index list, and the next block's indices load while this block's weights stream.
             jj = tl.arange(0, BK)
             rows = tl.load(scratch + jj, mask=jj < n_active, other=0)
             for j in range(0, n_active, BK):
@@ -159,23 +181,27 @@ def input_sparse_gemv_kernel(
                 next_rows = tl.load(scratch + jj + BK, mask=jj + BK < n_active, other=0)
                 w = tl.load(w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :],
                             mask=j_ok[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first")
-                xv = tl.load(x_ptr + rows, mask=j_ok, other=0.0)
-                acc += w.to(tl.float32) * xv.to(tl.float32)[:, None]
+                if BB == 1:
+                    xv = tl.load(x_ptr + rows, mask=j_ok, other=0.0)
+                    acc += w.to(tl.float32) * xv.to(tl.float32)[:, None]
+                else:
+                    acc = _accumulate_tokens(acc, w.to(tl.float32), rows, j_ok, x_ptr, scale_ptr, t, toks, B, stride_x,
+                                             HAS_SCALE, COMPLEMENT, BB)
                 rows = next_rows
         else:
             for j in range(0, n_active, BK):
                 jj = j + tl.arange(0, BK)
                 j_ok = jj < n_active
                 rows = tl.load(scratch + jj, mask=j_ok, other=0)
-                acc = _accumulate(acc, rows, j_ok, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, toks, tok_ok,
-                                  stride_x, stride_w, HAS_SCALE, COMPLEMENT, IEEE, BB)
+                acc = _accumulate(acc, rows, j_ok, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, toks, tok_ok, B,
+                                  stride_x, stride_w, HAS_SCALE, COMPLEMENT, IEEE, BB, DOT)
     else:
         # Every row block in turn, the weight loads masked by the kept rows: more iterations at
         # high sparsity, but no index list, so the loads pipeline like a dense GEMV's.
         for k0 in range(k_lo, k_hi, BK):
             rows = k0 + tl.arange(0, BK)
-            acc = _accumulate(acc, rows, rows < k_hi, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, toks, tok_ok,
-                              stride_x, stride_w, HAS_SCALE, COMPLEMENT, IEEE, BB)
+            acc = _accumulate(acc, rows, rows < k_hi, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, toks, tok_ok, B,
+                              stride_x, stride_w, HAS_SCALE, COMPLEMENT, IEEE, BB, DOT)
     if BB == 1:
         part = tl.sum(acc, axis=0)
     else:
@@ -198,7 +224,7 @@ def input_sparse_gemv_kernel(
         p = tl.load(part_ptr + ss[:, None] * N + slice_cols[None, :], mask=(ss < split_k)[:, None] & slice_ok[None, :],
                     other=0.0, cache_modifier=".cg")
         _epilogue(tl.sum(p, axis=0), pid_n * BN + pid_k * SL, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, slice_cols, slice_ok,
-                  toks, tok_ok, R, stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, SL, BR, ACT, GROUP)
+                  toks, tok_ok, B, R, stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, SL, BR, ACT, GROUP, DOT)
         if tl.atomic_add(count_ptr + pid_n, 1, sem="relaxed") == 2 * split_k - 1:
             tl.atomic_xchg(count_ptr + pid_n, 0)
     elif USE_SPLIT:
@@ -225,12 +251,12 @@ def input_sparse_gemv_kernel(
                         other=0.0, cache_modifier=".cg",
                     )
                 total += tl.sum(p, axis=0)
-            _epilogue(total, pid_n * BN, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
-                      stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BN, BR, ACT, GROUP)
+            _epilogue(total, pid_n * BN, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, B, R,
+                      stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BN, BR, ACT, GROUP, DOT)
             tl.atomic_xchg(count_ptr + pid_n, 0)
     else:
-        _epilogue(part, pid_n * BN, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
-                  stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BN, BR, ACT, GROUP)
+        _epilogue(part, pid_n * BN, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, B, R,
+                  stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BN, BR, ACT, GROUP, DOT)
 
 
 @triton.jit
@@ -248,10 +274,10 @@ def _activation(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(total, first, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, R,
+def _epilogue(total, first, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, B, R,
               stride_y, stride_lrb, stride_lrz,
               HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr,
-              W: tl.constexpr, BR: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr):
+              W: tl.constexpr, BR: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr, DOT: tl.constexpr):
     """Adds the bias and the low-rank term ``lowrank_b @ z`` in fp32, then stores y for the W
     columns `cols` (the first is `first`); with ACT (batch 1), the columns are gate and up
     interleaved in groups of GROUP (W a multiple of 2 * GROUP, `first` of 2 * GROUP) and the stored
@@ -270,12 +296,17 @@ def _epilogue(total, first, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, tok
             if BB == 1:
                 z = tl.load(lrz_ptr + rs, mask=r_ok, other=0.0).to(tl.float32)
                 total += tl.sum(lrb.to(tl.float32) * z[None, :], axis=1)
-            else:
+            elif DOT:
                 z = tl.load(lrz_ptr + toks[:, None] * stride_lrz + rs[None, :], mask=tok_ok[:, None] & r_ok[None, :], other=0.0)
                 if IEEE:
                     total = tl.dot(z.to(lrb.dtype), tl.trans(lrb), total, input_precision="ieee")
                 else:
                     total = tl.dot(z.to(lrb.dtype), tl.trans(lrb), total)
+            else:
+                for b in tl.static_range(BB):
+                    z = tl.load(lrz_ptr + b * stride_lrz + rs, mask=r_ok & (tl.zeros_like(rs) + b < B), other=0.0)
+                    term = tl.sum(lrb.to(tl.float32) * z.to(tl.float32)[None, :], axis=1)
+                    total = tl.where(toks[:, None] == b, total + term[None, :], total)
     if ACT != 0:
         pairs: tl.constexpr = W // (2 * GROUP)
         g, u = tl.split(tl.permute(tl.reshape(total, (pairs, 2, GROUP)), (0, 2, 1)))

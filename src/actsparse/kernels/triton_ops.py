@@ -63,6 +63,7 @@ class GemvConfig:
     compact: bool = True
     pipelined: bool = False  # batch-1 compact loop with two weight tiles in flight
     spread: bool = False  # batch-1 split-K sums spread over the column block's programs (cooperative launch)
+    dot: bool = False  # batches: tensor-core tiles (tl.dot, the batch padded to 16), else CUDA-core FMAs per token
 
 
 @dataclass(frozen=True)
@@ -79,9 +80,18 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def _block_b(batch: int) -> int:
-    # One token: an elementwise fp32 accumulator. More: tl.dot, whose M must be at least 16.
-    return 1 if batch == 1 else 16
+def _block_b(batch: int, dot: bool) -> int:
+    # One token: an elementwise fp32 accumulator. More: tl.dot, whose M must be at least 16, or
+    # one accumulator row per token.
+    if batch == 1:
+        return 1
+    return 16 if dot else triton.next_power_of_2(batch)
+
+
+# CUDA-core batch tiles: a column block of 256 columns per warp (one 16-byte load per thread and
+# row) keeps each token's row sums within the threads; the tile's rows shrink as the batch grows,
+# to hold the per-token accumulators in registers (benchmarks/results: batch runs).
+_BATCH_ROWS = {2: (8, 16), 4: (4, 8), 8: (2, 4)}
 
 
 def gemv_candidates(n: int, k: int, batch: int, device: torch.device) -> list[GemvConfig]:
@@ -89,14 +99,19 @@ def gemv_candidates(n: int, k: int, batch: int, device: torch.device) -> list[Ge
         return [GemvConfig(32, 16, 2, 4, 1)]
     # Batch 1: 4 warps won every problem of benchmarks/gemv_configs.py on the H200, 512-column
     # blocks (1 KB row segments) most of them (results/gemv_configs_run{1,2,3}.json).
-    tiles = [(512, 16, 4, 3), (512, 32, 4, 3), (1024, 8, 4, 3), (1024, 16, 4, 3), (128, 64, 4, 3), (256, 32, 4, 3)] if batch == 1 else [
-        (64, 32, 4, 3), (128, 32, 4, 3), (128, 64, 8, 3)]
+    if batch == 1:
+        tiles = [(512, 16, 4, 3, False), (512, 32, 4, 3, False), (1024, 8, 4, 3, False), (1024, 16, 4, 3, False),
+                 (128, 64, 4, 3, False), (256, 32, 4, 3, False)]
+    else:
+        rows = _BATCH_ROWS[triton.next_power_of_2(batch)]
+        tiles = [(bn, bk, warps, 1, False) for bk in rows for bn, warps in ((512, 2), (1024, 4))]
+        tiles += [(64, 32, 4, 3, True), (128, 32, 4, 3, True), (128, 64, 8, 3, True)]
     sms = _sm_count(device)
     out: list[GemvConfig] = []
     # The pipelined loop holds two weight tiles in registers: tiles of at most 8192 elements.
     variants = [(True, False), (False, False)] + ([(True, True)] if batch == 1 else [])
     for compact, pipelined in variants:
-        for bn, bk, warps, stages in tiles:
+        for bn, bk, warps, stages, dot in tiles:
             if pipelined and bn * bk > 8192:
                 continue
             blocks = triton.cdiv(n, bn)
@@ -106,7 +121,7 @@ def gemv_candidates(n: int, k: int, batch: int, device: torch.device) -> list[Ge
                 # A spread reduction needs the whole grid resident at once: at most two waves.
                 spreads = (False, True) if batch == 1 and compact and split > 1 and waves <= 2 else (False,)
                 for spread in spreads:
-                    cfg = GemvConfig(bn, bk, split, warps, stages, compact, pipelined, spread)
+                    cfg = GemvConfig(bn, bk, split, warps, stages, compact, pipelined, spread, dot)
                     if cfg not in out:
                         out.append(cfg)
     return out
@@ -159,7 +174,7 @@ def launch_input_sparse(
 ) -> None:
     batch, k = x.shape
     n = weight_t.shape[1]
-    bb = _block_b(batch)
+    bb = _block_b(batch, cfg.dot)
     pdl = dependent_launch(x.device)
     blocks = triton.cdiv(n, cfg.bn)
     if blocks > _MAX_COLUMN_BLOCKS:
@@ -194,7 +209,7 @@ def launch_input_sparse(
         COMPLEMENT=complement, USE_SPLIT=split_k > 1, IEEE=weight_t.dtype == torch.float32, COMPACT=cfg.compact, PIPE=cfg.pipelined and cfg.compact and bb == 1,
         BB=bb, BN=cfg.bn, BK=cfg.bk, CHUNK=chunk, BR=16 if bb > 1 else min(64, triton.next_power_of_2(max(rank, 1))),
         SC=split_chunk, ACT=ACTIVATIONS[act] if act else 0, GROUP=group, PDL=pdl,
-        SPREAD=spread, SS=triton.next_power_of_2(split_k) if spread else 1, SL=spread_slice,
+        SPREAD=spread, SS=triton.next_power_of_2(split_k) if spread else 1, SL=spread_slice, DOT=cfg.dot and bb > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl, launch_cooperative_grid=spread,
     )
     if spread:
@@ -240,7 +255,7 @@ def launch_output_sparse_rows(
         x, a, threshold, weight, m,
         batch, j, d,
         x.stride(0), a.stride(0), weight.stride(0), m.stride(0),
-        IEEE=weight.dtype == torch.float32, BB=_block_b(batch), BJ=cfg.bj, BD=cfg.bd, PDL=pdl,
+        IEEE=weight.dtype == torch.float32, BB=_block_b(batch, dot=True), BJ=cfg.bj, BD=cfg.bd, PDL=pdl,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )
 

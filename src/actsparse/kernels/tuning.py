@@ -51,7 +51,7 @@ def choose(key: Hashable, candidates: Sequence[Config], launch: Callable[[Config
         return _CHOICES[key]  # type: ignore[return-value]
     if len(candidates) == 1 or interpreting() or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return candidates[0]
-    best, timings = fastest(key, candidates, lambda cfg: _graph_time(lambda: launch(cfg), device))
+    best, timings = fastest(key, candidates, lambda cfg: seconds(lambda: launch(cfg), device))
     _CHOICES[key] = best
     _TIMINGS[key] = timings
     return best
@@ -111,7 +111,9 @@ def clear() -> None:
     _TIMINGS.clear()
 
 
-def _graph_time(fn: Callable[[], None], device: torch.device, launches: int = 10, replays: int = 5) -> float:
+def seconds(fn: Callable[[], object], device: torch.device, launches: int = 10, replays: int = 5) -> float:
+    """Seconds per call of `fn` (CUDA work only): `launches` calls in a CUDA graph, each after
+    a write that evicts the L2 (whose time is subtracted), best of `replays`."""
     fn()  # compiles the variant and allocates outside the capture
     flush = _l2_flush_buffer(device.index if device.index is not None else torch.cuda.current_device())
     with_flush = _best_replay(lambda: (flush.zero_(), fn()), launches, replays)
