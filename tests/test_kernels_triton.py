@@ -61,6 +61,13 @@ def _rel(out, ref):
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
+def _teal_half(arch):
+    """A tiny model with TEAL thresholds at 50% from its own activations."""
+    model = tiny_model(arch)
+    impose_sparsity(model, collect_scores(model, random_tokens(1, 32), "teal"), 0.5)
+    return model
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("sparsity", [0.0, 0.5, 0.95])
@@ -243,8 +250,7 @@ def test_model_through_triton_backend_matches_torch(arch, config):
 def test_teal_thresholds_fused_gate_up_and_lowrank(arch):
     """TEAL thresholds (from the model's own activations), with an R-Sparse low-rank term on one
     linear; gate and up share one packed weight where they are separate linears."""
-    model = tiny_model(arch)
-    impose_sparsity(model, collect_scores(model, random_tokens(1, 32), "teal"), 0.5)
+    model = _teal_half(arch)
     layer = model.model.layers[0]
     layer.self_attn.o_proj.set_lowrank(torch.randn(4, 64) * 0.1, torch.randn(64, 4) * 0.1)
     ids = random_tokens(1, 5, seed=6)
@@ -259,10 +265,17 @@ def test_teal_thresholds_fused_gate_up_and_lowrank(arch):
     assert _rel(out, ref.double()) < 1e-5
 
 
-def _launches_per_layer(model, ids, monkeypatch):
+def _record_launches(monkeypatch, field):
+    """Patches the GEMV launcher to add `field(args)` of every launch to the list returned."""
     calls = []
     launch = ops.launch_input_sparse
-    monkeypatch.setattr(ops, "launch_input_sparse", lambda *args: calls.append(args[1].shape) or launch(*args))
+    monkeypatch.setattr(ops, "launch_input_sparse", lambda *args: calls.append(field(args)) or launch(*args))
+    return calls
+
+
+def _launches_per_layer(model, ids, monkeypatch):
+    launch = ops.launch_input_sparse
+    calls = _record_launches(monkeypatch, lambda args: args[1].shape)
     with torch.no_grad():
         out = model(ids).logits
     monkeypatch.setattr(ops, "launch_input_sparse", launch)
@@ -270,8 +283,7 @@ def _launches_per_layer(model, ids, monkeypatch):
 
 
 def test_q_k_v_with_one_selection_run_as_one_kernel_call(monkeypatch):
-    model = tiny_model("llama")
-    impose_sparsity(model, collect_scores(model, random_tokens(1, 32), "teal"), 0.5)
+    model = _teal_half("llama")
     ids = random_tokens(1, 1, seed=8)
     with torch.no_grad():
         ref = model(ids).logits
@@ -300,15 +312,12 @@ def test_q_k_v_with_one_selection_run_as_one_kernel_call(monkeypatch):
 
 @pytest.mark.parametrize("arch", ["llama", "gemma", "qwen2"])
 def test_one_token_mlp_returns_the_gated_product_from_the_gate_up_kernel(arch, monkeypatch):
-    model = tiny_model(arch)
-    impose_sparsity(model, collect_scores(model, random_tokens(1, 32), "teal"), 0.5)
+    model = _teal_half(arch)
     ids = random_tokens(1, 1, seed=8)
     with torch.no_grad():
         ref = model(ids).logits
     set_backend(model, "triton")
-    acts = []
-    launch = ops.launch_input_sparse
-    monkeypatch.setattr(ops, "launch_input_sparse", lambda *args: acts.append(args[10:11]) or launch(*args))
+    acts = _record_launches(monkeypatch, lambda args: args[10:11])
     with torch.no_grad():
         out = model(ids).logits
     expected = {"llama": "silu", "qwen2": "silu", "gemma": "gelu_tanh"}[arch]
@@ -317,8 +326,7 @@ def test_one_token_mlp_returns_the_gated_product_from_the_gate_up_kernel(arch, m
 
 
 def test_a_group_member_called_on_another_input_computes_it():
-    model = tiny_model("llama")
-    impose_sparsity(model, collect_scores(model, random_tokens(1, 32), "teal"), 0.5)
+    model = _teal_half("llama")
     set_backend(model, "triton")
     attn = model.model.layers[0].self_attn
     x, other = torch.randn(1, 1, attn.q_proj.in_features), torch.randn(1, 1, attn.q_proj.in_features)
@@ -333,17 +341,20 @@ def test_a_group_member_called_on_another_input_computes_it():
 def test_triton_backend_decodes_one_token_at_a_time_through_the_kernels(monkeypatch):
     from actsparse.engine import DecodeEngine
 
-    model = tiny_model("llama")
-    impose_sparsity(model, collect_scores(model, random_tokens(1, 32), "teal"), 0.5)
+    model = _teal_half("llama")
     prompt = random_tokens(1, 10, seed=7)
     reference = DecodeEngine(model, max_len=16).generate(prompt, 4).tokens
     set_backend(model, "triton")
-    batches = []
-    launch = ops.launch_input_sparse
-    monkeypatch.setattr(ops, "launch_input_sparse", lambda *args: batches.append(args[0].shape[0]) or launch(*args))
+    batches = _record_launches(monkeypatch, lambda args: args[0].shape[0])
     tokens = DecodeEngine(model, max_len=16).generate(prompt, 4).tokens
     assert torch.equal(tokens, reference)
     assert batches and set(batches) == {1}  # decode steps only: the 10-token prefill (over 8) ran the reference
+
+
+def _register_timed(name, timer):
+    """The triton kernels as a backend whose batch measurements `timer` makes up."""
+    register_backend(dispatch.make_backend(name, ops.input_sparse_linear, ops.output_sparse_rows, ops.MAX_BATCH,
+                                           lambda model: None, ops.set_sparsity_hint, ops.input_sparse_gated, timer))
 
 
 @pytest.mark.parametrize("kernel_faster", [True, False])
@@ -354,17 +365,13 @@ def test_batches_run_the_kernels_only_where_measured_faster(monkeypatch, kernel_
         timed.append((kernel(), dense()))  # both run: each returns its outputs
         return (1.0, 2.0) if kernel_faster else (2.0, 1.0)
 
-    register_backend(dispatch.make_backend("triton-timed", ops.input_sparse_linear, ops.output_sparse_rows, ops.MAX_BATCH,
-                                           lambda model: None, ops.set_sparsity_hint, ops.input_sparse_gated, timer))
-    model = tiny_model("llama")
-    impose_sparsity(model, collect_scores(model, random_tokens(1, 32), "teal"), 0.5)
+    _register_timed("triton-timed", timer)
+    model = _teal_half("llama")
     ids = random_tokens(1, 3, seed=8)
     with torch.no_grad():
         ref = model(ids).logits
         set_backend(model, "triton-timed")
-        launches = []
-        launch = ops.launch_input_sparse
-        monkeypatch.setattr(ops, "launch_input_sparse", lambda *args: launches.append(args[0].shape[0]) or launch(*args))
+        launches = _record_launches(monkeypatch, lambda args: args[0].shape[0])
         out = model(ids).logits
         layer = model.model.layers[0]
         # q/k/v (one group), o, the MLP's gate+up call and down: one measurement each, at 3 tokens
@@ -406,9 +413,8 @@ def test_tuner_records_keys_ranks_candidates_and_takes_a_choice(monkeypatch):
 def test_engine_tune_times_each_alternative_inside_the_step_and_keeps_the_fastest(monkeypatch):
     from actsparse.engine import DecodeEngine
 
-    model = tiny_model("llama")
-    impose_sparsity(model, collect_scores(model, random_tokens(1, 32), "teal"), 0.5)
-    prompt = random_tokens(1, 5, seed=7)
+    model = _teal_half("llama")
+    prompt = random_tokens(1, 10, seed=7)  # over 8 tokens: the prefill runs the reference
     engine = DecodeEngine(model, max_len=16)
     reference = engine.generate(prompt, 4).tokens
     set_backend(model, "triton")
@@ -429,9 +435,7 @@ def test_engine_tune_times_each_alternative_inside_the_step_and_keeps_the_fastes
 
 
 def test_gate_driven_mlp_batches_are_measured_as_a_whole():
-    register_backend(dispatch.make_backend("triton-dense-wins", ops.input_sparse_linear, ops.output_sparse_rows, ops.MAX_BATCH,
-                                           lambda model: None, ops.set_sparsity_hint, ops.input_sparse_gated,
-                                           lambda kernel, dense: (kernel(), dense()) and (2.0, 1.0)))
+    _register_timed("triton-dense-wins", lambda kernel, dense: (kernel(), dense()) and (2.0, 1.0))
     model = tiny_model("llama")
     actsparse.sparsify_(model, CATS, random_tokens(1, 32))
     ids = random_tokens(1, 4, seed=9)
