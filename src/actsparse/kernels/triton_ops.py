@@ -90,7 +90,7 @@ def _block_b(batch: int, dot: bool) -> int:
 
 # CUDA-core batch tiles: a column block of 256 columns per warp (one 16-byte load per thread and
 # row) keeps each token's row sums within the threads; the tile's rows shrink as the batch grows,
-# to hold the per-token accumulators in registers (benchmarks/results: batch runs).
+# to hold the per-token accumulators in registers without spills (KERNELS_NOTES.md, session 14).
 _BATCH_ROWS = {2: (8, 16), 4: (4, 8), 8: (2, 4)}
 
 
