@@ -21,8 +21,8 @@ torch reference in `actsparse.nn` computes:
 Inputs of more than `max_batch` tokens (prefill) run the reference path: kernels help decode.
 Batches of 2 to `max_batch` tokens read every weight row some token keeps (the union of their
 masks), which at moderate sparsity is most rows: with a `batch_timer`, a module (an MLP for its
-gate+up call) runs its kernel on a batch only where that takes less time than the dense products
-it replaces, measured on its first eager call at that batch size (`DecodeEngine` makes one
+gate+up call, or for its whole gate-driven path) runs its kernel on a batch only where that takes
+less time than the dense products it replaces, measured on its first eager call at that batch size (`DecodeEngine` makes one
 before compiling) and kept as ``actsparse_batch_seconds[tokens] = (kernel_s, dense_s)``; a batch
 size first met inside torch.compile runs the reference.
 
