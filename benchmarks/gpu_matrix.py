@@ -60,7 +60,7 @@ from actsparse.kernels.benchmark import (
 )
 from actsparse.swap import swap_modules
 
-register_backend(batched_backend("triton-batch8"))  # "triton" sends the kernels one token at a time
+register_backend(batched_backend("triton-batch8"))  # kernels on every batch ("triton" measures each first)
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.9)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -513,8 +513,8 @@ def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bo
     actsparse's decode attention kernel. `tune_in_step` False: the kernels' launch configs are
     the fastest timed alone, not re-chosen inside the decode step (`DecodeEngine.tune`).
     `inductor_options`: passed to the engine's compile, dense and sparse alike (None: the
-    engine's default). `backend`: the kernel backend of the sparse model ("triton" sends the
-    kernels one token; "triton-batch8" up to 8)."""
+    engine's default). `backend`: the kernel backend of the sparse model ("triton": a batch
+    runs a module's kernel where it measured faster than dense; "triton-batch8": always)."""
     prompt_len = 32
     tuning.clear()  # every run tunes its own kernels
     model = random_model(shape, dtype, "cuda")

@@ -27,6 +27,10 @@ def at_sparsity(sweep: list[dict], target: float) -> float | None:
     return None
 
 
+def activation(record: dict) -> str:
+    return f"FATReLU {record['train_threshold']:g}" if record["train_threshold"] else "ReLU"
+
+
 def load_run(spec: str) -> tuple[list[dict], dict]:
     log, sep, summary = spec.partition("=")
     if not sep:
@@ -63,11 +67,10 @@ def plot(runs: list[tuple[list[dict], dict]], records: list[dict], targets: list
     panels = (("lambda", "L1 coefficient"), ("sparsity", "MLP sparsity on training batches"),
               ("kd", "KL to the SiLU teacher"))
     for (rows, _), rec in zip(runs, records):
-        activation = f"FATReLU {rec['train_threshold']:g}" if rec["train_threshold"] else "ReLU"
         tokens = [(rec["tokens_start"] + r["tokens"]) / 1e6 for r in rows]
         for ax, (key, _) in zip(axes.flat, panels):
             ax.plot(tokens, [r[key] for r in rows], color="C1" if rec["train_threshold"] else "C0",
-                    label=activation)
+                    label=activation(rec))
     for ax, (key, title) in zip(axes.flat, panels):
         handles = dict(zip(*reversed(ax.get_legend_handles_labels())))
         ax.legend(handles.values(), handles.keys())
@@ -105,9 +108,8 @@ def main() -> None:
             v = r["sweep_at"][str(t)]
             cells.append(f"{v:7.2f} ({v / r['silu_sweep_ppl'] - 1:+.1%})" if v else f"{'-':>15}")
         w = r["all_windows"]
-        act = f"FATReLU {r['train_threshold']:g}" if r["train_threshold"] else "ReLU"
         r["name"] = name
-        print(f"{name:>3} {r['tokens'] / 1e6:6.1f} M ({r['tokens_total'] / 1e6:6.1f} M) {act:>11} {r['lambda_last']:7.3f} "
+        print(f"{name:>3} {r['tokens'] / 1e6:6.1f} M ({r['tokens_total'] / 1e6:6.1f} M) {activation(r):>11} {r['lambda_last']:7.3f} "
               f"{r['kd_last']:7.4f} " + " ".join(cells)
               + f"  {w['ppl']:.2f} ({w['ppl'] / w['silu_ppl'] - 1:+.1%}) at {w['mlp']:.3f}, t = {w['threshold']:g}")
     print(f"chain: {records[-1]['tokens_total'] / 1e6:.1f} M tokens in {sum(r['train_s'] for r in records) / 3600:.2f} h of training")

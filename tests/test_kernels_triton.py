@@ -23,7 +23,7 @@ from actsparse.kernels.triton_backend import batched_backend  # noqa: E402
 from actsparse.kernels.benchmark import collect_scores, impose_sparsity  # noqa: E402
 from tiny import random_tokens, tiny_model  # noqa: E402
 
-register_backend(batched_backend("triton-batch8"))  # the "triton" backend sends kernels one token
+register_backend(batched_backend("triton-batch8"))  # kernels on every batch ("triton" measures each first)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 CONFIGS = {
     "compact": ops.GemvConfig(32, 16, 1, 4, 1),
@@ -351,12 +351,6 @@ def test_triton_backend_decodes_one_token_at_a_time_through_the_kernels(monkeypa
     assert batches and set(batches) == {1}  # decode steps only: the 10-token prefill (over 8) ran the reference
 
 
-def _register_timed(name, timer):
-    """The triton kernels as a backend whose batch measurements `timer` makes up."""
-    register_backend(dispatch.make_backend(name, ops.input_sparse_linear, ops.output_sparse_rows, ops.MAX_BATCH,
-                                           lambda model: None, ops.set_sparsity_hint, ops.input_sparse_gated, timer))
-
-
 @pytest.mark.parametrize("kernel_faster", [True, False])
 def test_batches_run_the_kernels_only_where_measured_faster(monkeypatch, kernel_faster):
     timed = []
@@ -365,7 +359,7 @@ def test_batches_run_the_kernels_only_where_measured_faster(monkeypatch, kernel_
         timed.append((kernel(), dense()))  # both run: each returns its outputs
         return (1.0, 2.0) if kernel_faster else (2.0, 1.0)
 
-    _register_timed("triton-timed", timer)
+    register_backend(batched_backend("triton-timed", timer))
     model = _teal_half("llama")
     ids = random_tokens(1, 3, seed=8)
     with torch.no_grad():
@@ -435,7 +429,7 @@ def test_engine_tune_times_each_alternative_inside_the_step_and_keeps_the_fastes
 
 
 def test_gate_driven_mlp_batches_are_measured_as_a_whole():
-    _register_timed("triton-dense-wins", lambda kernel, dense: (kernel(), dense()) and (2.0, 1.0))
+    register_backend(batched_backend("triton-dense-wins", lambda kernel, dense: (kernel(), dense()) and (2.0, 1.0)))
     model = tiny_model("llama")
     actsparse.sparsify_(model, CATS, random_tokens(1, 32))
     ids = random_tokens(1, 4, seed=9)

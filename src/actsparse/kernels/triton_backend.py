@@ -5,7 +5,7 @@ steps always run the kernels. A batch of up to `MAX_BATCH` tokens reads the unio
 masks, most of the rows at moderate sparsity (at 50%, 74% of them at batch 2 and 94% at batch 4),
 so each module times its kernel against the dense products on its first eager call at that batch
 size and keeps the faster (`dispatch.make_backend`'s `batch_timer`); on the H200 the kernels win
-at 90% and lose at 50% (BENCHMARKS.md, "Batches"). Larger inputs run the torch reference.
+at 90% and mostly lose at 50% (BENCHMARKS.md, runs 23-27). Larger inputs run the torch reference.
 `batched_backend` builds a backend that runs the kernels on every batch, for tests and
 measurements.
 """
@@ -44,9 +44,11 @@ def kernel_and_dense_seconds(kernel: Callable[[], object], dense: Callable[[], o
     return tuning.seconds(kernel, device), tuning.seconds(dense, device)
 
 
-def batched_backend(name: str, max_tokens: int = MAX_BATCH, measured: bool = False):
-    return make_backend(name, input_sparse_linear, output_sparse_rows, max_tokens, _check_model, set_sparsity_hint,
-                        input_sparse_gated, kernel_and_dense_seconds if measured else None)
+def batched_backend(name: str, batch_timer: Callable[[Callable[[], object], Callable[[], object]], tuple[float, float]] | None = None):
+    """The kernels as a backend; without a `batch_timer` (see `dispatch.make_backend`) they run
+    every batch of up to `MAX_BATCH` tokens."""
+    return make_backend(name, input_sparse_linear, output_sparse_rows, MAX_BATCH, _check_model, set_sparsity_hint,
+                        input_sparse_gated, batch_timer)
 
 
-register_backend(batched_backend("triton", measured=True))
+register_backend(batched_backend("triton", kernel_and_dense_seconds))
