@@ -23,8 +23,12 @@ Sections, in order of importance (each is skipped, and says so, once the time bu
            alone, not re-chosen inside the decode step
   e2e-sdpa (only when named) the same at 50% and 40% with the model's own (SDPA) attention in
            the decode steps instead of actsparse's decode attention kernel
+  topk     the top-K selection kernel (`topk_kept`): every launch config against the torch
+           reference (exact), then top-K GEMVs of the bar shapes, bf16, batch 1, timed against
+           cuBLAS and against the same GEMV after torch's `topk` mask
+  e2e-topk (only when named) e2e with top-K selection on every linear, 50% and 40%
   matrix   the rest: fp16, batch 2/4/8 (union of masks), fused q/k/v and gate+up, o_proj, the
-           output-sparse CATS up, top-K, the R-Sparse low-rank term
+           output-sparse CATS up, the R-Sparse low-rank term
   e2e-more batch 4 end to end, as time allows
   batches  (only when named) the decode shapes at batch 2/4/8, bf16: cuBLAS against the tuner's
            pick, and the fastest CUDA-core and tensor-core (tl.dot) batch tiles timed alone
@@ -55,9 +59,11 @@ from actsparse.kernels import attention_ops, dispatch, register_backend, set_bac
 from actsparse.kernels import triton_ops as ops
 from actsparse.kernels.triton_backend import batched_backend
 from actsparse.kernels.benchmark import (
-    collect_scores, environment, hf_generate_speed, impose_sparsity, measured_sparsity, random_model, read_bytes,
-    speed_result, timed_decode,
+    collect_scores, environment, hf_generate_speed, impose_sparsity, impose_topk, measured_sparsity, random_model,
+    read_bytes, speed_result, timed_decode,
 )
+from actsparse.calibrate import topk_count
+from actsparse.nn import topk_mask
 from actsparse.swap import swap_modules
 
 register_backend(batched_backend("triton-batch8"))  # kernels on every batch ("triton" measures each first)
@@ -330,7 +336,8 @@ def section_attention(run: Run) -> dict:
 
 
 def check_model(run: Run, dtypes=(torch.float32, torch.bfloat16)) -> dict:
-    """A small Llama through the triton backend against the torch reference: whole logits in
+    """A small Llama through the triton backend against the torch reference (TEAL thresholds, CATS,
+    top-K on every linear): whole logits in
     fp32 (bf16 random models amplify rounding through every threshold), every module on its own
     input in bf16, and the compiled + CUDA-graph engine against the eager one."""
     import transformers
@@ -341,13 +348,17 @@ def check_model(run: Run, dtypes=(torch.float32, torch.bfloat16)) -> dict:
     config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
                                       num_attention_heads=8, num_key_value_heads=2, vocab_size=4096)
     out = {}
-    for method in ("teal", "cats"):
+    for method in ("teal", "cats", "topk"):
         for dtype in dtypes:
             torch.manual_seed(0)
             with torch.device("cuda"):
                 model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
             ids = torch.randint(0, 4096, (2, 4), device="cuda")  # 8 tokens: the kernels' largest batch
-            impose_sparsity(model, collect_scores(model, torch.randint(0, 4096, (1, 64)), method), 0.5)
+            if method == "topk":
+                swap_modules(model)
+                impose_topk(model, 0.5)
+            else:
+                impose_sparsity(model, collect_scores(model, torch.randint(0, 4096, (1, 64)), method), 0.5)
             with torch.inference_mode():
                 ref = model(input_ids=ids).logits.double()
                 set_backend(model, "triton-batch8")
@@ -487,6 +498,74 @@ def time_gated(k: int, j: int, dtype: torch.dtype, sparsities) -> list[dict]:
     return rows
 
 
+def section_topk(run: Run) -> dict:
+    """`topk_kept` against the torch reference, every launch config (exact: the same scores, the
+    same ties kept), then top-K GEMVs of the bar shapes, bf16, batch 1: the kernel path (selection
+    kernel, then the GEMV skipping the zeros) against cuBLAS, against torch's top-K mask before
+    the same GEMV, and against the threshold GEMV at the same sparsity."""
+    dev = "cuda"
+    torch.manual_seed(0)
+    failures, launches = [], 0
+    for dtype in (torch.bfloat16, torch.float16, torch.float32):
+        zero = torch.zeros((), dtype=dtype, device=dev)
+        for d in (1000, 4096, 14336):
+            for batch in (1, 3, 8):
+                for ties in (False, True):
+                    x = torch.randn(batch, d, device=dev)
+                    x = ((x * 2).round() / 2 if ties else x).to(dtype)
+                    for scale in (None, torch.rand(d, device=dev) + 0.5):
+                        score = x.abs().float() * (scale if scale is not None else 1.0)
+                        for k in (1, d // 10, d // 2, d):
+                            ref = torch.where(topk_mask(score, k), x, zero)
+                            for cfg in ops.topk_candidates(d, x.device):
+                                out = torch.full_like(x, float("nan"))
+                                ops.launch_topk_kept(x, k, scale, cfg, out)
+                                launches += 1
+                                if not torch.equal(out, ref):
+                                    failures.append(f"{str(dtype)[6:]} d={d} b={batch} ties={ties} scale={scale is not None} "
+                                                    f"k={k} {cfg}: {(out != ref).sum().item()} entries differ")
+    run.say(f"topk_kept checks: {launches} launches, " + ("all equal to the reference" if not failures else f"{len(failures)} FAILURES"))
+    for f in failures[:20]:
+        run.say("  " + f)
+    rows = []
+    dtype = torch.bfloat16
+    for k, n, what in ((4096, 14336, "up 4096x14336"), (14336, 4096, "down 14336x4096")):
+        nbytes = k * n * 2
+        wts = [(torch.randn(k, n, device=dev) / math.sqrt(k)).to(dtype) for _ in range(copies_for(nbytes))]
+        ws = [wt.T.contiguous() for wt in wts]
+        x = torch.randn(1, k, device=dev).to(dtype)
+        zero = torch.zeros((), device=dev)
+        dense = graph_time([lambda w=w: F.linear(x, w) for w in ws])
+        for s in (0.25, 0.5, 0.65, 0.9):
+            kk = topk_count(k, s)
+            for wt in wts:
+                ops.set_sparsity_hint(wt, s)
+            t = torch.tensor(float(x.abs().float().quantile(s)), device=dev)
+
+            def by_kernel(wt):
+                return ops.input_sparse_linear(ops.topk_kept(x, kk, None), wt, zero, None, None, None, None, False)
+
+            def by_torch(wt):
+                kept = torch.where(topk_mask(x.abs().float(), kk), x, torch.zeros((), dtype=dtype, device=dev))
+                return ops.input_sparse_linear(kept, wt, zero, None, None, None, None, False)
+
+            kept_ref = torch.where(topk_mask(x.abs().float(), kk), x, torch.zeros((), dtype=dtype, device=dev))
+            row = {"kernel": what, "k": k, "n": n, "sparsity": s, "kept": kk, "dense_us": dense * 1e6,
+                   "select_us": graph_time([lambda: ops.topk_kept(x, kk, None)]) * 1e6,
+                   "topk_us": graph_time([lambda wt=wt: by_kernel(wt) for wt in wts]) * 1e6,
+                   "torch_topk_us": graph_time([lambda wt=wt: by_torch(wt) for wt in wts]) * 1e6,
+                   "threshold_us": graph_time([lambda wt=wt: ops.input_sparse_linear(x, wt, t, None, None, None, None, False)
+                                               for wt in wts]) * 1e6,
+                   "rel_err": rel_err(by_kernel(wts[0]), ref_gemv(kept_ref, wts[0], zero))}
+            row.update(speedup=row["dense_us"] / row["topk_us"], torch_speedup=row["dense_us"] / row["torch_topk_us"])
+            rows.append(row)
+            run.say(f"top-K {what} s={s:.2f}: cuBLAS {row['dense_us']:.1f} us, selection {row['select_us']:.1f}, "
+                    f"selection + GEMV {row['topk_us']:.1f} (x{row['speedup']:.2f}), torch topk + GEMV {row['torch_topk_us']:.1f} "
+                    f"(x{row['torch_speedup']:.2f}), threshold GEMV {row['threshold_us']:.1f}, rel err {row['rel_err']:.1e}")
+        del wts, ws
+    return {"checks": {"launches": launches, "failures": failures}, "rows": rows}
+
+
 def section_bars(run: Run) -> dict:
     rows = []
     for k, n, what in ((4096, 14336, "up 4096x14336"), (14336, 4096, "down 14336x4096")):
@@ -506,7 +585,7 @@ def section_bars(run: Run) -> dict:
 
 def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bool, tokens: int = 128,
         dependent_launch: bool = True, decode_attention: bool = True, tune_in_step: bool = True,
-        inductor_options: dict | None = None, backend: str = "triton") -> dict:
+        inductor_options: dict | None = None, backend: str = "triton", selection: str = "threshold") -> dict:
     """`dependent_launch` False: the engine's Inductor kernels and actsparse's kernels both launch
     without programmatic dependent launch (to measure what it brings, dense and sparse alike).
     `decode_attention` False: the decode steps run the model's SDPA attention instead of
@@ -514,14 +593,17 @@ def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bo
     the fastest timed alone, not re-chosen inside the decode step (`DecodeEngine.tune`).
     `inductor_options`: passed to the engine's compile, dense and sparse alike (None: the
     engine's default). `backend`: the kernel backend of the sparse model ("triton": a batch
-    runs a module's kernel where it measured faster than dense; "triton-batch8": always)."""
+    runs a module's kernel where it measured faster than dense; "triton-batch8": always).
+    `selection` "topk": every linear keeps its top-K inputs per token (`impose_topk`) instead of
+    TEAL thresholds."""
     prompt_len = 32
     tuning.clear()  # every run tunes its own kernels
     model = random_model(shape, dtype, "cuda")
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     out: dict = {"shape": shape, "dtype": str(dtype)[6:], "batch": batch, "tokens": tokens, "levels": [],
                  "dependent_launch": dependent_launch, "decode_attention": decode_attention,
-                 "tune_in_step": tune_in_step, "inductor_options": inductor_options, "backend": backend}
+                 "tune_in_step": tune_in_step, "inductor_options": inductor_options, "backend": backend,
+                 "selection": selection}
     ops.set_dependent_launch(dependent_launch)
     if hf:
         t0 = time.perf_counter()
@@ -538,13 +620,16 @@ def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bo
     out["dense_warm_s"] = time.perf_counter() - t0
     linear_bytes, other_bytes = read_bytes(model)
     run.say(f"engine dense: {dense.tokens_per_s:.1f} tok/s ({out['dense_warm_s']:.0f}s incl. compile)")
-    scores = collect_scores(model, torch.randint(0, model.config.vocab_size, (1, 256)), "teal")
+    scores = collect_scores(model, torch.randint(0, model.config.vocab_size, (1, 256)), "teal") if selection == "threshold" else None
     for s in sparsities:
         if run.elapsed() > run.budget_s - 25:
             run.say(f"  stop before s={s}: out of time")
             break
         t0 = time.perf_counter()
-        impose_sparsity(model, scores, s)
+        if selection == "topk":
+            impose_topk(model, s)
+        else:
+            impose_sparsity(model, scores, s)
         set_backend(model, backend)
         engine.invalidate()
         sparse = timed_decode(engine, prompts, tokens, repeats=2, tune=tune_in_step)
@@ -647,8 +732,8 @@ def section_matrix(run: Run) -> dict:
 
 
 def extra_kernels(run: Run) -> dict:
-    """CATS output-sparse up (+ the whole gate-driven MLP), top-K, R-Sparse low-rank; bf16."""
-    out = {"cats_up": [], "cats_mlp": [], "topk": [], "lowrank": []}
+    """CATS output-sparse up (+ the whole gate-driven MLP), R-Sparse low-rank; bf16."""
+    out = {"cats_up": [], "cats_mlp": [], "lowrank": []}
     dtype, d, f = torch.bfloat16, 4096, 14336
     wg = (torch.randn(f, d, device="cuda") / 64).to(dtype)
     wu = (torch.randn(f, d, device="cuda") / 64).to(dtype)
@@ -682,15 +767,6 @@ def extra_kernels(run: Run) -> dict:
     w = wt.T.contiguous()
     dense = graph_time([lambda: F.linear(x, w)])
     for s in (0.5, 0.9):
-        k = int(round(d * (1 - s)))
-
-        def topk():
-            idx = x.abs().topk(k, dim=-1, sorted=False).indices
-            kept = torch.where(torch.zeros_like(x, dtype=torch.bool).scatter_(-1, idx, True), x, torch.zeros((), dtype=dtype, device="cuda"))
-            return ops.input_sparse_linear(kept, wt, zero, None, None, None, None, False)
-
-        tk = graph_time([topk])
-        out["topk"].append({"sparsity": s, "dense_us": dense * 1e6, "sparse_us": tk * 1e6, "speedup": dense / tk})
         for rank in (64, 256):
             at = (torch.randn(d, rank, device="cuda") / 64).to(dtype)
             lrb = (torch.randn(f, rank, device="cuda") / 16).to(dtype)
@@ -705,8 +781,7 @@ def extra_kernels(run: Run) -> dict:
             ref = ref_gemv(x, wt, t, lrb=lrb, lrz=ref_gemv(x, at, t, complement=True).to(dtype))
             out["lowrank"].append({"sparsity": s, "rank": rank, "dense_us": dense * 1e6, "sparse_us": lr * 1e6,
                                    "speedup": dense / lr, "rel_err": rel_err(lowrank(), ref), "z_rel_err": rel_err(z, ref_gemv(x, at, t, complement=True))})
-    run.say("topk: " + " ".join(f"{r['sparsity']}:x{r['speedup']:.2f}" for r in out["topk"])
-            + " | lowrank: " + " ".join(f"{r['sparsity']}/r{r['rank']}:x{r['speedup']:.2f}" for r in out["lowrank"]))
+    run.say("lowrank: " + " ".join(f"{r['sparsity']}/r{r['rank']}:x{r['speedup']:.2f}" for r in out["lowrank"]))
     return out
 
 
@@ -745,7 +820,7 @@ def main() -> int:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=os.environ.get("OUT", "gpu_out"))
     p.add_argument("--budget-s", type=float, default=540)
-    p.add_argument("--sections", default="env,check,model,bars,e2e,matrix,e2e-more",
+    p.add_argument("--sections", default="env,check,model,bars,topk,e2e,matrix,e2e-more",
                    help="comma-separated sections to run, in the fixed order above")
     p.add_argument("--hf", action="store_true", help="also time transformers' compiled static-cache generate")
     p.add_argument("--inductor", default="", help="comma-separated Inductor config flags to turn on (an experiment)")
@@ -766,12 +841,14 @@ def main() -> int:
         ("attention", section_attention, 30),
         ("model", check_model, 40),
         ("bars", section_bars, 20),
+        ("topk", section_topk, 40),
         ("e2e", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4, 0.25, 0.65, 0.9), hf=args.hf)]}, 100),
         ("e2e-nopdl", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4), hf=False, dependent_launch=False)]}, 70),
         ("e2e-bars", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4), hf=False)]}, 70),
         ("e2e-nocombo", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4), hf=False,
                                                   inductor_options={})]}, 70),
         ("e2e-alone", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4), hf=False, tune_in_step=False)]}, 70),
+        ("e2e-topk", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4), hf=False, selection="topk")]}, 70),
         ("e2e-sdpa", lambda r: {"runs": [e2e(r, "llama3-8b", torch.bfloat16, 1, (0.5, 0.4), hf=False, decode_attention=False)]}, 70),
         ("matrix", section_matrix, 60),
         ("profile", section_profile, 60),

@@ -10,7 +10,7 @@ import actsparse as asp
 from actsparse.calibrate import Histogram
 from actsparse.errors import ActSparseError
 from actsparse.methods import allocation
-from actsparse.nn import SparseGatedMLP, SparseLinear
+from actsparse.nn import SparseGatedMLP, SparseLinear, topk_mask
 from tiny import ARCHS, CALIB, logits, measured, tiny_model
 
 
@@ -55,6 +55,12 @@ def test_topk_keeps_exactly_k_per_token():
     q = model.model.layers[0].self_attn.q_proj
     x = torch.randn(3, 5, q.in_features)
     assert q.mask(x).sum(-1).unique().tolist() == [q.k] == [round(q.in_features * 0.6)]
+
+
+def test_topk_ties_keep_the_lower_indices_first():
+    score = torch.tensor([[1.0, 3.0, 2.0, 2.0, 2.0, 0.5], [1.0, 1.0, 1.0, 1.0, 1.0, 1.0]])
+    assert topk_mask(score, 3).tolist() == [[False, True, True, True, False, False], [True, True, True, False, False, False]]
+    assert topk_mask(score, 6).all() and topk_mask(score, 1).sum(-1).tolist() == [1, 1]
 
 
 @pytest.mark.parametrize("method,fields", [

@@ -21,6 +21,7 @@ import actsparse  # noqa: E402
 from actsparse.kernels import dispatch, register_backend, set_backend, triton_ops as ops, tuning  # noqa: E402
 from actsparse.kernels.triton_backend import batched_backend  # noqa: E402
 from actsparse.kernels.benchmark import collect_scores, impose_sparsity  # noqa: E402
+from actsparse.nn import topk_mask  # noqa: E402
 from tiny import random_tokens, tiny_model  # noqa: E402
 
 register_backend(batched_backend("triton-batch8"))  # kernels on every batch ("triton" measures each first)
@@ -216,6 +217,40 @@ def test_gated_op_names_a_bad_activation_and_batch():
         ops.input_sparse_gated(torch.randn(2, 8), wt, t, None, None, 16, "silu")
 
 
+def _topk_reference(x, k, scale):
+    score = x.abs().float() * (scale if scale is not None else 1.0)
+    return torch.where(topk_mask(score, k), x, torch.zeros((), dtype=x.dtype))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("features", [96, 300])  # one loop step (of 128 here), and three
+@pytest.mark.parametrize("ties", [False, True])
+@pytest.mark.parametrize("scaled", [False, True])
+def test_topk_kept_matches_reference(dtype, features, ties, scaled):
+    torch.manual_seed(features)
+    x = torch.randn(3, features)
+    if ties:  # a few distinct magnitudes: most scores tie with others, zeros among them
+        x = (x * 2).round() / 2
+    x = x.to(dtype)
+    scale = torch.rand(features) + 0.5 if scaled else None
+    for k in (1, 7, features // 2, features - 1, features):
+        out = ops.topk_kept(x, k, scale)
+        assert torch.equal(out, _topk_reference(x, k, scale)), f"k={k}"
+
+
+def test_topk_kept_all_tied_and_all_zero_rows():
+    x = torch.stack([torch.full((300,), -1.5), torch.zeros(300)])
+    out = ops.topk_kept(x, 130, None)
+    assert torch.equal(out[0, :130], x[0, :130]) and not out[0, 130:].any() and not out[1].any()
+
+
+def test_topk_kept_names_bad_inputs():
+    with pytest.raises(ValueError, match="k must be in 1..8"):
+        ops.topk_kept(torch.randn(2, 8), 9, None)
+    with pytest.raises(ValueError, match="scale must be float32 of shape"):
+        ops.topk_kept(torch.randn(2, 8), 3, torch.ones(7))
+
+
 def test_ops_trace_with_fake_tensors():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -224,6 +259,7 @@ def test_ops_trace_with_fake_tensors():
         assert ops.input_sparse_linear(x, wt, t, None, None, None, None, False).shape == (3, 24)
         assert ops.output_sparse_rows(x, torch.empty(3, 24), t, torch.empty(24, 40)).shape == (3, 24)
         assert ops.input_sparse_gated(x[:1], torch.empty(40, 64), t, None, None, 16, "silu").shape == (1, 32)
+        assert ops.topk_kept(x, 5, None).shape == (3, 40)
 
 
 CATS = actsparse.CatsConfig(sparsity=0.5)
@@ -232,8 +268,9 @@ CATS = actsparse.CatsConfig(sparsity=0.5)
 @pytest.mark.parametrize(
     "arch,config",
     [("llama", actsparse.WinaConfig(sparsity=0.5)), ("llama", CATS),
-     ("llama", actsparse.TealConfig(sparsity=0.5, selection="topk")), ("phi3", CATS)],
-    ids=["llama-wina", "llama-cats", "llama-teal-topk", "phi3-cats"],
+     ("llama", actsparse.TealConfig(sparsity=0.5, selection="topk")), ("phi3", CATS),
+     ("llama", actsparse.CatsConfig(sparsity=0.5, selection="topk"))],
+    ids=["llama-wina", "llama-cats", "llama-teal-topk", "phi3-cats", "llama-cats-topk"],
 )
 def test_model_through_triton_backend_matches_torch(arch, config):
     model = tiny_model(arch)

@@ -59,9 +59,18 @@ def select_mask(
     if mode == "threshold":
         return score > threshold
     if mode == "topk":
-        idx = score.topk(k, dim=-1, sorted=False).indices
-        return torch.zeros_like(score, dtype=torch.bool).scatter_(-1, idx, True)
+        return topk_mask(score, k)
     raise ActSparseError(f"select_mask: mode must be threshold or topk, got {mode!r}")
+
+
+def topk_mask(score: torch.Tensor, k: int) -> torch.Tensor:
+    """The k largest scores of each row. Of equal scores the lower index is kept first, so the
+    kept set is the same on every device and backend (`torch.topk` leaves ties unspecified)."""
+    kth = score.topk(k, dim=-1, sorted=False).values.amin(-1, keepdim=True)
+    above = score > kth
+    tied = score == kth
+    room = k - above.sum(-1, keepdim=True)
+    return above | (tied & (tied.cumsum(-1) <= room))
 
 
 class SparseLinear(nn.Module):

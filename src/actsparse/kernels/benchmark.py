@@ -18,6 +18,7 @@ import contextlib
 import torch
 from torch import nn
 
+from ..calibrate import topk_count
 from ..engine import DecodeEngine, DecodeResult
 from ..errors import ActSparseError
 from ..measure import measure_sparsity
@@ -101,6 +102,14 @@ def impose_sparsity(model: nn.Module, scores: dict[str, torch.Tensor], sparsity:
                 module.gate_target = sparsity
             else:
                 module.set_gate_threshold(t, sparsity)
+
+
+def impose_topk(model: nn.Module, sparsity: float) -> None:
+    """Top-K selection on every sparse linear, each token keeping ``(1 - sparsity)`` of the
+    linear's inputs (the selection LaRoSA and ``selection="topk"`` run)."""
+    for module in model.modules():
+        if isinstance(module, SparseLinear):
+            module.set_topk(topk_count(module.in_features, sparsity), sparsity)
 
 
 @contextlib.contextmanager

@@ -6,7 +6,8 @@ A backend here is a pair of ops with the semantics of `triton_ops.py`'s custom o
 `make_backend` turns them into an `actsparse.kernels.Backend` that computes exactly what the
 torch reference in `actsparse.nn` computes:
   - threshold selection: the op compares the score with the module's threshold itself;
-  - top-K selection: the mask comes from torch (`topk`), the op skips the zeros of the kept input;
+  - top-K selection: the kept input (zeros elsewhere) comes from the backend's `topk_kept` op,
+    or from torch without one, and the op skips its zeros;
   - R-Sparse low-rank term: ``z = A (x - x_kept)`` is a complement-selected op call, then the
     main call adds ``lowrank_b @ z`` in its epilogue;
   - gated MLP: gate and up with one selection share one call over ``[Wg.T | Wu.T]`` (columns
@@ -42,7 +43,7 @@ import torch.nn.functional as F
 
 from ..errors import ActSparseError
 from ..models import layer_specs
-from ..nn import SparseGatedMLP, SparseLinear
+from ..nn import SparseGatedMLP, SparseLinear, select_mask
 from . import Backend
 
 
@@ -186,7 +187,10 @@ def make_backend(
     set_hint: Callable[[torch.Tensor, float], None] = lambda weight, sparsity: None,
     input_sparse_gated: Callable[..., torch.Tensor] | None = None,
     batch_timer: Callable[[Callable[[], object], Callable[[], object]], tuple[float, float]] | None = None,
+    topk_kept: Callable[[torch.Tensor, int, torch.Tensor | None], torch.Tensor] | None = None,
 ) -> Backend:
+    keep_topk = topk_kept or _topk_kept_reference
+
     def prepare(model: torch.nn.Module) -> None:
         check_model(model)
         for module in model.modules():
@@ -275,10 +279,11 @@ def make_backend(
 
     def selected(module: SparseLinear, x2: torch.Tensor, zero: torch.Tensor) -> tuple:
         """(input, threshold, scale) of a kernel call with `module`'s selection: a threshold is
-        applied by the op itself, a top-K mask by torch (the op then skips the zeros)."""
+        applied by the op itself; top-K keeps its input's k entries first (the op then skips the
+        zeros)."""
         if module.mode == "threshold":
             return x2, module.threshold, module.score_scale
-        return torch.where(module.mask(x2), x2, torch.zeros((), dtype=x2.dtype, device=x2.device)), zero, None
+        return keep_topk(x2, module.k, module.score_scale), zero, None
 
     def run_input_sparse(module: SparseLinear, x2: torch.Tensor) -> torch.Tensor:
         wt = packed(module, "actsparse_wt")
@@ -375,7 +380,7 @@ def make_backend(
         if mlp.gate_mode == "threshold":
             threshold = mlp.gate_threshold
         else:
-            a = torch.where(mlp.gate_mask(a), a, torch.zeros((), dtype=a.dtype, device=a.device))
+            a = keep_topk(a, mlp.gate_k, None)
             threshold = mlp.actsparse_zero
         m = output_sparse_rows(x2, a, threshold, rows)
         down = mlp.down_linear
@@ -384,6 +389,10 @@ def make_backend(
         return input_sparse_linear(m, packed(down, "actsparse_wt"), mlp.actsparse_zero, None, down.bias, None, None, False)
 
     return Backend(name=name, linear=linear, gated_mlp=gated_mlp, prepare=prepare)
+
+
+def _topk_kept_reference(x: torch.Tensor, k: int, scale: torch.Tensor | None) -> torch.Tensor:
+    return torch.where(select_mask(x, "topk", None, k, scale), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def _dense_mlp(mlp: SparseGatedMLP, x2: torch.Tensor) -> torch.Tensor:

@@ -19,7 +19,7 @@ import torch
 from ..errors import ActSparseError
 from . import register_backend, tuning
 from .dispatch import make_backend
-from .triton_ops import MAX_BATCH, input_sparse_gated, input_sparse_linear, output_sparse_rows, set_sparsity_hint
+from .triton_ops import MAX_BATCH, input_sparse_gated, input_sparse_linear, output_sparse_rows, set_sparsity_hint, topk_kept
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -48,7 +48,7 @@ def batched_backend(name: str, batch_timer: Callable[[Callable[[], object], Call
     """The kernels as a backend; without a `batch_timer` (see `dispatch.make_backend`) they run
     every batch of up to `MAX_BATCH` tokens."""
     return make_backend(name, input_sparse_linear, output_sparse_rows, MAX_BATCH, _check_model, set_sparsity_hint,
-                        input_sparse_gated, batch_timer)
+                        input_sparse_gated, batch_timer, topk_kept)
 
 
 register_backend(batched_backend("triton", kernel_and_dense_seconds))

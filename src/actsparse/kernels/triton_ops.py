@@ -9,6 +9,10 @@
       m = where(|a| > threshold, a, 0) * (x @ weight.T), rounded like the reference; rows of
       `weight` whose `a` is masked for every token are never read.
 
+  actsparse::topk_kept(x[T,D], k, scale?) -> kept[T,D]
+      x where its score |x| (* scale) is one of the k largest of its row, else 0; of equal
+      scores the lower index first (`actsparse.nn.topk_mask`). Scores must not be negative.
+
   actsparse::input_sparse_gated(x[1,K], weight_t[K,2J], threshold, scale?, bias?, group, act) -> m[1,J]
       the same GEMV over a gate+up weight whose columns alternate gate and up in groups of
       `group` (see `dispatch.interleave_gate_up`), returning act(gate) * up (act: one of ACTIVATIONS).
@@ -26,7 +30,7 @@ import torch
 import triton
 
 from . import tuning
-from .triton_kernels import input_sparse_gemv_kernel, output_sparse_rows_kernel
+from .triton_kernels import input_sparse_gemv_kernel, output_sparse_rows_kernel, topk_keep_kernel
 
 MAX_BATCH = 8
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
@@ -64,6 +68,12 @@ class GemvConfig:
     pipelined: bool = False  # batch-1 compact loop with two weight tiles in flight
     spread: bool = False  # batch-1 split-K sums spread over the column block's programs (cooperative launch)
     dot: bool = False  # batches: tensor-core tiles (tl.dot, the batch padded to 16), else CUDA-core FMAs per token
+
+
+@dataclass(frozen=True)
+class TopkConfig:
+    block: int  # scores per step of the program's loops over its row
+    num_warps: int
 
 
 @dataclass(frozen=True)
@@ -133,6 +143,14 @@ def rows_candidates(batch: int, device: torch.device) -> list[RowsConfig]:
     if batch == 1:
         return [RowsConfig(4, 512, 4, 3), RowsConfig(8, 256, 4, 3), RowsConfig(2, 1024, 4, 3), RowsConfig(16, 256, 8, 3)]
     return [RowsConfig(16, 128, 4, 3), RowsConfig(16, 256, 8, 3), RowsConfig(32, 128, 8, 3)]
+
+
+def topk_candidates(d: int, device: torch.device) -> list[TopkConfig]:
+    if tuning.interpreting() or device.type != "cuda":
+        return [TopkConfig(min(128, triton.next_power_of_2(d)), 4)]
+    # At most 32 scores per thread: more spill registers (sm_90 compile, 16384 x 16 warps).
+    blocks = sorted({min(b, triton.next_power_of_2(d)) for b in (1024, 2048, 4096, 8192)})
+    return [TopkConfig(b, w) for b in blocks for w in (4, 8, 16) if 32 * w <= b <= 32 * 32 * w]
 
 
 ACTIVATIONS = {"silu": 1, "gelu_tanh": 2, "gelu": 3, "relu": 4}
@@ -260,6 +278,14 @@ def launch_output_sparse_rows(
     )
 
 
+def launch_topk_kept(x: torch.Tensor, k: int, scale: torch.Tensor | None, cfg: TopkConfig, out: torch.Tensor) -> None:
+    pdl = dependent_launch(x.device)
+    topk_keep_kernel[(x.shape[0],)](
+        x, scale if scale is not None else x, out, x.shape[1], k, x.stride(0), out.stride(0),
+        HAS_SCALE=scale is not None, BLOCK=cfg.block, PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
+    )
+
+
 def _check_decode_batch(x: torch.Tensor, what: str) -> None:
     if x.dim() != 2 or not 1 <= x.shape[0] <= MAX_BATCH:
         raise ValueError(f"{what}: x must be [tokens <= {MAX_BATCH}, features], got {tuple(x.shape)}")
@@ -295,6 +321,26 @@ def input_sparse_linear(
 @input_sparse_linear.register_fake
 def _(x, weight_t, threshold, scale, bias, lowrank_b, lowrank_z, complement):
     return x.new_empty((x.shape[0], weight_t.shape[1]))
+
+
+@torch.library.custom_op("actsparse::topk_kept", mutates_args=())
+def topk_kept(x: torch.Tensor, k: int, scale: Optional[torch.Tensor]) -> torch.Tensor:
+    if x.dim() != 2 or x.stride(-1) != 1:
+        raise ValueError(f"topk_kept: x must be [tokens, features] with unit stride in the last dimension, got {tuple(x.shape)}")
+    if not 1 <= k <= x.shape[1]:
+        raise ValueError(f"topk_kept: k must be in 1..{x.shape[1]}, got {k}")
+    if scale is not None and (scale.shape != (x.shape[1],) or scale.dtype != torch.float32):
+        raise ValueError(f"topk_kept: scale must be float32 of shape ({x.shape[1]},), got {scale.dtype} {tuple(scale.shape)}")
+    out = torch.empty_like(x)
+    key = ("topk", x.shape[1], x.shape[0], x.dtype, scale is not None)
+    cfg = tuning.choose(key, topk_candidates(x.shape[1], x.device), lambda c: launch_topk_kept(x, k, scale, c, out), x.device)
+    launch_topk_kept(x, k, scale, cfg, out)
+    return out
+
+
+@topk_kept.register_fake
+def _(x, k, scale):
+    return torch.empty_like(x)
 
 
 @torch.library.custom_op("actsparse::input_sparse_gated", mutates_args=())
