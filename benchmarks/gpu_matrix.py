@@ -499,8 +499,8 @@ def time_gated(k: int, j: int, dtype: torch.dtype, sparsities) -> list[dict]:
 
 
 def section_topk(run: Run) -> dict:
-    """`topk_kept` against the torch reference, every launch config (exact: the same scores, the
-    same ties kept), then top-K GEMVs of the bar shapes, bf16, batch 1: the kernel path (selection
+    """`topk_kept` against the torch reference (exact: the same scores, the same ties kept), every
+    launch config in bf16 and some in fp16 and fp32 (each dtype a kernel variant), then top-K GEMVs of the bar shapes, bf16, batch 1: the kernel path (selection
     kernel, then the GEMV skipping the zeros) against cuBLAS, against torch's top-K mask before
     the same GEMV, and against the threshold GEMV at the same sparsity."""
     dev = "cuda"
@@ -517,7 +517,8 @@ def section_topk(run: Run) -> dict:
                         score = x.abs().float() * (scale if scale is not None else 1.0)
                         for k in (1, d // 10, d // 2, d):
                             ref = torch.where(topk_mask(score, k), x, zero)
-                            for cfg in ops.topk_candidates(d, x.device):
+                            candidates = ops.topk_candidates(d, x.device)
+                            for cfg in candidates if dtype == torch.bfloat16 else candidates[::4]:
                                 out = torch.full_like(x, float("nan"))
                                 ops.launch_topk_kept(x, k, scale, cfg, out)
                                 launches += 1

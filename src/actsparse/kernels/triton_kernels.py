@@ -391,47 +391,52 @@ def _score_bits(x_ptr, scale_ptr, idx, ok, HAS_SCALE: tl.constexpr):
 
 @triton.jit
 def topk_keep_kernel(x_ptr, scale_ptr, out_ptr, D, K, stride_x, stride_o,
-                     HAS_SCALE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                     HAS_SCALE: tl.constexpr, LOW: tl.constexpr, PASSES: tl.constexpr, BLOCK: tl.constexpr,
+                     PDL: tl.constexpr):
     """out[row] = x[row] where the score is one of the row's K largest, else 0; of equal scores
     the lower index is kept first (`actsparse.nn.topk_mask`).
 
-    One program per row: a radix select over the scores' bits, 8 at a time from the top (a
-    histogram of the next digit among the scores that share the digits found so far), finds the
-    K-th largest score and how many of the scores equal to it are kept; then one pass writes
-    the output."""
+    One program per row: a radix select over the scores' bits, 5 at a time from the top (a
+    32-bin histogram of the next digit among the scores that share the digits found so far),
+    finds the K-th largest score and how many of the scores equal to it are kept; then one pass
+    writes the output. Bits below LOW are zero in every score (a bf16 or fp16 |x| unscaled), so
+    PASSES digits cover the rest. 32 bins: `tl.histogram` costs about log2(bins) + bins / 32 *
+    (log2(bins) + 1) instructions per score, 11 here against 80 for 256 bins."""
     if PDL:
         wait_for_producer()
     row = tl.program_id(0)
     x_row = x_ptr + row.to(tl.int64) * stride_x
     o_row = out_ptr + row.to(tl.int64) * stride_o
     lanes = tl.arange(0, BLOCK)
-    bins = tl.arange(0, 256)
-    prefix = 0  # the K-th largest score's bits found so far
+    bins = tl.arange(0, 32)
+    prefix = 0  # the digits of the K-th largest score found so far
     room = K  # how many of the scores sharing `prefix` are still to keep
     tied = K  # in the end: how many scores equal the K-th largest
-    for p in tl.static_range(4):
-        hist = tl.zeros([256], dtype=tl.int32)
+    for p in tl.static_range(PASSES):
+        shift = LOW + 5 * (PASSES - 1 - p)
+        hist = tl.zeros([32], dtype=tl.int32)
         for start in range(0, D, BLOCK):
             idx = start + lanes
             ok = idx < D
             _, bits = _score_bits(x_row, scale_ptr, idx, ok, HAS_SCALE)
             if p > 0:
-                ok = ok & ((bits >> (32 - 8 * p)) == prefix)
-            hist += tl.histogram((bits >> (24 - 8 * p)) & 255, 256, mask=ok)
+                ok = ok & ((bits >> (shift + 5)) == prefix)
+            hist += tl.histogram((bits >> shift) & 31, 32, mask=ok)
         at_or_above = tl.sum(hist, 0) - (tl.cumsum(hist, 0) - hist)
         digit = tl.max(tl.where(at_or_above >= room, bins, 0), 0)
         room -= tl.sum(tl.where(bins > digit, hist, 0), 0)
         tied = tl.sum(tl.where(bins == digit, hist, 0), 0)
-        prefix = (prefix << 8) | digit
+        prefix = (prefix << 5) | digit
+    kth = prefix << LOW
     seen = K * 0  # scores equal to the K-th largest before this chunk
     for start in range(0, D, BLOCK):
         idx = start + lanes
         ok = idx < D
         xv, bits = _score_bits(x_row, scale_ptr, idx, ok, HAS_SCALE)
         if tied == room:
-            keep = bits >= prefix
+            keep = bits >= kth
         else:
-            equal = bits == prefix
-            keep = (bits > prefix) | (equal & (seen + tl.cumsum(equal.to(tl.int32), 0) <= room))
+            equal = bits == kth
+            keep = (bits > kth) | (equal & (seen + tl.cumsum(equal.to(tl.int32), 0) <= room))
             seen += tl.sum(equal.to(tl.int32), 0)
         tl.store(o_row + idx, tl.where(keep, xv, tl.zeros_like(xv)), mask=ok)

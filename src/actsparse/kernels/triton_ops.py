@@ -148,9 +148,9 @@ def rows_candidates(batch: int, device: torch.device) -> list[RowsConfig]:
 def topk_candidates(d: int, device: torch.device) -> list[TopkConfig]:
     if tuning.interpreting() or device.type != "cuda":
         return [TopkConfig(min(128, triton.next_power_of_2(d)), 4)]
-    # At most 32 scores per thread: more spill registers (sm_90 compile, 16384 x 16 warps).
+    # At most 16 scores per thread: 32 use ~170 registers and spill a little (sm_90 compile).
     blocks = sorted({min(b, triton.next_power_of_2(d)) for b in (1024, 2048, 4096, 8192)})
-    return [TopkConfig(b, w) for b in blocks for w in (4, 8, 16) if 32 * w <= b <= 32 * 32 * w]
+    return [TopkConfig(b, w) for b in blocks for w in (4, 8, 16) if 32 * w <= b <= 16 * 32 * w]
 
 
 ACTIVATIONS = {"silu": 1, "gelu_tanh": 2, "gelu": 3, "relu": 4}
@@ -278,11 +278,17 @@ def launch_output_sparse_rows(
     )
 
 
+# Low bits that are zero in every unscaled score |x| as float32: the mantissa bits bf16 and fp16 lack.
+_ZERO_SCORE_BITS = {torch.bfloat16: 16, torch.float16: 13}
+
+
 def launch_topk_kept(x: torch.Tensor, k: int, scale: torch.Tensor | None, cfg: TopkConfig, out: torch.Tensor) -> None:
     pdl = dependent_launch(x.device)
+    low = 0 if scale is not None else _ZERO_SCORE_BITS.get(x.dtype, 0)
     topk_keep_kernel[(x.shape[0],)](
         x, scale if scale is not None else x, out, x.shape[1], k, x.stride(0), out.stride(0),
-        HAS_SCALE=scale is not None, BLOCK=cfg.block, PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
+        HAS_SCALE=scale is not None, LOW=low, PASSES=triton.cdiv(31 - low, 5), BLOCK=cfg.block, PDL=pdl,
+        num_warps=cfg.num_warps, launch_pdl=pdl,
     )
 
 

@@ -127,7 +127,9 @@ _FLUSH: dict[int, torch.Tensor] = {}
 def _l2_flush_buffer(device: int) -> torch.Tensor:
     if device not in _FLUSH:
         l2 = getattr(torch.cuda.get_device_properties(device), "L2_cache_size", 0) or 64 << 20
-        _FLUSH[device] = torch.empty(2 * l2, dtype=torch.uint8, device=f"cuda:{device}")
+        # Not an inference tensor, whatever mode the first tuning ran in: later ones write it outside.
+        with torch.inference_mode(False):
+            _FLUSH[device] = torch.empty(2 * l2, dtype=torch.uint8, device=f"cuda:{device}")
     return _FLUSH[device]
 
 
