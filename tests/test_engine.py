@@ -110,6 +110,7 @@ def test_bench_on_a_random_smollm2_shape(tmp_path, capsys):
     out = tmp_path / "bench.json"
     assert main(["bench", "--shape", "smollm2-135m", "--tokens", "8", "--repeats", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
+    assert result["selection"] == "threshold"
     for key in ("dense_tok_s", "sparse_tok_s", "speedup", "ideal_speedup", "sparsity", "device", "dtype", "batch"):
         assert key in result
     assert result["device"] == "cpu" and result["batch"] == 1 and 0.4 < result["sparsity"] < 0.6
@@ -130,8 +131,49 @@ def test_bench_on_a_saved_prosparse_directory_keeps_its_method(tmp_path, capsys)
                  "-o", str(relu)]) == 0
     assert main(["bench", str(relu), "--sparsity", "0.5"]) == 2
     assert "already sparsified" in capsys.readouterr().err
+    assert main(["bench", str(relu), "--selection", "topk"]) == 2
+    assert "--selection apply to a dense model only" in capsys.readouterr().err
     out = tmp_path / "bench.json"
     assert main(["bench", str(relu), "--tokens", "8", "--repeats", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["method"] == "prosparse" and result["target_sparsity"] == 0.0
     assert 0.1 < result["sparsity"] < 0.4  # measured: the target is 0, the random ReLU gate zeroes ~half the MLP inputs
+
+
+@pytest.mark.parametrize("method", ["teal", "cats"])
+def test_impose_topk_keeps_exactly_k(method):
+    from actsparse.calibrate import topk_count
+    from actsparse.kernels.benchmark import impose_topk
+    from actsparse.nn import SparseGatedMLP, SparseLinear
+    from actsparse.swap import swap_modules
+
+    model = tiny_model("llama")
+    swap_modules(model)
+    impose_topk(model, 0.6, method)
+    linears = [m for m in model.modules() if isinstance(m, SparseLinear)]
+    mlps = [m for m in model.modules() if isinstance(m, SparseGatedMLP)]
+    if method == "teal":
+        assert all(m.mode == "topk" and m.k == topk_count(m.in_features, 0.6) for m in linears)
+        assert all(m.gate_mode == "dense" for m in mlps)
+    else:
+        assert all(m.mode == "dense" for m in linears)
+        assert all(m.gate_mode == "topk" and m.gate_k == topk_count(m.intermediate_size, 0.6) for m in mlps)
+    x = torch.randn(3, linears[0].in_features)
+    if method == "teal":
+        assert linears[0].mask(x).sum(-1).tolist() == [linears[0].k] * 3
+    with pytest.raises(ActSparseError, match="method must be one of"):
+        impose_topk(model, 0.5, "wina")
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the cpu kernels build with g++")
+def test_bench_with_topk_selection_keeps_exactly_k(tmp_path):
+    import json
+
+    from actsparse.cli import main
+    from tiny import saved_tiny_llama
+
+    out = tmp_path / "bench.json"
+    assert main(["bench", str(saved_tiny_llama(tmp_path / "tiny")), "--selection", "topk", "--sparsity", "0.5",
+                 "--tokens", "8", "--repeats", "1", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["selection"] == "topk" and result["sparsity"] == pytest.approx(0.5, abs=0.02)

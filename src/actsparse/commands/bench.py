@@ -1,4 +1,4 @@
-"""actsparse bench [DIR_OR_MODEL] --device cuda|cpu [--shape NAME] [--sparsity S] [--batch B] [--dtype D] [--tokens N] [--json OUT]"""
+"""actsparse bench [DIR_OR_MODEL] --device cuda|cpu [--shape NAME] [--sparsity S] [--selection threshold|topk] [--batch B] [--dtype D] [--tokens N] [--json OUT]"""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from ..engine import DecodeEngine
 from ..errors import ActSparseError
 from ..kernels import set_backend
 from ..kernels.benchmark import (
-    METHODS, SHAPES, collect_scores, dense_modes, environment, hf_generate_speed, impose_sparsity,
+    METHODS, SHAPES, collect_scores, dense_modes, environment, hf_generate_speed, impose_sparsity, impose_topk,
     measured_sparsity, random_model, read_bytes, speed_result, timed_decode,
 )
 from ..loading import is_actsparse_dir, load_model, parse_dtype
@@ -35,6 +35,8 @@ def register(sub) -> None:
                    help="sparsity to impose on a dense model (default teal); an actsparse directory keeps its own")
     p.add_argument("--sparsity", type=float, default=None,
                    help="target sparsity for a dense model (default 0.5); an actsparse directory keeps its own")
+    p.add_argument("--selection", default=None, choices=("threshold", "topk"),
+                   help="for a dense model: calibrated thresholds (default) or exactly top-K per token")
     p.add_argument("--batch", type=int, default=1, help="prompts decoded together, at most 8 (default 1)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on the CPU, bf16 on CUDA)")
     p.add_argument("--tokens", type=int, default=128, metavar="N", help="new tokens per prompt (default 128)")
@@ -50,13 +52,14 @@ def register(sub) -> None:
 def _check(args) -> None:
     """Refuse bad arguments before any slow work; a dense model gets --method/--sparsity defaults."""
     if args.model is not None and is_actsparse_dir(Path(args.model)):
-        given = [f"--{k}" for k in ("method", "sparsity") if getattr(args, k) is not None]
+        given = [f"--{k}" for k in ("method", "sparsity", "selection") if getattr(args, k) is not None]
         if given:
             raise ActSparseError(f"{args.model}: already sparsified (an actsparse directory); "
                                  f"{' and '.join(given)} apply to a dense model only")
     else:
         args.method = args.method or "teal"
         args.sparsity = 0.5 if args.sparsity is None else args.sparsity
+        args.selection = args.selection or "threshold"
     if args.sparsity is not None and not 0.0 < args.sparsity < 1.0:
         raise ActSparseError(f"--sparsity must be in (0, 1), got {args.sparsity}")
     if not 1 <= args.batch <= 8:
@@ -115,14 +118,16 @@ def run(args) -> int:
         result.update(method=model.actsparse_config.method, target_sparsity=model.actsparse_config.sparsity)
     else:
         dense = timed_decode(engine, prompts, args.tokens, args.repeats)
-        log(f"{args.method} at {args.sparsity:g}")
-        if random_weights:
+        log(f"{args.method} ({args.selection}) at {args.sparsity:g}")
+        if random_weights and args.selection == "topk":
+            impose_topk(model, args.sparsity, args.method)
+        elif random_weights:
             calibration = torch.randint(0, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(1))
             impose_sparsity(model, collect_scores(model, calibration, args.method), args.sparsity)
         else:
             calibration = text_batches(tokenizer, DEFAULT_CALIB, n=8, seq_len=256)
-            sparsify_(model, make_config(args.method, sparsity=args.sparsity), calibration)
-        result.update(method=args.method, target_sparsity=args.sparsity)
+            sparsify_(model, make_config(args.method, sparsity=args.sparsity, selection=args.selection), calibration)
+        result.update(method=args.method, target_sparsity=args.sparsity, selection=args.selection)
     set_backend(model, backend)
     engine.invalidate()
     log(f"sparse decode ({backend} kernels)")

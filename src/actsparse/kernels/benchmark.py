@@ -104,12 +104,16 @@ def impose_sparsity(model: nn.Module, scores: dict[str, torch.Tensor], sparsity:
                 module.set_gate_threshold(t, sparsity)
 
 
-def impose_topk(model: nn.Module, sparsity: float) -> None:
-    """Top-K selection on every sparse linear, each token keeping ``(1 - sparsity)`` of the
-    linear's inputs (the selection LaRoSA and ``selection="topk"`` run)."""
+def impose_topk(model: nn.Module, sparsity: float, method: str = "teal") -> None:
+    """Top-K selection (LaRoSA's, and ``selection="topk"``): each token keeps ``(1 - sparsity)``
+    of every sparse linear's inputs (teal), or of every MLP's gate activations (cats)."""
+    if method not in METHODS:
+        raise ActSparseError(f"method must be one of {', '.join(METHODS)}, got {method!r}")
     for module in model.modules():
-        if isinstance(module, SparseLinear):
+        if method == "teal" and isinstance(module, SparseLinear):
             module.set_topk(topk_count(module.in_features, sparsity), sparsity)
+        elif method == "cats" and isinstance(module, SparseGatedMLP):
+            module.set_gate_topk(topk_count(module.intermediate_size, sparsity), sparsity)
 
 
 @contextlib.contextmanager
