@@ -63,7 +63,6 @@ from actsparse.kernels.benchmark import (
     read_bytes, speed_result, timed_decode,
 )
 from actsparse.calibrate import topk_count
-from actsparse.nn import topk_mask
 from actsparse.swap import swap_modules
 
 register_backend(batched_backend("triton-batch8"))  # kernels on every batch ("triton" measures each first)
@@ -507,16 +506,14 @@ def section_topk(run: Run) -> dict:
     torch.manual_seed(0)
     failures, launches = [], 0
     for dtype in (torch.bfloat16, torch.float16, torch.float32):
-        zero = torch.zeros((), dtype=dtype, device=dev)
         for d in (1000, 4096, 14336):
             for batch in (1, 3, 8):
                 for ties in (False, True):
                     x = torch.randn(batch, d, device=dev)
                     x = ((x * 2).round() / 2 if ties else x).to(dtype)
                     for scale in (None, torch.rand(d, device=dev) + 0.5):
-                        score = x.abs().float() * (scale if scale is not None else 1.0)
                         for k in (1, d // 10, d // 2, d):
-                            ref = torch.where(topk_mask(score, k), x, zero)
+                            ref = dispatch.topk_kept_reference(x, k, scale)
                             candidates = ops.topk_candidates(d, x.device)
                             for cfg in candidates if dtype == torch.bfloat16 else candidates[::4]:
                                 out = torch.full_like(x, float("nan"))
@@ -547,10 +544,9 @@ def section_topk(run: Run) -> dict:
                 return ops.input_sparse_linear(ops.topk_kept(x, kk, None), wt, zero, None, None, None, None, False)
 
             def by_torch(wt):
-                kept = torch.where(topk_mask(x.abs().float(), kk), x, torch.zeros((), dtype=dtype, device=dev))
-                return ops.input_sparse_linear(kept, wt, zero, None, None, None, None, False)
+                return ops.input_sparse_linear(dispatch.topk_kept_reference(x, kk, None), wt, zero, None, None, None, None, False)
 
-            kept_ref = torch.where(topk_mask(x.abs().float(), kk), x, torch.zeros((), dtype=dtype, device=dev))
+            kept_ref = dispatch.topk_kept_reference(x, kk, None)
             row = {"kernel": what, "k": k, "n": n, "sparsity": s, "kept": kk, "dense_us": dense * 1e6,
                    "select_us": graph_time([lambda: ops.topk_kept(x, kk, None)]) * 1e6,
                    "topk_us": graph_time([lambda wt=wt: by_kernel(wt) for wt in wts]) * 1e6,

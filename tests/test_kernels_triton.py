@@ -21,7 +21,6 @@ import actsparse  # noqa: E402
 from actsparse.kernels import dispatch, register_backend, set_backend, triton_ops as ops, tuning  # noqa: E402
 from actsparse.kernels.triton_backend import batched_backend  # noqa: E402
 from actsparse.kernels.benchmark import collect_scores, impose_sparsity  # noqa: E402
-from actsparse.nn import topk_mask  # noqa: E402
 from tiny import random_tokens, tiny_model  # noqa: E402
 
 register_backend(batched_backend("triton-batch8"))  # kernels on every batch ("triton" measures each first)
@@ -217,11 +216,6 @@ def test_gated_op_names_a_bad_activation_and_batch():
         ops.input_sparse_gated(torch.randn(2, 8), wt, t, None, None, 16, "silu")
 
 
-def _topk_reference(x, k, scale):
-    score = x.abs().float() * (scale if scale is not None else 1.0)
-    return torch.where(topk_mask(score, k), x, torch.zeros((), dtype=x.dtype))
-
-
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("features", [96, 300])  # one loop step (of 128 here), and three
 @pytest.mark.parametrize("ties", [False, True])
@@ -235,7 +229,7 @@ def test_topk_kept_matches_reference(dtype, features, ties, scaled):
     scale = torch.rand(features) + 0.5 if scaled else None
     for k in (1, 7, features // 2, features - 1, features):
         out = ops.topk_kept(x, k, scale)
-        assert torch.equal(out, _topk_reference(x, k, scale)), f"k={k}"
+        assert torch.equal(out, dispatch.topk_kept_reference(x, k, scale)), f"k={k}"
 
 
 def test_topk_kept_all_tied_and_all_zero_rows():

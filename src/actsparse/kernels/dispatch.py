@@ -189,7 +189,7 @@ def make_backend(
     batch_timer: Callable[[Callable[[], object], Callable[[], object]], tuple[float, float]] | None = None,
     topk_kept: Callable[[torch.Tensor, int, torch.Tensor | None], torch.Tensor] | None = None,
 ) -> Backend:
-    keep_topk = topk_kept or _topk_kept_reference
+    keep_topk = topk_kept or topk_kept_reference
 
     def prepare(model: torch.nn.Module) -> None:
         check_model(model)
@@ -391,7 +391,9 @@ def make_backend(
     return Backend(name=name, linear=linear, gated_mlp=gated_mlp, prepare=prepare)
 
 
-def _topk_kept_reference(x: torch.Tensor, k: int, scale: torch.Tensor | None) -> torch.Tensor:
+def topk_kept_reference(x: torch.Tensor, k: int, scale: torch.Tensor | None) -> torch.Tensor:
+    """What a backend's `topk_kept` op computes: x where its score is one of the k largest of
+    its row (`SparseLinear`'s top-K selection), else 0."""
     return torch.where(select_mask(x, "topk", None, k, scale), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
