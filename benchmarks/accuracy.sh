@@ -5,11 +5,11 @@
 #   paper-rows.txt  R-Sparse and LaRoSA as their papers set them, at 40/50% (accuracy_rsparse_larosa.py)
 # Calibration: C4 train sample (16 x 512); perplexity: WikiText-2 test, first 40 windows of 512 tokens.
 # Two single-threaded jobs in parallel use both cores best. Results land in $OUT (default
-# benchmarks/results/accuracy-DATE); each job prints a table and a JSON line.
+# benchmarks/results/accuracy/accuracy_cpu_DATE); each job prints a table and a JSON line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARED=${SHARED:-../shared/data}
-OUT=${OUT:-benchmarks/results/accuracy-$(date +%F)}
+OUT=${OUT:-benchmarks/results/accuracy/accuracy_cpu_$(date +%F)}
 mkdir -p "$OUT"
 export OMP_NUM_THREADS=1
 COMMON=(--calib "$SHARED/c4/c4_train_sample.jsonl" --ppl "$SHARED/wikitext2/wiki.test.raw" --windows 40 --seq-len 512)

@@ -1,6 +1,6 @@
 """CPU: the sparse matvec against PyTorch's dense matvec, and SmolLM2-135M decode, dense vs sparse.
 
-    .venv/bin/python benchmarks/cpu_decode.py [--out benchmarks/results/cpu_decode.json] [--tokens 64] [--threads N]
+    .venv/bin/python benchmarks/cpu_decode.py [--out benchmarks/results/cpu_decode/cpu_decode_cpu_DATE.json] [--tokens 64] [--threads N]
 
 1. kernel: SmolLM2's decoder shapes (fp32), the weights rotated over more copies than the L3
    holds so that every call streams from memory as in decode; torch's F.linear against the C++
@@ -102,7 +102,8 @@ def decode_section(levels: list[float], tokens: int, repeats: int) -> dict:
 
 def main() -> int:
     p = argparse.ArgumentParser()
-    p.add_argument("--out", default="benchmarks/results/cpu_decode.json")
+    p.add_argument("--out", default=f"benchmarks/results/cpu_decode/cpu_decode_cpu_{time.strftime('%Y-%m-%d')}.json",
+                   help="default: benchmarks/results/cpu_decode/cpu_decode_cpu_<today>.json (results/README.md)")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--levels", default="0.25,0.4,0.5,0.65,0.9")

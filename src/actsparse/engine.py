@@ -56,7 +56,8 @@ class DecodeEngine:
         `inductor_options`: Inductor options for the compiled step; None: on CUDA,
         ``{"combo_kernels": True}`` (independent small kernels of the step, such as the key and
         value cache writes, launched as one: on the H200 both the dense and the sparse Llama-3-8B
-        step gain 1-3%, benchmarks/results/gpu_matrix_run20.json), none elsewhere.
+        step gain 1-3%, benchmarks/results/gpu_matrix/gpu_matrix_h200_2026-11-24_run20.json),
+        none elsewhere.
         `dependent_launch`: compile the step's Inductor kernels for programmatic dependent launch
         (each kernel's launch overlaps the previous one's tail; Inductor's `triton.enable_pdl`);
         None: on for CUDA GPUs of compute capability 9.0 and later. actsparse's own kernels

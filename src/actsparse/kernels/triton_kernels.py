@@ -15,7 +15,8 @@ input-major, so that a kept input channel is one contiguous weight row:
 
 Batches (BB > 1 tokens): DOT tiles run `tl.dot` with the batch padded to 16 rows; the others
 keep one fp32 accumulator row per token and multiply each weight tile into every row on the
-CUDA cores (faster for 2-4 tokens, benchmarks/results/gpu_matrix_run23.json).
+CUDA cores (faster for 2-4 tokens,
+benchmarks/results/gpu_matrix/gpu_matrix_h200_2026-11-24_run23.json).
 
 Gated (``ACT``): the gate and up columns of a fused ``[K, 2 * d_ff]`` weight interleaved in
 groups, so that a column block holds both halves of its outputs and the epilogue stores the MLP

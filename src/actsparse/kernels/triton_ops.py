@@ -108,7 +108,8 @@ def gemv_candidates(n: int, k: int, batch: int, device: torch.device) -> list[Ge
     if tuning.interpreting() or device.type != "cuda":
         return [GemvConfig(32, 16, 2, 4, 1)]
     # Batch 1: 4 warps won every problem of benchmarks/gemv_configs.py on the H200, 512-column
-    # blocks (1 KB row segments) most of them (results/gemv_configs_run{1,2,3}.json).
+    # blocks (1 KB row segments) most of them
+    # (benchmarks/results/gemv/gemv_configs_h200_2026-11-23_run{1,2,3}.json).
     if batch == 1:
         tiles = [(512, 16, 4, 3, False), (512, 32, 4, 3, False), (1024, 8, 4, 3, False), (1024, 16, 4, 3, False),
                  (128, 64, 4, 3, False), (256, 32, 4, 3, False)]
