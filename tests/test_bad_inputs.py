@@ -127,6 +127,11 @@ CASES = [
     ("sparsify-config-not-json", SP, write("model/config.json", "{nope"), "config.json: not valid JSON"),
     ("sparsify-config-list", SP, write("model/config.json", "[1]"), "expected a JSON object"),
     ("sparsify-config-not-utf8", SP, write("model/config.json", BAD_UTF8), "not UTF-8 text"),
+    ("sparsify-config-no-type", SP, write("model/config.json", "{}"), "config.json: not a model config"),
+    ("sparsify-config-field-type", SP, write("model/config.json", '{"model_type": "llama", "hidden_size": "big"}'),
+     "config.json: not a model config"),
+    ("sparsify-tokenizer-truncated", SP, truncate("model/tokenizer.json"), "tokenizer.json: not valid JSON"),
+    ("eval-tokenizer-truncated", EV, truncate("saved/tokenizer.json"), "tokenizer.json: not valid JSON"),
     ("sparsify-truncated-weights", SP, truncate("model/model.safetensors"), "model.safetensors: not a valid safetensors"),
     ("sparsify-empty-weights", SP, truncate("model/model.safetensors", 0), "model.safetensors: not a valid safetensors"),
     ("sparsify-header-garbage", SP, truncate("model/model.safetensors", 20), "not a valid safetensors"),
@@ -236,6 +241,19 @@ def test_bad_input_is_one_line_exit_2_and_nothing_changes(name, argv, damage, me
     assert message in err[0]
     assert tree_hash(root) == before
     assert time.perf_counter() - started < 5, "refused only after slow work"
+
+
+def test_weights_of_another_shape_fail_in_the_load_as_one_error_line(world, tmp_path, capsys):
+    """Found only by loading, so transformers' progress bar comes first; the error is still one line."""
+    root = tmp_path / "w"
+    shutil.copytree(world, root)
+    write("model/config.json", json.dumps({"model_type": "llama", "hidden_size": 32, "intermediate_size": 128,
+                                           "num_hidden_layers": 2, "num_attention_heads": 4, "vocab_size": 128}))(root)
+    before = tree_hash(root)
+    code, err = run_cli([a.replace("{root}", str(root)) for a in SP], capsys)
+    assert code == 2 and err[-1].startswith("actsparse: error: could not load model")
+    assert not any(line.startswith("actsparse: error") for line in err[:-1]) and "Traceback" not in "\n".join(err)
+    assert tree_hash(root) == before
 
 
 def test_debug_shows_the_traceback(world, tmp_path, monkeypatch):
@@ -393,3 +411,31 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     err = proc.communicate(timeout=60)[1].decode().strip().splitlines()
     assert proc.returncode in (130, 2), err  # 2: start-up finished first and the missing model was reported
     assert len(err) == 1 and err[0].startswith("actsparse: "), err
+
+
+def test_ctrl_c_while_training_saves_a_checkpoint_that_resumes(world, tmp_path):
+    from actsparse.train.checkpoint import find_checkpoint, read_meta
+
+    train_dir = tmp_path / "out.train"
+    env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen([sys.executable, "-m", "actsparse.cli", "train", str(world / "model"), "--data",
+                             str(world / "calib.jsonl"), "--steps", "100000", "--seq-len", "16", "--batch-size", "1",
+                             "--log-every", "1", "--device", "cpu", "-o", str(tmp_path / "out")],
+                            stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.time() + 120
+        log = train_dir / "train_log.csv"
+        while not (log.is_file() and len(log.read_text().splitlines()) > 2):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGINT)
+        err = proc.communicate(timeout=60)[1].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, err
+    checkpoint = find_checkpoint(train_dir)
+    assert f"checkpoint in {checkpoint}" in err and "Traceback" not in err
+    assert read_meta(checkpoint)["step"] >= 2
+    assert not (tmp_path / "out").exists()

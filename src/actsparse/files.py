@@ -39,6 +39,25 @@ def read_json(path: str | os.PathLike) -> object:
         raise ActSparseError(f"{path}: not valid JSON ({e.msg} at line {e.lineno} column {e.colno})") from None
 
 
+def check_json_files(directory: str | os.PathLike) -> None:
+    """Every `*.json` of a model directory (config, tokenizer, generation config) is a JSON object."""
+    for path in sorted(Path(directory).glob("*.json")):
+        if not isinstance(read_json(path), dict):
+            raise ActSparseError(f"{path}: expected a JSON object")
+
+
+def check_hf_config(directory: str | os.PathLike) -> None:
+    """`config.json` of a model directory is one transformers can build a model config from."""
+    from huggingface_hub.errors import StrictDataclassError
+    from transformers import AutoConfig
+
+    path = Path(directory) / "config.json"
+    try:
+        AutoConfig.from_pretrained(directory)
+    except (ValueError, TypeError, KeyError, AttributeError, OSError, StrictDataclassError) as e:
+        raise ActSparseError(f"{path}: not a model config transformers can read ({_first_line(e)})") from None
+
+
 def check_safetensors(path: str | os.PathLike) -> list[str]:
     """The tensor names of a safetensors file whose header parses and whose tensors lie inside it."""
     from safetensors import SafetensorError, safe_open

