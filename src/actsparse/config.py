@@ -83,7 +83,7 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
         raise ActSparseError(f"a method config must be a JSON object, got {type(data).__name__}")
     data = dict(data)
     name = data.pop("method", None)
-    if name not in CONFIGS:
+    if not isinstance(name, str) or name not in CONFIGS:
         raise ActSparseError(f"unknown method {name!r}; known: {', '.join(sorted(CONFIGS))}")
     cls = CONFIGS[name]
     version = data.pop("version", cls.version)
