@@ -55,6 +55,11 @@ def run(args) -> int:
         read_texts(args.ppl)  # a bad file fails before the model loads
     if args.json:
         check_file_output(args.json, "--json")
+    if args.tasks:
+        from ..zeroshot import default_task_dir, task_config
+
+        for name in parse_list(args.tasks, "--tasks"):  # a missing or damaged task file fails before the model loads
+            task_config(name, args.task_dir or default_task_dir())
     model, tokenizer = load_model(args.model, parse_dtype(args.dtype), args.device)
     if tokenizer is None:
         raise ActSparseError(f"{args.model}: no tokenizer saved with the model")
