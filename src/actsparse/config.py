@@ -131,8 +131,8 @@ def parse_option(method: str, name: str, text: str) -> Any:
             value = int(text)
         elif base is float:
             value = float(text)
-        elif base is str:
-            value = text
+        elif base is str:  # plain, or quoted as a JSON string
+            value = json.loads(text) if len(text) >= 2 and text[0] == text[-1] == '"' else text
         else:
             value = json.loads(text)
         return _typed(name, value, kind)
