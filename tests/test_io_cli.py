@@ -202,7 +202,7 @@ def test_cli_generate_prints_the_prompt_and_a_continuation(model_dir, capsys):
         (["sparsify", "{model}", "--method", "teal", "--sparsity", "0.5", "--calib", "{tmp}/nope.jsonl", "-o", "{out}"], "nope.jsonl: no such file"),
         (["sparsify", "{model}", "--method", "teal", "--sparsity", "0.5", "--calib", "{tmp}/empty.txt", "-o", "{out}"], "holds no text"),
         (["sparsify", "{model}", "--method", "teal", "--sparsity", "0.5", "--calib", "{tmp}/short.txt", "-o", "{out}"], "shorter than one window"),
-        (["sparsify", "{tmp}/no-model", "--method", "teal", "--sparsity", "0.5", "-o", "{out}"], "no-model: no such model"),
+        (["sparsify", "{tmp}/no-model", "--method", "teal", "--sparsity", "0.5", "-o", "{out}"], "no-model: no such file or directory"),
         (["eval", "{model}"], "nothing to evaluate"),
         (["compare", "{model}", "--methods", "teal", "--sparsity", "0.5,x", "--out", "{out}"], "'x' is not a number"),
         (["compare", "{model}", "--out", "{out}"], "nothing to compare: give --methods with --sparsity, and/or --saved"),

@@ -45,7 +45,7 @@ def test_train_then_eval_reports_mlp_sparsity(tmp_path, model_dir, data, capsys)
     assert result["sparsity"]["model"] > 0
 
     # Resuming from the step-4 checkpoint replays steps 5..8 and rewrites the model.
-    assert main([*args[:-2], "--resume", str(train_dir / "checkpoints" / "step-000004")]) == 0
+    assert main([*args[:-2], "--resume", str(train_dir / "checkpoints" / "step-000004"), "--overwrite"]) == 0
     resumed = list(csv.DictReader((train_dir / "train_log.csv").open()))
     strip = lambda rs: [{k: v for k, v in r.items() if k != "seconds"} for r in rs]
     assert strip(resumed) == strip(rows)

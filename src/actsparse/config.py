@@ -7,6 +7,10 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
+import math
+import types
+import typing
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -45,6 +49,9 @@ class MethodConfig:
             CONFIGS[cls.method] = cls
 
     def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            object.__setattr__(self, field.name, _typed(field.name, getattr(self, field.name), hints[field.name]))
         _check_fraction("sparsity", self.sparsity)
         if self.selection not in SELECTIONS:
             raise ActSparseError(
@@ -72,9 +79,11 @@ class MethodConfig:
 
 
 def config_from_dict(data: dict[str, Any]) -> MethodConfig:
+    if not isinstance(data, dict):
+        raise ActSparseError(f"a method config must be a JSON object, got {type(data).__name__}")
     data = dict(data)
     name = data.pop("method", None)
-    if name not in CONFIGS:
+    if not isinstance(name, str) or name not in CONFIGS:
         raise ActSparseError(f"unknown method {name!r}; known: {', '.join(sorted(CONFIGS))}")
     cls = CONFIGS[name]
     version = data.pop("version", cls.version)
@@ -86,11 +95,7 @@ def config_from_dict(data: dict[str, Any]) -> MethodConfig:
     unknown = sorted(set(data) - known)
     if unknown:
         raise ActSparseError(f"unknown {name} config fields: {', '.join(unknown)}")
-    if "overrides" in data:
-        data["overrides"] = tuple(tuple(o) for o in data["overrides"])
-    if "ignore" in data:
-        data["ignore"] = tuple(data["ignore"])
-    return cls(**data)
+    return cls(**data)  # __post_init__ checks each field's type
 
 
 def make_config(method: str, **fields: Any) -> MethodConfig:
@@ -103,6 +108,77 @@ def make_config(method: str, **fields: Any) -> MethodConfig:
     if unknown:
         raise ActSparseError(f"method {method} has no option(s) {', '.join(unknown)}")
     return cls(**fields)
+
+
+def config_fields(method: str) -> set[str]:
+    """The field names of `method`'s config; none for an unknown method."""
+    return {f.name for f in dataclasses.fields(CONFIGS[method])} if method in CONFIGS else set()
+
+
+def parse_option(method: str, name: str, text: str) -> Any:
+    """The value of config field `name` of `method` written as `text` on the command line (bools
+    as true/false/1/0/yes/no, numbers as numbers, tuples as JSON lists, none for an optional field)."""
+    if name not in config_fields(method):
+        return text  # make_config names the unknown method or option
+    kind = typing.get_type_hints(CONFIGS[method])[name]
+    if _optional(kind) is not None and text.strip().lower() in ("none", "null"):
+        return None
+    base = _optional(kind) or kind
+    try:
+        if base is bool:
+            value = {"true": True, "1": True, "yes": True, "false": False, "0": False, "no": False}[text.strip().lower()]
+        elif base is int:
+            value = int(text)
+        elif base is float:
+            value = float(text)
+        elif base is str:  # plain, or quoted as a JSON string
+            value = json.loads(text) if len(text) >= 2 and text[0] == text[-1] == '"' else text
+        else:
+            value = json.loads(text)
+        return _typed(name, value, kind)
+    except (KeyError, ValueError, ActSparseError):
+        raise ActSparseError(f"--option {name}={text!r}: expected {_type_name(kind)}") from None
+
+
+def _optional(kind: Any) -> Any:
+    """X for `X | None`, else None."""
+    if isinstance(kind, types.UnionType) or typing.get_origin(kind) is typing.Union:
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        return args[0] if len(args) == 1 else None
+    return None
+
+
+def _type_name(kind: Any) -> str:
+    if _optional(kind) is not None:
+        return f"{_type_name(_optional(kind))} or none"
+    if typing.get_origin(kind) is tuple:
+        args = typing.get_args(kind)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_type_name(args[0])}"
+        return "a pair [" + ", ".join(_type_name(a) for a in args) + "]"
+    return {bool: "a boolean (true/false)", int: "an integer", float: "a number", str: "a string"}.get(kind, str(kind))
+
+
+def _typed(name: str, value: Any, kind: Any) -> Any:
+    """`value` as a value of type `kind` (ints widen to floats, lists become tuples), or an error
+    naming the field and the type it takes."""
+    if _optional(kind) is not None:
+        return None if value is None else _typed(name, value, _optional(kind))
+    if typing.get_origin(kind) is tuple and isinstance(value, (list, tuple)):
+        args = typing.get_args(kind)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_typed(name, v, args[0]) for v in value)
+        if len(args) == len(value):
+            return tuple(_typed(name, v, a) for v, a in zip(value, args))
+    elif kind is bool and isinstance(value, bool):
+        return value
+    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif kind is float and isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
+        return float(value)
+    elif kind is str and isinstance(value, str):
+        return value
+    raise ActSparseError(f"{name} must be {_type_name(kind)}, got {value!r}")
 
 
 def _check_fraction(what: str, value: float) -> None:

@@ -4,12 +4,14 @@ from __future__ import annotations
 import gzip
 import json
 import sys
+import zlib
 from pathlib import Path
 from typing import Any, Iterable
 
 import torch
 
 from .errors import ActSparseError
+from .files import decode_utf8, read_text
 
 TEXT_SUFFIXES = (".txt", ".raw", ".md", ".text")
 JSONL_SUFFIXES = (".jsonl", ".jsonl.gz", ".json.gz", ".ndjson")
@@ -59,32 +61,42 @@ def _read_path(path: Path, field: str) -> list[str]:
         raise ActSparseError(f"{path}: no such file")
     name = path.name.lower()
     if name.endswith(JSONL_SUFFIXES):
-        opener = gzip.open if name.endswith(".gz") else open
         texts = []
-        with opener(path, "rt", encoding="utf-8") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ActSparseError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
-                if not isinstance(record, dict) or field not in record:
-                    raise ActSparseError(f"{path}:{lineno}: record has no {field!r} field")
-                texts.append(str(record[field]))
+        for lineno, line in enumerate(_read_jsonl_text(path).splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise ActSparseError(f"{path}:{lineno}: not valid JSON ({e.msg})") from None
+            if not isinstance(record, dict) or field not in record:
+                raise ActSparseError(f"{path}:{lineno}: record has no {field!r} field")
+            texts.append(str(record[field]))
         return texts
     if name.endswith(".parquet"):
+        import pyarrow
         import pyarrow.parquet as pq
 
-        table = pq.read_table(path)
+        try:
+            table = pq.read_table(path)
+        except (pyarrow.ArrowException, OSError) as e:
+            raise ActSparseError(f"{path}: not a readable parquet file ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
         if field not in table.column_names:
             raise ActSparseError(f"{path}: no column {field!r}; columns: {', '.join(table.column_names)}")
         return [str(t) for t in table.column(field).to_pylist()]
     if name.endswith(TEXT_SUFFIXES) or "." not in name:
-        return [path.read_text(encoding="utf-8")]
+        return [read_text(path)]
     raise ActSparseError(
         f"{path}: unknown text format; use .txt/.raw (plain text), .jsonl/.jsonl.gz ({{\"{field}\": ...}} per line) or .parquet"
     )
+
+
+def _read_jsonl_text(path: Path) -> str:
+    try:
+        data = gzip.decompress(path.read_bytes()) if path.name.lower().endswith(".gz") else path.read_bytes()
+    except (OSError, EOFError, zlib.error) as e:
+        raise ActSparseError(f"{path}: cannot read ({e})") from None
+    return decode_utf8(data, path)
 
 
 def wants_bos(tokenizer) -> bool:

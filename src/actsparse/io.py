@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Callable
 
@@ -20,12 +19,16 @@ from torch import nn
 
 from .config import config_from_dict
 from .errors import ActSparseError
+from .files import check_hf_config, check_json_files, check_safetensors, read_json
 from .nn import SparseGatedMLP, SparseLinear
+from .outputs import atomic_output
 from .swap import swap_modules
 
 FORMAT_VERSION = 1
 META_FILE = "actsparse.json"
 STATE_FILE = "actsparse.safetensors"
+SAVED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+META_KEYS = {"dtype": str, "config": dict, "recipe": dict, "modules": dict}
 
 Restore = Callable[[nn.Module, str, dict], None]
 MODULE_KINDS: dict[str, tuple[type, Restore]] = {}
@@ -79,15 +82,7 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, overwri
     config = getattr(model, "actsparse_config", None)
     if config is None:
         raise ActSparseError("model was not sparsified by actsparse (use sparsify_ first, DenseConfig for a baseline)")
-    directory = Path(directory)
-    if directory.exists() and not directory.is_dir():
-        raise ActSparseError(f"{directory}: exists and is not a directory")
-    if directory.exists() and any(directory.iterdir()) and not overwrite:
-        raise ActSparseError(f"{directory}: exists and is not empty (choose another output or allow overwriting)")
-    tmp = directory.with_name(f".{directory.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_output(directory, overwrite) as tmp:
         state = _state_tensors(model)
         model.save_pretrained(tmp, state_dict=_hf_state_dict(model, state))
         if tokenizer is not None:
@@ -101,13 +96,7 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, overwri
             "modules": {name: m.spec() for name, m in _state_modules(model).items()},
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        if directory.exists():
-            shutil.rmtree(directory)
-        os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return directory
+    return Path(directory)
 
 
 def read_meta(directory: str | os.PathLike) -> dict:
@@ -121,15 +110,32 @@ def read_meta(directory: str | os.PathLike) -> dict:
             raise ActSparseError(f"{directory / required}: missing; not a complete actsparse directory")
     if not any(directory.glob("model*.safetensors")):
         raise ActSparseError(f"{directory / 'model.safetensors'}: missing; not a complete actsparse directory")
-    try:
-        meta = json.loads((directory / META_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise ActSparseError(f"{directory / META_FILE}: not valid JSON ({e.msg})") from None
+    meta = read_json(directory / META_FILE)
+    if not isinstance(meta, dict):
+        raise ActSparseError(f"{directory / META_FILE}: expected a JSON object, got {type(meta).__name__}")
     if meta.get("format_version") != FORMAT_VERSION:
         raise ActSparseError(
             f"{directory / META_FILE}: format version {meta.get('format_version')!r} is not supported "
             f"(this actsparse reads version {FORMAT_VERSION})"
         )
+    for key, kind in META_KEYS.items():
+        if not isinstance(meta.get(key), kind):
+            raise ActSparseError(f"{directory / META_FILE}: {key!r} missing or not a JSON {kind.__name__.replace('dict', 'object')}")
+    if meta["dtype"] not in SAVED_DTYPES:
+        raise ActSparseError(f"{directory / META_FILE}: dtype {meta['dtype']!r} is not one of {', '.join(SAVED_DTYPES)}")
+    for name, spec in meta["modules"].items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("kind"), str) or spec["kind"] not in MODULE_KINDS:
+            kind = spec.get("kind") if isinstance(spec, dict) else spec
+            raise ActSparseError(f"{directory / META_FILE}: unknown module kind {kind!r} for {name} "
+                                 f"(known: {', '.join(sorted(MODULE_KINDS))})")
+    try:
+        config_from_dict(meta["config"])
+    except ActSparseError as e:
+        raise ActSparseError(f"{directory / META_FILE}: {e}") from None
+    check_json_files(directory)
+    check_hf_config(directory)
+    for path in [directory / STATE_FILE, *sorted(directory.glob("model*.safetensors"))]:
+        check_safetensors(path)
     return meta
 
 
@@ -148,7 +154,7 @@ def load(directory: str | os.PathLike, device: str = "cpu"):
     directory = Path(directory)
     meta = read_meta(directory)
     config = config_from_dict(meta["config"])
-    dtype = getattr(torch, meta["dtype"])
+    dtype = SAVED_DTYPES[meta["dtype"]]
     try:
         model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype).to(device).eval()
     except (RuntimeError, ValueError, OSError) as e:
@@ -156,10 +162,10 @@ def load(directory: str | os.PathLike, device: str = "cpu"):
     tokenizer = saved_tokenizer(directory)
     swap_modules(model)
     for name, spec in meta["modules"].items():
-        kind = MODULE_KINDS.get(spec.get("kind"))
-        if kind is None:
-            raise ActSparseError(f"{directory / META_FILE}: unknown module kind {spec.get('kind')!r} for {name}")
-        kind[1](model, name, spec)
+        try:
+            MODULE_KINDS[spec["kind"]][1](model, name, spec)
+        except (AttributeError, KeyError, TypeError, ValueError, RuntimeError, IndexError, OverflowError) as e:
+            raise ActSparseError(f"{directory / META_FILE}: module {name!r} does not fit the model ({type(e).__name__}: {e})") from None
     _load_state(model, directory / STATE_FILE)
     model.actsparse_config = config
     model.actsparse_recipe = meta.get("recipe", {})

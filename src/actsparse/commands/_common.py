@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from ..config import config_fields, parse_option
 from ..errors import ActSparseError
 
 DEFAULT_CALIB = "python-docs:calibration"
@@ -37,7 +38,9 @@ def add_method_options(p: argparse.ArgumentParser) -> None:
                    help="any other field of the method's config, e.g. --option alpha=0.8 (repeatable)")
 
 
-def method_fields(args: argparse.Namespace) -> dict[str, Any]:
+def method_fields(args: argparse.Namespace, methods: list[str]) -> dict[str, Any]:
+    """--selection, --allocation and each --option KEY=VALUE, parsed against the type of the config
+    field KEY of the first of `methods` that has it (make_config then refuses a method without it)."""
     fields: dict[str, Any] = {}
     if args.selection is not None:
         fields["selection"] = args.selection
@@ -47,10 +50,8 @@ def method_fields(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep or not key:
             raise ActSparseError(f"--option {item!r}: expected KEY=VALUE")
-        try:
-            fields[key] = json.loads(value)
-        except json.JSONDecodeError:
-            fields[key] = value
+        owner = next((m for m in methods if key in config_fields(m)), methods[0] if methods else "")
+        fields[key] = parse_option(owner, key, value)
     return fields
 
 

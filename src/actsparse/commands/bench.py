@@ -17,6 +17,7 @@ from ..kernels.benchmark import (
 )
 from ..loading import is_actsparse_dir, load_model, parse_dtype
 from ..methods import sparsify_
+from ..outputs import check_file_output
 from ..swap import swap_modules
 from ._common import DEFAULT_CALIB, DEFAULT_EVAL, check_positive, log, write_json_atomic
 
@@ -70,6 +71,8 @@ def _check(args) -> None:
         raise ActSparseError(f"--tokens must be at least 8, got {args.tokens}")
     if args.model is not None and args.shape is not None:
         raise ActSparseError("give a model or --shape, not both")
+    if args.json:
+        check_file_output(args.json, "--json")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ActSparseError("--device cuda: no CUDA device is visible")
 

@@ -2,15 +2,13 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-from pathlib import Path
 
 from ..compare import check_saved, markdown_table, pareto_plot, ppl_p_summary, run_comparison
 from ..config import make_config
 from ..data import read_texts, text_batches
 from ..errors import ActSparseError
 from ..loading import load_model, load_tokenizer, parse_dtype
+from ..outputs import atomic_output, check_output
 from ._common import (DEFAULT_EVAL, add_calibration, add_method_options, add_model, check_positive, log,
                       method_fields, parse_list, parse_sparsities)
 
@@ -41,14 +39,12 @@ def run(args) -> int:
     methods = parse_list(args.methods, "--methods") if args.methods is not None else []
     sparsities = parse_sparsities(args.sparsity) if args.sparsity is not None else []
     saved = parse_list(args.saved, "--saved") if args.saved is not None else []
-    fields = method_fields(args)
+    fields = method_fields(args, methods)
     for m in methods:  # fail on a bad name or option before any slow work
         if m != "dense":
             make_config(m, sparsity=sparsities[0], **fields)
     check_positive("--windows", args.windows)
-    out = Path(args.out)
-    if out.exists() and any(out.iterdir()):
-        raise ActSparseError(f"{out}: exists and is not empty")
+    out = check_output(args.out, what="--out")
     texts = read_texts(args.calib) if methods else None  # a bad file fails before the model loads
     if args.ppl != "wikitext2":
         read_texts(args.ppl)
@@ -64,19 +60,10 @@ def run(args) -> int:
     calib = f"calibration: {args.calib} ({args.calib_samples}x{args.calib_seq_len}); " if methods else ""
     header = (f"model: {args.model or 'SmolLM2-135M-Instruct (embedded)'}; {calib}perplexity: {args.ppl}, "
               f"{args.windows} windows of {args.seq_len}; every token sparsified")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
-        tmp.mkdir(parents=True)
+    with atomic_output(out) as tmp:
         (tmp / "results.json").write_text(json.dumps({"setup": header, "rows": rows, "ppl_5pct_sparsity": summary}, indent=1))
         (tmp / "results.md").write_text(f"{header}\n\n{table}\n\nPPL-5% sparsity (measured): {json.dumps(summary)}\n")
         pareto_plot(rows, tmp / "pareto.png", title="perplexity vs measured sparsity")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     print(header)
     print(table)
     print(json.dumps({"rows": [{k: r[k] for k in ("method", "source", "target", "ppl", "sparsity_model", "sparsity_mlp")} for r in rows]}))

@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 from ..config import DenseConfig
+from ..data import read_texts
 from ..errors import ActSparseError
 from ..evaluate import perplexity
 from ..loading import load_model, parse_dtype
 from ..measure import measure_sparsity
 from ..methods import sparsify_
+from ..outputs import check_file_output
 from ._common import add_model, check_positive, parse_list, write_json_atomic
 
 
@@ -49,6 +51,15 @@ def run(args) -> int:
         raise ActSparseError("nothing to evaluate: give --ppl FILE and/or --tasks a,b")
     check_positive("--windows", args.windows)
     check_positive("--limit", args.limit)
+    if args.ppl and args.ppl != "wikitext2":
+        read_texts(args.ppl)  # a bad file fails before the model loads
+    if args.json:
+        check_file_output(args.json, "--json")
+    if args.tasks:
+        from ..zeroshot import default_task_dir, task_config
+
+        for name in parse_list(args.tasks, "--tasks"):  # a missing or damaged task file fails before the model loads
+            task_config(name, args.task_dir or default_task_dir())
     model, tokenizer = load_model(args.model, parse_dtype(args.dtype), args.device)
     if tokenizer is None:
         raise ActSparseError(f"{args.model}: no tokenizer saved with the model")

@@ -10,6 +10,7 @@ from ..errors import ActSparseError
 from ..io import save
 from ..loading import load_model, parse_dtype
 from ..methods import sparsify_
+from ..outputs import check_output
 from ..train.student import student_config, student_model
 from ._common import add_calibration, add_method_options, add_model, check_positive, log, method_fields
 
@@ -31,7 +32,7 @@ def register(sub) -> None:
 
 
 def run(args) -> int:
-    fields = dict(sparsity=args.sparsity, **method_fields(args))
+    fields = dict(sparsity=args.sparsity, **method_fields(args, [args.method]))
     config = make_config(args.method, **fields)  # validates before the slow model load
     check_positive("--calib-samples", args.calib_samples)
     if args.student is not None and config.method != "prosparse":
@@ -41,6 +42,7 @@ def run(args) -> int:
     if args.student is not None:
         config = student_config(args.student, config)  # a conflicting train_threshold fails before the model loads
     texts = read_texts(args.calib)  # a bad file fails before the model loads
+    check_output(args.output, args.overwrite)
     model, tokenizer = load_model(args.model, parse_dtype(args.dtype), args.device)
     calibration = text_batches(tokenizer, texts, args.calib_samples, args.calib_seq_len)
     start = time.perf_counter()

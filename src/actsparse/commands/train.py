@@ -13,6 +13,7 @@ from ..data import read_texts
 from ..errors import ActSparseError
 from ..io import save
 from ..loading import load_model
+from ..outputs import check_file_output, check_output
 from ._common import check_positive, log, parse_list, parse_stages, write_json_atomic
 
 METHODS = ("prosparse",)
@@ -66,7 +67,8 @@ def register(sub) -> None:
 
 def run(args) -> int:
     from ..train import TrainArgs, finished, pack_texts, setup, train_prosparse
-    from ..train.checkpoint import checkpoint_dir
+    from ..train.checkpoint import checkpoint_dir, find_checkpoint
+    from ..train.checkpoint import read_meta as read_checkpoint_meta
 
     if args.method not in METHODS:
         raise ActSparseError(f"--method {args.method!r} cannot be trained; trainable methods: {', '.join(METHODS)}")
@@ -78,12 +80,15 @@ def run(args) -> int:
                            log_every=args.log_every, save_every=args.save_every, seed=args.seed, bf16=args.bf16,
                            distill=args.distill, distill_hidden=args.distill_hidden, time_limit=args.time_limit,
                            compile=args.compile)
-    output = Path(args.output)
-    if output.exists() and any(output.iterdir()) and not args.overwrite and not args.resume:
-        raise ActSparseError(f"{output}: exists and is not empty (choose another output or pass --overwrite)")
+    output = check_output(args.output, args.overwrite)  # --resume too: a user's files stay unless --overwrite
+    if args.json:
+        check_file_output(args.json, "--json")
     sources = parse_list(args.data, "--data")
     for source in sources:
         read_texts(source)  # a bad file fails before the model loads
+    if args.resume:
+        found = find_checkpoint(args.resume)
+        read_checkpoint_meta(found)  # a damaged checkpoint fails before the model loads
     dist = setup(args.device)
     model, tokenizer = load_model(args.model, device=str(dist.device))
     windows = pack_texts(tokenizer, sources, args.seq_len)
@@ -96,7 +101,7 @@ def run(args) -> int:
     if dist.is_main:
         last = history[-1] if history else {}
         if complete:
-            save(model.to("cpu"), output, tokenizer, overwrite=True)
+            save(model.to("cpu"), output, tokenizer, overwrite=args.overwrite)
             log(f"saved to {output}; log and checkpoints in {train_dir}")
         else:
             checkpoint = checkpoint_dir(train_dir, last["step"])

@@ -180,41 +180,50 @@ def train(
         began = time.perf_counter()
         bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc="prosparse", unit="step",
                    file=sys.stderr, disable=not (progress and dist.is_main))
-        for step in bar:
-            lam = schedule.lambda_at(step)
-            lr = scheduler.get_last_lr()[0]
-            for micro in range(args.grad_accum):
-                ids = batches.get(step * args.grad_accum + micro).to(device)
-                last = micro == args.grad_accum - 1
-                with (ddp.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
-                    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                        out = ddp(input_ids=ids, labels=ids if args.distill == 0 else None, use_cache=False)
-                        loss, kd, hidden = _losses(out, teacher, ids, args, layer_outputs, lm_kl)
-                    l1 = penalty.pop_term()
-                    (((1 - args.distill) * loss + args.distill * kd + args.distill_hidden * hidden + lam * l1)
-                     / args.grad_accum).backward()
-                sums += torch.stack([loss.detach().double(), kd.detach().double(), hidden.detach().double(),
-                                     l1.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
-            if args.max_grad_norm > 0:
-                nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            done = step + 1
-            stop = done < args.steps and _out_of_time(args.time_limit, began, dist, device)
-            if done % args.log_every == 0 or done == args.steps or stop:
-                row = _log_row(done, done * tokens_per_step, lr, lam, sums, penalty, dist, time.perf_counter() - began)
-                sums.zero_()
-                history.append(row)
-                if log is not None:
-                    log.write(row)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", l1=f"{row['l1']:.3g}", lam=f"{lam:.3g}", sparsity=f"{row['sparsity']:.3f}")
-            if stop or (args.save_every and done % args.save_every == 0):
-                if dist.is_main:
-                    save_checkpoint(checkpoint_dir(out_dir, done), model, optimizer, scheduler, done, run_meta)
-                dist.barrier()
-            if stop:
-                break
+        done = start
+        try:
+            for step in bar:
+                lam = schedule.lambda_at(step)
+                lr = scheduler.get_last_lr()[0]
+                for micro in range(args.grad_accum):
+                    ids = batches.get(step * args.grad_accum + micro).to(device)
+                    last = micro == args.grad_accum - 1
+                    with (ddp.no_sync() if dist.enabled and not last else contextlib.nullcontext()):
+                        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                            out = ddp(input_ids=ids, labels=ids if args.distill == 0 else None, use_cache=False)
+                            loss, kd, hidden = _losses(out, teacher, ids, args, layer_outputs, lm_kl)
+                        l1 = penalty.pop_term()
+                        (((1 - args.distill) * loss + args.distill * kd + args.distill_hidden * hidden + lam * l1)
+                         / args.grad_accum).backward()
+                    sums += torch.stack([loss.detach().double(), kd.detach().double(), hidden.detach().double(),
+                                         l1.detach().double(), torch.ones((), dtype=torch.float64, device=device)])
+                if args.max_grad_norm > 0:
+                    nn.utils.clip_grad_norm_(model.parameters(), args.max_grad_norm)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=True)
+                done = step + 1
+                stop = done < args.steps and _out_of_time(args.time_limit, began, dist, device)
+                if done % args.log_every == 0 or done == args.steps or stop:
+                    row = _log_row(done, done * tokens_per_step, lr, lam, sums, penalty, dist, time.perf_counter() - began)
+                    sums.zero_()
+                    history.append(row)
+                    if log is not None:
+                        log.write(row)
+                    bar.set_postfix(loss=f"{row['loss']:.3f}", l1=f"{row['l1']:.3g}", lam=f"{lam:.3g}", sparsity=f"{row['sparsity']:.3f}")
+                if stop or (args.save_every and done % args.save_every == 0):
+                    if dist.is_main:
+                        save_checkpoint(checkpoint_dir(out_dir, done), model, optimizer, scheduler, done, run_meta)
+                    dist.barrier()
+                if stop:
+                    break
+        except KeyboardInterrupt:
+            if dist.is_main and done > start:
+                where = checkpoint_dir(out_dir, done)
+                save_checkpoint(where, model, optimizer, scheduler, done, run_meta)
+                print(f"actsparse: interrupted after step {done} of {args.steps}; checkpoint in {where}; "
+                      f"to continue, run the same command with --resume {out_dir}", file=sys.stderr, flush=True)
+            raise
     model.eval()
     return history
 
