@@ -111,7 +111,7 @@ class SparseLinear(nn.Module):
         self._packed_by_owner = False  # a fused gate+up of the MLP holding this linear
         self._group: SharedInput | None = None
         self._listeners: list[Callable[[], None]] = []
-        self._batch_seconds: dict[int, tuple[float, float]] = {}
+        self.batch_seconds: dict[int, tuple[float, float]] = {}  # (kernel s, dense s) by batch size (`batching`)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> "SparseLinear":
@@ -168,7 +168,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("score_scale", scale.detach().float().to(self.weight.device))
 
     def _state_changed(self) -> None:
-        self._batch_seconds.clear()
+        self.batch_seconds.clear()
         for callback in list(self._listeners):
             callback()
         self._repack()
@@ -178,7 +178,7 @@ class SparseLinear(nn.Module):
         self._repack()
 
     def _repack(self) -> None:
-        self._batch_seconds.clear()
+        self.batch_seconds.clear()
         running = self.kernels and self.mode != "dense"
         lead = self._group is not None and self._group.members[0] is self
         if lead:
@@ -286,7 +286,7 @@ class SparseLinear(nn.Module):
         if self.packed_weight_t is None:
             return None
         x2 = x.reshape(tokens, self.in_features).contiguous()
-        if not batching.kernel_pays(self._batch_seconds, tokens, lambda: self._run(x2), lambda: F.linear(x2, self.weight), x.device):
+        if not batching.kernel_pays(self.batch_seconds, tokens, lambda: self._run(x2), lambda: F.linear(x2, self.weight), x.device):
             return None
         return self._run(x2).reshape(*x.shape[:-1], self.out_features)
 
@@ -312,7 +312,7 @@ class SparseLinear(nn.Module):
             return ops.input_sparse_linear(kept, lead.packed_weight_t, threshold, scale, lead.packed_bias,
                                            None, None, False, lead.target)
 
-        if not batching.kernel_pays(lead._batch_seconds, tokens, call,
+        if not batching.kernel_pays(lead.batch_seconds, tokens, call,
                                     lambda: [F.linear(x2, m.weight) for m in group.members], x.device):
             return None
         outputs = tuple(part.reshape(*x.shape[:-1], part.shape[-1]) for part in call().split(group.sizes, dim=-1))

@@ -55,7 +55,7 @@ class SparseGatedMLP(nn.Module):
             self.register_buffer(buffer, None, persistent=False)
         self._gate_up_group = 1
         self._gated_act: str | None = None
-        self._batch_seconds: dict[int, tuple[float, float]] = {}
+        self.batch_seconds: dict[int, tuple[float, float]] = {}  # (kernel s, dense s) by batch size (`batching`)
 
     @property
     def gate_linear(self) -> SparseLinear | None:
@@ -119,7 +119,7 @@ class SparseGatedMLP(nn.Module):
 
     def _repack(self) -> None:
         """The packs the kernels read, decided from this module's and its linears' state."""
-        self._batch_seconds.clear()
+        self.batch_seconds.clear()
         gate, up, down = self.gate_linear, self.up_linear, self.down_linear
         fuse = self.kernels and self.gate_mode == "dense" and gate is not None and same_selection(gate, up)
         if gate is not None:
@@ -187,7 +187,7 @@ class SparseGatedMLP(nn.Module):
         x2 = x.reshape(tokens, self.hidden_size).contiguous()
         rows = self.output_sparse_rows()
         if rows is not None:
-            if not batching.kernel_pays(self._batch_seconds, tokens, lambda: self._gate_driven(x2, rows),
+            if not batching.kernel_pays(self.batch_seconds, tokens, lambda: self._gate_driven(x2, rows),
                                         lambda: self._dense_products(x2), x.device):
                 return None
             y = self._gate_driven(x2, rows)
@@ -209,7 +209,7 @@ class SparseGatedMLP(nn.Module):
         def call() -> torch.Tensor:
             return ops.input_sparse_linear(kept, fused, threshold, scale, bias, None, None, False, gate.target)
 
-        if not batching.kernel_pays(self._batch_seconds, x2.shape[0], call,
+        if not batching.kernel_pays(self.batch_seconds, x2.shape[0], call,
                                     lambda: (F.linear(x2, gate.weight), F.linear(x2, self.up_linear.weight)), x2.device):
             return self.masked_product(gate.reference(x2), self.up_linear.reference(x2))[1]
         return self.masked_product(*split_gate_up(call(), self._gate_up_group))[1]
