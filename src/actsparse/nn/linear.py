@@ -155,6 +155,10 @@ class SparseLinear(nn.Module):
         self.kernels = bool(enabled)
         self._state_changed()
 
+    def set_meter(self, meter: ReadMeter | None) -> None:
+        """Count this module's weight reads into `meter` (`actsparse.measure`); None stops."""
+        self.meter = meter
+
     def on_change(self, callback: Callable[[], None]) -> None:
         """Call `callback` whenever this module's sparsity state changes (its owner's packs)."""
         self._listeners.append(callback)

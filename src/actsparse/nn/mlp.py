@@ -99,6 +99,10 @@ class SparseGatedMLP(nn.Module):
         self.kernels = bool(enabled)
         self._repack()
 
+    def set_meter(self, meter: ReadMeter | None) -> None:
+        """Count this module's weight reads into `meter` (`actsparse.measure`); None stops."""
+        self.meter = meter
+
     def spec(self) -> dict[str, Any]:
         return {"kind": "SparseGatedMLP", "gate_mode": self.gate_mode, "gate_k": self.gate_k, "gate_target": self.gate_target}
 
