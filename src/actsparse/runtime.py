@@ -31,7 +31,10 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
     "torch" never."""
     if backend not in BACKENDS:
         raise ActSparseError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
-    device = torch.device(device)
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ActSparseError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
     if backend == "kernels" and not kernels_run(device, dtype):
         raise ActSparseError(f"no actsparse kernels for {dtype} weights on {device.type} ({_supported()}); "
                              "use --backend torch or another --dtype")

@@ -48,6 +48,7 @@ def run(args) -> int:
         if m != "dense":
             make_config(m, sparsity=sparsities[0], **fields)
     check_positive("--windows", args.windows)
+    resolve_backend(args.backend, args.device, parse_dtype(args.dtype))  # a bad pair fails before loading
     out = Path(args.out)
     if out.exists() and any(out.iterdir()):
         raise ActSparseError(f"{out}: exists and is not empty")

@@ -53,6 +53,7 @@ def run(args) -> int:
         raise ActSparseError("nothing to evaluate: give --ppl FILE and/or --tasks a,b")
     check_positive("--windows", args.windows)
     check_positive("--limit", args.limit)
+    resolve_backend(args.backend, args.device, parse_dtype(args.dtype))  # a bad pair fails before loading
     model, tokenizer = load_model(args.model, parse_dtype(args.dtype), args.device)
     if tokenizer is None:
         raise ActSparseError(f"{args.model}: no tokenizer saved with the model")

@@ -27,12 +27,12 @@ def run(args) -> int:
         raise ActSparseError("the prompt is empty")
     check_positive("--max-new-tokens", args.max_new_tokens)
     dtype = parse_dtype(args.dtype)
+    kernels = resolve_backend(args.backend, args.device, dtype)  # a bad pair fails before loading
     model, tokenizer = load_model(model_arg, dtype, args.device)
     if tokenizer is None:
         raise ActSparseError(f"{model_arg}: no tokenizer saved with the model")
     device = next(model.parameters()).device
     swap_modules(model)  # a dense model too, so that it runs through the same modules
-    kernels = resolve_backend(args.backend, device, dtype)
     log(f"decoding with {f'the {device.type} kernels' if kernels else 'the torch reference'}")
     use_kernels(model, kernels)
     ids = tokenizer(prompt, return_tensors="pt").input_ids
