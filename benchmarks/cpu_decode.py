@@ -26,9 +26,10 @@ from actsparse import TealConfig, sparsify_
 from actsparse.commands._common import DEFAULT_CALIB, DEFAULT_EVAL
 from actsparse.data import read_texts, text_batches, tokenize_texts
 from actsparse.engine import DecodeEngine
-from actsparse.kernels import cpu_ops, set_backend
+from actsparse.kernels import cpu_ops
 from actsparse.kernels.benchmark import environment, hf_generate_speed, measured_sparsity, read_bytes, speed_result
 from actsparse.loading import load_model
+from actsparse.runtime import use_kernels
 from actsparse.swap import swap_modules
 
 SHAPES = {"q/o 576x576": (576, 576), "gate+up 576x3072": (576, 3072), "down 1536x576": (1536, 576)}
@@ -59,7 +60,7 @@ def kernel_section(threads_all: int) -> list[dict]:
             dense = best_time(lambda: F.linear(x, ws[next(it) % copies]), copies)
             for s in (0.0, 0.25, 0.5, 0.65, 0.9):
                 t = torch.tensor(-1.0 if s == 0 else float(x.abs().quantile(s)))
-                sparse = best_time(lambda: cpu_ops.input_sparse_linear(x, wts[next(it) % copies], t, None, None, None, None, False), copies)
+                sparse = best_time(lambda: cpu_ops.input_sparse_linear(x, wts[next(it) % copies], t, None, None, None, None, False, s), copies)
                 rows.append({"shape": name, "threads": threads, "sparsity": s, "dense_us": dense * 1e6,
                              "sparse_us": sparse * 1e6, "speedup": dense / sparse, "dense_gb_s": k * n * 4 / dense / 1e9})
                 print(f"{name:<18} threads={threads} s={s:.2f} torch {dense * 1e6:7.1f}us sparse {sparse * 1e6:7.1f}us x{dense / sparse:.2f}", flush=True)
@@ -79,7 +80,7 @@ def decode_section(levels: list[float], tokens: int, repeats: int) -> dict:
     for s in levels:
         sparse_model = copy.deepcopy(model)
         sparsify_(sparse_model, TealConfig(sparsity=s), calibration)
-        set_backend(sparse_model, "cpu")
+        use_kernels(sparse_model)
         sparse_engine = DecodeEngine(sparse_model, max_len=32 + tokens)
         sparse_engine.generate(prompt, 4)
         dense_runs, sparse_runs = [], []

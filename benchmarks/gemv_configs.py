@@ -119,8 +119,7 @@ def main() -> int:
                 timed.append((us, cfg))
             timed.sort(key=lambda uc: uc[0])
             tuning.clear()
-            ops.set_sparsity_hint(wts[0], s)
-            ops.input_sparse_linear(x, wts[0], t, None, None, None, None, False)  # the product's path: tunes
+            ops.input_sparse_linear(x, wts[0], t, None, None, None, None, False, s)  # the product's path: tunes
             pick = next(iter(tuning.tuned().values()))
             pick_us = next((us for us, cfg in timed if cfg == pick), float("nan"))
             row = {

@@ -45,9 +45,7 @@ def sweep(k: int, n: int, what: str, extra: list[ops.GemvConfig]) -> dict:
     x = torch.randn(1, k, device="cuda").to(dtype)
     half = torch.tensor(float(x.abs().float().quantile(0.5)), device="cuda")
     none = torch.tensor(float("inf"), device="cuda")
-    for wt in wts:
-        ops.set_sparsity_hint(wt, 0.5)
-    ops.input_sparse_linear(x, wts[0], half, None, None, None, None, False)
+    ops.input_sparse_linear(x, wts[0], half, None, None, None, None, False, 0.5)
     tuned = ops.tuning.tuned()[("gemv", n, k, 1, dtype, False, False, False, False, ops.tuning.sparsity_bin(0.5))]
     ys = torch.empty(1, n, device="cuda", dtype=dtype)
     rows = []

@@ -42,6 +42,7 @@ Results go to OUT/gpu_matrix.json (rewritten after every section) and a log; a s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -55,17 +56,18 @@ import torch.nn.functional as F
 import triton
 
 from actsparse.engine import DecodeEngine
-from actsparse.kernels import attention_ops, dispatch, register_backend, set_backend, tuning
+from actsparse.kernels import attention_ops, batching, tuning
+from actsparse.kernels import ops as op_defs
 from actsparse.kernels import triton_ops as ops
-from actsparse.kernels.triton_backend import batched_backend
 from actsparse.kernels.benchmark import (
     collect_scores, environment, hf_generate_speed, impose_sparsity, impose_topk, measured_sparsity, random_model,
     read_bytes, speed_result, timed_decode,
 )
 from actsparse.calibrate import topk_count
+from actsparse.nn import packing
+from actsparse.runtime import use_kernels
 from actsparse.swap import swap_modules
 
-register_backend(batched_backend("triton-batch8"))  # kernels on every batch ("triton" measures each first)
 SPARSITIES = (0.0, 0.25, 0.4, 0.5, 0.65, 0.9)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 2e-2}
@@ -220,13 +222,13 @@ def section_check(run: Run) -> dict:
     # The gated gate+up call (act(gate) * up in the epilogue), every candidate, batch 1.
     for dtype in (torch.bfloat16, torch.float16):
         for k, j in ((1000, 512), (4096, 14336)):
-            group = dispatch.gate_up_group(j)
+            group = packing.gate_up_group(j)
             x = torch.randn(1, k, device=dev).to(dtype)
             gate_t, up_t = ((torch.randn(k, j, device=dev) / math.sqrt(k)).to(dtype) for _ in range(2))
-            packed = dispatch.interleave_gate_up(gate_t, up_t, group)
+            packed = packing.interleave_gate_up(gate_t, up_t, group)
             for s in (0.0, 0.5, 0.95):
                 t = torch.tensor(-1.0 if s == 0 else float(x.abs().float().quantile(s)), device=dev)
-                g, u = dispatch.split_gate_up(ref_gemv(x, packed, t).to(dtype), group)
+                g, u = packing.split_gate_up(ref_gemv(x, packed, t).to(dtype), group)
                 for act, fn in (("silu", F.silu), ("gelu_tanh", lambda v: F.gelu(v, approximate="tanh"))):
                     ref = (fn(g.float()).to(dtype) * u).double()
                     for cfg in ops.gated_candidates(2 * j, k, x.device, group)[:: 1 if dtype == torch.bfloat16 else 8]:
@@ -341,7 +343,6 @@ def check_model(run: Run, dtypes=(torch.float32, torch.bfloat16)) -> dict:
     input in bf16, and the compiled + CUDA-graph engine against the eager one."""
     import transformers
 
-    from actsparse.kernels.dispatch import linear_reference
     from actsparse.nn import SparseGatedMLP, SparseLinear
 
     config = transformers.LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=4,
@@ -360,24 +361,22 @@ def check_model(run: Run, dtypes=(torch.float32, torch.bfloat16)) -> dict:
                 impose_sparsity(model, collect_scores(model, torch.randint(0, 4096, (1, 64)), method), 0.5)
             with torch.inference_mode():
                 ref = model(input_ids=ids).logits.double()
-                set_backend(model, "triton-batch8")
+                use_kernels(model)
                 module_errs = []
 
                 def hook(module, args, output):
-                    if isinstance(module, SparseLinear):
-                        expect = linear_reference(module, args[0])
-                    else:
-                        expect = module._forward_reference(args[0])
+                    expect = module.reference(args[0])
                     module_errs.append(rel_err(output, expect.double()))
 
                 handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (SparseLinear, SparseGatedMLP))]
-                got = model(input_ids=ids).logits
+                with batching.always_kernels():  # the 8-token batch through the kernels
+                    got = model(input_ids=ids).logits
                 for h in handles:
                     h.remove()
             key = f"{method} {str(dtype)[6:]}"
             out[key] = {"logits_rel_err": rel_err(got, ref), "worst_module_rel_err": max(module_errs)}
             if dtype == torch.float32:
-                set_backend(model, "triton")
+                use_kernels(model)  # batches measured afresh
                 eager = DecodeEngine(model, max_len=48, compile=False, cuda_graph=False)
                 graphed = DecodeEngine(model, max_len=48)
                 a, b = eager.generate(ids[:1], 24).tokens, graphed.generate(ids[:1], 24).tokens
@@ -406,11 +405,9 @@ def time_gemv(k: int, n: int, dtype: torch.dtype, batch: int, sparsities, what: 
     dense = graph_time([lambda w=w: F.linear(x, w) for w in ws])
     for s in sparsities:
         t = torch.tensor(-1.0 if s == 0 else float(x.abs().float().quantile(s)), device="cuda")
-        for wt in wts:
-            ops.set_sparsity_hint(wt, s)
         union = (x.abs().float() > t).any(0).float().mean().item()
-        err = rel_err(ops.input_sparse_linear(x, wts[0], t, None, None, None, None, False), ref_gemv(x, wts[0], t))
-        sparse = graph_time([lambda wt=wt: ops.input_sparse_linear(x, wt, t, None, None, None, None, False) for wt in wts])
+        err = rel_err(ops.input_sparse_linear(x, wts[0], t, None, None, None, None, False, s), ref_gemv(x, wts[0], t))
+        sparse = graph_time([lambda wt=wt: ops.input_sparse_linear(x, wt, t, None, None, None, None, False, s) for wt in wts])
         rows.append({"kernel": what, "k": k, "n": n, "dtype": str(dtype)[6:], "batch": batch, "sparsity": s,
                      "union_kept": union, "dense_us": dense * 1e6, "sparse_us": sparse * 1e6,
                      "speedup": dense / sparse, "ideal": 1 / max(union, 1e-9),
@@ -457,12 +454,10 @@ def time_floor(k: int, n: int, dtype: torch.dtype) -> dict:
     x = torch.randn(1, k, device="cuda").to(dtype)
     half = torch.tensor(float(x.abs().float().quantile(0.5)), device="cuda")
     none = torch.tensor(float("inf"), device="cuda")
-    for wt in wts:
-        ops.set_sparsity_hint(wt, 0.5)
-    ops.input_sparse_linear(x, wts[0], half, None, None, None, None, False)  # tunes at 50%
+    ops.input_sparse_linear(x, wts[0], half, None, None, None, None, False, 0.5)  # tunes at 50%
     y = torch.empty(1, device="cuda")
     return {"k": k, "n": n,
-            "nothing_kept_us": graph_time([lambda wt=wt: ops.input_sparse_linear(x, wt, none, None, None, None, None, False) for wt in wts]) * 1e6,
+            "nothing_kept_us": graph_time([lambda wt=wt: ops.input_sparse_linear(x, wt, none, None, None, None, None, False, 0.5) for wt in wts]) * 1e6,
             "empty_kernel_us": graph_time([lambda: _empty_kernel[(1,)](y)]) * 1e6}
 
 
@@ -476,21 +471,19 @@ def time_gated(k: int, j: int, dtype: torch.dtype, sparsities) -> list[dict]:
     torch's silu and product, and against cuBLAS on the fused [2J, K] weight alone."""
     rows = []
     nbytes = 2 * k * j * torch.finfo(dtype).bits // 8
-    group = dispatch.gate_up_group(j)
+    group = packing.gate_up_group(j)
     ws = [(torch.randn(2 * j, k, device="cuda") / math.sqrt(k)).to(dtype) for _ in range(copies_for(nbytes))]
-    packs = [dispatch.interleave_gate_up(w[:j].T, w[j:].T, group).contiguous() for w in ws]
+    packs = [packing.interleave_gate_up(w[:j].T, w[j:].T, group).contiguous() for w in ws]
     x = torch.randn(1, k, device="cuda").to(dtype)
     dense = graph_time([lambda w=w: F.linear(x, w) for w in ws])
     for s in sparsities:
         t = torch.tensor(-1.0 if s == 0 else float(x.abs().float().quantile(s)), device="cuda")
-        for p in packs:
-            ops.set_sparsity_hint(p, s)
 
         def unfused(p):
-            g, u = dispatch.split_gate_up(ops.input_sparse_linear(x, p, t, None, None, None, None, False), group)
+            g, u = packing.split_gate_up(ops.input_sparse_linear(x, p, t, None, None, None, None, False, s), group)
             return F.silu(g) * u
 
-        gated = graph_time([lambda p=p: ops.input_sparse_gated(x, p, t, None, None, group, "silu") for p in packs])
+        gated = graph_time([lambda p=p: ops.input_sparse_gated(x, p, t, None, None, group, "silu", s) for p in packs])
         apart = graph_time([lambda p=p: unfused(p) for p in packs])
         rows.append({"k": k, "j": j, "sparsity": s, "cublas_gemv_us": dense * 1e6, "gated_us": gated * 1e6, "unfused_us": apart * 1e6})
     del ws, packs
@@ -513,7 +506,7 @@ def section_topk(run: Run) -> dict:
                     x = ((x * 2).round() / 2 if ties else x).to(dtype)
                     for scale in (None, torch.rand(d, device=dev) + 0.5):
                         for k in (1, d // 10, d // 2, d):
-                            ref = dispatch.topk_kept_reference(x, k, scale)
+                            ref = op_defs.topk_kept_reference(x, k, scale)
                             candidates = ops.topk_candidates(d, x.device)
                             for cfg in candidates if dtype == torch.bfloat16 else candidates[::4]:
                                 out = torch.full_like(x, float("nan"))
@@ -536,22 +529,20 @@ def section_topk(run: Run) -> dict:
         dense = graph_time([lambda w=w: F.linear(x, w) for w in ws])
         for s in (0.25, 0.5, 0.65, 0.9):
             kk = topk_count(k, s)
-            for wt in wts:
-                ops.set_sparsity_hint(wt, s)
             t = torch.tensor(float(x.abs().float().quantile(s)), device=dev)
 
             def by_kernel(wt):
-                return ops.input_sparse_linear(ops.topk_kept(x, kk, None), wt, zero, None, None, None, None, False)
+                return ops.input_sparse_linear(ops.topk_kept(x, kk, None), wt, zero, None, None, None, None, False, s)
 
             def by_torch(wt):
-                return ops.input_sparse_linear(dispatch.topk_kept_reference(x, kk, None), wt, zero, None, None, None, None, False)
+                return ops.input_sparse_linear(op_defs.topk_kept_reference(x, kk, None), wt, zero, None, None, None, None, False, s)
 
-            kept_ref = dispatch.topk_kept_reference(x, kk, None)
+            kept_ref = op_defs.topk_kept_reference(x, kk, None)
             row = {"kernel": what, "k": k, "n": n, "sparsity": s, "kept": kk, "dense_us": dense * 1e6,
                    "select_us": graph_time([lambda: ops.topk_kept(x, kk, None)]) * 1e6,
                    "topk_us": graph_time([lambda wt=wt: by_kernel(wt) for wt in wts]) * 1e6,
                    "torch_topk_us": graph_time([lambda wt=wt: by_torch(wt) for wt in wts]) * 1e6,
-                   "threshold_us": graph_time([lambda wt=wt: ops.input_sparse_linear(x, wt, t, None, None, None, None, False)
+                   "threshold_us": graph_time([lambda wt=wt: ops.input_sparse_linear(x, wt, t, None, None, None, None, False, s)
                                                for wt in wts]) * 1e6,
                    "rel_err": rel_err(by_kernel(wts[0]), ref_gemv(kept_ref, wts[0], zero))}
             row.update(speedup=row["dense_us"] / row["topk_us"], torch_speedup=row["dense_us"] / row["torch_topk_us"])
@@ -589,8 +580,9 @@ def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bo
     actsparse's decode attention kernel. `tune_in_step` False: the kernels' launch configs are
     the fastest timed alone, not re-chosen inside the decode step (`DecodeEngine.tune`).
     `inductor_options`: passed to the engine's compile, dense and sparse alike (None: the
-    engine's default). `backend`: the kernel backend of the sparse model ("triton": a batch
-    runs a module's kernel where it measured faster than dense; "triton-batch8": always).
+    engine's default). `backend`: how the sparse model's batches run ("triton": a batch runs
+    a module's kernel where it measured faster than dense; "triton-batch8": always,
+    `batching.always_kernels`).
     `selection` "topk": every linear keeps its top-K inputs per token (`impose_topk`) instead of
     TEAL thresholds."""
     prompt_len = 32
@@ -627,9 +619,10 @@ def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bo
             impose_topk(model, s)
         else:
             impose_sparsity(model, scores, s)
-        set_backend(model, backend)
+        use_kernels(model)
         engine.invalidate()
-        sparse = timed_decode(engine, prompts, tokens, repeats=2, tune=tune_in_step)
+        with batching.always_kernels() if backend == "triton-batch8" else contextlib.nullcontext():
+            sparse = timed_decode(engine, prompts, tokens, repeats=2, tune=tune_in_step)
         measured = measured_sparsity(model, torch.cat([prompts, sparse.tokens], 1))
         row = speed_result(dense, sparse, measured, linear_bytes, other_bytes, batch)
         row.update(target=s, warm_s=time.perf_counter() - t0, tuning_in_step=engine.tuning_report,
@@ -654,7 +647,7 @@ def batch_choices(model: torch.nn.Module, batch: int) -> dict:
     (the "triton" backend's choice), by module kind, with the summed times."""
     out: dict = {}
     for module in model.modules():
-        seconds = getattr(module, "actsparse_batch_seconds", {}).get(batch)
+        seconds = getattr(module, "batch_seconds", {}).get(batch)
         if seconds is None:
             continue
         kind = out.setdefault(type(module).__name__, {"kernel": 0, "dense": 0, "kernel_us": 0.0, "dense_us": 0.0})
@@ -677,7 +670,7 @@ def section_profile(run: Run, steps: int = 8) -> dict:
     for label, sparsity in (("dense", None), ("sparse 0.5", 0.5)):
         if sparsity is not None:
             impose_sparsity(model, scores, sparsity)
-            set_backend(model, "triton")
+            use_kernels(model)
             engine.invalidate()
         engine.generate(prompts, 4)  # compile, tune, capture
         # The prefill is profiled alone and taken out, leaving the graph replays of the steps.
@@ -745,14 +738,12 @@ def extra_kernels(run: Run) -> dict:
         dense_mlp = graph_time([lambda: F.linear(F.silu(F.linear(x, wg)) * F.linear(x, wu), wd)])
         for s in SPARSITIES:
             t = torch.tensor(-1.0 if s == 0 else float(a.abs().float().quantile(s)), device="cuda")
-            ops.set_sparsity_hint(wu, s)
-            ops.set_sparsity_hint(wdt, s)
-            rows_t = graph_time([lambda: ops.output_sparse_rows(x, a, t, wu)])
+            rows_t = graph_time([lambda: ops.output_sparse_rows(x, a, t, wu, s)])
 
             def mlp():
                 aa = F.silu(F.linear(x, wg))
-                m = ops.output_sparse_rows(x, aa, t, wu)
-                return ops.input_sparse_linear(m, wdt, zero, None, None, None, None, False)
+                m = ops.output_sparse_rows(x, aa, t, wu, s)
+                return ops.input_sparse_linear(m, wdt, zero, None, None, None, None, False, s)
 
             mlp_t = graph_time([mlp])
             out["cats_up"].append({"batch": batch, "sparsity": s, "dense_us": dense_up * 1e6, "sparse_us": rows_t * 1e6, "speedup": dense_up / rows_t})
@@ -770,11 +761,11 @@ def extra_kernels(run: Run) -> dict:
             t = torch.tensor(float(x.abs().float().quantile(s)), device="cuda")
 
             def lowrank():
-                z = ops.input_sparse_linear(x, at, t, None, None, None, None, True)
-                return ops.input_sparse_linear(x, wt, t, None, None, lrb, z, False)
+                z = ops.input_sparse_linear(x, at, t, None, None, None, None, True, s)
+                return ops.input_sparse_linear(x, wt, t, None, None, lrb, z, False, s)
 
             lr = graph_time([lowrank])
-            z = ops.input_sparse_linear(x, at, t, None, None, None, None, True)
+            z = ops.input_sparse_linear(x, at, t, None, None, None, None, True, s)
             ref = ref_gemv(x, wt, t, lrb=lrb, lrz=ref_gemv(x, at, t, complement=True).to(dtype))
             out["lowrank"].append({"sparsity": s, "rank": rank, "dense_us": dense * 1e6, "sparse_us": lr * 1e6,
                                    "speedup": dense / lr, "rel_err": rel_err(lowrank(), ref), "z_rel_err": rel_err(z, ref_gemv(x, at, t, complement=True))})

@@ -7,7 +7,7 @@ import torch
 import actsparse
 from actsparse.engine import DecodeEngine
 from actsparse.errors import ActSparseError
-from actsparse.kernels import set_backend
+from actsparse.runtime import use_kernels
 from tiny import ARCHS, random_tokens, tiny_model
 
 
@@ -54,10 +54,10 @@ def test_sparse_decode_through_kernels_is_the_sparse_forward_argmax(arch):
     engine = DecodeEngine(model, max_len=24)
     prompt = random_tokens(1, 5, seed=4)
     dense_like = engine.generate(prompt, 10).tokens  # torch reference modules
-    set_backend(model, "cpu")
+    use_kernels(model)
     engine.invalidate()
     sparse = engine.generate(prompt, 10).tokens
-    set_backend(model, "torch")
+    use_kernels(model, False)
     assert torch.equal(sparse, dense_like)
     assert torch.equal(sparse, _forward_argmax(model, prompt, sparse))
 

@@ -1,12 +1,16 @@
-"""The C++ CPU kernels against the torch reference, and the "cpu" backend on tiny models."""
+"""The C++ CPU kernels against the torch reference, as functions and as the CPU kernels of the
+`actsparse::` ops (traced and compiled), and tiny models running them."""
+import os
 import shutil
+import stat
 
 import pytest
 import torch
 
 import actsparse
 from actsparse.errors import ActSparseError
-from actsparse.kernels import cpu_ops, set_backend
+from actsparse.kernels import cpu_ops, ops
+from actsparse.runtime import use_kernels
 from tiny import random_tokens, tiny_model
 
 pytestmark = pytest.mark.skipif(shutil.which("g++") is None, reason="the cpu kernels build with g++")
@@ -35,7 +39,7 @@ def test_input_sparse_matches_reference(batch, sparsity, shape):
     k, n = shape
     x, wt = torch.randn(batch, k), torch.randn(k, n)
     t = _threshold(x, sparsity)
-    y = cpu_ops.input_sparse_linear(x, wt, t, None, None, None, None, False)
+    y = cpu_ops.input_sparse_linear(x, wt, t, None, None, None, None, False, sparsity)
     assert _rel(y, _reference(x, wt, t)) < 1e-5
 
 
@@ -46,7 +50,7 @@ def test_input_sparse_scale_bias_lowrank(complement):
     scale, bias = torch.rand(67) + 0.5, torch.randn(45)
     lrb, lrz = torch.randn(45, 5), torch.randn(2, 5)
     t = _threshold(x, 0.5)
-    y = cpu_ops.input_sparse_linear(x, wt, t, scale, bias, lrb, lrz, complement)
+    y = cpu_ops.input_sparse_linear(x, wt, t, scale, bias, lrb, lrz, complement, 0.5)
     ref = _reference(x, wt, t, scale, bias, complement) + lrz.double() @ lrb.double().T
     assert _rel(y, ref) < 1e-5
 
@@ -57,7 +61,7 @@ def test_output_sparse_rows_matches_reference(batch, sparsity):
     torch.manual_seed(2)
     x, a, w = torch.randn(batch, 100), torch.randn(batch, 70), torch.randn(70, 100)
     t = _threshold(a, sparsity)
-    m = cpu_ops.output_sparse_rows(x, a, t, w)
+    m = cpu_ops.output_sparse_rows(x, a, t, w, sparsity)
     ref = torch.where(a.abs() > t, a, 0.0).double() * (x.double() @ w.double().T)
     assert _rel(m, ref) < 1e-5
     assert torch.equal(m == 0, ref == 0)
@@ -65,19 +69,84 @@ def test_output_sparse_rows_matches_reference(batch, sparsity):
 
 def test_rejects_other_dtypes():
     with pytest.raises(ActSparseError, match="float32"):
-        cpu_ops.input_sparse_linear(torch.randn(1, 8).half(), torch.randn(8, 4).half(), torch.tensor(0.0), None, None, None, None, False)
+        cpu_ops.input_sparse_linear(torch.randn(1, 8).half(), torch.randn(8, 4).half(), torch.tensor(0.0), None, None, None, None, False, 0.5)
     model = tiny_model("llama", dtype=torch.bfloat16)
     actsparse.sparsify_(model, actsparse.TealConfig(sparsity=0.5), random_tokens(1, 16))
     with pytest.raises(ActSparseError, match="float32"):
-        set_backend(model, "cpu")
+        use_kernels(model)
 
 
 def test_library_is_cached_by_source_and_machine(tmp_path, monkeypatch):
-    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path))
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path / "cache"))
     path = cpu_ops.library_path("g++")
     assert path.is_relative_to(tmp_path) and path == cpu_ops.library_path("g++")
     cpu_ops.build("g++", path)
     assert path.is_file() and not [p for p in path.parent.iterdir() if p != path]  # no partial files left
+    for folder in (tmp_path / "cache", path.parent.parent, path.parent):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
+    assert cpu_ops.trusted_library(path)
+
+
+def test_cache_key_has_the_compilers_resolved_path(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path))
+    link = tmp_path / "bin" / "g++"
+    link.parent.mkdir()
+    link.symlink_to(shutil.which("g++"))
+    assert cpu_ops.library_path(str(link)) == cpu_ops.library_path("g++")  # the same compiler
+    copy = tmp_path / "bin" / "other-g++"
+    shutil.copy(os.path.realpath(shutil.which("g++")), copy)
+    assert cpu_ops.library_path(str(copy)) != cpu_ops.library_path("g++")  # another one, same version
+    with pytest.raises(ActSparseError, match="not found"):
+        cpu_ops.library_path("no-such-compiler")
+
+
+def test_a_library_others_can_write_is_removed_and_a_shared_cache_refused(tmp_path, monkeypatch):
+    monkeypatch.setenv("ACTSPARSE_CACHE", str(tmp_path / "cache"))
+    path = cpu_ops.library_path("g++")
+    cpu_ops.build("g++", path)
+    path.chmod(0o722)
+    assert not cpu_ops.trusted_library(path) and not path.exists()
+    path.parent.chmod(0o777)
+    with pytest.raises(ActSparseError, match="not private"):
+        cpu_ops.build("g++", path)
+
+
+def test_cpu_ops_dispatch_to_the_cpp_kernel_and_compile():
+    """The C++ kernels are the ops' CPU kernels: a call through the op runs the library, and a
+    function of the ops compiles with torch.compile and gives the eager result."""
+    torch.manual_seed(3)
+    x, wt, w = torch.randn(2, 64), torch.randn(64, 48), torch.randn(40, 64)
+    t = _threshold(x, 0.5)
+    calls = []
+    library = cpu_ops.library()
+
+    def step(x):
+        y = ops.input_sparse_linear(x, wt, t, None, None, None, None, False, 0.5)
+        return ops.output_sparse_rows(x, ops.topk_kept(y[:, :40], 10, None), torch.tensor(0.0), w, 0.75)
+
+    original = library.actsparse_input_sparse
+    try:
+        library.actsparse_input_sparse = lambda *a: (calls.append(1), original(*a))[1]
+        eager = step(x)
+        compiled = torch.compile(step, backend="eager", fullgraph=True)(x)
+    finally:
+        library.actsparse_input_sparse = original
+    assert len(calls) == 2  # the eager call and the compiled one (the op is opaque to tracing)
+    assert torch.equal(eager, compiled)
+    y = ops.input_sparse_linear_reference(x, wt, t, None, None, None, None, False, 0.5)
+    ref = ops.output_sparse_rows_reference(x, ops.topk_kept_reference(y[:, :40], 10, None), torch.tensor(0.0), w, 0.75)
+    assert _rel(eager, ref.double()) < 1e-5
+
+
+def test_compiled_cpu_decode_of_a_sparse_model_matches_torch():
+    model = tiny_model("llama")
+    actsparse.sparsify_(model, actsparse.TealConfig(sparsity=0.5), random_tokens(1, 32))
+    ids = random_tokens(1, 1, seed=6)
+    with torch.no_grad():
+        ref = model(ids).logits
+        use_kernels(model)
+        out = torch.compile(model, backend="inductor", fullgraph=False)(ids).logits
+    assert _rel(out, ref.double()) < 1e-5
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3", "qwen3", "gemma2"])
@@ -93,6 +162,6 @@ def test_model_through_cpu_backend_matches_torch(arch, config):
     ids = random_tokens(2, 4, seed=5)
     with torch.no_grad():
         ref = model(ids).logits
-        set_backend(model, "cpu")
+        use_kernels(model)
         out = model(ids).logits
     assert _rel(out, ref.double()) < 1e-5

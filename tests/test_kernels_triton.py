@@ -18,12 +18,12 @@ if os.environ["TRITON_INTERPRET"] != "1":
     pytest.skip("these tests run the Triton interpreter (TRITON_INTERPRET=1)", allow_module_level=True)
 
 import actsparse  # noqa: E402
-from actsparse.kernels import dispatch, register_backend, set_backend, triton_ops as ops, tuning  # noqa: E402
-from actsparse.kernels.triton_backend import batched_backend  # noqa: E402
+from actsparse.kernels import batching, cpu_ops, ops as op_defs, triton_ops as ops, tuning  # noqa: E402
+from actsparse.nn import packing  # noqa: E402
+from actsparse.runtime import use_kernels  # noqa: E402
 from actsparse.kernels.benchmark import collect_scores, impose_sparsity  # noqa: E402
 from tiny import random_tokens, tiny_model  # noqa: E402
 
-register_backend(batched_backend("triton-batch8"))  # kernels on every batch ("triton" measures each first)
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
 CONFIGS = {
     "compact": ops.GemvConfig(32, 16, 1, 4, 1),
@@ -34,6 +34,14 @@ CONFIGS = {
     "dot-compact-split-k": ops.GemvConfig(64, 32, 3, 4, 1, dot=True),
     "dot-masked": ops.GemvConfig(32, 16, 1, 4, 1, compact=False, dot=True),
 }
+
+
+@pytest.fixture(autouse=True, scope="module")
+def triton_kernels_on_cpu():
+    """The Triton kernels as the ops' CPU kernels (the interpreter runs them on CPU tensors)."""
+    ops.register("cpu")
+    yield
+    cpu_ops.register()
 
 
 def _skip_interpreter_bf16_dot(dtype, batch, dot=True):
@@ -146,9 +154,9 @@ def test_tuner_skips_unlaunchable_candidates():
 def test_input_sparse_op_skips_nothing_at_zero_sparsity_and_everything_above_max():
     torch.manual_seed(2)
     x, wt = torch.randn(2, 40), torch.randn(40, 24)
-    dense = ops.input_sparse_linear(x, wt, torch.tensor(float("-inf")), None, None, None, None, False)
+    dense = ops.input_sparse_linear(x, wt, torch.tensor(float("-inf")), None, None, None, None, False, 0.0)
     assert _rel(dense, x.double() @ wt.double()) < 1e-5
-    none = ops.input_sparse_linear(x, wt, torch.tensor(1e9), None, None, None, None, False)
+    none = ops.input_sparse_linear(x, wt, torch.tensor(1e9), None, None, None, None, False, 1.0)
     assert torch.equal(none, torch.zeros_like(none))
 
 
@@ -179,12 +187,12 @@ ACTS = {
 
 def test_interleaved_gate_up_splits_back():
     gate_t, up_t = torch.randn(5, 96), torch.randn(5, 96)
-    group = dispatch.gate_up_group(96)
-    packed = dispatch.interleave_gate_up(gate_t, up_t, group)
+    group = packing.gate_up_group(96)
+    packed = packing.interleave_gate_up(gate_t, up_t, group)
     assert group == 32 and torch.equal(packed[:, 32:64], up_t[:, :32]) and torch.equal(packed[:, 64:96], gate_t[:, 32:64])
-    g, u = dispatch.split_gate_up(packed, group)
+    g, u = packing.split_gate_up(packed, group)
     assert torch.equal(g, gate_t) and torch.equal(u, up_t)
-    assert dispatch.gate_up_group(100) == 100  # no power of two from 16 divides it: one group, [gate | up]
+    assert packing.gate_up_group(100) == 100  # no power of two from 16 divides it: one group, [gate | up]
 
 
 @pytest.mark.parametrize("act", sorted(ACTS))
@@ -198,12 +206,12 @@ def test_gated_op_returns_act_gate_times_up(act, dtype, sparsity, cfg):
     gate_t, up_t = (torch.randn(k, j) / 4).to(dtype), (torch.randn(k, j) / 4).to(dtype)
     bias = torch.randn(2 * j).to(dtype)
     t = _threshold(x, sparsity)
-    packed = dispatch.interleave_gate_up(gate_t, up_t, group)
+    packed = packing.interleave_gate_up(gate_t, up_t, group)
     m = torch.full((1, j), float("nan"), dtype=dtype)
     ops.launch_input_sparse(x, packed, t, None, bias, None, None, False, replace(cfg, bn=4 * group), m, act, group)
     kept = torch.where(x.abs().float() > t, x, torch.zeros((), dtype=dtype))
     gu = (kept.double() @ packed.double() + bias.double()).to(dtype)
-    g, u = dispatch.split_gate_up(gu, group)
+    g, u = packing.split_gate_up(gu, group)
     reference = (ACTS[act](g.float()).to(dtype) * u).double()
     assert _rel(m, reference) < TOL[dtype]
 
@@ -211,9 +219,9 @@ def test_gated_op_returns_act_gate_times_up(act, dtype, sparsity, cfg):
 def test_gated_op_names_a_bad_activation_and_batch():
     x, wt, t = torch.randn(1, 8), torch.randn(8, 64), torch.tensor(0.0)
     with pytest.raises(ValueError, match="act must be one of"):
-        ops.input_sparse_gated(x, wt, t, None, None, 16, "swiglu")
+        ops.input_sparse_gated(x, wt, t, None, None, 16, "swiglu", 0.5)
     with pytest.raises(ValueError, match="one token at a time"):
-        ops.input_sparse_gated(torch.randn(2, 8), wt, t, None, None, 16, "silu")
+        ops.input_sparse_gated(torch.randn(2, 8), wt, t, None, None, 16, "silu", 0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -229,7 +237,8 @@ def test_topk_kept_matches_reference(dtype, features, ties, scaled):
     scale = torch.rand(features) + 0.5 if scaled else None
     for k in (1, 7, features // 2, features - 1, features):
         out = ops.topk_kept(x, k, scale)
-        assert torch.equal(out, dispatch.topk_kept_reference(x, k, scale)), f"k={k}"
+        assert torch.equal(out, op_defs.topk_kept_reference(x, k, scale)), f"k={k}"
+        assert torch.equal(op_defs.topk_kept(x, k, scale), out)  # the op on CPU tensors: these kernels
 
 
 def test_topk_kept_all_tied_and_all_zero_rows():
@@ -250,10 +259,19 @@ def test_ops_trace_with_fake_tensors():
 
     with FakeTensorMode():
         x, wt, t = torch.empty(3, 40), torch.empty(40, 24), torch.empty(())
-        assert ops.input_sparse_linear(x, wt, t, None, None, None, None, False).shape == (3, 24)
-        assert ops.output_sparse_rows(x, torch.empty(3, 24), t, torch.empty(24, 40)).shape == (3, 24)
-        assert ops.input_sparse_gated(x[:1], torch.empty(40, 64), t, None, None, 16, "silu").shape == (1, 32)
-        assert ops.topk_kept(x, 5, None).shape == (3, 40)
+        assert op_defs.input_sparse_linear(x, wt, t, None, None, None, None, False, 0.5).shape == (3, 24)
+        assert op_defs.output_sparse_rows(x, torch.empty(3, 24), t, torch.empty(24, 40), 0.5).shape == (3, 24)
+        assert op_defs.input_sparse_gated(x[:1], torch.empty(40, 64), t, None, None, 16, "silu", 0.5).shape == (1, 32)
+        assert op_defs.topk_kept(x, 5, None).shape == (3, 40)
+
+
+def test_ops_on_cpu_tensors_run_the_registered_kernels(monkeypatch):
+    """Each op's CPU kernel is what was registered last for the CPU: here the Triton one."""
+    calls = _record_launches(monkeypatch, lambda args: tuple(args[0].shape))
+    x, wt = torch.randn(2, 40), torch.randn(40, 24)
+    y = op_defs.input_sparse_linear(x, wt, torch.tensor(0.5), None, None, None, None, False, 0.5)
+    assert calls == [(2, 40)]
+    assert _rel(y, _reference(x, wt, torch.tensor(0.5))) < 1e-5
 
 
 CATS = actsparse.CatsConfig(sparsity=0.5)
@@ -272,7 +290,7 @@ def test_model_through_triton_backend_matches_torch(arch, config):
     ids = random_tokens(2, 4, seed=5)  # 8 tokens: the kernels' largest batch
     with torch.no_grad():
         ref = model(ids).logits
-        set_backend(model, "triton-batch8")
+        use_kernels(model)
         out = model(ids).logits
     assert _rel(out, ref.double()) < 1e-5
 
@@ -287,12 +305,13 @@ def test_teal_thresholds_fused_gate_up_and_lowrank(arch):
     ids = random_tokens(1, 5, seed=6)
     with torch.no_grad():
         ref = model(ids).logits
-        set_backend(model, "triton-batch8")
+        use_kernels(model)
         out = model(ids).logits
     if arch == "llama":
-        assert hasattr(layer.mlp, "actsparse_gate_up_t") and not hasattr(layer.mlp.gate_proj, "actsparse_wt")
+        assert layer.mlp.packed_gate_up_t is not None and layer.mlp.gate_proj.packed_weight_t is None
         attn = layer.self_attn
-        assert hasattr(attn.q_proj, "actsparse_group_t") and not hasattr(attn.k_proj, "actsparse_wt")
+        assert attn.q_proj.packed_weight_t.shape == (64, sum(m.out_features for m in (attn.q_proj, attn.k_proj, attn.v_proj)))
+        assert attn.k_proj.packed_weight_t is None
     assert _rel(out, ref.double()) < 1e-5
 
 
@@ -318,7 +337,7 @@ def test_q_k_v_with_one_selection_run_as_one_kernel_call(monkeypatch):
     ids = random_tokens(1, 1, seed=8)
     with torch.no_grad():
         ref = model(ids).logits
-    set_backend(model, "triton")
+    use_kernels(model)
     out, launches = _launches_per_layer(model, ids, monkeypatch)
     assert launches == 4  # q/k/v, o, gate/up, down
     assert _rel(out, ref.double()) < 1e-5
@@ -328,16 +347,16 @@ def test_q_k_v_with_one_selection_run_as_one_kernel_call(monkeypatch):
     torch._dynamo.reset()
     with torch.no_grad():
         assert _rel(torch.compile(lambda i: model(input_ids=i).logits, backend="eager")(ids), ref.double()) < 1e-5
-    # Different thresholds: q, k and v run alone.
-    model.model.layers[0].self_attn.k_proj.threshold.mul_(2)
-    set_backend(model, "torch")
-    with torch.no_grad():
-        ref = model(ids).logits
-    set_backend(model, "triton")
-    assert not hasattr(model.model.layers[0].self_attn.q_proj, "actsparse_group_t")
-    assert hasattr(model.model.layers[1].self_attn.q_proj, "actsparse_group_t")
+    # A new threshold for k: layer 0's q, k and v run alone, with no second call.
+    attn = model.model.layers[0].self_attn
+    attn.k_proj.set_threshold(2 * float(attn.k_proj.threshold), attn.k_proj.target)
+    assert attn.q_proj.packed_weight_t.shape == (attn.q_proj.in_features, attn.q_proj.out_features)
+    assert model.model.layers[1].self_attn.k_proj.packed_weight_t is None  # still a group
     out, launches = _launches_per_layer(model, ids, monkeypatch)
     assert launches == 4 + 2 / len(model.model.layers)
+    use_kernels(model, False)
+    with torch.no_grad():
+        ref = model(ids).logits
     assert _rel(out, ref.double()) < 1e-5
 
 
@@ -347,7 +366,7 @@ def test_one_token_mlp_returns_the_gated_product_from_the_gate_up_kernel(arch, m
     ids = random_tokens(1, 1, seed=8)
     with torch.no_grad():
         ref = model(ids).logits
-    set_backend(model, "triton")
+    use_kernels(model)
     acts = _record_launches(monkeypatch, lambda args: args[10:11])
     with torch.no_grad():
         out = model(ids).logits
@@ -358,13 +377,13 @@ def test_one_token_mlp_returns_the_gated_product_from_the_gate_up_kernel(arch, m
 
 def test_a_group_member_called_on_another_input_computes_it():
     model = _teal_half("llama")
-    set_backend(model, "triton")
+    use_kernels(model)
     attn = model.model.layers[0].self_attn
     x, other = torch.randn(1, 1, attn.q_proj.in_features), torch.randn(1, 1, attn.q_proj.in_features)
     with torch.no_grad():
         attn.q_proj(x)  # keeps k and v of x
         got = attn.k_proj(other)
-        set_backend(model, "torch")
+        use_kernels(model, False)
         expected = attn.k_proj(other)
     assert _rel(got, expected.double()) < 1e-5
 
@@ -375,7 +394,7 @@ def test_triton_backend_decodes_one_token_at_a_time_through_the_kernels(monkeypa
     model = _teal_half("llama")
     prompt = random_tokens(1, 10, seed=7)
     reference = DecodeEngine(model, max_len=16).generate(prompt, 4).tokens
-    set_backend(model, "triton")
+    use_kernels(model)
     batches = _record_launches(monkeypatch, lambda args: args[0].shape[0])
     tokens = DecodeEngine(model, max_len=16).generate(prompt, 4).tokens
     assert torch.equal(tokens, reference)
@@ -390,19 +409,19 @@ def test_batches_run_the_kernels_only_where_measured_faster(monkeypatch, kernel_
         timed.append((kernel(), dense()))  # both run: each returns its outputs
         return (1.0, 2.0) if kernel_faster else (2.0, 1.0)
 
-    register_backend(batched_backend("triton-timed", timer))
+    monkeypatch.setattr(batching, "kernel_and_dense_seconds", lambda kernel, dense, device: timer(kernel, dense))
     model = _teal_half("llama")
     ids = random_tokens(1, 3, seed=8)
     with torch.no_grad():
         ref = model(ids).logits
-        set_backend(model, "triton-timed")
+        use_kernels(model)
         launches = _record_launches(monkeypatch, lambda args: args[0].shape[0])
         out = model(ids).logits
         layer = model.model.layers[0]
         # q/k/v (one group), o, the MLP's gate+up call and down: one measurement each, at 3 tokens
         owners = [layer.self_attn.q_proj, layer.self_attn.o_proj, layer.mlp, layer.mlp.down_proj]
         expected = (1.0, 2.0) if kernel_faster else (2.0, 1.0)
-        assert all(owner.actsparse_batch_seconds == {3: expected} for owner in owners)
+        assert all(owner.batch_seconds == {3: expected} for owner in owners)
         assert len(timed) == 4 * len(model.model.layers)
         kernel_launches = len(launches) - len(timed)  # the timer's own kernel calls left out
         assert kernel_launches == (4 * len(model.model.layers) if kernel_faster else 0)
@@ -411,12 +430,15 @@ def test_batches_run_the_kernels_only_where_measured_faster(monkeypatch, kernel_
         model(ids)  # measured once: no more timing, the same choice
         assert len(timed) == 4 * len(model.model.layers)
         assert len(launches) == (4 * len(model.model.layers) if kernel_faster else 0)
-        set_backend(model, "triton-timed")  # a new sparsity state is measured again
-        assert not hasattr(layer.mlp, "actsparse_batch_seconds")
+        gate = layer.mlp.gate_proj
+        gate.set_threshold(float(gate.threshold), gate.target)  # a new sparsity state is measured again
+        assert layer.mlp.batch_seconds == {} and layer.self_attn.o_proj.batch_seconds == {3: expected}
+        use_kernels(model)  # so is every module that kernels are switched on for
+        assert all(owner.batch_seconds == {} for owner in owners)
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
         launches.clear()
         model(ids)  # a batch first met while compiling runs the reference
-        assert launches == [] and not hasattr(layer.mlp, "actsparse_batch_seconds")
+        assert launches == [] and layer.mlp.batch_seconds == {}
 
 
 def test_tuner_records_keys_ranks_candidates_and_takes_a_choice(monkeypatch):
@@ -442,7 +464,7 @@ def test_engine_tune_times_each_alternative_inside_the_step_and_keeps_the_fastes
     prompt = random_tokens(1, 10, seed=7)  # over 8 tokens: the prefill runs the reference
     engine = DecodeEngine(model, max_len=16)
     reference = engine.generate(prompt, 4).tokens
-    set_backend(model, "triton")
+    use_kernels(model)
     with tuning.recording() as keys:
         engine.generate(prompt, 3)
     assert keys and all(k[0] in ("gemv", "gated") for k in keys)
@@ -459,14 +481,14 @@ def test_engine_tune_times_each_alternative_inside_the_step_and_keeps_the_fastes
     assert torch.equal(engine.generate(prompt, 4).tokens, reference)
 
 
-def test_gate_driven_mlp_batches_are_measured_as_a_whole():
-    register_backend(batched_backend("triton-dense-wins", lambda kernel, dense: (kernel(), dense()) and (2.0, 1.0)))
+def test_gate_driven_mlp_batches_are_measured_as_a_whole(monkeypatch):
+    monkeypatch.setattr(batching, "kernel_and_dense_seconds", lambda kernel, dense, device: (kernel(), dense()) and (2.0, 1.0))
     model = tiny_model("llama")
     actsparse.sparsify_(model, CATS, random_tokens(1, 32))
     ids = random_tokens(1, 4, seed=9)
     with torch.no_grad():
         ref = model(ids).logits
-        set_backend(model, "triton-dense-wins")
+        use_kernels(model)
         out = model(ids).logits
-    assert model.model.layers[0].mlp.actsparse_batch_seconds == {4: (2.0, 1.0)}
+    assert model.model.layers[0].mlp.batch_seconds == {4: (2.0, 1.0)}
     assert _rel(out, ref.double()) < 1e-5

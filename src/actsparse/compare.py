@@ -16,6 +16,7 @@ from .errors import ActSparseError
 from .evaluate import eval_windows, perplexity, ppl_p_sparsity
 from .io import load, read_meta, saved_tokenizer
 from .methods import sparsify_
+from .runtime import use_kernels
 
 Saved = Sequence[str | os.PathLike]
 
@@ -51,12 +52,13 @@ def run_comparison(
     fields: dict | None = None,
     saved: Saved = (),
     log=print,
+    kernels: bool = False,
 ) -> list[dict]:
     """One row per (method, sparsity), dense first; every model starts from the same dense weights.
     Then one row per saved actsparse directory in `saved`, loaded as saved (its method, config and
     dtype) and measured on `tokenizer`'s windows; its `source` is the directory (None for the other
     rows), its `target` the saved config's sparsity (0 for prosparse, which has no target) and its
-    `sparsify_s` None."""
+    `sparsify_s` None. Each candidate runs its kernels (`runtime.use_kernels`) when `kernels`."""
     check_saved(saved, tokenizer, ppl_source, seq_len, windows)
     plan = [("dense", 0.0)] + [(m, s) for m in methods for s in sparsities if m != "dense"]
     device = next(model.parameters()).device
@@ -66,6 +68,7 @@ def run_comparison(
     for i, build in enumerate(builds, 1):
         candidate, built, source = build()
         config = candidate.actsparse_config
+        use_kernels(candidate, kernels)
         result = perplexity(candidate, tokenizer, ppl_source, seq_len, windows)
         sparsity = result["sparsity"]
         row = {

@@ -5,7 +5,7 @@ decode step reads its token and position from fixed-address buffers and writes t
 and position back into them. On CUDA the step (the `torch.compile`d model forward, the argmax and
 that bookkeeping) is captured once as a CUDA graph and replayed per token with no host work in
 between; on the CPU the same step runs eagerly. Whether the model is dense or sparse (and
-through which kernel backend) only changes what its modules compute, never the loop, so the
+whether its modules run their kernels, `actsparse.runtime.use_kernels`) only changes what its modules compute, never the loop, so the
 dense and sparse timings compare like with like.
 """
 from __future__ import annotations
@@ -107,7 +107,7 @@ class DecodeEngine:
         self.tuning_report: dict[str, dict[str, float]] = {}  # the last `tune`
 
     def invalidate(self) -> None:
-        """Drop the captured graph; call after changing the model's backend or sparsity state."""
+        """Drop the captured graph; call after `use_kernels` or a change of sparsity state."""
         self._graph = None
         self._warm = False
 

@@ -54,20 +54,21 @@ class SparsityMeter:
                 up_reads = skipped_by_gate.in_features * skipped_by_gate.out_features
             mlp_meter = ReadMeter(up_reads)
             self.mlp_meters[spec.index] = mlp_meter
-            mlp.meter = mlp_meter
+            mlp.set_meter(mlp_meter)
             for name in spec.linear_names().values():
                 linear = model.get_submodule(name)
                 if linear is skipped_by_gate:
                     continue  # the MLP meter counts its reads
-                linear.meter = ReadMeter(linear.in_features * linear.out_features)
-                self.linear_meters[name] = (spec.index, linear.meter)
+                meter = ReadMeter(linear.in_features * linear.out_features)
+                linear.set_meter(meter)
+                self.linear_meters[name] = (spec.index, meter)
             if skipped_by_gate is not None:
                 self.linear_meters[_name_of(model, skipped_by_gate)] = (spec.index, mlp_meter)
 
     def detach(self) -> None:
         for module in self.model.modules():
             if isinstance(module, (SparseLinear, SparseGatedMLP)):
-                module.meter = None
+                module.set_meter(None)
 
     def report(self) -> SparsityReport:
         rep = SparsityReport()

@@ -10,6 +10,7 @@ from typing import Any
 
 from ..config import config_fields, parse_option
 from ..errors import ActSparseError
+from ..runtime import BACKENDS
 
 DEFAULT_CALIB = "python-docs:calibration"
 DEFAULT_EVAL = "python-docs:evaluation"
@@ -21,6 +22,12 @@ def add_model(p: argparse.ArgumentParser, what: str = "model") -> None:
                         "(default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--dtype", default="fp32", help="fp32 (default), bf16 or fp16")
     p.add_argument("--device", default="cpu", help="torch device (default cpu)")
+
+
+def add_backend(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="where the sparse modules run: auto (the kernels where the device and dtype have them: "
+                        "CUDA, or float32 on the CPU; else the torch reference), kernels, or torch (the reference)")
 
 
 def add_calibration(p: argparse.ArgumentParser) -> None:

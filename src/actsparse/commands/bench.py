@@ -1,4 +1,4 @@
-"""actsparse bench [DIR_OR_MODEL] --device cuda|cpu [--shape NAME] [--sparsity S] [--selection threshold|topk] [--batch B] [--dtype D] [--tokens N] [--json OUT]"""
+"""actsparse bench [DIR_OR_MODEL] --device cuda|cpu [--shape NAME] [--sparsity S] [--selection threshold|topk] [--batch B] [--dtype D] [--tokens N] [--backend auto|kernels|torch] [--json OUT]"""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,6 @@ from ..config import make_config
 from ..data import read_texts, text_batches, tokenize_texts
 from ..engine import DecodeEngine
 from ..errors import ActSparseError
-from ..kernels import set_backend
 from ..kernels.benchmark import (
     METHODS, SHAPES, collect_scores, dense_modes, environment, hf_generate_speed, impose_sparsity, impose_topk,
     measured_sparsity, random_model, read_bytes, speed_result, timed_decode,
@@ -18,10 +17,9 @@ from ..kernels.benchmark import (
 from ..loading import is_actsparse_dir, load_model, parse_dtype
 from ..methods import sparsify_
 from ..outputs import check_file_output
+from ..runtime import resolve_backend, use_kernels
 from ..swap import swap_modules
-from ._common import DEFAULT_CALIB, DEFAULT_EVAL, check_positive, log, write_json_atomic
-
-BACKENDS = {"cuda": "triton", "cpu": "cpu"}
+from ._common import DEFAULT_CALIB, DEFAULT_EVAL, add_backend, check_positive, log, write_json_atomic
 
 
 def register(sub) -> None:
@@ -29,7 +27,8 @@ def register(sub) -> None:
     p.add_argument("model", nargs="?", default=None, metavar="DIR_OR_MODEL",
                    help="a model or actsparse directory (default: the embedded SmolLM2 on the CPU, "
                         "a random-weight --shape on CUDA)")
-    p.add_argument("--device", default="cpu", choices=sorted(BACKENDS), help="cpu (default) or cuda")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"), help="cpu (default) or cuda")
+    add_backend(p)
     p.add_argument("--shape", default=None, choices=sorted(SHAPES),
                    help="random weights of a published shape (default on CUDA: llama3-8b)")
     p.add_argument("--method", default=None, choices=METHODS,
@@ -93,7 +92,8 @@ def run(args) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
-    backend = BACKENDS[device.type]
+    kernels = resolve_backend(args.backend, device, dtype)
+    backend = f"{device.type} kernels" if kernels else "torch reference"
     random_weights = args.model is None and (args.shape is not None or device.type == "cuda")
     if random_weights:
         shape = args.shape or "llama3-8b"
@@ -131,9 +131,9 @@ def run(args) -> int:
             calibration = text_batches(tokenizer, DEFAULT_CALIB, n=8, seq_len=256)
             sparsify_(model, make_config(args.method, sparsity=args.sparsity, selection=args.selection), calibration)
         result.update(method=args.method, target_sparsity=args.sparsity, selection=args.selection)
-    set_backend(model, backend)
+    use_kernels(model, kernels)
     engine.invalidate()
-    log(f"sparse decode ({backend} kernels)")
+    log(f"sparse decode ({backend})")
     sparse = timed_decode(engine, prompts, args.tokens, args.repeats)
     sequence = torch.cat([prompts, sparse.tokens], dim=1)
     sparsity = measured_sparsity(model, sequence)
@@ -150,7 +150,7 @@ def format_result(r: dict) -> str:
     steps = lambda tok_s: 1e3 * r["batch"] / tok_s
     lines = [
         f"{r['model']} · {r['dtype']} · batch {r['batch']} · {r['device_name']} · "
-        f"{r['tokens']} new tokens after {r['prompt_len']} · {r['method']} via {r['backend']} kernels",
+        f"{r['tokens']} new tokens after {r['prompt_len']} · {r['method']} via {r['backend']}",
         f"{'path':<8}{'sparsity':>10}{'tok/s':>10}{'ms/step':>10}{'GB/s':>9}",
         f"{'dense':<8}{0.0:>10.3f}{r['dense_tok_s']:>10.1f}{steps(r['dense_tok_s']):>10.2f}{r['dense_gb_s']:>9.1f}",
         f"{'sparse':<8}{r['sparsity']:>10.3f}{r['sparse_tok_s']:>10.1f}{steps(r['sparse_tok_s']):>10.2f}{r['sparse_gb_s']:>9.1f}",

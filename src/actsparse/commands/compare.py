@@ -1,4 +1,4 @@
-"""actsparse compare [MODEL] [--methods teal,cats,wina --sparsity 0.25,0.4,0.5] [--saved DIR,DIR] [--calib FILE] [--ppl FILE] --out DIR"""
+"""actsparse compare [MODEL] [--methods teal,cats,wina --sparsity 0.25,0.4,0.5] [--saved DIR,DIR] [--calib FILE] [--ppl FILE] [--backend auto|kernels|torch] --out DIR"""
 from __future__ import annotations
 
 import json
@@ -9,13 +9,15 @@ from ..data import read_texts, text_batches
 from ..errors import ActSparseError
 from ..loading import load_model, load_tokenizer, parse_dtype
 from ..outputs import atomic_output, check_output
-from ._common import (DEFAULT_EVAL, add_calibration, add_method_options, add_model, check_positive, log,
+from ..runtime import resolve_backend
+from ._common import (DEFAULT_EVAL, add_backend, add_calibration, add_method_options, add_model, check_positive, log,
                       method_fields, parse_list, parse_sparsities)
 
 
 def register(sub) -> None:
     p = sub.add_parser("compare", help="evaluate methods x sparsities, and saved models, on the same model and text")
     add_model(p)
+    add_backend(p)
     p.add_argument("--methods", help="comma-separated, e.g. teal,cats,wina,rsparse,larosa, applied to MODEL")
     p.add_argument("--sparsity", help="comma-separated targets for --methods, e.g. 0.25,0.4,0.5")
     p.add_argument("--saved", metavar="DIR[,DIR...]",
@@ -44,6 +46,7 @@ def run(args) -> int:
         if m != "dense":
             make_config(m, sparsity=sparsities[0], **fields)
     check_positive("--windows", args.windows)
+    resolve_backend(args.backend, args.device, parse_dtype(args.dtype))  # a bad pair fails before loading
     out = check_output(args.out, what="--out")
     texts = read_texts(args.calib) if methods else None  # a bad file fails before the model loads
     if args.ppl != "wikitext2":
@@ -52,9 +55,11 @@ def run(args) -> int:
         check_saved(saved, _tokenizer(args.model, load_tokenizer(args.model)), args.ppl, args.seq_len, args.windows)
     model, tokenizer = load_model(args.model, parse_dtype(args.dtype), args.device)
     tokenizer = _tokenizer(args.model, tokenizer)
+    param = next(model.parameters())
+    kernels = resolve_backend(args.backend, param.device, param.dtype)
     calibration = text_batches(tokenizer, texts, args.calib_samples, args.calib_seq_len) if methods else None
     rows = run_comparison(model, tokenizer, methods, sparsities, calibration, args.ppl, args.seq_len, args.windows,
-                          fields, saved, log=log)
+                          fields, saved, log=log, kernels=kernels)
     table = markdown_table(rows)
     summary = ppl_p_summary(rows)
     calib = f"calibration: {args.calib} ({args.calib_samples}x{args.calib_seq_len}); " if methods else ""

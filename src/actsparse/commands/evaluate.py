@@ -1,4 +1,4 @@
-"""actsparse eval DIR_OR_MODEL [--ppl FILE] [--windows N] [--seq-len L] [--tasks a,b] [--limit N] [--json OUT]"""
+"""actsparse eval DIR_OR_MODEL [--ppl FILE] [--windows N] [--seq-len L] [--tasks a,b] [--limit N] [--backend auto|kernels|torch] [--json OUT]"""
 from __future__ import annotations
 
 from ..config import DenseConfig
@@ -9,12 +9,14 @@ from ..loading import load_model, parse_dtype
 from ..measure import measure_sparsity
 from ..methods import sparsify_
 from ..outputs import check_file_output
-from ._common import add_model, check_positive, parse_list, write_json_atomic
+from ..runtime import resolve_backend, use_kernels
+from ._common import add_backend, add_model, check_positive, parse_list, write_json_atomic
 
 
 def register(sub) -> None:
     p = sub.add_parser("eval", help="perplexity, zero-shot accuracy and measured sparsity")
     add_model(p, "model to evaluate")
+    add_backend(p)
     p.add_argument("--ppl", metavar="FILE", help="perplexity text: .raw/.txt, .jsonl[.gz], .parquet, or 'wikitext2' (hub, online)")
     p.add_argument("--windows", type=int, default=None, metavar="N", help="first N windows only (default: all)")
     p.add_argument("--seq-len", type=int, default=512, metavar="L", help="window length in tokens (default 512)")
@@ -29,6 +31,8 @@ def evaluate_model(model, tokenizer, args) -> dict:
     """The eval results dict of the CLI contract, for a loaded (possibly sparse) model."""
     if getattr(model, "actsparse_config", None) is None:
         sparsify_(model, DenseConfig())  # same modules, so sparsity is measured (0) the same way
+    param = next(model.parameters())
+    use_kernels(model, resolve_backend(args.backend, param.device, param.dtype))
     config = model.actsparse_config
     result = {"method": config.method, "config": config.to_dict(), "ppl": None, "ppl_windows": 0,
               "seq_len": args.seq_len, "sparsity": None, "tasks": {}}
@@ -51,6 +55,7 @@ def run(args) -> int:
         raise ActSparseError("nothing to evaluate: give --ppl FILE and/or --tasks a,b")
     check_positive("--windows", args.windows)
     check_positive("--limit", args.limit)
+    resolve_backend(args.backend, args.device, parse_dtype(args.dtype))  # a bad pair fails before loading
     if args.ppl and args.ppl != "wikitext2":
         read_texts(args.ppl)  # a bad file fails before the model loads
     if args.json:

@@ -3,7 +3,7 @@
 Real-shaped random-weight models (no weights reach a lent GPU) get their thresholds from their
 own activations (`collect_scores` + `impose_sparsity`: TEAL's uniform rule, or CATS on the gate);
 real models go through `actsparse.sparsify_`. Both paths decode with the same `DecodeEngine`;
-the sparse one through a kernel backend. Every speed is also given as achieved weight GB/s and as
+the sparse one through its kernels (`runtime.use_kernels`). Every speed is also given as achieved weight GB/s and as
 a fraction of the ideal ``1 / ((1 - f) + f (1 - s))``, f the share of the bytes a token reads
 that sit behind sparsified inputs and s their measured sparsity.
 """

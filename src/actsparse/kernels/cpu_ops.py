@@ -1,11 +1,16 @@
-"""The CPU kernels of `cpu_kernels.cpp`, built with the system C++ compiler at first use.
+"""The C++ implementations of the `actsparse::` ops of `ops.py`, registered for CPU tensors.
 
-The library is a plain C ABI shared object (no torch headers, so it builds in about a second and
-needs no ninja), compiled with ``-O3 -march=native`` and cached under
-``$ACTSPARSE_CACHE`` (default ``~/.cache/actsparse``) by a hash of the source, the flags, the
-compiler and the CPU, so a changed source or another machine builds afresh. ``$CXX`` picks the
-compiler (default g++). The ops have the semantics of `triton_ops.py`'s custom ops, on float32
-CPU tensors.
+`cpu_kernels.cpp` is a plain C ABI shared object (no torch headers, so it builds in about a second
+and needs no ninja), compiled with ``-O3 -march=native`` at first use; `register()` (run on
+import) makes these functions the "cpu" kernels of `actsparse::input_sparse_linear` and
+`actsparse::output_sparse_rows`, so a CPU decode step traces and compiles like a CUDA one (the
+other ops run their torch reference on the CPU). Float32 tensors only.
+
+The library is cached under ``$ACTSPARSE_CACHE`` (default ``$XDG_CACHE_HOME/actsparse`` or
+``~/.cache/actsparse``) by a hash of the source, the flags, the compiler's resolved path and
+version, and the CPU. The cache is private: its folders are created 0700, and a library (or a
+folder) not owned by the user, or writable by group or others, is never loaded: the library is
+rebuilt, the folder refused. ``$CXX`` picks the compiler (default g++).
 """
 from __future__ import annotations
 
@@ -22,8 +27,7 @@ from pathlib import Path
 import torch
 
 from ..errors import ActSparseError
-
-MAX_BATCH = 8
+from . import ops
 SOURCE = Path(__file__).with_name("cpu_kernels.cpp")
 FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++17")
 _LIB: ctypes.CDLL | None = None
@@ -50,16 +54,57 @@ def _cpu_signature() -> str:
     return "\n".join(sorted(set(lines)))
 
 
+def resolved_compiler(compiler: str) -> str:
+    """The compiler's real path (`compiler` as $CXX gives it: a name on PATH or a path)."""
+    found = shutil.which(compiler)
+    if found is None:
+        raise ActSparseError(
+            f"the cpu kernels are compiled at first use and need a C++ compiler; "
+            f"{compiler!r} was not found (install g++, or set CXX)"
+        )
+    return os.path.realpath(found)
+
+
 def library_path(compiler: str) -> Path:
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True).stdout
+    resolved = resolved_compiler(compiler)
+    version = subprocess.run([resolved, "--version"], capture_output=True, text=True).stdout
     digest = hashlib.sha256()
-    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), version.encode(), platform.machine().encode(), _cpu_signature().encode()):
+    for part in (SOURCE.read_bytes(), " ".join(FLAGS).encode(), resolved.encode(), version.encode(),
+                 platform.machine().encode(), _cpu_signature().encode()):
         digest.update(part)
     return cache_dir() / digest.hexdigest()[:16] / "libactsparse_cpu.so"
 
 
+def _private(path: Path) -> bool:
+    """Owned by this user and writable by nobody else."""
+    info = path.stat()
+    return info.st_uid == os.getuid() and not info.st_mode & 0o022
+
+
+def private_dir(path: Path) -> None:
+    """Create `path` and the cache folders above it 0700; refuse one someone else owns or can
+    write to."""
+    for folder in (cache_dir().parent, cache_dir(), path):
+        folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if not _private(folder):
+            raise ActSparseError(
+                f"the cpu kernel cache {folder} is not private (it must be owned by you and not writable by "
+                f"group or others): fix its permissions, or set ACTSPARSE_CACHE to a folder of your own"
+            )
+
+
+def trusted_library(path: Path) -> bool:
+    """Whether `path` is a library this user built: a planted or loosened one is removed."""
+    if not path.exists():
+        return False
+    if _private(path):
+        return True
+    path.unlink()
+    return False
+
+
 def build(compiler: str, target: Path) -> None:
-    target.parent.mkdir(parents=True, exist_ok=True)
+    private_dir(target.parent)
     print(f"actsparse: building the CPU kernels with {compiler} (once, cached in {target.parent})", file=sys.stderr)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
@@ -67,6 +112,7 @@ def build(compiler: str, target: Path) -> None:
         result = subprocess.run([compiler, *FLAGS, str(SOURCE), "-o", tmp], capture_output=True, text=True)
         if result.returncode != 0:
             raise ActSparseError(f"building the CPU kernels with {compiler} failed:\n{result.stderr.strip()}")
+        os.chmod(tmp, 0o700)  # the linker's mode follows the umask
         os.replace(tmp, target)  # atomic: a concurrent build leaves one whole library
     finally:
         if os.path.exists(tmp):
@@ -76,14 +122,10 @@ def build(compiler: str, target: Path) -> None:
 def library() -> ctypes.CDLL:
     global _LIB
     if _LIB is None:
-        compiler = os.environ.get("CXX", "g++")
-        if shutil.which(compiler) is None:
-            raise ActSparseError(
-                f"the cpu backend compiles a small C++ kernel at first use and needs a C++ compiler; "
-                f"{compiler!r} was not found (install g++, or set CXX)"
-            )
+        compiler = resolved_compiler(os.environ.get("CXX", "g++"))
         path = library_path(compiler)
-        if not path.exists():
+        private_dir(path.parent)
+        if not trusted_library(path):
             build(compiler, path)
         lib = ctypes.CDLL(str(path))
         for name, argtypes in _SIGNATURES.items():
@@ -111,6 +153,7 @@ def input_sparse_linear(
     lowrank_b: torch.Tensor | None,
     lowrank_z: torch.Tensor | None,
     complement: bool,
+    sparsity: float,
 ) -> torch.Tensor:
     for t, what in ((x, "x"), (weight_t, "weight_t")):
         _check(t, what)
@@ -126,7 +169,7 @@ def input_sparse_linear(
     return y
 
 
-def output_sparse_rows(x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def output_sparse_rows(x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     for t, what in ((x, "x"), (a, "a"), (weight, "weight")):
         _check(t, what)
     batch, d = x.shape
@@ -136,3 +179,12 @@ def output_sparse_rows(x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor
         x.data_ptr(), a.data_ptr(), batch, j, d, threshold.data_ptr(), weight.data_ptr(), m.data_ptr()
     )
     return m
+
+
+def register() -> None:
+    """Make these the "cpu" kernels of the `actsparse::` ops they implement."""
+    ops.input_sparse_linear.register_kernel("cpu", input_sparse_linear)
+    ops.output_sparse_rows.register_kernel("cpu", output_sparse_rows)
+
+
+register()

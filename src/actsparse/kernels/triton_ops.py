@@ -1,25 +1,10 @@
-"""The Triton kernels as `torch.library` custom ops, with fake implementations for tracing.
+"""The Triton implementations of the `actsparse::` ops of `ops.py`, registered for CUDA tensors.
 
-  actsparse::input_sparse_linear(x[T,K], weight_t[K,N], threshold, scale?, bias?, lowrank_b?,
-                                 lowrank_z?, complement) -> y[T,N]
-      row k of `weight_t` is used for token b when score = |x[b,k]| (* scale[k]) > threshold
-      (<= threshold when `complement`, which computes the low-rank path's input); rows no token
-      keeps are never read. `lowrank_z[T,R]` and `lowrank_b[N,R]` add ``z @ lowrank_b.T``.
-  actsparse::output_sparse_rows(x[T,D], a[T,J], threshold, weight[J,D]) -> m[T,J]
-      m = where(|a| > threshold, a, 0) * (x @ weight.T), rounded like the reference; rows of
-      `weight` whose `a` is masked for every token are never read.
-
-  actsparse::topk_kept(x[T,D], k, scale?) -> kept[T,D]
-      x where its score |x| (* scale) is one of the k largest of its row, else 0; of equal
-      scores the lower index first (`actsparse.nn.topk_mask`). Scores must not be negative.
-
-  actsparse::input_sparse_gated(x[1,K], weight_t[K,2J], threshold, scale?, bias?, group, act) -> m[1,J]
-      the same GEMV over a gate+up weight whose columns alternate gate and up in groups of
-      `group` (see `dispatch.interleave_gate_up`), returning act(gate) * up (act: one of ACTIVATIONS).
-
-T is a decode batch of at most MAX_BATCH tokens; callers route longer inputs to the dense
-reference. Launch configurations are tuned per shape, batch, dtype and sparsity bin
-(`tuning.py`); `set_sparsity_hint` tells the tuner which bin a weight runs at.
+`register()` (run on import) makes them the "cuda" kernels of those ops; `register("cpu")` makes
+them the CPU kernels too, for testing them under ``TRITON_INTERPRET=1`` (`cpu_ops.register()`
+puts the C++ kernels back). Each function here checks its inputs, picks a launch configuration
+tuned per shape, batch, dtype and sparsity bin (`tuning.py`) and launches; the semantics are the
+ops' (`ops.py`).
 """
 from __future__ import annotations
 
@@ -29,13 +14,12 @@ from typing import Optional
 import torch
 import triton
 
-from . import tuning
+from . import ops, tuning
+from .ops import MAX_BATCH
 from .triton_kernels import input_sparse_gemv_kernel, output_sparse_rows_kernel, topk_keep_kernel
 
-MAX_BATCH = 8
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _MAX_COLUMN_BLOCKS = 1 << 16
-_HINTS: dict[int, float] = {}
 _DEPENDENT_LAUNCH = {"enabled": True}
 
 
@@ -50,11 +34,6 @@ def dependent_launch(device: torch.device) -> bool:
     later, never under the Triton interpreter."""
     return (_DEPENDENT_LAUNCH["enabled"] and device.type == "cuda" and not tuning.interpreting()
             and torch.cuda.get_device_capability(device)[0] >= 9)
-
-
-def set_sparsity_hint(weight: torch.Tensor, sparsity: float) -> None:
-    """The sparsity `weight` is expected to run at, used to pick its tuned launch config."""
-    _HINTS[weight.data_ptr()] = float(sparsity)
 
 
 @dataclass(frozen=True)
@@ -155,7 +134,7 @@ def topk_candidates(d: int, device: torch.device) -> list[TopkConfig]:
     return [TopkConfig(b, w) for b in blocks for w in (4, 8, 16) if 32 * w <= b <= 16 * 32 * w]
 
 
-ACTIVATIONS = {"silu": 1, "gelu_tanh": 2, "gelu": 3, "relu": 4}
+ACTIVATIONS = {"silu": 1, "gelu_tanh": 2, "gelu": 3, "relu": 4}  # the kernels' codes of `ops.ACTIVATIONS`
 
 
 def gated_candidates(n: int, k: int, device: torch.device, group: int) -> list[GemvConfig]:
@@ -301,7 +280,6 @@ def _check_decode_batch(x: torch.Tensor, what: str) -> None:
         raise ValueError(f"{what}: x must have unit stride in its last dimension")
 
 
-@torch.library.custom_op("actsparse::input_sparse_linear", mutates_args=())
 def input_sparse_linear(
     x: torch.Tensor,
     weight_t: torch.Tensor,
@@ -311,6 +289,7 @@ def input_sparse_linear(
     lowrank_b: Optional[torch.Tensor],
     lowrank_z: Optional[torch.Tensor],
     complement: bool,
+    sparsity: float,
 ) -> torch.Tensor:
     _check_decode_batch(x, "input_sparse_linear")
     batch, k = x.shape
@@ -319,19 +298,14 @@ def input_sparse_linear(
     args = (x, weight_t, threshold, scale, bias, lowrank_b, lowrank_z, complement)
     key = (
         "gemv", n, k, batch, x.dtype, scale is not None, bias is not None, lowrank_b is not None, complement,
-        tuning.sparsity_bin(_HINTS.get(weight_t.data_ptr())),
+        tuning.sparsity_bin(sparsity),
     )
     cfg = tuning.choose(key, gemv_candidates(n, k, batch, x.device), lambda c: launch_input_sparse(*args, c, y), x.device)
     launch_input_sparse(*args, cfg, y)
     return y
 
 
-@input_sparse_linear.register_fake
-def _(x, weight_t, threshold, scale, bias, lowrank_b, lowrank_z, complement):
-    return x.new_empty((x.shape[0], weight_t.shape[1]))
 
-
-@torch.library.custom_op("actsparse::topk_kept", mutates_args=())
 def topk_kept(x: torch.Tensor, k: int, scale: Optional[torch.Tensor]) -> torch.Tensor:
     if x.dim() != 2 or x.stride(-1) != 1:
         raise ValueError(f"topk_kept: x must be [tokens, features] with unit stride in the last dimension, got {tuple(x.shape)}")
@@ -346,12 +320,7 @@ def topk_kept(x: torch.Tensor, k: int, scale: Optional[torch.Tensor]) -> torch.T
     return out
 
 
-@topk_kept.register_fake
-def _(x, k, scale):
-    return torch.empty_like(x)
 
-
-@torch.library.custom_op("actsparse::input_sparse_gated", mutates_args=())
 def input_sparse_gated(
     x: torch.Tensor,
     weight_t: torch.Tensor,
@@ -360,6 +329,7 @@ def input_sparse_gated(
     bias: Optional[torch.Tensor],
     group: int,
     act: str,
+    sparsity: float,
 ) -> torch.Tensor:
     _check_decode_batch(x, "input_sparse_gated")
     if x.shape[0] != 1:
@@ -371,7 +341,7 @@ def input_sparse_gated(
         raise ValueError(f"input_sparse_gated: group {group} must be a power of two and {n} a multiple of twice it")
     m = torch.empty((1, n // 2), dtype=x.dtype, device=x.device)
     args = (x, weight_t, threshold, scale, bias, None, None, False)
-    key = ("gated", n, k, x.dtype, scale is not None, bias is not None, group, act, tuning.sparsity_bin(_HINTS.get(weight_t.data_ptr())))
+    key = ("gated", n, k, x.dtype, scale is not None, bias is not None, group, act, tuning.sparsity_bin(sparsity))
     cfg = tuning.choose(
         key, gated_candidates(n, k, x.device, group), lambda c: launch_input_sparse(*args, c, m, act, group), x.device
     )
@@ -379,18 +349,13 @@ def input_sparse_gated(
     return m
 
 
-@input_sparse_gated.register_fake
-def _(x, weight_t, threshold, scale, bias, group, act):
-    return x.new_empty((x.shape[0], weight_t.shape[1] // 2))
 
-
-@torch.library.custom_op("actsparse::output_sparse_rows", mutates_args=())
-def output_sparse_rows(x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+def output_sparse_rows(x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, weight: torch.Tensor, sparsity: float) -> torch.Tensor:
     _check_decode_batch(x, "output_sparse_rows")
     batch, d = x.shape
     j = weight.shape[0]
     m = torch.empty((batch, j), dtype=x.dtype, device=x.device)
-    key = ("rows", j, d, batch, x.dtype, tuning.sparsity_bin(_HINTS.get(weight.data_ptr())))
+    key = ("rows", j, d, batch, x.dtype, tuning.sparsity_bin(sparsity))
     cfg = tuning.choose(
         key, rows_candidates(batch, x.device), lambda c: launch_output_sparse_rows(x, a, threshold, weight, c, m), x.device
     )
@@ -398,6 +363,12 @@ def output_sparse_rows(x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor
     return m
 
 
-@output_sparse_rows.register_fake
-def _(x, a, threshold, weight):
-    return x.new_empty((x.shape[0], weight.shape[0]))
+def register(device_type: str = "cuda") -> None:
+    """Make these the `device_type` kernels of the `actsparse::` ops."""
+    ops.input_sparse_linear.register_kernel(device_type, input_sparse_linear)
+    ops.input_sparse_gated.register_kernel(device_type, input_sparse_gated)
+    ops.output_sparse_rows.register_kernel(device_type, output_sparse_rows)
+    ops.topk_kept.register_kernel(device_type, topk_kept)
+
+
+register()

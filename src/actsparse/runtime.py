@@ -1,0 +1,68 @@
+"""Where a model's sparse modules run: the `actsparse::` ops (the kernels of the model's device)
+or the torch reference. Every command goes through `use_kernels` and `resolve_backend`.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .errors import ActSparseError
+from .kernels import load_kernels
+from .models import layer_specs
+from .nn import SparseGatedMLP, SparseLinear
+
+BACKENDS = ("auto", "kernels", "torch")
+KERNEL_DTYPES = {"cuda": (torch.float32, torch.float16, torch.bfloat16), "cpu": (torch.float32,)}
+
+
+def kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
+    """Whether actsparse has kernels for weights of `dtype` on `device`."""
+    return dtype in KERNEL_DTYPES.get(torch.device(device).type, ())
+
+
+def _supported() -> str:
+    return "kernels take " + "; ".join(f"{', '.join(str(t).removeprefix('torch.') for t in dtypes)} on {device}"
+                                       for device, dtypes in KERNEL_DTYPES.items())
+
+
+def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype) -> bool:
+    """Whether a model on `device` in `dtype` runs its kernels under `--backend` `backend`:
+    "auto" where there are kernels for them, "kernels" always (an error where there are none),
+    "torch" never."""
+    if backend not in BACKENDS:
+        raise ActSparseError(f"--backend must be one of {', '.join(BACKENDS)}, got {backend!r}")
+    try:
+        device = torch.device(device)
+    except RuntimeError:
+        raise ActSparseError(f"--device {device!r} is not a torch device (e.g. cpu, cuda, cuda:1)") from None
+    if backend == "kernels" and not kernels_run(device, dtype):
+        raise ActSparseError(f"no actsparse kernels for {dtype} weights on {device.type} ({_supported()}); "
+                             "use --backend torch or another --dtype")
+    return backend == "kernels" or (backend == "auto" and kernels_run(device, dtype))
+
+
+def use_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
+    """Run every actsparse module of `model` through the kernels of its device (True) or the
+    torch reference (False); returns `model`. The modules keep their packed weights in step with
+    later sparsity changes themselves; call it again after moving the model to another device."""
+    if enabled:
+        param = next(model.parameters())
+        if not kernels_run(param.device, param.dtype):
+            raise ActSparseError(f"no actsparse kernels for {param.dtype} weights on {param.device.type} "
+                                 f"({_supported()}); run the torch reference (enabled=False) or convert the model")
+        load_kernels(param.device)
+        if param.device.type == "cpu":
+            from .kernels.cpu_ops import library
+
+            library()  # built (once) now, not inside the first forward
+    for module in model.modules():
+        if isinstance(module, (SparseLinear, SparseGatedMLP)):
+            module.set_kernels(enabled)
+    if enabled:
+        for spec in layer_specs(model):
+            names = spec.linear_names()
+            if all(role in names for role in ("q", "k", "v")):
+                members = [model.get_submodule(names[role]) for role in ("q", "k", "v")]
+                if all(isinstance(m, SparseLinear) for m in members):
+                    SparseLinear.share_input(members)
+    return model
