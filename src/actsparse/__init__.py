@@ -13,6 +13,8 @@ from .config import (
 from .config import LaRoSAConfig, RSparseConfig  # noqa: F401
 from .data import read_texts, text_batches
 from .errors import ActSparseError
+from .io import load, save
+from . import hf_quantizer  # noqa: F401  (registers the `actsparse` quantization method with transformers)
 from .measure import measure_sparsity
 from .methods import sparsify_
 
@@ -28,9 +30,11 @@ __all__ = [
     "TealConfig",
     "WinaConfig",
     "config_from_dict",
+    "load",
     "make_config",
     "measure_sparsity",
     "read_texts",
+    "save",
     "sparsify_",
     "text_batches",
 ]
