@@ -118,8 +118,13 @@ def test_leaves_training_mode_and_rng_alone(task_dir):
 
 
 def test_unknown_task_names_valid_ones(task_dir):
-    with pytest.raises(ActSparseError, match="unknown task 'hellaswag'.*arc_easy.*lambada_openai"):
-        evaluate_tasks(tiny_model("llama"), word_tokenizer(), ["arc_easy", "hellaswag"], task_dir=task_dir)
+    with pytest.raises(ActSparseError, match="unknown task 'no_such_task'.*arc_easy.*lambada_openai"):
+        evaluate_tasks(tiny_model("llama"), word_tokenizer(), ["arc_easy", "no_such_task"], task_dir=task_dir)
+
+
+def test_lm_eval_task_whose_hub_data_is_not_cached_is_one_error(task_dir):
+    with pytest.raises(ActSparseError, match="lm-eval task 'hellaswag' reads the hub dataset .*not in this machine's"):
+        resolve_tasks(["hellaswag"], task_dir=task_dir)
 
 
 def test_missing_task_file_is_named(tmp_path):
@@ -192,6 +197,19 @@ def test_unknown_task_names_the_include_path_ones(tmp_path):
         resolve_tasks(["nope"], include_path=own)
 
 
+def test_lm_eval_task_whose_data_is_available_runs_from_its_own_yaml(tmp_path, monkeypatch):
+    """Stands in for a hub task cached on the machine (nothing is cached here): an lm-eval index
+    entry whose dataset loads offline is run from its YAML file."""
+    from lm_eval.tasks import TaskManager
+
+    from actsparse import zeroshot
+
+    index = TaskManager(include_path=str(write_own_task(tmp_path)), include_defaults=False).task_index
+    monkeypatch.setattr(zeroshot, "_lm_eval_index", lambda: index)
+    assert resolve_tasks(["my_choice"]) == [str(tmp_path / "my_choice.yaml")]
+    assert evaluate_tasks(tiny_model("llama"), word_tokenizer(), ["my_choice"])["my_choice"]["n"] == 5
+
+
 def test_cli_eval_checks_the_tasks_before_loading_the_model_and_has_no_git_noise(tmp_path, task_dir, monkeypatch,
                                                                                 capfd):
     from actsparse.cli import main
@@ -200,8 +218,8 @@ def test_cli_eval_checks_the_tasks_before_loading_the_model_and_has_no_git_noise
         raise AssertionError("the model was loaded before the tasks were checked")
 
     monkeypatch.setattr("actsparse.commands.evaluate.load_model", load_model)
-    assert main(["eval", str(tmp_path / "model"), "--tasks", "hellaswag", "--task-dir", str(task_dir)]) == 2
-    assert capfd.readouterr().err.strip().startswith("actsparse: error: unknown task 'hellaswag'")
+    assert main(["eval", str(tmp_path / "model"), "--tasks", "no_such_task", "--task-dir", str(task_dir)]) == 2
+    assert capfd.readouterr().err.strip().startswith("actsparse: error: unknown task 'no_such_task'")
     monkeypatch.undo()
     monkeypatch.chdir(tmp_path)  # not a git repository: lm-eval's simple_evaluate would print git's error
     out = asp_save_tiny(tmp_path / "sparse")

@@ -19,6 +19,7 @@ can differ slightly from lm-eval's hub task definitions, so compare these scores
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -71,7 +72,8 @@ def task_config(name: str, task_dir: str | Path) -> dict:
 def resolve_tasks(names: list[str], task_dir: str | Path | None = None,
                   include_path: str | Path | None = None) -> list[dict | str]:
     """lm-eval task specs for `names`: a task of `include_path`'s YAMLs by name, else a built-in
-    one as its config; each task's data files and the fields its templates read are checked."""
+    one as its config (both: data files and the fields their templates read checked), else
+    lm-eval's own task definition by its YAML file, when its hub dataset is cached locally."""
     if not names:
         raise ActSparseError(f"no tasks given; valid tasks: {', '.join(TASKS)}")
     own = _own_tasks(include_path)
@@ -86,10 +88,37 @@ def resolve_tasks(names: list[str], task_dir: str | Path | None = None,
             _check_task(name, config, "built-in")
             specs.append(config)
         else:
-            valid = sorted(own) + list(TASKS)
-            raise ActSparseError(f"unknown task {name!r}; valid tasks: {', '.join(valid)}"
-                                 + ("" if include_path else " (or your own lm-eval task YAMLs through --include-path DIR)"))
+            specs.append(_lm_eval_task(name, sorted(own) + list(TASKS), include_path))
     return specs
+
+
+@functools.lru_cache(maxsize=1)
+def _lm_eval_index() -> dict:
+    from lm_eval.tasks import TaskManager
+
+    with _quiet_logging():
+        return TaskManager().task_index
+
+
+def _lm_eval_task(name: str, valid: list[str], include_path) -> str:
+    """The YAML file of lm-eval's own task `name`, when its hub dataset is in the local cache."""
+    entry = _lm_eval_index().get(name)
+    if entry is None or entry.yaml_path is None or entry.kind.name != "TASK":
+        raise ActSparseError(f"unknown task {name!r}; valid tasks: {', '.join(valid)}"
+                             + ("" if include_path else " (or your own lm-eval task YAMLs through --include-path DIR)"))
+    dataset, subset = entry.cfg.get("dataset_path"), entry.cfg.get("dataset_name")
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    import datasets
+
+    try:
+        with _quiet_logging():
+            datasets.load_dataset_builder(dataset, subset, **(entry.cfg.get("dataset_kwargs") or {}))
+    except Exception:  # datasets raises many types for "not in the cache while offline"
+        raise ActSparseError(
+            f"lm-eval task {name!r} reads the hub dataset {dataset!r}{f' ({subset})' if subset else ''}, which is "
+            f"not in this machine's datasets cache and nothing is downloaded; write a task YAML over a local "
+            f"JSONL/parquet copy and pass --include-path DIR, or use one of: {', '.join(valid)}") from None
+    return str(entry.yaml_path)
 
 
 def _own_tasks(include_path: str | Path | None) -> dict[str, dict | None]:
