@@ -43,7 +43,7 @@ def saved(tmp_path):
     return save(model, tmp_path / "saved")
 
 
-@pytest.mark.parametrize("missing", ["actsparse.json", "actsparse.safetensors", "model.safetensors", "config.json"])
+@pytest.mark.parametrize("missing", ["actsparse/recipe.json", "actsparse/state.safetensors", "model.safetensors", "config.json"])
 def test_load_names_the_missing_file(saved, missing):
     (saved / missing).unlink()
     with pytest.raises(ActSparseError, match=missing.replace(".", r"\.")):
@@ -51,19 +51,19 @@ def test_load_names_the_missing_file(saved, missing):
 
 
 def test_load_refuses_another_format_version(saved):
-    meta = json.loads((saved / "actsparse.json").read_text())
+    meta = json.loads((saved / "actsparse/recipe.json").read_text())
     meta["format_version"] = 99
-    (saved / "actsparse.json").write_text(json.dumps(meta))
-    with pytest.raises(ActSparseError, match="actsparse.json.*version 99"):
+    (saved / "actsparse/recipe.json").write_text(json.dumps(meta))
+    with pytest.raises(ActSparseError, match="recipe.json.*version 99"):
         load(saved)
 
 
 def test_load_names_a_shape_mismatch(saved):
-    state = load_file(str(saved / "actsparse.safetensors"))
+    state = load_file(str(saved / "actsparse/state.safetensors"))
     key = next(k for k in state if k.endswith("threshold"))
     state[key] = torch.zeros(3)
-    save_file(state, str(saved / "actsparse.safetensors"))
-    with pytest.raises(ActSparseError, match=f"actsparse.safetensors.*{key}"):
+    save_file(state, str(saved / "actsparse/state.safetensors"))
+    with pytest.raises(ActSparseError, match=f"state.safetensors.*{key}"):
         load(saved)
 
 
@@ -138,7 +138,7 @@ def test_cli_compare_saved_rows_equal_eval_of_their_directories(tmp_path, model_
     assert set(results["ppl_5pct_sparsity"]) == {f"teal ({a})", f"teal ({b})"}
 
 
-@pytest.mark.parametrize("case,message", [("missing", "no such directory"), ("incomplete", "actsparse.json: missing"),
+@pytest.mark.parametrize("case,message", [("missing", "no such directory"), ("incomplete", "actsparse/recipe.json: missing"),
                                           ("other-tokenizer", "its tokenizer gives other token ids")])
 def test_cli_compare_refuses_a_bad_saved_directory_before_loading_the_model(tmp_path, model_dir, texts, case,
                                                                              message, monkeypatch, capsys):

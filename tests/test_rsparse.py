@@ -222,7 +222,7 @@ def test_cli_sparsify_with_search_then_eval(tmp_path, model_dir):
             "--calib-seq-len", "64", "--allocation", "search", "--option", "search_generations=1",
             "--option", "search_population=2", "--option", "lowrank=\"dropped\""]
     assert main(["sparsify", *args, "-o", str(out)]) == 0
-    meta = json.loads((out / "actsparse.json").read_text())
+    meta = json.loads((out / "actsparse" / "recipe.json").read_text())
     assert meta["config"]["lowrank"] == "dropped" and meta["recipe"]["search"]["evaluations"] >= 2
     result = tmp_path / "r.json"
     assert main(["eval", str(out), "--ppl", str(calib), "--seq-len", "64", "--json", str(result)]) == 0

@@ -13,7 +13,7 @@ from transformers import PreTrainedTokenizerFast
 
 from actsparse import ActSparseError, TealConfig, measure_sparsity, sparsify_
 from actsparse.nn import SparseLinear
-from actsparse.zeroshot import TASKS, evaluate_tasks
+from actsparse.zeroshot import TASKS, evaluate_tasks, resolve_tasks
 from tiny import random_tokens, tiny_model
 
 WORDS = [f"w{i}" for i in range(120)]
@@ -118,8 +118,13 @@ def test_leaves_training_mode_and_rng_alone(task_dir):
 
 
 def test_unknown_task_names_valid_ones(task_dir):
-    with pytest.raises(ActSparseError, match="unknown task 'hellaswag'.*arc_easy.*lambada_openai"):
-        evaluate_tasks(tiny_model("llama"), word_tokenizer(), ["arc_easy", "hellaswag"], task_dir=task_dir)
+    with pytest.raises(ActSparseError, match="unknown task 'no_such_task'.*arc_easy.*lambada_openai"):
+        evaluate_tasks(tiny_model("llama"), word_tokenizer(), ["arc_easy", "no_such_task"], task_dir=task_dir)
+
+
+def test_lm_eval_task_whose_hub_data_is_not_cached_is_one_error(task_dir):
+    with pytest.raises(ActSparseError, match="lm-eval task 'hellaswag' reads the hub dataset .*not in this machine's"):
+        resolve_tasks(["hellaswag"], task_dir=task_dir)
 
 
 def test_missing_task_file_is_named(tmp_path):
@@ -132,6 +137,103 @@ def test_bad_arguments(task_dir, kwargs):
     args = {"tasks": ["piqa"], "task_dir": task_dir} | kwargs
     with pytest.raises(ActSparseError):
         evaluate_tasks(tiny_model("llama"), word_tokenizer(), **args)
+
+
+OWN_TASK = """task: my_choice
+dataset_path: {kind}
+dataset_kwargs:
+  data_files:
+    test: {data}
+output_type: multiple_choice
+test_split: test
+doc_to_text: "Q: {{{{question}}}}\\nA:"
+doc_to_target: label
+doc_to_choice: options
+metric_list:
+  - metric: acc
+"""
+
+
+def write_own_task(directory: Path, kind: str = "json", field: str = "question") -> Path:
+    rng = random.Random(1)
+    rows = [{field: sentence(rng, 8), "options": [sentence(rng, 2), sentence(rng, 2)], "label": i % 2} for i in range(5)]
+    if kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        data = directory / "mine.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), data)
+    else:
+        data = directory / "mine.jsonl"
+        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (directory / "my_choice.yaml").write_text(OWN_TASK.format(kind=kind, data=data))
+    return directory
+
+
+@pytest.mark.parametrize("kind", ["json", "parquet"])
+def test_own_lm_eval_task_yaml_runs_with_a_built_in_one(tmp_path, task_dir, kind):
+    own = write_own_task(tmp_path, kind)
+    scores = evaluate_tasks(tiny_model("llama"), word_tokenizer(), ["my_choice", "piqa"], task_dir=task_dir,
+                            include_path=own)
+    assert scores["my_choice"]["n"] == 5 and 0 <= scores["my_choice"]["acc"] <= 1
+    assert scores["piqa"]["n"] == 6
+
+
+def test_own_task_whose_records_lack_a_field_is_one_error(tmp_path):
+    own = write_own_task(tmp_path, field="prompt")
+    with pytest.raises(ActSparseError, match=r"mine\.jsonl: doc_to_text of task 'my_choice'.*question.*prompt, options"):
+        resolve_tasks(["my_choice"], include_path=own)
+
+
+def test_built_in_task_file_in_another_layout_is_one_error(tmp_path):
+    (tmp_path / "piqa.jsonl").write_text(json.dumps({"goal": "a", "sol1": "b", "sol2": "c", "label": 0}) + "\n")
+    with pytest.raises(ActSparseError, match=r"piqa\.jsonl: doc_to_text of task 'piqa'.*query"):
+        resolve_tasks(["piqa"], task_dir=tmp_path)
+
+
+def test_unknown_task_names_the_include_path_ones(tmp_path):
+    own = write_own_task(tmp_path)
+    with pytest.raises(ActSparseError, match="unknown task 'nope'; valid tasks: my_choice, arc_easy"):
+        resolve_tasks(["nope"], include_path=own)
+
+
+def test_lm_eval_task_whose_data_is_available_runs_from_its_own_yaml(tmp_path, monkeypatch):
+    """Stands in for a hub task cached on the machine (nothing is cached here): an lm-eval index
+    entry whose dataset loads offline is run from its YAML file."""
+    from lm_eval.tasks import TaskManager
+
+    from actsparse import zeroshot
+
+    index = TaskManager(include_path=str(write_own_task(tmp_path)), include_defaults=False).task_index
+    monkeypatch.setattr(zeroshot, "_lm_eval_index", lambda: index)
+    assert resolve_tasks(["my_choice"]) == [str(tmp_path / "my_choice.yaml")]
+    assert evaluate_tasks(tiny_model("llama"), word_tokenizer(), ["my_choice"])["my_choice"]["n"] == 5
+
+
+def test_cli_eval_checks_the_tasks_before_loading_the_model_and_has_no_git_noise(tmp_path, task_dir, monkeypatch,
+                                                                                capfd):
+    from actsparse.cli import main
+
+    def load_model(*args, **kwargs):
+        raise AssertionError("the model was loaded before the tasks were checked")
+
+    monkeypatch.setattr("actsparse.commands.evaluate.load_model", load_model)
+    assert main(["eval", str(tmp_path / "model"), "--tasks", "no_such_task", "--task-dir", str(task_dir)]) == 2
+    assert capfd.readouterr().err.strip().startswith("actsparse: error: unknown task 'no_such_task'")
+    monkeypatch.undo()
+    monkeypatch.chdir(tmp_path)  # not a git repository: lm-eval's simple_evaluate would print git's error
+    out = asp_save_tiny(tmp_path / "sparse")
+    own = write_own_task(tmp_path)
+    result = tmp_path / "r.json"
+    assert main(["eval", str(out), "--tasks", "my_choice", "--include-path", str(own), "--json", str(result)]) == 0
+    assert "git" not in capfd.readouterr().err
+    assert set(json.loads(result.read_text())["tasks"]) == {"my_choice"}
+
+
+def asp_save_tiny(directory: Path) -> Path:
+    from actsparse import save
+
+    return save(sparsify_(tiny_model("llama"), TealConfig(sparsity=0.5), random_tokens(4, 32)), directory, word_tokenizer())
 
 
 @pytest.mark.slow

@@ -1,11 +1,14 @@
 """actsparse: activation sparsity for Hugging Face gated-MLP decoders.
 
-The public names load on first use (PEP 562), so that `actsparse.cli` starts without importing
-torch and a Ctrl-C during start-up ends as one line rather than a traceback."""
+Importing it registers the `actsparse` quantization method with transformers, so that
+`from_pretrained` loads a saved directory sparse; the other public names load on first use
+(PEP 562). The console script (`actsparse_cli`) handles Ctrl-C before this import runs."""
 from __future__ import annotations
 
 import importlib
 from typing import Any
+
+from . import hf_quantizer  # noqa: F401  (registers the quantizer with transformers)
 
 __version__ = "0.1.0"
 

@@ -84,7 +84,9 @@ def load_tokenizer(source: str | os.PathLike | None = None):
 
 def is_actsparse_dir(path: Path) -> bool:
     """Whether `path` is a directory written by actsparse (`save`), which loads already sparsified."""
-    return path.is_dir() and (path / "actsparse.json").is_file()
+    from .io import LEGACY_META_FILE, META_FILE
+
+    return path.is_dir() and any((path / f).is_file() for f in (META_FILE, LEGACY_META_FILE))
 
 
 def _locate(source: str | os.PathLike | None, path: Path) -> tuple[str, dict]:

@@ -1,4 +1,4 @@
-"""actsparse eval DIR_OR_MODEL [--ppl FILE] [--windows N] [--seq-len L] [--tasks a,b] [--limit N] [--backend auto|kernels|torch] [--json OUT]"""
+"""actsparse eval DIR_OR_MODEL [--ppl FILE] [--windows N] [--seq-len L] [--tasks a,b] [--task-dir DIR] [--include-path DIR] [--limit N] [--backend auto|kernels|torch] [--json OUT]"""
 from __future__ import annotations
 
 from ..config import DenseConfig
@@ -22,6 +22,8 @@ def register(sub) -> None:
     p.add_argument("--seq-len", type=int, default=512, metavar="L", help="window length in tokens (default 512)")
     p.add_argument("--tasks", default=None, help="zero-shot tasks, e.g. piqa,arc_easy")
     p.add_argument("--task-dir", default=None, help="folder of the task JSONL files (default $ACTSPARSE_TASK_DIR or ../shared/data/tasks)")
+    p.add_argument("--include-path", default=None, metavar="DIR",
+                   help="your own lm-eval task YAML(s) over local JSONL/parquet files; their task names join --tasks")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="documents per task")
     p.add_argument("--json", metavar="OUT", help="write the results as JSON")
     p.set_defaults(func=run)
@@ -43,7 +45,8 @@ def evaluate_model(model, tokenizer, args) -> dict:
         from ..zeroshot import evaluate_tasks
 
         with measure_sparsity(model) as meter:
-            scores = evaluate_tasks(model, tokenizer, parse_list(args.tasks, "--tasks"), args.task_dir, args.limit)
+            scores = evaluate_tasks(model, tokenizer, parse_list(args.tasks, "--tasks"), args.task_dir, args.limit,
+                                    include_path=args.include_path)
         result["tasks"] = {name: s["acc"] for name, s in scores.items()}
         result["task_details"] = scores
         result["task_sparsity"] = meter.report().to_dict()  # measured on the task texts
@@ -60,11 +63,10 @@ def run(args) -> int:
         read_texts(args.ppl)  # a bad file fails before the model loads
     if args.json:
         check_file_output(args.json, "--json")
-    if args.tasks:
-        from ..zeroshot import default_task_dir, task_config
+    if args.tasks:  # a bad task name or data file is reported before the model is loaded
+        from ..zeroshot import resolve_tasks
 
-        for name in parse_list(args.tasks, "--tasks"):  # a missing or damaged task file fails before the model loads
-            task_config(name, args.task_dir or default_task_dir())
+        resolve_tasks(parse_list(args.tasks, "--tasks"), args.task_dir, args.include_path)
     model, tokenizer = load_model(args.model, parse_dtype(args.dtype), args.device)
     if tokenizer is None:
         raise ActSparseError(f"{args.model}: no tokenizer saved with the model")

@@ -17,15 +17,13 @@ import torch
 from ..calibrate import Covariance, Observer, column_norms, run_calibration, topk_count
 from ..config import LaRoSAConfig
 from ..errors import ActSparseError
-from ..io import register_module_kind
 from ..models import iter_linears
-from ..rotation import (RotatedNorm, attention_heads, eigenbasis, final_norm, norm_consumers, restore_rotated_norm,
+from ..rotation import (attention_heads, eigenbasis, final_norm, norm_consumers,
                         rotate_heads_, rotate_norm_output_, rotate_residual_, scale_free_norm_)
 from . import register
 from .allocation import greedy_from_config
 from .search import role_targets, score_histograms
 
-register_module_kind(RotatedNorm, restore_rotated_norm)
 
 ROTATED_ROLES = ("q", "k", "v", "qkv", "gate", "up", "gate_up")
 UNROTATED_ROLES = ("o", "down")
