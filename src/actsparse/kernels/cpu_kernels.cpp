@@ -145,22 +145,26 @@ template <class D> inline __m256 wload8(const typename D::T* p) {
 
 // ---------------------------------------------------------------- thread pool
 
+// Runs fn(chunk) for chunk < n_chunks on up to n threads (the caller and n-1 pooled workers).
+// Threads claim chunks from a shared counter, so a worker the OS has descheduled (the machine is
+// shared) delays a call by at most the chunk it holds: the others take the rest. The counter
+// carries the call's generation in its high half, so a late worker can never claim a chunk of a
+// newer call under an older one's job.
 class Pool {
  public:
   ~Pool() {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       stop_ = true;
-      generation_.fetch_add(1, std::memory_order_release);
+      wake_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
     for (auto& t : workers_) t.join();
   }
 
-  // Runs fn(0..n-1), fn(0) on the calling thread; returns when all are done.
-  void run(int n, const std::function<void(int)>& fn) {
-    if (n <= 1) {
-      fn(0);
+  void run(int n, int64_t n_chunks, const std::function<void(int64_t)>& fn) {
+    if (n <= 1 || n_chunks <= 1) {
+      for (int64_t c = 0; c < n_chunks; ++c) fn(c);
       return;
     }
     std::lock_guard<std::mutex> serial(call_mutex_);  // one parallel call at a time
@@ -169,15 +173,20 @@ class Pool {
       workers_.emplace_back([this, id] { loop(id); });
     }
     job_ = &fn;
+    n_chunks_ = n_chunks;
     active_ = n;
-    pending_.store(n - 1, std::memory_order_relaxed);
+    done_.store(0, std::memory_order_relaxed);
+    ++generation_;
+    ticket_.store(generation_ << 32, std::memory_order_release);
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      generation_.fetch_add(1, std::memory_order_release);
+      wake_.fetch_add(1, std::memory_order_release);
     }
     cv_.notify_all();
-    fn(0);
-    while (pending_.load(std::memory_order_acquire) != 0) pause();
+    work(ticket_.load(std::memory_order_acquire));
+    for (int spin = 0; done_.load(std::memory_order_acquire) != n_chunks; ++spin) {
+      if (spin < 4096) pause(); else std::this_thread::yield();
+    }
   }
 
  private:
@@ -189,34 +198,49 @@ class Pool {
 #endif
   }
 
-  void loop(int id) {
-    uint64_t seen = 0;
+  // Claims and runs chunks of the call whose ticket is `t` until none is left.
+  void work(uint64_t t) {
+    const uint64_t gen = t >> 32;
+    const auto* job = job_.load(std::memory_order_relaxed);
+    const int64_t n = n_chunks_.load(std::memory_order_relaxed);
     for (;;) {
-      uint64_t g = generation_.load(std::memory_order_acquire);
-      for (int spin = 0; g == seen && spin < kSpins; ++spin) {
-        pause();
-        g = generation_.load(std::memory_order_acquire);
-      }
-      if (g == seen) {
-        std::unique_lock<std::mutex> lock(mutex_);
-        cv_.wait(lock, [&] { return generation_.load(std::memory_order_acquire) != seen; });
-        g = generation_.load(std::memory_order_acquire);
-      }
-      seen = g;
-      if (stop_) return;
-      if (id < active_) {
-        (*job_)(id);
-        pending_.fetch_sub(1, std::memory_order_release);
+      if ((t >> 32) != gen || static_cast<int64_t>(t & 0xffffffffu) >= n) return;
+      if (ticket_.compare_exchange_weak(t, t + 1, std::memory_order_acq_rel, std::memory_order_acquire)) {
+        (*job)(static_cast<int64_t>(t & 0xffffffffu));
+        done_.fetch_add(1, std::memory_order_release);
+        t = ticket_.load(std::memory_order_acquire);
       }
     }
   }
 
-  static constexpr int kSpins = 1 << 15;  // ~1 ms of pause before sleeping
+  void loop(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      uint64_t w = wake_.load(std::memory_order_acquire);
+      for (int spin = 0; w == seen && spin < kSpins; ++spin) {
+        pause();
+        w = wake_.load(std::memory_order_acquire);
+      }
+      if (w == seen) {
+        std::unique_lock<std::mutex> lock(mutex_);
+        cv_.wait(lock, [&] { return wake_.load(std::memory_order_acquire) != seen; });
+        w = wake_.load(std::memory_order_acquire);
+      }
+      seen = w;
+      if (stop_) return;
+      const uint64_t t = ticket_.load(std::memory_order_acquire);
+      if (id < active_.load(std::memory_order_relaxed)) work(t);
+    }
+  }
+
+  static constexpr int kSpins = 1 << 14;  // ~0.5 ms of pause before sleeping
   std::vector<std::thread> workers_;
-  std::atomic<uint64_t> generation_{0};
-  std::atomic<int> pending_{0};
-  const std::function<void(int)>* job_ = nullptr;
-  int active_ = 0;
+  std::atomic<uint64_t> wake_{0}, ticket_{0};
+  std::atomic<int64_t> done_{0};
+  uint64_t generation_ = 0;
+  std::atomic<const std::function<void(int64_t)>*> job_{nullptr};
+  std::atomic<int64_t> n_chunks_{0};
+  std::atomic<int> active_{0};
   bool stop_ = false;
   std::mutex mutex_, call_mutex_;
   std::condition_variable cv_;
@@ -233,8 +257,16 @@ int resolve_threads(int threads) {
   return hw ? static_cast<int>(hw) : 1;
 }
 
+// Chunks of `total` items for `threads` threads: one per thread would leave a descheduled thread's
+// share to wait; many small ones cut the contiguous runs the prefetcher streams. At least `min_items`
+// items a chunk, at most 8 chunks a thread.
+int64_t chunks_for(int64_t total, int threads, int64_t min_items) {
+  if (threads <= 1) return 1;
+  return std::max<int64_t>(1, std::min<int64_t>(total / min_items, 8 * threads));
+}
+
 // [begin, end) of part `i` of `n` over `total` items, in whole multiples of `align`.
-inline void split(int64_t total, int i, int n, int64_t align, int64_t& begin, int64_t& end) {
+inline void split(int64_t total, int64_t i, int64_t n, int64_t align, int64_t& begin, int64_t& end) {
   const int64_t units = (total + align - 1) / align;
   begin = std::min(total, units * i / n * align);
   end = std::min(total, units * (i + 1) / n * align);
@@ -411,12 +443,13 @@ void input_sparse(const float* x, int64_t B, int64_t K, const float* scale, cons
   const int64_t n_rows = compact(x, B, K, scale, threshold, complement, rows, xk);
   const int isa = current_isa();
   const auto* w = static_cast<const typename D::T*>(wt);
-  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(resolve_threads(threads), N / 64)));
+  const int n = resolve_threads(threads);
+  const int64_t chunks = chunks_for(N, n, 256);
   const int32_t* r = rows.data();
   const float* xkp = xk.data();
-  pool().run(n, [&](int i) {
+  pool().run(n, chunks, [&](int64_t i) {
     int64_t begin, end;
-    split(N, i, n, 16, begin, end);
+    split(N, i, chunks, 16, begin, end);
     if (begin < end) input_sparse_columns<D>(isa, w, N, r, xkp, n_rows, B, bias, y, begin, end);
   });
 }
@@ -529,10 +562,11 @@ void output_sparse_rows(const float* x, const float* a, int64_t B, int64_t J, in
   const int isa = current_isa();
   const auto* w = static_cast<const typename D::T*>(wv);
   const int32_t* r = rows.data();
-  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(resolve_threads(threads), n_rows / 16)));
-  pool().run(n, [&](int i) {
+  const int n = resolve_threads(threads);
+  const int64_t chunks = chunks_for(n_rows, n, 64);
+  pool().run(n, chunks, [&](int64_t i) {
     int64_t begin, end;
-    split(n_rows, i, n, 4, begin, end);
+    split(n_rows, i, chunks, 4, begin, end);
     std::vector<float> dots(B);
     int64_t k = begin;
     if (B == 1) {
@@ -563,10 +597,11 @@ template <class D>
 void dense_rows(const float* x, int64_t B, int64_t Dn, const void* wv, int64_t J, const float* bias, float* y, int threads) {
   const int isa = current_isa();
   const auto* w = static_cast<const typename D::T*>(wv);
-  const int n = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(resolve_threads(threads), J / 16)));
-  pool().run(n, [&](int i) {
+  const int n = resolve_threads(threads);
+  const int64_t chunks = chunks_for(J, n, 64);
+  pool().run(n, chunks, [&](int64_t i) {
     int64_t begin, end;
-    split(J, i, n, 4, begin, end);
+    split(J, i, chunks, 4, begin, end);
     int64_t j = begin;
     if (B == 1) {
       const int64_t quads = (end - begin) & ~int64_t(3);
