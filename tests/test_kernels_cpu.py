@@ -67,6 +67,79 @@ def test_output_sparse_rows_matches_reference(batch, sparsity):
     assert torch.equal(m == 0, ref == 0)
 
 
+# (vector path, threads): the best path this CPU has, with 1 and 2 threads, and forced lower paths.
+PATHS = [(None, 1), (None, 2), ("avx2", 2), ("scalar", 1)]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+@pytest.fixture(params=PATHS, ids=lambda p: f"{p[0] or 'best'}-t{p[1]}")
+def kernel_path(request):
+    isa, threads = request.param
+    best = cpu_ops.set_isa(None)
+    if isa is not None and cpu_ops.ISA_NAMES.index(isa) > cpu_ops.ISA_NAMES.index(best):
+        pytest.skip(f"this CPU has no {isa} path")
+    cpu_ops.set_isa(isa)
+    cpu_ops.set_threads(threads)
+    yield
+    cpu_ops.set_isa(None)
+    cpu_ops.set_threads(1)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("sparsity", [None, 0.5, 0.9])
+@pytest.mark.parametrize("shape", [(100, 70), (1029, 5), (64, 4100)])
+def test_input_sparse_dtypes_paths_threads(kernel_path, dtype, batch, sparsity, shape):
+    torch.manual_seed(3)
+    k, n = shape
+    x, wt = torch.randn(batch, k), torch.randn(k, n).to(dtype)
+    bias = torch.randn(n)
+    t = None if sparsity is None else _threshold(x, sparsity)
+    y = cpu_ops.input_sparse_linear(x, wt, t, None, bias, None, None, False, sparsity or 0.0)
+    ref = _reference(x, wt.float(), torch.tensor(-1.0) if t is None else t, bias=bias)
+    assert _rel(y, ref) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("sparsity", [0.0, 0.95])
+@pytest.mark.parametrize("shape", [(70, 100), (3, 1029)])
+def test_output_sparse_rows_dtypes_paths_threads(kernel_path, dtype, batch, sparsity, shape):
+    torch.manual_seed(4)
+    j, d = shape
+    x, a, w = torch.randn(batch, d), torch.randn(batch, j), torch.randn(j, d).to(dtype)
+    t = _threshold(a, sparsity)
+    m = cpu_ops.output_sparse_rows(x, a, t, w, sparsity)
+    ref = torch.where(a.abs() > t, a, 0.0).double() * (x.double() @ w.double().T)
+    assert _rel(m, ref) < 1e-5
+    assert torch.equal(m == 0, ref == 0)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("batch", [1, 8])
+@pytest.mark.parametrize("shape", [(70, 100), (5, 17)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_dense_rows_dtypes_paths_threads(kernel_path, dtype, batch, shape, with_bias):
+    torch.manual_seed(5)
+    j, d = shape
+    x, w = torch.randn(batch, d), torch.randn(j, d).to(dtype)
+    bias = torch.randn(j) if with_bias else None
+    y = cpu_ops.dense_rows(x, w, bias)
+    ref = x.double() @ w.double().T + (bias.double() if with_bias else 0.0)
+    assert _rel(y, ref) < 1e-5
+
+
+def test_paths_and_threads_are_checked():
+    best = cpu_ops.set_isa(None)
+    assert cpu_ops.isa() == best
+    with pytest.raises(ActSparseError, match="unknown cpu kernel path"):
+        cpu_ops.set_isa("sse9")
+    with pytest.raises(ActSparseError, match="threads >= 1"):
+        cpu_ops.set_threads(0)
+    with pytest.raises(ActSparseError, match="float32, bfloat16 or float16"):
+        cpu_ops.input_sparse_linear(torch.randn(1, 8), torch.zeros(8, 4, dtype=torch.int8), None, None, None, None, None, False, 0.0)
+
+
 def test_rejects_other_dtypes():
     with pytest.raises(ActSparseError, match="float32"):
         cpu_ops.input_sparse_linear(torch.randn(1, 8).half(), torch.randn(8, 4).half(), torch.tensor(0.0), None, None, None, None, False, 0.5)
@@ -124,13 +197,13 @@ def test_cpu_ops_dispatch_to_the_cpp_kernel_and_compile():
         y = ops.input_sparse_linear(x, wt, t, None, None, None, None, False, 0.5)
         return ops.output_sparse_rows(x, ops.topk_kept(y[:, :40], 10, None), torch.tensor(0.0), w, 0.75)
 
-    original = library.actsparse_input_sparse
+    original = library.actsparse_input_sparse_ex
     try:
-        library.actsparse_input_sparse = lambda *a: (calls.append(1), original(*a))[1]
+        library.actsparse_input_sparse_ex = lambda *a: (calls.append(1), original(*a))[1]
         eager = step(x)
         compiled = torch.compile(step, backend="eager", fullgraph=True)(x)
     finally:
-        library.actsparse_input_sparse = original
+        library.actsparse_input_sparse_ex = original
     assert len(calls) == 2  # the eager call and the compiled one (the op is opaque to tracing)
     assert torch.equal(eager, compiled)
     y = ops.input_sparse_linear_reference(x, wt, t, None, None, None, None, False, 0.5)

