@@ -255,3 +255,34 @@ def test_residual_rotation_beats_plain_top_k():
         model = asp.sparsify_(tiny_model("llama"), config, CALIB)
         errors[name] = (logits(model) - reference).pow(2).mean().item()
     assert errors["residual"] < errors["teal"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("left_out", [None, 0, -1])
+def test_fold_check_passes_rounding_and_catches_a_consumer_left_unrotated(dtype, left_out):
+    from actsparse.methods.larosa import check_fold, fold_tolerance
+
+    model = tiny_model("llama", dtype=dtype)
+    specs = swap_modules(model)
+    probe = CALIB[:1, :16]
+    with torch.no_grad():
+        reference = model(input_ids=probe, use_cache=False).logits.float()
+    consumers = list(norm_consumers(model, specs, input_groups(specs), probe).items())
+    for i, (norm, names) in enumerate(consumers):
+        linears = [model.get_submodule(n) for n in names]
+        if left_out is not None and i == range(len(consumers))[left_out]:
+            linears = linears[1:]  # this one reads the rotated output with its weight as it was
+        rotate_norm_output_(model, norm, linears, random_rotation(linears[0].in_features, seed=i))
+    if left_out is None:
+        assert check_fold(model, probe, reference, len(specs)) <= fold_tolerance(dtype, len(specs))
+    else:
+        with pytest.raises(ActSparseError, match=r"relative error .* allows"):
+            check_fold(model, probe, reference, len(specs))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_larosa_folds_in_half_precision_and_reports_the_fold_error(dtype):
+    model = tiny_model("llama", dtype=dtype)
+    asp.sparsify_(model, asp.LaRoSAConfig(sparsity=0.5), calibration=CALIB)
+    assert 0 <= model.actsparse_recipe["fold_error"] < 0.05
+    assert all(isinstance(m, RotatedNorm) for n, m in model.named_modules() if n.endswith("layernorm"))

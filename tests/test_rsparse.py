@@ -227,3 +227,18 @@ def test_cli_sparsify_with_search_then_eval(tmp_path, model_dir):
     result = tmp_path / "r.json"
     assert main(["eval", str(out), "--ppl", str(calib), "--seq-len", "64", "--json", str(result)]) == 0
     assert json.loads(result.read_text())["sparsity"]["model"] == pytest.approx(0.5, abs=0.03)
+
+
+@pytest.mark.parametrize("spectrum", ["flat", "decaying"])
+def test_randomized_svd_factors_are_as_good_as_the_exact_truncation(spectrum):
+    g = torch.Generator().manual_seed(0)
+    weight = torch.randn(384, 1024, generator=g, dtype=torch.float64)
+    if spectrum == "decaying":
+        u, s, vh = torch.linalg.svd(weight, full_matrices=False)
+        weight = (u * (s * torch.arange(1, 385, dtype=torch.float64) ** -0.7)) @ vh
+    rank = 48  # randomized: 2 (48 + 16) < 384
+    s = torch.linalg.svdvals(weight)
+    optimal = s[rank:].pow(2).sum().sqrt()
+    a, b = svd_factors(weight.float(), rank)
+    error = (weight - b.double() @ a.double()).norm()
+    assert error <= 1.005 * optimal
