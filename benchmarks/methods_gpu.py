@@ -1,0 +1,149 @@
+"""Every method at a published shape through the product's own path: `sparsify_`, then decode
+dense vs sparse in one engine (issue 23).
+
+    PYTHONPATH=src python3 benchmarks/methods_gpu.py --out $OUT [--shape llama3-8b] [--dtype bf16]
+        [--runs teal:0.5,larosa:0.5,rsparse:0.5] [--budget-s 540] [--tokens 128]
+
+Random weights of the shape (no weights reach a lent GPU), calibrated on random tokens through
+`actsparse.sparsify_` with each method's default config (a run is METHOD:SPARSITY[:KEY=VALUE...]),
+then `DecodeEngine` dense and sparse (kernels through `runtime.use_kernels`). Reported per run:
+sparsify seconds, peak GPU memory, measured model-level sparsity, dense and sparse tok/s, and the
+ideal speed-up over the reads the sparse model really needs (LaRoSA's rotations and R-Sparse's
+factors counted). A table is printed last, then one JSON line; OUT/methods_gpu.json holds it all.
+`--device cpu --shape smollm2-135m --tokens 16` runs the same code on the CPU (tests).
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from actsparse.config import make_config
+from actsparse.engine import DecodeEngine
+from actsparse.kernels.benchmark import SHAPES, environment, measured_sparsity, random_model, read_bytes, timed_decode
+from actsparse.loading import parse_dtype
+from actsparse.methods import sparsify_
+from actsparse.runtime import use_kernels
+from actsparse.swap import swap_modules
+
+CALIBRATION = (4, 256)  # random calibration sequences x tokens
+PROMPT = 32
+
+
+def parse_run(text: str) -> tuple[str, float, dict]:
+    method, sparsity, *options = text.split(":")
+    fields = {}
+    for option in options:
+        key, _, value = option.partition("=")
+        try:
+            fields[key] = json.loads(value)
+        except json.JSONDecodeError:
+            fields[key] = value  # a plain string option, e.g. rotation=residual
+    return method, float(sparsity), fields
+
+
+def peak_gb(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
+
+
+def decode(model, device, tokens: int, repeats: int):
+    prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0)).to(device)
+    engine = DecodeEngine(model, max_len=PROMPT + tokens)
+    return timed_decode(engine, prompt, tokens, repeats)
+
+
+def one_run(shape: str, dtype, device, text: str, dense_tok_s: float, args) -> dict:
+    method, sparsity, fields = parse_run(text)
+    config = make_config(method, sparsity=sparsity, **fields)
+    model = random_model(shape, dtype, device)
+    calib = torch.randint(0, model.config.vocab_size, CALIBRATION, generator=torch.Generator().manual_seed(1))
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+    start = time.perf_counter()
+    sparsify_(model, config, calib)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    seconds = time.perf_counter() - start
+    probe = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(2))
+    measured = measured_sparsity(model, probe)
+    linear, head = read_bytes(model)
+    rotation = float(getattr(model, "actsparse_recipe", {}).get("rotation_reads", 0.0))
+    ideal = (linear + head) / (linear * (1 - measured) + linear * rotation + head)
+    use_kernels(model)
+    sparse = decode(model, device, args.tokens, args.repeats)
+    result = {"run": text, "method": method, "target": sparsity, "options": fields, "measured_sparsity": measured,
+              "rotation_reads": rotation, "sparsify_s": seconds, "peak_gb": peak_gb(device),
+              "dense_tok_s": dense_tok_s, "sparse_tok_s": sparse.tokens_per_s,
+              "speedup": sparse.tokens_per_s / dense_tok_s, "ideal": ideal}
+    result["fraction_of_ideal"] = result["speedup"] / ideal
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return result
+
+
+def table(rows: list[dict]) -> str:
+    head = "| run | measured | dense tok/s | sparse tok/s | speed-up | ideal | of ideal | sparsify s | peak GB |"
+    lines = [head, "|" + " --- |" * 9]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['run']} | error: {r['error']} |" + " |" * 7)
+            continue
+        lines.append(f"| {r['run']} | {r['measured_sparsity']:.3f} | {r['dense_tok_s']:.1f} | {r['sparse_tok_s']:.1f} | "
+                     f"{r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['fraction_of_ideal']:.0%} | {r['sparsify_s']:.1f} | "
+                     f"{r['peak_gb']:.1f} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--out", required=True)
+    p.add_argument("--shape", default="llama3-8b", choices=sorted(SHAPES))
+    p.add_argument("--dtype", default="bf16")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--runs", default="teal:0.5,larosa:0.5,rsparse:0.5")
+    p.add_argument("--tokens", type=int, default=128)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--budget-s", type=float, default=540.0, help="no new run starts after this many seconds")
+    args = p.parse_args()
+    device, dtype = torch.device(args.device), parse_dtype(args.dtype)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.perf_counter()
+    results = {"env": environment(device), "shape": args.shape, "dtype": args.dtype, "runs": [], "skipped": []}
+
+    dense_model = random_model(args.shape, dtype, device)
+    swap_modules(dense_model)
+    dense_tok_s = decode(dense_model, device, args.tokens, args.repeats).tokens_per_s
+    results["dense_tok_s"] = dense_tok_s
+    print(f"[{time.perf_counter() - started:6.1f}s] dense {dense_tok_s:.1f} tok/s", file=sys.stderr, flush=True)
+    del dense_model
+    gc.collect()
+
+    for text in filter(None, args.runs.split(",")):
+        if time.perf_counter() - started > args.budget_s:
+            results["skipped"].append(text)
+            continue
+        try:
+            row = one_run(args.shape, dtype, device, text, dense_tok_s, args)
+        except Exception as e:  # one failing method must not lose the others' figures
+            row = {"run": text, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+        results["runs"].append(row)
+        print(f"[{time.perf_counter() - started:6.1f}s] {json.dumps(row)}", file=sys.stderr, flush=True)
+        (out / "methods_gpu.json").write_text(json.dumps(results, indent=1))
+    print(table(results["runs"]))
+    if results["skipped"]:
+        print(f"skipped (budget): {', '.join(results['skipped'])}")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
