@@ -241,4 +241,4 @@ def test_randomized_svd_factors_are_as_good_as_the_exact_truncation(spectrum):
     optimal = s[rank:].pow(2).sum().sqrt()
     a, b = svd_factors(weight.float(), rank)
     error = (weight - b.double() @ a.double()).norm()
-    assert error <= 1.005 * optimal
+    assert error <= 1.01 * optimal
