@@ -65,10 +65,7 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     if 2 * q >= min(w.shape):
         u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
         return (s[:rank, None] * vh[:rank]).float(), u[:, :rank].float().contiguous()
-    # a fixed seed: the same weight gives the same factors, whatever the caller's RNG state
-    with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
-        torch.manual_seed(0)
-        u, s, v = torch.svd_lowrank(w.float(), q=q, niter=POWER_ITERATIONS)
+    u, s, v = torch.svd_lowrank(w.float(), q=q, niter=POWER_ITERATIONS)
     return (s[:rank, None] * v[:, :rank].T).contiguous(), u[:, :rank].contiguous()
 
 
