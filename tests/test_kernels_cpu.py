@@ -238,3 +238,19 @@ def test_model_through_cpu_backend_matches_torch(arch, config):
         use_kernels(model)
         out = model(ids).logits
     assert _rel(out, ref.double()) < 1e-5
+
+
+def test_new_lowrank_factors_of_the_same_shape_reach_the_kernel():
+    from actsparse.kernels import load_kernels
+    from actsparse.nn import SparseLinear
+
+    torch.manual_seed(6)
+    linear = SparseLinear.from_linear(torch.nn.Linear(64, 48, bias=False))
+    linear.set_threshold(0.5, 0.5)
+    linear.set_lowrank(torch.randn(4, 64), torch.randn(48, 4))
+    load_kernels(torch.device("cpu"))
+    linear.set_kernels(True)
+    x = torch.randn(1, 64)
+    linear(x)
+    linear.set_lowrank(torch.randn(4, 64), torch.randn(48, 4))
+    assert _rel(linear(x), linear.reference(x).double()) < 1e-5

@@ -195,6 +195,8 @@ class SparseLinear(nn.Module):
             own = running and self._group is None and not self._packed_by_owner
             pack_transposed(self, "packed_weight_t", self.weight if own else None)
             pack(self, "packed_bias", None)
+        # the factors are sparsity state, not weights: a new pair of the same shape must not keep the old pack
+        pack_transposed(self, "packed_lowrank_at", None)
         pack_transposed(self, "packed_lowrank_at", self.lowrank_a if running and self.rank and not self._packed_by_owner else None)
         if running:
             pack_zero(self, self.weight.device)
