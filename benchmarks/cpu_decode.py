@@ -27,7 +27,7 @@ from actsparse.commands._common import DEFAULT_CALIB, DEFAULT_EVAL
 from actsparse.data import read_texts, text_batches, tokenize_texts
 from actsparse.engine import DecodeEngine
 from actsparse.kernels import cpu_ops
-from actsparse.kernels.benchmark import environment, hf_generate_speed, measured_sparsity, read_bytes, speed_result
+from actsparse.speed import environment, hf_generate_speed, measured_sparsity, read_bytes, speed_result
 from actsparse.loading import load_model
 from actsparse.runtime import use_kernels
 from actsparse.swap import swap_modules

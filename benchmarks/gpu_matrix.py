@@ -59,11 +59,13 @@ from actsparse.engine import DecodeEngine
 from actsparse.kernels import attention_ops, batching, tuning
 from actsparse.kernels import ops as op_defs
 from actsparse.kernels import triton_ops as ops
-from actsparse.kernels.benchmark import (
-    collect_scores, environment, hf_generate_speed, impose_sparsity, impose_topk, measured_sparsity, random_model,
-    read_bytes, speed_result, timed_decode,
+from actsparse.speed import (
+    environment, hf_generate_speed, measured_sparsity, random_calibration, random_model, read_bytes, speed_result,
+    step_profile, timed_decode,
 )
 from actsparse.calibrate import topk_count
+from actsparse.config import make_config
+from actsparse.methods import sparsify_
 from actsparse.nn import packing
 from actsparse.runtime import use_kernels
 from actsparse.swap import swap_modules
@@ -354,11 +356,8 @@ def check_model(run: Run, dtypes=(torch.float32, torch.bfloat16)) -> dict:
             with torch.device("cuda"):
                 model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype).eval()
             ids = torch.randint(0, 4096, (2, 4), device="cuda")  # 8 tokens: the kernels' largest batch
-            if method == "topk":
-                swap_modules(model)
-                impose_topk(model, 0.5)
-            else:
-                impose_sparsity(model, collect_scores(model, torch.randint(0, 4096, (1, 64)), method), 0.5)
+            config = make_config("teal", sparsity=0.5, selection="topk") if method == "topk" else make_config(method, sparsity=0.5)
+            sparsify_(model, config, torch.randint(0, 4096, (2, 64)))
             with torch.inference_mode():
                 ref = model(input_ids=ids).logits.double()
                 use_kernels(model)
@@ -583,11 +582,12 @@ def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bo
     engine's default). `backend`: how the sparse model's batches run ("triton": a batch runs
     a module's kernel where it measured faster than dense; "triton-batch8": always,
     `batching.always_kernels`).
-    `selection` "topk": every linear keeps its top-K inputs per token (`impose_topk`) instead of
-    TEAL thresholds."""
+    `selection` "topk": every linear keeps its top-K inputs per token instead of TEAL thresholds.
+    Every level is a fresh model of the same weights sparsified by `sparsify_` (TEAL's own
+    calibration on random tokens), decoded in its own engine."""
     prompt_len = 32
     tuning.clear()  # every run tunes its own kernels
-    model = random_model(shape, dtype, "cuda")
+    model = random_model(shape, dtype, "cuda", seed=0)
     prompts = torch.randint(0, model.config.vocab_size, (batch, prompt_len), generator=torch.Generator().manual_seed(0))
     out: dict = {"shape": shape, "dtype": str(dtype)[6:], "batch": batch, "tokens": tokens, "levels": [],
                  "dependent_launch": dependent_launch, "decode_attention": decode_attention,
@@ -609,24 +609,25 @@ def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bo
     out["dense_warm_s"] = time.perf_counter() - t0
     linear_bytes, other_bytes = read_bytes(model)
     run.say(f"engine dense: {dense.tokens_per_s:.1f} tok/s ({out['dense_warm_s']:.0f}s incl. compile)")
-    scores = collect_scores(model, torch.randint(0, model.config.vocab_size, (1, 256)), "teal") if selection == "threshold" else None
+    del engine, model
+    torch.cuda.empty_cache()
     for s in sparsities:
         if run.elapsed() > run.budget_s - 25:
             run.say(f"  stop before s={s}: out of time")
             break
         t0 = time.perf_counter()
-        if selection == "topk":
-            impose_topk(model, s)
-        else:
-            impose_sparsity(model, scores, s)
+        model = random_model(shape, dtype, "cuda", seed=0)
+        sparsify_(model, make_config("teal", sparsity=s, selection=selection), random_calibration(model))
+        sparsify_s = time.perf_counter() - t0
         use_kernels(model)
-        engine.invalidate()
+        engine = DecodeEngine(model, max_len=prompt_len + tokens, batch_size=batch, dependent_launch=dependent_launch,
+                              decode_attention=decode_attention, inductor_options=inductor_options)
         with batching.always_kernels() if backend == "triton-batch8" else contextlib.nullcontext():
             sparse = timed_decode(engine, prompts, tokens, repeats=2, tune=tune_in_step)
         measured = measured_sparsity(model, torch.cat([prompts, sparse.tokens], 1))
         row = speed_result(dense, sparse, measured, linear_bytes, other_bytes, batch)
-        row.update(target=s, warm_s=time.perf_counter() - t0, tuning_in_step=engine.tuning_report,
-                   batch_choices=batch_choices(model, batch))
+        row.update(target=s, sparsify_s=sparsify_s, warm_s=time.perf_counter() - t0,
+                   tuning_in_step=engine.tuning_report, batch_choices=batch_choices(model, batch))
         for key, times in engine.tuning_report.items():
             alone, best = next(iter(times)), min(times, key=times.get)
             if best != alone:
@@ -635,7 +636,8 @@ def e2e(run: Run, shape: str, dtype: torch.dtype, batch: int, sparsities, hf: bo
         run.say(f"  s={s:.2f} (measured {measured:.3f}): {sparse.tokens_per_s:.1f} tok/s x{row['speedup']:.2f} "
                 f"(ideal x{row['ideal_speedup']:.2f}, {100 * row['fraction_of_ideal']:.0f}%) {row['sparse_gb_s']:.0f} GB/s"
                 + (f"; batch calls measured: {row['batch_choices']}" if row["batch_choices"] else ""))
-    del engine, model, scores
+        del engine, model
+        torch.cuda.empty_cache()
     ops.set_dependent_launch(True)
     torch._dynamo.reset()
     torch.cuda.empty_cache()
@@ -660,39 +662,25 @@ def batch_choices(model: torch.nn.Module, batch: int) -> dict:
 def section_profile(run: Run, steps: int = 8) -> dict:
     """Where a decode step's time goes, dense and at 50%: the Llama-3-8B shape, bf16, batch 1, the
     engine's graph replayed under the profiler; GPU time per step by kernel name, largest first."""
-    prompt_len, tokens = 32, steps + 1
-    model = random_model("llama3-8b", torch.bfloat16, "cuda")
-    prompts = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
-    swap_modules(model)
-    scores = collect_scores(model, torch.randint(0, model.config.vocab_size, (1, 256)), "teal")
-    engine = DecodeEngine(model, max_len=prompt_len + 64)
+    prompt_len = 32
     out = {}
     for label, sparsity in (("dense", None), ("sparse 0.5", 0.5)):
-        if sparsity is not None:
-            impose_sparsity(model, scores, sparsity)
+        model = random_model("llama3-8b", torch.bfloat16, "cuda", seed=0)
+        prompts = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=torch.Generator().manual_seed(0))
+        if sparsity is None:
+            swap_modules(model)
+        else:
+            sparsify_(model, make_config("teal", sparsity=sparsity), random_calibration(model))
             use_kernels(model)
-            engine.invalidate()
+        engine = DecodeEngine(model, max_len=prompt_len + 64)
         engine.generate(prompts, 4)  # compile, tune, capture
-        # The prefill is profiled alone and taken out, leaving the graph replays of the steps.
-        per_run = []
-        for new_tokens in (1, tokens):
-            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-                engine.generate(prompts, new_tokens)
-            per_run.append({e.key: (e.device_time_total, e.count) for e in prof.key_averages()})
-        prefill, whole = per_run
-        kernels = {}
-        for key, (us, count) in whole.items():
-            us0, count0 = prefill.get(key, (0, 0))
-            if us - us0 > 0:
-                kernels[key] = ((us - us0) / steps, (count - count0) / steps)
-        total = sum(us for us, _ in kernels.values())
-        top = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:25]
-        out[label] = {"gpu_us_per_step": total, "kernels_per_step": sum(c for _, c in kernels.values()),
-                      "top": [{"kernel": k[:120], "us_per_step": us, "calls_per_step": c} for k, (us, c) in top]}
+        out[label] = step_profile(engine, prompts, steps)
+        total = out[label]["gpu_us_per_step"]
         run.say(f"profile {label}: {total:.0f} us of GPU time per step in {out[label]['kernels_per_step']:.0f} kernels")
-        for k, (us, c) in top[:12]:
-            run.say(f"   {us:8.1f} us {c:6.1f}x  {k[:100]}")
-    del engine, model, scores
+        for row in out[label]["top"][:12]:
+            run.say(f"   {row['us_per_step']:8.1f} us {row['calls_per_step']:6.1f}x  {row['kernel'][:100]}")
+        del engine, model
+        torch.cuda.empty_cache()
     torch._dynamo.reset()
     torch.cuda.empty_cache()
     return out

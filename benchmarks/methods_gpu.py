@@ -2,11 +2,15 @@
 dense vs sparse in one engine (issue 23).
 
     PYTHONPATH=src python3 benchmarks/methods_gpu.py --out $OUT [--shape llama3-8b] [--dtype bf16]
-        [--runs teal:0.5,larosa:0.5,rsparse:0.5] [--budget-s 540] [--tokens 128]
+        [--runs teal:0.5,larosa:0.5,rsparse:0.5,cats:0.9:act=relu,teal:0.5@mistral-7b] [--budget-s 540] [--tokens 128]
 
 Random weights of the shape (no weights reach a lent GPU), calibrated on random tokens through
-`actsparse.sparsify_` with each method's default config (a run is METHOD:SPARSITY[:KEY=VALUE...]),
-then `DecodeEngine` dense and sparse (kernels through `runtime.use_kernels`). Reported per run:
+`actsparse.sparsify_` with each method's default config, then `DecodeEngine` dense and sparse
+(kernels through `runtime.use_kernels`). A run is METHOD:SPARSITY[:KEY=VALUE...][@SHAPE]: KEY=VALUE
+are fields of the method's config, except `act=relu`, which builds the model with a ReLU gate
+(CATS on a ReLU gate is FATReLU at the threshold of the calibrated quantile: the gate-driven path
+of a ProSparse model); @SHAPE replaces --shape for the run. The dense baseline is timed once per
+shape and activation, on the same random weights (same seed). Reported per run:
 sparsify seconds, peak GPU memory, measured model-level sparsity, dense and sparse tok/s, and the
 ideal speed-up over the reads the sparse model really needs (LaRoSA's rotations and R-Sparse's
 factors counted). A table is printed last, then one JSON line; OUT/methods_gpu.json holds it all.
@@ -25,26 +29,36 @@ import torch
 
 from actsparse.config import make_config
 from actsparse.engine import DecodeEngine
-from actsparse.kernels.benchmark import SHAPES, environment, measured_sparsity, random_model, read_bytes, timed_decode
+from actsparse.speed import (
+    SHAPES, environment, measured_sparsity, random_calibration, random_model, read_bytes, rotation_reads, timed_decode,
+)
 from actsparse.loading import parse_dtype
 from actsparse.methods import sparsify_
 from actsparse.runtime import use_kernels
 from actsparse.swap import swap_modules
 
-CALIBRATION = (4, 256)  # random calibration sequences x tokens
 PROMPT = 32
+SEED = 0
 
 
-def parse_run(text: str) -> tuple[str, float, dict]:
+def parse_run(text: str, default_shape: str) -> tuple[str, float, dict, str, dict]:
+    """(method, sparsity, config fields, shape, model config overrides) of a run's text."""
+    text, _, shape = text.partition("@")
     method, sparsity, *options = text.split(":")
-    fields = {}
+    fields, model_overrides = {}, {}
     for option in options:
         key, _, value = option.partition("=")
+        if key == "act":
+            model_overrides["hidden_act"] = value
+            continue
         try:
             fields[key] = json.loads(value)
         except json.JSONDecodeError:
             fields[key] = value  # a plain string option, e.g. rotation=residual
-    return method, float(sparsity), fields
+    shape = shape or default_shape
+    if shape not in SHAPES:
+        raise SystemExit(f"run {text!r}: unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    return method, float(sparsity), fields, shape, model_overrides
 
 
 def peak_gb(device: torch.device) -> float:
@@ -57,11 +71,27 @@ def decode(model, device, tokens: int, repeats: int):
     return timed_decode(engine, prompt, tokens, repeats)
 
 
-def one_run(shape: str, dtype, device, text: str, dense_tok_s: float, args) -> dict:
-    method, sparsity, fields = parse_run(text)
+def dense_speed(shape: str, overrides: dict, dtype, device, args) -> float:
+    model = random_model(shape, dtype, device, seed=SEED, **overrides)
+    swap_modules(model)
+    tok_s = decode(model, device, args.tokens, args.repeats).tokens_per_s
+    del model
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return tok_s
+
+
+def one_run(dtype, device, text: str, dense: dict, args) -> dict:
+    method, sparsity, fields, shape, overrides = parse_run(text, args.shape)
     config = make_config(method, sparsity=sparsity, **fields)
-    model = random_model(shape, dtype, device)
-    calib = torch.randint(0, model.config.vocab_size, CALIBRATION, generator=torch.Generator().manual_seed(1))
+    key = (shape, tuple(sorted(overrides.items())))
+    if key not in dense:
+        dense[key] = dense_speed(shape, overrides, dtype, device, args)
+        print(f"dense {shape} {overrides or ''}: {dense[key]:.1f} tok/s", file=sys.stderr, flush=True)
+    dense_tok_s = dense[key]
+    model = random_model(shape, dtype, device, seed=SEED, **overrides)
+    calib = random_calibration(model)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         torch.cuda.reset_peak_memory_stats(device)
@@ -73,11 +103,11 @@ def one_run(shape: str, dtype, device, text: str, dense_tok_s: float, args) -> d
     probe = torch.randint(0, model.config.vocab_size, (1, 128), generator=torch.Generator().manual_seed(2))
     measured = measured_sparsity(model, probe)
     linear, head = read_bytes(model)
-    rotation = float(getattr(model, "actsparse_recipe", {}).get("rotation_reads", 0.0))
+    rotation = rotation_reads(model)
     ideal = (linear + head) / (linear * (1 - measured) + linear * rotation + head)
     use_kernels(model)
     sparse = decode(model, device, args.tokens, args.repeats)
-    result = {"run": text, "method": method, "target": sparsity, "options": fields, "measured_sparsity": measured,
+    result = {"run": text, "shape": shape, "model_overrides": overrides, "method": method, "target": sparsity, "options": fields, "measured_sparsity": measured,
               "rotation_reads": rotation, "sparsify_s": seconds, "peak_gb": peak_gb(device),
               "dense_tok_s": dense_tok_s, "sparse_tok_s": sparse.tokens_per_s,
               "speedup": sparse.tokens_per_s / dense_tok_s, "ideal": ideal}
@@ -119,24 +149,18 @@ def main() -> int:
     started = time.perf_counter()
     results = {"env": environment(device), "shape": args.shape, "dtype": args.dtype, "runs": [], "skipped": []}
 
-    dense_model = random_model(args.shape, dtype, device)
-    swap_modules(dense_model)
-    dense_tok_s = decode(dense_model, device, args.tokens, args.repeats).tokens_per_s
-    results["dense_tok_s"] = dense_tok_s
-    print(f"[{time.perf_counter() - started:6.1f}s] dense {dense_tok_s:.1f} tok/s", file=sys.stderr, flush=True)
-    del dense_model
-    gc.collect()
-
+    dense: dict = {}
     for text in filter(None, args.runs.split(",")):
         if time.perf_counter() - started > args.budget_s:
             results["skipped"].append(text)
             continue
         try:
-            row = one_run(args.shape, dtype, device, text, dense_tok_s, args)
+            row = one_run(dtype, device, text, dense, args)
         except Exception as e:  # one failing method must not lose the others' figures
             row = {"run": text, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
         results["runs"].append(row)
         print(f"[{time.perf_counter() - started:6.1f}s] {json.dumps(row)}", file=sys.stderr, flush=True)
+        results["dense_tok_s"] = {f"{shape}{' ' + str(dict(o)) if o else ''}": v for (shape, o), v in dense.items()}
         (out / "methods_gpu.json").write_text(json.dumps(results, indent=1))
     print(table(results["runs"]))
     if results["skipped"]:

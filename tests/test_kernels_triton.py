@@ -21,7 +21,7 @@ import actsparse  # noqa: E402
 from actsparse.kernels import batching, cpu_ops, ops as op_defs, triton_ops as ops, tuning  # noqa: E402
 from actsparse.nn import packing  # noqa: E402
 from actsparse.runtime import use_kernels  # noqa: E402
-from actsparse.kernels.benchmark import collect_scores, impose_sparsity  # noqa: E402
+from actsparse import TealConfig, sparsify_  # noqa: E402
 from tiny import random_tokens, tiny_model  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -72,8 +72,7 @@ def _rel(out, ref):
 def _teal_half(arch):
     """A tiny model with TEAL thresholds at 50% from its own activations."""
     model = tiny_model(arch)
-    impose_sparsity(model, collect_scores(model, random_tokens(1, 32), "teal"), 0.5)
-    return model
+    return sparsify_(model, TealConfig(sparsity=0.5), random_tokens(2, 32))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

@@ -1,7 +1,13 @@
-"""actsparse bench [DIR_OR_MODEL] --device cuda|cpu [--shape NAME] [--sparsity S] [--selection threshold|topk] [--batch B] [--dtype D] [--tokens N] [--backend auto|kernels|torch] [--json OUT]"""
+"""actsparse bench [DIR_OR_MODEL] --device cuda|cpu [--shape NAME] [--method M] [--sparsity S] [--option K=V] [--batch B] [--dtype D] [--tokens N] [--backend auto|kernels|torch] [--json OUT]
+
+A dense model is decoded dense, then sparsified by `sparsify_` with the method's own config and
+calibration (random tokens for a random-weight --shape, the calibration text otherwise) and decoded
+again in a fresh engine; an actsparse directory keeps its own state and is decoded dense (its
+modules set dense for the run) and sparse."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import torch
@@ -10,16 +16,18 @@ from ..config import make_config
 from ..data import read_texts, text_batches, tokenize_texts
 from ..engine import DecodeEngine
 from ..errors import ActSparseError
-from ..kernels.benchmark import (
-    METHODS, SHAPES, collect_scores, dense_modes, environment, hf_generate_speed, impose_sparsity, impose_topk,
-    measured_sparsity, random_model, read_bytes, speed_result, timed_decode,
-)
 from ..loading import is_actsparse_dir, load_model, parse_dtype
 from ..methods import sparsify_
 from ..outputs import check_file_output
 from ..runtime import resolve_backend, use_kernels
+from ..speed import (
+    SHAPES, dense_baseline, environment, hf_generate_speed, measured_sparsity, random_calibration, random_model,
+    read_bytes, rotation_reads, speed_result, timed_decode,
+)
 from ..swap import swap_modules
-from ._common import DEFAULT_CALIB, DEFAULT_EVAL, add_backend, check_positive, log, write_json_atomic
+from ._common import (
+    DEFAULT_CALIB, DEFAULT_EVAL, add_backend, add_method_options, check_positive, log, method_fields, write_json_atomic,
+)
 
 
 def register(sub) -> None:
@@ -31,12 +39,12 @@ def register(sub) -> None:
     add_backend(p)
     p.add_argument("--shape", default=None, choices=sorted(SHAPES),
                    help="random weights of a published shape (default on CUDA: llama3-8b)")
-    p.add_argument("--method", default=None, choices=METHODS,
-                   help="sparsity to impose on a dense model (default teal); an actsparse directory keeps its own")
+    p.add_argument("--method", default=None,
+                   help="the method that sparsifies a dense model (default teal; any of `actsparse sparsify`'s); "
+                        "an actsparse directory keeps its own")
     p.add_argument("--sparsity", type=float, default=None,
                    help="target sparsity for a dense model (default 0.5); an actsparse directory keeps its own")
-    p.add_argument("--selection", default=None, choices=("threshold", "topk"),
-                   help="for a dense model: calibrated thresholds (default) or exactly top-K per token")
+    add_method_options(p)
     p.add_argument("--batch", type=int, default=1, help="prompts decoded together, at most 8 (default 1)")
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on the CPU, bf16 on CUDA)")
     p.add_argument("--tokens", type=int, default=128, metavar="N", help="new tokens per prompt (default 128)")
@@ -51,17 +59,19 @@ def register(sub) -> None:
 
 def _check(args) -> None:
     """Refuse bad arguments before any slow work; a dense model gets --method/--sparsity defaults."""
+    args.config = None
     if args.model is not None and is_actsparse_dir(Path(args.model)):
-        given = [f"--{k}" for k in ("method", "sparsity", "selection") if getattr(args, k) is not None]
+        given = [f"--{k}" for k in ("method", "sparsity", "selection", "allocation") if getattr(args, k) is not None]
+        given += ["--option"] if args.option else []
         if given:
             raise ActSparseError(f"{args.model}: already sparsified (an actsparse directory); "
                                  f"{' and '.join(given)} apply to a dense model only")
     else:
         args.method = args.method or "teal"
         args.sparsity = 0.5 if args.sparsity is None else args.sparsity
-        args.selection = args.selection or "threshold"
-    if args.sparsity is not None and not 0.0 < args.sparsity < 1.0:
-        raise ActSparseError(f"--sparsity must be in (0, 1), got {args.sparsity}")
+        if not 0.0 < args.sparsity < 1.0:
+            raise ActSparseError(f"--sparsity must be in (0, 1), got {args.sparsity}")
+        args.config = make_config(args.method, sparsity=args.sparsity, **method_fields(args, [args.method]))
     if not 1 <= args.batch <= 8:
         raise ActSparseError(f"--batch must be 1..8 (the kernels' decode batch), got {args.batch}")
     for name in ("tokens", "prompt_len", "repeats", "threads"):
@@ -116,29 +126,30 @@ def run(args) -> int:
     result.update(decode_attention=engine.decode_attention, dependent_launch=engine.dependent_launch)
     log("dense decode")
     if loaded_sparse:
-        with dense_modes(model):
+        with dense_baseline(model):
             dense = timed_decode(engine, prompts, args.tokens, args.repeats)
-        result.update(method=model.actsparse_config.method, target_sparsity=model.actsparse_config.sparsity)
+        config = model.actsparse_config
     else:
         dense = timed_decode(engine, prompts, args.tokens, args.repeats)
-        log(f"{args.method} ({args.selection}) at {args.sparsity:g}")
-        if random_weights and args.selection == "topk":
-            impose_topk(model, args.sparsity, args.method)
-        elif random_weights:
-            calibration = torch.randint(0, model.config.vocab_size, (1, 256), generator=torch.Generator().manual_seed(1))
-            impose_sparsity(model, collect_scores(model, calibration, args.method), args.sparsity)
-        else:
-            calibration = text_batches(tokenizer, DEFAULT_CALIB, n=8, seq_len=256)
-            sparsify_(model, make_config(args.method, sparsity=args.sparsity, selection=args.selection), calibration)
-        result.update(method=args.method, target_sparsity=args.sparsity, selection=args.selection)
+        config = args.config
+        log(f"sparsify: {config.method} at {config.sparsity:g}")
+        calibration = (random_calibration(model) if random_weights
+                       else text_batches(tokenizer, DEFAULT_CALIB, n=8, seq_len=256))
+        started = time.perf_counter()
+        sparsify_(model, config, calibration)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        result["sparsify_s"] = time.perf_counter() - started
+    result.update(method=config.method, target_sparsity=config.sparsity, config=config.to_dict())
     use_kernels(model, kernels)
-    engine.invalidate()
+    del engine  # a method may have replaced modules (LaRoSA's norms): the sparse model gets its own engine
+    engine = DecodeEngine(model, max_len=args.prompt_len + args.tokens, batch_size=args.batch)
     log(f"sparse decode ({backend})")
     sparse = timed_decode(engine, prompts, args.tokens, args.repeats)
     sequence = torch.cat([prompts, sparse.tokens], dim=1)
     sparsity = measured_sparsity(model, sequence)
     linear_bytes, other_bytes = read_bytes(model)
-    result.update(speed_result(dense, sparse, sparsity, linear_bytes, other_bytes, args.batch))
+    result.update(speed_result(dense, sparse, sparsity, linear_bytes, other_bytes, args.batch, rotation_reads(model)))
     print(format_result(result))
     if args.json:
         write_json_atomic(args.json, result)

@@ -82,6 +82,10 @@ class SparseGatedMLP(nn.Module):
         return self.down_linear.out_features
 
     # -- state -------------------------------------------------------------------------
+    def set_gate_dense(self) -> None:
+        self.gate_mode, self.gate_target = "dense", 0.0
+        self._repack()
+
     def set_gate_threshold(self, threshold: float, target: float) -> None:
         self.gate_mode, self.gate_target = "threshold", float(target)
         self.gate_threshold = torch.tensor(float(threshold), device=self.gate_threshold.device)

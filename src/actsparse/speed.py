@@ -1,0 +1,225 @@
+"""Dense-versus-sparse decode speed on one engine: the measurements behind `actsparse bench` and
+the benchmark scripts.
+
+Every sparse model measured here was made by `actsparse.sparsify_` (or loaded from what it saved);
+dense and sparse decode with the same `DecodeEngine`, the sparse one through its kernels
+(`runtime.use_kernels`). Every speed is also given as achieved weight GB/s and as a fraction of
+the ideal ``1 / ((1 - f) + f (1 - s))``, f the share of the bytes a token reads that sit behind
+sparsified inputs and s their measured sparsity.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import platform
+import time
+import contextlib
+
+import torch
+from torch import nn
+
+from .engine import DecodeEngine, DecodeResult
+from .errors import ActSparseError
+from .measure import measure_sparsity
+from .nn import SparseGatedMLP, SparseLinear
+
+# Published shapes (hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings).
+SHAPES = {
+    "llama2-7b": ("LlamaConfig", 4096, 11008, 32, 32, 32, 32000, False),
+    "llama3-8b": ("LlamaConfig", 4096, 14336, 32, 32, 8, 128256, False),
+    "mistral-7b": ("MistralConfig", 4096, 14336, 32, 32, 8, 32000, False),
+    "qwen2.5-7b": ("Qwen2Config", 3584, 18944, 28, 28, 4, 152064, False),
+    "llama3.2-1b": ("LlamaConfig", 2048, 8192, 16, 32, 8, 128256, True),
+    "smollm2-135m": ("LlamaConfig", 576, 1536, 30, 9, 3, 49152, True),
+}
+CALIBRATION_SHAPE = (4, 256)  # random calibration sequences x tokens for random weights
+
+
+def random_model(shape: str, dtype: torch.dtype, device: str | torch.device, seed: int | None = None,
+                 **config_overrides) -> nn.Module:
+    """A causal LM of a published shape with random weights, built directly on `device`; the same
+    `seed` gives the same weights. `config_overrides` go to the config (e.g. ``hidden_act="relu"``)."""
+    import transformers
+
+    if shape not in SHAPES:
+        raise ActSparseError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    cls, hidden, inter, layers, heads, kv, vocab, tied = SHAPES[shape]
+    config = getattr(transformers, cls)(
+        hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=kv, vocab_size=vocab, tie_word_embeddings=tied, max_position_embeddings=4096,
+        **config_overrides,
+    )
+    device = torch.device(device)
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.device(device):
+        if seed is not None:
+            torch.manual_seed(seed)
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype)
+    return model.eval()
+
+
+def random_calibration(model: nn.Module, seed: int = 1) -> torch.Tensor:
+    """Random token ids to calibrate a random-weight model with (its activations are what matter)."""
+    return torch.randint(0, model.config.vocab_size, CALIBRATION_SHAPE, generator=torch.Generator().manual_seed(seed))
+
+
+@contextlib.contextmanager
+def dense_baseline(model: nn.Module):
+    """Every actsparse module of a sparsified `model` dense for the block, through the modules' own
+    setters; their sparsity state (thresholds, top-K, scales, low-rank factors) is set back after."""
+    restore = []
+    for module in model.modules():
+        if isinstance(module, SparseLinear) and module.mode != "dense":
+            args = (float(module.threshold), module.target, module.score_scale)
+            if module.mode == "threshold":
+                restore.append(lambda m=module, a=args: m.set_threshold(*a))
+            else:
+                restore.append(lambda m=module, k=module.k, a=args: m.set_topk(k, a[1], a[2]))
+            module.set_dense()
+        elif isinstance(module, SparseGatedMLP) and module.gate_mode != "dense":
+            if module.gate_mode == "threshold":
+                t, target = float(module.gate_threshold), module.gate_target
+                restore.append(lambda m=module, t=t, target=target: m.set_gate_threshold(t, target))
+            else:
+                restore.append(lambda m=module, k=module.gate_k, target=module.gate_target: m.set_gate_topk(k, target))
+            module.set_gate_dense()
+    try:
+        yield
+    finally:
+        for undo in restore:
+            undo()
+
+
+def read_bytes(model: nn.Module) -> tuple[int, int]:
+    """(bytes of the decoder linears, bytes of everything else a token reads: the LM head)."""
+    linears = sum(m.weight.numel() * m.weight.element_size() for m in model.modules() if isinstance(m, SparseLinear))
+    head = model.get_output_embeddings().weight
+    return linears, head.numel() * head.element_size()
+
+
+def ideal_speedup(f: float, s: float, extra: float = 0.0) -> float:
+    """The speed-up if time followed weight bytes: f of the bytes sit behind inputs a token skips
+    a fraction s of; `extra` more bytes (a fraction of those f) are read only by the sparse model
+    (LaRoSA's rotations)."""
+    return 1.0 / ((1.0 - f) + f * (1.0 - s + extra))
+
+
+def rotation_reads(model: nn.Module) -> float:
+    """Reads of a sparsified model's online rotations, as a fraction of its linears' reads."""
+    return float(getattr(model, "actsparse_recipe", {}).get("rotation_reads", 0.0))
+
+
+def measured_sparsity(model: nn.Module, sequence: torch.Tensor) -> float:
+    """Model-level sparsity (weight reads skipped) over the tokens of `sequence`, per token."""
+    with torch.inference_mode(), measure_sparsity(model) as meter:
+        model(input_ids=sequence.to(next(model.parameters()).device), use_cache=False)
+    return meter.report().model
+
+
+def hf_generate_speed(model: nn.Module, prompt: torch.Tensor, tokens: int) -> float:
+    """transformers' own `generate` decode speed (tokens/s over the batch): with a static KV cache,
+    which it compiles with mode="reduce-overhead", on CUDA; its default on the CPU. Prefill is
+    taken out by timing a short and a long generation."""
+    prompt = prompt.to(next(model.parameters()).device)
+    kwargs = dict(do_sample=False, pad_token_id=0)
+    if prompt.device.type == "cuda":
+        kwargs["cache_implementation"] = "static"
+
+    def run(n: int) -> float:
+        if prompt.device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        with torch.inference_mode():
+            model.generate(prompt, max_new_tokens=n, min_new_tokens=n, **kwargs)
+        if prompt.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    short = max(2, tokens // 8)
+    run(short)  # compiles on CUDA
+    run(tokens)
+    return prompt.shape[0] * (tokens - short) / (run(tokens) - run(short))
+
+
+def timed_decode(engine: DecodeEngine, prompt: torch.Tensor, tokens: int, repeats: int, tune: bool = True) -> DecodeResult:
+    """The fastest of `repeats` decodes, after a short warm-up decode (compile, tune, capture);
+    on CUDA with `tune`, the kernels' launch configs are first re-chosen inside the decode step
+    (`DecodeEngine.tune`)."""
+    if tune and engine.device.type == "cuda":
+        engine.tune(prompt, tokens=min(tokens, 64))
+    engine.generate(prompt, min(tokens, 4))
+    runs = [engine.generate(prompt, tokens) for _ in range(repeats)]
+    return max(runs, key=lambda r: r.tokens_per_s)
+
+
+def step_profile(engine: DecodeEngine, prompt: torch.Tensor, steps: int = 8, top: int = 25) -> dict:
+    """GPU time per decode step by kernel name, largest first: a decode of 1 and of ``steps + 1``
+    tokens under the profiler, the first (prefill) taken out of the second. Call it warm."""
+    per_run = []
+    for new_tokens in (1, steps + 1):
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+            engine.generate(prompt, new_tokens)
+        per_run.append({e.key: (e.device_time_total, e.count) for e in prof.key_averages()})
+    prefill, whole = per_run
+    kernels = {}
+    for key, (us, count) in whole.items():
+        us0, count0 = prefill.get(key, (0, 0))
+        if us - us0 > 0:
+            kernels[key] = ((us - us0) / steps, (count - count0) / steps)
+    largest = sorted(kernels.items(), key=lambda kv: -kv[1][0])[:top]
+    return {"gpu_us_per_step": sum(us for us, _ in kernels.values()),
+            "kernels_per_step": sum(c for _, c in kernels.values()),
+            "top": [{"kernel": k[:120], "us_per_step": us, "calls_per_step": c} for k, (us, c) in largest]}
+
+
+def environment(device: torch.device) -> dict:
+    import transformers
+
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "host": platform.node(),
+        "cpu_threads": torch.get_num_threads(),
+    }
+    if device.type == "cuda":
+        import triton
+
+        env.update(device_name=torch.cuda.get_device_name(device), triton=triton.__version__)
+    else:
+        env.update(device_name=f"{_cpu_model()} ({os.cpu_count()} cores)")
+    return env
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or platform.machine()
+
+
+def speed_result(
+    dense: DecodeResult, sparse: DecodeResult, sparsity: float, linear_bytes: int, other_bytes: int, batch: int,
+    rotation: float = 0.0,
+) -> dict:
+    """The comparison of one dense and one sparse decode as the `bench` JSON fields; `rotation`
+    as `rotation_reads`."""
+    total = linear_bytes + other_bytes
+    f = linear_bytes / total
+    steps_dense = dense.tokens_per_s / batch
+    steps_sparse = sparse.tokens_per_s / batch
+    speedup = sparse.tokens_per_s / dense.tokens_per_s
+    ideal = ideal_speedup(f, sparsity, rotation)
+    return {
+        "dense_tok_s": dense.tokens_per_s,
+        "sparse_tok_s": sparse.tokens_per_s,
+        "speedup": speedup,
+        "ideal_speedup": ideal,
+        "fraction_of_ideal": speedup / ideal,
+        "sparsity": sparsity,
+        "sparsified_byte_fraction": f,
+        "rotation_reads": rotation,
+        "dense_gb_s": total * steps_dense / 1e9,
+        "sparse_gb_s": (linear_bytes * (1.0 - sparsity + rotation) + other_bytes) * steps_sparse / 1e9,
+        "batch": batch,
+    }
