@@ -30,7 +30,8 @@ import torch
 from actsparse.config import make_config
 from actsparse.engine import DecodeEngine
 from actsparse.speed import (
-    SHAPES, environment, measured_sparsity, random_calibration, random_model, read_bytes, rotation_reads, timed_decode,
+    SHAPES, environment, measured_sparsity, random_calibration, random_model, read_bytes, rotation_reads, step_profile,
+    timed_decode,
 )
 from actsparse.loading import parse_dtype
 from actsparse.methods import sparsify_
@@ -65,21 +66,26 @@ def peak_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
 
 
-def decode(model, device, tokens: int, repeats: int):
+def decode(model, device, tokens: int, repeats: int, profile: bool = False):
+    """The fastest of `repeats` decodes and, on CUDA with `profile`, GPU time per step by kernel."""
     prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0)).to(device)
     engine = DecodeEngine(model, max_len=PROMPT + tokens)
-    return timed_decode(engine, prompt, tokens, repeats)
+    result = timed_decode(engine, prompt, tokens, repeats)
+    steps = step_profile(engine, prompt, top=12) if profile and device.type == "cuda" else None
+    return result, steps
 
 
 def dense_speed(shape: str, overrides: dict, dtype, device, args) -> float:
     model = random_model(shape, dtype, device, seed=SEED, **overrides)
     swap_modules(model)
-    tok_s = decode(model, device, args.tokens, args.repeats).tokens_per_s
+    result, steps = decode(model, device, args.tokens, args.repeats, args.profile)
+    if steps:
+        print(f"dense {shape} step profile: {json.dumps(steps)}", file=sys.stderr, flush=True)
     del model
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return tok_s
+    return result.tokens_per_s
 
 
 def one_run(dtype, device, text: str, dense: dict, args) -> dict:
@@ -106,12 +112,14 @@ def one_run(dtype, device, text: str, dense: dict, args) -> dict:
     rotation = rotation_reads(model)
     ideal = (linear + head) / (linear * (1 - measured) + linear * rotation + head)
     use_kernels(model)
-    sparse = decode(model, device, args.tokens, args.repeats)
+    sparse, steps = decode(model, device, args.tokens, args.repeats, args.profile)
     result = {"run": text, "shape": shape, "model_overrides": overrides, "method": method, "target": sparsity, "options": fields, "measured_sparsity": measured,
               "rotation_reads": rotation, "sparsify_s": seconds, "peak_gb": peak_gb(device),
               "dense_tok_s": dense_tok_s, "sparse_tok_s": sparse.tokens_per_s,
               "speedup": sparse.tokens_per_s / dense_tok_s, "ideal": ideal}
     result["fraction_of_ideal"] = result["speedup"] / ideal
+    if steps:
+        result["step_profile"] = steps
     del model
     gc.collect()
     if device.type == "cuda":
@@ -141,6 +149,7 @@ def main() -> int:
     p.add_argument("--runs", default="teal:0.5,larosa:0.5,rsparse:0.5")
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--profile", action="store_true", help="also GPU time per decode step by kernel (CUDA)")
     p.add_argument("--budget-s", type=float, default=540.0, help="no new run starts after this many seconds")
     args = p.parse_args()
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)

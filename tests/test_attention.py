@@ -1,4 +1,5 @@
-"""The decode attention kernel against the torch reference (Triton interpreter), and in models.
+"""The decode attention kernel against a float64 reference (Triton interpreter, registered as the
+op's CPU kernel for this module), the op's torch reference likewise, and the kernel in models.
 
 bf16 goes through the interpreter's `tl.dot`, which is wrong for bf16 operands: checked on the GPU
 by benchmarks/gpu_matrix.py.
@@ -18,6 +19,7 @@ from actsparse.attention import builds_on, decode_attention_name, use_decode_att
 from actsparse.engine import DecodeEngine  # noqa: E402
 from actsparse.errors import ActSparseError  # noqa: E402
 from actsparse.kernels import attention_ops as ops  # noqa: E402
+from actsparse.kernels import ops as op_defs  # noqa: E402
 from tiny import ARCHS, random_tokens, tiny_model  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3}
@@ -33,6 +35,14 @@ def _reference(q, k, v, mask, scale, softcap=0.0):
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.double()
     return torch.nan_to_num(torch.softmax(s, -1)).matmul(v).transpose(1, 2)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def triton_attention_on_cpu():
+    """The Triton kernel as the op's CPU kernel (the interpreter runs it on CPU tensors)."""
+    ops.register("cpu")
+    yield
+    ops.register_reference("cpu")
 
 
 def _inputs(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, filled, seed=0):
@@ -92,8 +102,24 @@ def test_decode_attention_names_what_it_cannot_take():
 
 def test_decode_attention_traces_with_fake_tensors():
     q, k, v, keep = _inputs(1, 4, 2, 1, 16, 32, torch.float32, filled=8)
-    compiled = torch.compile(lambda *a: ops.decode_attention(*a, 0.25, 0.0) * 2, backend="eager", fullgraph=True)
-    assert torch.allclose(compiled(q, k, v, keep), 2 * ops.decode_attention(q, k, v, keep, 0.25, 0.0))
+    compiled = torch.compile(lambda *a: op_defs.decode_attention(*a, 0.25, 0.0) * 2, backend="eager", fullgraph=True)
+    assert torch.allclose(compiled(q, k, v, keep), 2 * op_defs.decode_attention(q, k, v, keep, 0.25, 0.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
+def test_the_ops_torch_reference_matches_float64(dtype, mask_kind):
+    q, k, v, keep = _inputs(2, 6, 2, 3, 40, 16, dtype, filled=20)
+    keep = keep.clone()
+    keep[0, :, 1, :] = False  # a query with nothing to attend: zeros
+    mask = {"bool": keep, "additive": torch.zeros(keep.shape, dtype=dtype).masked_fill(~keep, float("-inf")),
+            "none": None}[mask_kind]
+    out = op_defs.decode_attention_reference(q, k, v, mask, 0.25, 3.0)
+    ref = _reference(q, k, v, keep if mask is not None else None, 0.25, softcap=3.0)
+    assert out.dtype == dtype and out.shape == (2, 3, 6, 16)
+    assert _rel(out, ref) < (1e-6 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        op_defs.decode_attention_reference(q[:, :5], k, v, None, 1.0, 0.0)
 
 
 def _decode_logits(model, prompt, steps):

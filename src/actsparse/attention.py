@@ -15,6 +15,7 @@ import importlib
 import torch
 
 from .errors import ActSparseError
+from .kernels import load_kernels, ops
 
 PREFIX = "actsparse_"
 BASES = ("sdpa", "eager")
@@ -43,6 +44,9 @@ def use_decode_attention(model: torch.nn.Module) -> str:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     except ImportError as e:
         raise ActSparseError(f"decode attention needs transformers' attention and mask interfaces ({e})") from None
+    device = next(model.parameters()).device
+    if device.type == "cuda":
+        load_kernels(device)
     name = decode_attention_name(base)
     AttentionInterface.register(name, _decode_attention_forward(base))
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
@@ -64,11 +68,9 @@ def _base_forward(base: str, module: torch.nn.Module):
 def _decode_attention_forward(base: str):
     def forward(module, query, key, value, attention_mask, **kwargs):
         if _takes_kernel(query, key, attention_mask, kwargs):
-            from .kernels.attention_ops import decode_attention
-
             scaling = kwargs.get("scaling")
             scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-            return decode_attention(query, key, value, attention_mask, scale, kwargs.get("softcap") or 0.0), None
+            return ops.decode_attention(query, key, value, attention_mask, scale, kwargs.get("softcap") or 0.0), None
         return _base_forward(base, module)(module, query, key, value, attention_mask, **kwargs)
 
     return forward
@@ -79,9 +81,8 @@ def _takes_kernel(query, key, mask, kwargs) -> bool:
 
     if query.device.type != "cuda" and not interpreting():
         return False
-    from .kernels.attention_ops import MAX_HEAD_DIM, MAX_ROWS
-
-    return ((query.shape[1] // key.shape[1]) * query.shape[2] <= MAX_ROWS and query.shape[-1] <= MAX_HEAD_DIM
+    return ((query.shape[1] // key.shape[1]) * query.shape[2] <= ops.ATTENTION_MAX_ROWS
+            and query.shape[-1] <= ops.ATTENTION_MAX_HEAD_DIM
             and not kwargs.get("dropout") and kwargs.get("s_aux") is None and kwargs.get("sinks") is None
             # no mask on a query block means causal (SDPA's is_causal): only one query reads all keys then
             and (mask.dim() == 4 if mask is not None else query.shape[2] == 1))

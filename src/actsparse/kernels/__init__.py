@@ -11,8 +11,11 @@ import torch
 
 from ..errors import ActSparseError
 
-# The module registering each device type's kernels (Triton is an optional dependency).
-KERNEL_MODULES = {"cuda": "actsparse.kernels.triton_ops", "cpu": "actsparse.kernels.cpu_ops"}
+# The modules registering each device type's kernels (Triton is an optional dependency).
+KERNEL_MODULES = {
+    "cuda": ("actsparse.kernels.triton_ops", "actsparse.kernels.attention_ops"),
+    "cpu": ("actsparse.kernels.cpu_ops",),
+}
 
 
 def load_kernels(device: torch.device | str) -> None:
@@ -21,6 +24,7 @@ def load_kernels(device: torch.device | str) -> None:
     if device_type not in KERNEL_MODULES:
         raise ActSparseError(f"actsparse has kernels for {', '.join(KERNEL_MODULES)} devices, not {device_type!r}")
     try:
-        importlib.import_module(KERNEL_MODULES[device_type])
+        for module in KERNEL_MODULES[device_type]:
+            importlib.import_module(module)
     except ModuleNotFoundError as e:
         raise ActSparseError(f"the {device_type} kernels need the {e.name!r} package (pip install 'actsparse[gpu]')") from None

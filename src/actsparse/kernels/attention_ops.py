@@ -1,15 +1,10 @@
-"""Decode attention as a `torch.library` custom op, with a fake implementation for tracing.
+"""The Triton implementation of `actsparse::decode_attention` (`ops.py`), registered for CUDA tensors.
 
-  actsparse::decode_attention(query[B,Hq,Q,D], key[B,Hkv,L,D], value[B,Hkv,L,D], mask?, scale,
-                              softcap) -> out[B,Q,Hq,D]
-      softmax(cap(scale * q k^T) + mask) v per query head, query head h reading KV head
-      h // (Hq / Hkv) (grouped-query attention, no `repeat_kv` copy); `mask` broadcasts to
-      [B,Hq,Q,L] and is boolean (True: attend) or additive; `softcap` > 0 applies
-      softcap * tanh(s / softcap) first (Gemma 2). A query with no key to attend gives zeros.
-
-For decoding: the (Hq / Hkv) * Q queries of a KV head share one program, at most MAX_ROWS of
-them; longer query blocks (prefill) are not what it is for. Launch configurations are tuned per
-shape (`tuning.py`).
+`register()` (run on import) makes it the op's "cuda" kernel; `register("cpu")` its CPU kernel
+too, for testing under ``TRITON_INTERPRET=1`` (`register_reference("cpu")` puts the torch
+reference back). The (Hq / Hkv) * Q queries of a KV head share one program, at most MAX_ROWS of
+them, reading each cached key and value once (no `repeat_kv` copy); longer query blocks
+(prefill) are not what it is for. Launch configurations are tuned per shape (`tuning.py`).
 """
 from __future__ import annotations
 
@@ -19,12 +14,11 @@ from typing import Optional
 import torch
 import triton
 
-from . import tuning
+from . import ops, tuning
 from .attention_kernels import attention_combine_kernel, decode_attention_kernel
+from .ops import ATTENTION_MAX_HEAD_DIM as MAX_HEAD_DIM
+from .ops import ATTENTION_MAX_ROWS as MAX_ROWS
 from .triton_ops import dependent_launch
-
-MAX_ROWS = 64
-MAX_HEAD_DIM = 256
 
 
 @dataclass(frozen=True)
@@ -83,35 +77,19 @@ def launch_decode_attention(query, key, value, mask, scale: float, softcap: floa
         )
 
 
-def check_decode_attention(query, key, value, mask) -> None:
-    """Raise ValueError naming what `decode_attention` cannot take."""
-    if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
-        raise ValueError(f"decode_attention: query [B,Hq,Q,D] and key = value [B,Hkv,L,D], got "
-                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
-    batch, heads, q_len, head_dim = query.shape
-    if key.shape[0] != batch or key.shape[3] != head_dim or heads % key.shape[1]:
-        raise ValueError(f"decode_attention: key {tuple(key.shape)} does not fit query {tuple(query.shape)} "
-                         "(same batch and head size, query heads a multiple of KV heads)")
+def check_kernel_limits(query, key) -> None:
+    """Raise ValueError where a valid `decode_attention` call exceeds this kernel's limits."""
+    heads, q_len, head_dim = query.shape[1:]
     if (heads // key.shape[1]) * q_len > MAX_ROWS or head_dim > MAX_HEAD_DIM:
         raise ValueError(f"decode_attention: {heads // key.shape[1]} query heads per KV head x {q_len} positions "
                          f"(at most {MAX_ROWS}) and head size {head_dim} (at most {MAX_HEAD_DIM})")
-    if key.dtype != query.dtype or value.dtype != query.dtype:
-        raise ValueError(f"decode_attention: query, key and value of one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
-    if mask is not None:
-        try:
-            torch.broadcast_shapes(mask.shape, (batch, heads, q_len, key.shape[2]))
-        except RuntimeError:
-            raise ValueError(f"decode_attention: mask {tuple(mask.shape)} does not broadcast to "
-                             f"{(batch, heads, q_len, key.shape[2])}") from None
-        if mask.dim() != 4 or not (mask.dtype == torch.bool or mask.is_floating_point()):
-            raise ValueError(f"decode_attention: a 4-d boolean or additive float mask, got {mask.dtype} {tuple(mask.shape)}")
 
 
-@torch.library.custom_op("actsparse::decode_attention", mutates_args=())
 def decode_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor], scale: float, softcap: float
 ) -> torch.Tensor:
-    check_decode_attention(query, key, value, mask)
+    ops.check_decode_attention(query, key, value, mask)
+    check_kernel_limits(query, key)
     batch, heads, q_len, head_dim = query.shape
     out = torch.empty((batch, q_len, heads, head_dim), dtype=query.dtype, device=query.device)
     mask_kind = None if mask is None else (mask.dtype, tuple(s == 1 for s in mask.shape))
@@ -123,7 +101,14 @@ def decode_attention(
     return out
 
 
-@decode_attention.register_fake
-def _(query, key, value, mask, scale, softcap):
-    batch, heads, q_len, head_dim = query.shape
-    return query.new_empty((batch, q_len, heads, head_dim))
+def register(device_type: str = "cuda") -> None:
+    """Make the Triton kernel the `device_type` implementation of `actsparse::decode_attention`."""
+    ops.decode_attention.register_kernel(device_type, decode_attention)
+
+
+def register_reference(device_type: str) -> None:
+    """Put the torch reference back as the `device_type` implementation."""
+    ops.decode_attention.register_kernel(device_type, ops.decode_attention_reference)
+
+
+register()

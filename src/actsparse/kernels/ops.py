@@ -19,6 +19,13 @@ its fake implementation.
   topk_kept(x[T,D], k, scale?) -> kept[T,D]
       x where its score |x| (* scale) is one of the k largest of its row, else 0; of equal
       scores the lower index first (`topk_mask`). Scores must not be negative.
+  decode_attention(query[B,Hq,Q,D], key[B,Hkv,L,D], value[B,Hkv,L,D], mask?, scale, softcap)
+                   -> out[B,Q,Hq,D]
+      softmax(cap(scale * q k^T) + mask) v per query head, query head h reading KV head
+      h // (Hq / Hkv) (grouped-query attention); `mask` broadcasts to [B,Hq,Q,L] and is boolean
+      (True: attend) or additive; `softcap` > 0 applies softcap * tanh(s / softcap) first
+      (Gemma 2). A query with no key to attend gives zeros. Kernels take decode steps: at most
+      ATTENTION_MAX_ROWS query rows per KV head ((Hq / Hkv) * Q) and head size ATTENTION_MAX_HEAD_DIM.
 
 Each op's default implementation is its reference (`*_reference`, also callable directly), except
 `input_sparse_gated`, whose default calls the `input_sparse_linear` op and applies the activation.
@@ -34,6 +41,8 @@ import torch
 import torch.nn.functional as F
 
 MAX_BATCH = 8
+ATTENTION_MAX_ROWS = 64
+ATTENTION_MAX_HEAD_DIM = 256
 
 ACTIVATIONS = {
     "silu": F.silu,
@@ -140,4 +149,50 @@ def _(x, k, scale):
     return torch.empty_like(x)
 
 
-OPS = (input_sparse_linear, input_sparse_gated, output_sparse_rows, topk_kept)
+def check_decode_attention(query, key, value, mask) -> None:
+    """Raise ValueError naming what `decode_attention` cannot take."""
+    if query.dim() != 4 or key.dim() != 4 or value.shape != key.shape:
+        raise ValueError(f"decode_attention: query [B,Hq,Q,D] and key = value [B,Hkv,L,D], got "
+                         f"{tuple(query.shape)}, {tuple(key.shape)}, {tuple(value.shape)}")
+    batch, heads, q_len, head_dim = query.shape
+    if key.shape[0] != batch or key.shape[3] != head_dim or heads % key.shape[1]:
+        raise ValueError(f"decode_attention: key {tuple(key.shape)} does not fit query {tuple(query.shape)} "
+                         "(same batch and head size, query heads a multiple of KV heads)")
+    if key.dtype != query.dtype or value.dtype != query.dtype:
+        raise ValueError(f"decode_attention: query, key and value of one dtype, got {query.dtype}, {key.dtype}, {value.dtype}")
+    if mask is not None:
+        try:
+            torch.broadcast_shapes(mask.shape, (batch, heads, q_len, key.shape[2]))
+        except RuntimeError:
+            raise ValueError(f"decode_attention: mask {tuple(mask.shape)} does not broadcast to "
+                             f"{(batch, heads, q_len, key.shape[2])}") from None
+        if mask.dim() != 4 or not (mask.dtype == torch.bool or mask.is_floating_point()):
+            raise ValueError(f"decode_attention: a 4-d boolean or additive float mask, got {mask.dtype} {tuple(mask.shape)}")
+
+
+def decode_attention_reference(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, mask: Optional[torch.Tensor], scale: float, softcap: float
+) -> torch.Tensor:
+    check_decode_attention(query, key, value, mask)
+    groups = query.shape[1] // key.shape[1]
+    k = key.float().repeat_interleave(groups, 1)
+    v = value.float().repeat_interleave(groups, 1)
+    s = query.float() @ k.transpose(-1, -2) * scale
+    if softcap > 0:
+        s = softcap * torch.tanh(s / softcap)
+    if mask is not None:
+        s = s.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else s + mask.float()
+    p = torch.nan_to_num(torch.softmax(s, -1))  # a row with nothing to attend: zeros
+    return (p @ v).transpose(1, 2).to(query.dtype).contiguous()
+
+
+decode_attention = torch.library.custom_op("actsparse::decode_attention", decode_attention_reference, mutates_args=())
+
+
+@decode_attention.register_fake
+def _(query, key, value, mask, scale, softcap):
+    batch, heads, q_len, head_dim = query.shape
+    return query.new_empty((batch, q_len, heads, head_dim))
+
+
+OPS = (input_sparse_linear, input_sparse_gated, output_sparse_rows, topk_kept, decode_attention)
