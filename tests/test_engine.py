@@ -155,8 +155,10 @@ def test_bench_sparsifies_with_any_method(tmp_path, method, options):
     result = json.loads(out.read_text())
     assert result["method"] == method and result["target_sparsity"] == 0.5 and result["sparsify_s"] > 0
     if method == "cats":  # the target is the MLP's sparsity; the model-level share is lower
-        assert 0.1 < result["sparsity"] < 0.5
+        assert result["target_kind"] == "mlp" and 0.1 < result["sparsity"] < 0.5
+        assert result["measured_target"] == result["sparsity_mlp"] == pytest.approx(0.5, abs=0.1)
     else:
+        assert result["target_kind"] == "model" and result["measured_target"] == result["sparsity"]
         assert result["sparsity"] == pytest.approx(0.5, abs=0.1)
     if method == "larosa":
         assert result["rotation_reads"] > 0 and result["ideal_speedup"] < 1 / (1 - result["sparsified_byte_fraction"] * result["sparsity"])
@@ -199,3 +201,17 @@ def test_bench_with_topk_selection_keeps_exactly_k(tmp_path):
                  "--tokens", "8", "--repeats", "1", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["config"]["selection"] == "topk" and result["sparsity"] == pytest.approx(0.5, abs=0.02)
+
+
+def test_bench_refuses_a_shape_the_device_cannot_hold_before_building_it(monkeypatch, capsys):
+    import time
+
+    from actsparse import speed
+    from actsparse.cli import main
+
+    monkeypatch.setattr(speed, "available_bytes", lambda device: 2**30)
+    started = time.perf_counter()
+    assert main(["bench", "--shape", "llama3-8b", "--dtype", "bf16"]) == 2
+    err = capsys.readouterr().err
+    assert "--shape llama3-8b in bfloat16 needs about 16.5 GiB on cpu; 1.0 GiB is free" in err
+    assert time.perf_counter() - started < 5

@@ -20,7 +20,7 @@ from torch import nn
 
 from .engine import DecodeEngine, DecodeResult
 from .errors import ActSparseError
-from .measure import measure_sparsity
+from .measure import SparsityReport, measure_sparsity
 from .nn import SparseGatedMLP, SparseLinear
 
 # Published shapes (hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings).
@@ -33,6 +33,41 @@ SHAPES = {
     "smollm2-135m": ("LlamaConfig", 576, 1536, 30, 9, 3, 49152, True),
 }
 CALIBRATION_SHAPE = (4, 256)  # random calibration sequences x tokens for random weights
+
+
+def shape_bytes(shape: str, dtype: torch.dtype) -> tuple[int, int]:
+    """(bytes of all weights, bytes of the decoder linears) of a published shape in `dtype`."""
+    _, hidden, inter, layers, heads, kv, vocab, tied = SHAPES[shape]
+    head_dim = hidden // heads
+    linear = layers * (hidden * head_dim * (heads + 2 * kv) + heads * head_dim * hidden + 3 * hidden * inter)
+    total = linear + vocab * hidden * (1 if tied else 2)
+    size = torch.finfo(dtype).bits // 8
+    return total * size, linear * size
+
+
+def available_bytes(device: torch.device) -> int | None:
+    """Memory free for a new model on `device` (None where it cannot be told)."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as f:
+            return next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError):
+        return None
+
+
+def check_fits(shape: str, dtype: torch.dtype, device: torch.device, kernels: bool) -> None:
+    """Refuse, before anything is built, a random-weight `shape` the device cannot hold: its
+    weights, plus the kernels' input-major copy of the linears on CUDA, plus a tenth for the rest."""
+    if shape not in SHAPES:
+        raise ActSparseError(f"unknown shape {shape!r}; known: {', '.join(SHAPES)}")
+    total, linear = shape_bytes(shape, dtype)
+    need = int(1.1 * (total + (linear if kernels and device.type == "cuda" else 0)))
+    free = available_bytes(device)
+    if free is not None and need > free:
+        raise ActSparseError(f"--shape {shape} in {str(dtype).removeprefix('torch.')} needs about {need / 2**30:.1f} GiB "
+                             f"on {device.type}; {free / 2**30:.1f} GiB is free (try --dtype bf16, a smaller shape, "
+                             "or another device)")
 
 
 def random_model(shape: str, dtype: torch.dtype, device: str | torch.device, seed: int | None = None,
@@ -108,11 +143,16 @@ def rotation_reads(model: nn.Module) -> float:
     return float(getattr(model, "actsparse_recipe", {}).get("rotation_reads", 0.0))
 
 
-def measured_sparsity(model: nn.Module, sequence: torch.Tensor) -> float:
-    """Model-level sparsity (weight reads skipped) over the tokens of `sequence`, per token."""
+def measured_report(model: nn.Module, sequence: torch.Tensor) -> SparsityReport:
+    """Sparsity measured over the tokens of `sequence` (`actsparse.measure`)."""
     with torch.inference_mode(), measure_sparsity(model) as meter:
         model(input_ids=sequence.to(next(model.parameters()).device), use_cache=False)
-    return meter.report().model
+    return meter.report()
+
+
+def measured_sparsity(model: nn.Module, sequence: torch.Tensor) -> float:
+    """Model-level sparsity (weight reads skipped) over the tokens of `sequence`, per token."""
+    return measured_report(model, sequence).model
 
 
 def hf_generate_speed(model: nn.Module, prompt: torch.Tensor, tokens: int) -> float:

@@ -21,7 +21,7 @@ from ..methods import sparsify_
 from ..outputs import check_file_output
 from ..runtime import resolve_backend, use_kernels
 from ..speed import (
-    SHAPES, dense_baseline, environment, hf_generate_speed, measured_sparsity, random_calibration, random_model,
+    SHAPES, check_fits, dense_baseline, environment, hf_generate_speed, measured_report, random_calibration, random_model,
     read_bytes, rotation_reads, speed_result, timed_decode,
 )
 from ..swap import swap_modules
@@ -107,6 +107,7 @@ def run(args) -> int:
     random_weights = args.model is None and (args.shape is not None or device.type == "cuda")
     if random_weights:
         shape = args.shape or "llama3-8b"
+        check_fits(shape, dtype, device, kernels)
         log(f"building a random-weight {shape} ({dtype}) on {device}")
         model, tokenizer, what = random_model(shape, dtype, device), None, f"{shape} (random weights)"
     else:
@@ -147,7 +148,10 @@ def run(args) -> int:
     log(f"sparse decode ({backend})")
     sparse = timed_decode(engine, prompts, args.tokens, args.repeats)
     sequence = torch.cat([prompts, sparse.tokens], dim=1)
-    sparsity = measured_sparsity(model, sequence)
+    report = measured_report(model, sequence)
+    sparsity = report.model
+    result.update(sparsity_mlp=report.mlp, target_kind=type(config).targets,
+                  measured_target=report.mlp if type(config).targets == "mlp" else report.model)
     linear_bytes, other_bytes = read_bytes(model)
     result.update(speed_result(dense, sparse, sparsity, linear_bytes, other_bytes, args.batch, rotation_reads(model)))
     print(format_result(result))
@@ -172,4 +176,7 @@ def format_result(r: dict) -> str:
         f"speed-up {r['speedup']:.2f}x · ideal {r['ideal_speedup']:.2f}x at measured sparsity {r['sparsity']:.3f} "
         f"(f = {r['sparsified_byte_fraction']:.2f}) · {100 * r['fraction_of_ideal']:.0f}% of ideal"
     )
+    target = f"target {r['target_sparsity']:g} of {r['target_kind']} sparsity, measured {r['measured_target']:.3f}"
+    sparsify = f" · sparsified in {r['sparsify_s']:.1f} s" if "sparsify_s" in r else ""
+    lines.append(target + (f" (mlp {r['sparsity_mlp']:.3f})" if r["target_kind"] == "model" else "") + sparsify)
     return "\n".join(lines)
