@@ -9,6 +9,7 @@ target.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -21,8 +22,10 @@ from actsparse.engine import DecodeEngine
 from actsparse.runtime import use_kernels
 
 HERE = Path(__file__).parent
+sys.path.insert(0, str(HERE.parent / "tests"))  # the tiny models of the main suite
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
 NEW_TOKENS = 24
+TIE = 0.3  # logits
 METHODS = {"teal": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"], "cats": ["gate"]}
 
 
@@ -57,14 +60,62 @@ def matched_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
+def logit_gaps(model, prompt: list[int], served: list[int]) -> list[float]:
+    """Per token vLLM chose: how far below actsparse's best logit it is, actsparse fed the same
+    sequence (0 where both pick the same token)."""
+    logits = model(torch.tensor([prompt + served])).logits[0, len(prompt) - 1:-1].float()
+    chosen = logits.gather(-1, torch.tensor(served)[:, None])[:, 0]
+    return (logits.max(-1).values - chosen).tolist()
+
+
 @torch.inference_mode()
 def test_vllm_serves_the_sparse_model_actsparse_runs(saved):
     method, directory = saved
     prompts, expected = actsparse_greedy(directory)
     served = vllm_greedy(directory, prompts)
     matched = [matched_prefix(a, b) for a, b in zip(served["tokens"], expected)]
-    print(f"{method}: greedy tokens matched before the first difference, per prompt: {matched} of {NEW_TOKENS}; "
+    model, _ = asp.load(directory)
+    gaps = [logit_gaps(model, p, s) for p, s in zip(prompts, served["tokens"])]
+    ties = [g for row in gaps for g in row if g > 0]
+    print(f"\n{method}: greedy tokens equal to actsparse's engine before the first difference: {matched} of "
+          f"{NEW_TOKENS} per prompt; vLLM's tokens that are not actsparse's argmax on the same sequence: "
+          f"{len(ties)} of {NEW_TOKENS * len(PROMPTS)}, logit gaps {[round(g, 3) for g in ties]}; "
           f"sparsity measured in vLLM: {served['sparsity']}")
-    assert matched == [NEW_TOKENS] * len(PROMPTS), (served["tokens"], expected)
+    # Thresholds make the model discontinuous: an entry at |x| ~ t that vLLM's own attention and norm
+    # kernels round the other way flips, and a near tie of two logits may then break the other way.
+    # Allowed: at most one token in ten, each a near tie (within TIE of actsparse's best logit).
+    assert len(ties) <= NEW_TOKENS * len(PROMPTS) // 10 and max(ties, default=0.0) < TIE, (served["tokens"], expected)
     for kind in METHODS[method]:
         assert abs(served["sparsity"][kind] - 0.5) < 0.1, (kind, served["sparsity"])
+
+
+def refusal(directory: Path) -> str:
+    """stderr of vLLM asked to serve `directory` (in a process of its own), which must fail."""
+    code = ("import sys; from vllm import LLM; "
+            "LLM(sys.argv[1], dtype='float32', max_model_len=64, enforce_eager=True)")
+    done = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"})
+    assert done.returncode != 0
+    return done.stderr
+
+
+@pytest.mark.parametrize("config, what", [
+    (asp.LaRoSAConfig(sparsity=0.5), "larosa directory: model.layers.0.input_layernorm has a rotation (LaRoSA)"),
+    (asp.RSparseConfig(sparsity=0.5), "has a low-rank term (R-Sparse)"),
+])
+def test_vllm_refuses_state_it_cannot_apply_by_name(tmp_path, config, what):
+    from tiny import CALIB, tiny_model, tiny_tokenizer
+
+    out = asp.save(asp.sparsify_(tiny_model("llama"), config, CALIB), tmp_path / "out", tiny_tokenizer())
+    assert what in refusal(out)
+
+
+def test_vllm_refuses_another_format_version(tmp_path):
+    from tiny import CALIB, tiny_model, tiny_tokenizer
+
+    out = asp.save(asp.sparsify_(tiny_model("llama"), asp.TealConfig(sparsity=0.5), CALIB), tmp_path / "out",
+                   tiny_tokenizer())
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"]["format_version"] = 3
+    (out / "config.json").write_text(json.dumps(config))
+    assert "actsparse format version 3 is not supported" in refusal(out)
