@@ -50,9 +50,10 @@ def actsparse_greedy(directory: Path) -> tuple[list[list[int]], list[list[int]]]
     return prompts, tokens
 
 
-def vllm_greedy(directory: Path, prompts: list[list[int]]) -> dict:
+def vllm_served(directory: Path, prompts: list[list[int]], sequences: list[list[int]]) -> dict:
     done = subprocess.run([sys.executable, str(HERE / "serve_greedy.py"), str(directory), "--prompts", json.dumps(prompts),
-                           "--tokens", str(NEW_TOKENS)], check=True, capture_output=True, text=True, timeout=1200)
+                           "--tokens", str(NEW_TOKENS), "--score", json.dumps(sequences)],
+                          check=True, capture_output=True, text=True, timeout=1200)
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
@@ -60,31 +61,32 @@ def matched_prefix(a: list[int], b: list[int]) -> int:
     return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
-def logit_gaps(model, prompt: list[int], served: list[int]) -> list[float]:
-    """Per token vLLM chose: how far below actsparse's best logit it is, actsparse fed the same
-    sequence (0 where both pick the same token)."""
-    logits = model(torch.tensor([prompt + served])).logits[0, len(prompt) - 1:-1].float()
-    chosen = logits.gather(-1, torch.tensor(served)[:, None])[:, 0]
-    return (logits.max(-1).values - chosen).tolist()
-
-
 @torch.inference_mode()
 def test_vllm_serves_the_sparse_model_actsparse_runs(saved):
     method, directory = saved
     prompts, expected = actsparse_greedy(directory)
-    served = vllm_greedy(directory, prompts)
+    sequences = [p + e for p, e in zip(prompts, expected)]
+    served = vllm_served(directory, prompts, sequences)
     matched = [matched_prefix(a, b) for a, b in zip(served["tokens"], expected)]
     model, _ = asp.load(directory)
-    gaps = [logit_gaps(model, p, s) for p, s in zip(prompts, served["tokens"])]
-    ties = [g for row in gaps for g in row if g > 0]
+    apart, gaps = 0, []
+    for sequence, argmax in zip(sequences, served["argmax"]):
+        logits = model(torch.tensor([sequence])).logits[0, :-1].float()
+        ours = logits.argmax(-1)
+        picked = torch.tensor(argmax)
+        apart += int((ours != picked).sum())
+        gaps += (logits.max(-1).values - logits.gather(-1, picked[:, None])[:, 0])[ours != picked].tolist()
+    positions = sum(len(s) - 1 for s in sequences)
     print(f"\n{method}: greedy tokens equal to actsparse's engine before the first difference: {matched} of "
-          f"{NEW_TOKENS} per prompt; vLLM's tokens that are not actsparse's argmax on the same sequence: "
-          f"{len(ties)} of {NEW_TOKENS * len(PROMPTS)}, logit gaps {[round(g, 3) for g in ties]}; "
-          f"sparsity measured in vLLM: {served['sparsity']}")
-    # Thresholds make the model discontinuous: an entry at |x| ~ t that vLLM's own attention and norm
-    # kernels round the other way flips, and a near tie of two logits may then break the other way.
-    # Allowed: at most one token in ten, each a near tie (within TIE of actsparse's best logit).
-    assert len(ties) <= NEW_TOKENS * len(PROMPTS) // 10 and max(ties, default=0.0) < TIE, (served["tokens"], expected)
+          f"{NEW_TOKENS} per prompt; next-token argmax on the same sequences: {positions - apart} of {positions} "
+          f"equal, the others within {max(gaps, default=0.0):.3f} of actsparse's best logit; sparsity measured in "
+          f"vLLM: {served['sparsity']}")
+    # Thresholds make the model discontinuous: an entry at |x| ~ t that vLLM's attention and norm kernels
+    # round the other way is dropped on one side and kept on the other, and greedy decoding feeds such a
+    # difference forward (actsparse's own kernels and torch reference part the same way on the TEAL prompts).
+    # So the tokens are compared position by position on one sequence: at most one in twenty apart, each a
+    # near tie of actsparse's own logits.
+    assert apart <= positions // 20 and max(gaps, default=0.0) < TIE, (served["argmax"], sequences)
     for kind in METHODS[method]:
         assert abs(served["sparsity"][kind] - 0.5) < 0.1, (kind, served["sparsity"])
 

@@ -76,10 +76,6 @@ class LayerPlan:
             start += size
         return cls(runs, gate, act)
 
-    @property
-    def sparse(self) -> bool:
-        return self.gate is not None or any(r.selection.threshold != float("-inf") for r in self.runs)
-
     def prepare(self, weight: torch.Tensor, kernels: bool) -> None:
         """Per-run state on the weight's device and, with `kernels`, the ops' packs."""
         self.kernels = kernels
