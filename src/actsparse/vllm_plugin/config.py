@@ -37,7 +37,7 @@ class ActSparseConfig(QuantizationConfig):
         self.state: SparseState | None = None
         self.act_name: str | None = None
         self.measure = os.environ.get(MEASURE_ENV) == "1"
-        self._rename = lambda name: name
+        self._mapper = None  # vLLM's hf -> vllm module renames (`apply_vllm_mapper`); kept picklable
         self._by_vllm_name: tuple[dict, dict] | None = None  # (selections, gate masks) under vLLM's names
 
     def __repr__(self) -> str:
@@ -76,11 +76,12 @@ class ActSparseConfig(QuantizationConfig):
         self.act_name = _activation(hf_config) if self.state.gates else None
 
     def apply_vllm_mapper(self, hf_to_vllm_mapper) -> None:
-        def rename(name: str) -> str:
-            mapped = hf_to_vllm_mapper.map_name(f"{name}.weight")
-            return name if mapped is None else mapped.removesuffix(".weight")
+        self._mapper = hf_to_vllm_mapper
+        self._by_vllm_name = None
 
-        self._rename = rename
+    def _rename(self, name: str) -> str:
+        mapped = None if self._mapper is None else self._mapper.map_name(f"{name}.weight")
+        return name if mapped is None else mapped.removesuffix(".weight")
 
     def get_quant_method(self, layer: torch.nn.Module, prefix: str) -> QuantizeMethodBase | None:
         if not isinstance(layer, LinearBase):
