@@ -72,7 +72,7 @@ def main() -> None:
                     if layout == "in":
                         t = None if s == 0 else torch.tensor(float(x.abs().quantile(s)))
                         kept = k if t is None else int((x.abs() > t).sum())
-                        fn = lambda: cpu_ops.input_sparse_linear(x, ws[next(it) % copies], t, None, None, None, None, False)  # noqa: E731
+                        fn = lambda: cpu_ops.input_sparse_linear(x, ws[next(it) % copies], t, None, None, None, None, False, s)  # noqa: E731
                     else:
                         kept = k
                         fn = lambda: cpu_ops.dense_rows(x, ws[next(it) % copies], None)  # noqa: E731

@@ -117,7 +117,7 @@ def test_output_sparse_rows_dtypes_paths_threads(kernel_path, dtype, batch, spar
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("shape", [(70, 100), (5, 17)])
+@pytest.mark.parametrize("shape", [(70, 100), (5, 17), (37, 576)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_dense_rows_dtypes_paths_threads(kernel_path, dtype, batch, shape, with_bias):
     torch.manual_seed(5)
