@@ -1,7 +1,8 @@
 // CPU kernels for decode (batch 1-8): a plain C ABI, called through ctypes by cpu_ops.py.
 //
-// Weights are float32, bfloat16 or float16 (dtype code 0 / 1 / 2); activations, scales, biases,
-// thresholds and outputs are float32, and every product is accumulated in float32.
+// Weights are float32, bfloat16 or float16 (dtype code 0 / 1 / 2); so are activations and outputs
+// (the model's dtype: widened to fp32 on entry, rounded once on exit); scales, biases and
+// thresholds are float32, and every product is accumulated in float32.
 //
 // input_sparse: y[b,:] = bias + sum over kept rows k of x_kept[b,k] * wt[k,:], with wt = W.T
 // stored input-major, so a kept input channel is one contiguous row (llama.cpp-style axpy over
@@ -674,6 +675,75 @@ template <class D> struct InputSparseFn { template <class... A> static void run(
 template <class D> struct OutputSparseRowsFn { template <class... A> static void run(A... a) { output_sparse_rows<D>(a...); } };
 template <class D> struct DenseRowsFn { template <class... A> static void run(A... a) { dense_rows<D>(a...); } };
 
+// ---------------------------------------------------------------- activations of the model's dtype
+
+bool known_dtype(int dtype) { return dtype == kF32 || dtype == kBF16 || dtype == kF16; }
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline uint16_t f32_to_f16(float f) {  // round to nearest even, with subnormals, infinities and NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return sign | 0x7e00u;
+  if (a >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: infinity
+  if (a < 0x38800000u) {  // below 2^-14: a subnormal half (or zero), rounded at 2^-24
+    float mag;
+    std::memcpy(&mag, &a, 4);
+    return sign | static_cast<uint16_t>(std::nearbyint(mag * 16777216.0f));
+  }
+  const uint32_t r = a + 0xfffu + ((a >> 13) & 1u);
+  return sign | static_cast<uint16_t>((r - 0x38000000u) >> 13);
+}
+
+// An fp32 view of an activation tensor: the tensor itself, or (bf16 / f16) a widened copy in
+// per-thread buffer `slot`.
+struct Activations {
+  const float* data;
+  Activations(const void* p, int64_t n, int dtype, int slot) {
+    if (dtype == kF32) {
+      data = static_cast<const float*>(p);
+      return;
+    }
+    static thread_local std::vector<float> buffers[2];
+    std::vector<float>& buf = buffers[slot];
+    buf.resize(n);
+    const auto* h = static_cast<const uint16_t*>(p);
+    for (int64_t i = 0; i < n; ++i) buf[i] = dtype == kBF16 ? bf16_to_f32(h[i]) : f16_to_f32(h[i]);
+    data = buf.data();
+  }
+};
+
+// Where a kernel writes its fp32 output: the output itself, or (bf16 / f16) a buffer that
+// `finish` rounds into it.
+struct Output {
+  float* data;
+  void* target;
+  int64_t n;
+  int dtype;
+  Output(void* p, int64_t count, int dt) : target(p), n(count), dtype(dt) {
+    static thread_local std::vector<float> buf;
+    if (dtype == kF32) {
+      data = static_cast<float*>(p);
+    } else {
+      buf.resize(n);
+      data = buf.data();
+    }
+  }
+  void finish() const {
+    if (dtype == kF32) return;
+    auto* h = static_cast<uint16_t*>(target);
+    for (int64_t i = 0; i < n; ++i) h[i] = dtype == kBF16 ? f32_to_bf16(data[i]) : f32_to_f16(data[i]);
+  }
+};
+
 }  // namespace
 
 extern "C" {
@@ -691,26 +761,46 @@ int actsparse_cpu_set_isa(int isa) {
   return isa;
 }
 
-// input_sparse over `wt` [K, N] (input-major) of dtype `wt_dtype` (0 f32, 1 bf16, 2 f16), with
-// `threads` threads (0: one per hardware thread). threshold NULL: dense (every row kept). Returns
-// 0, or -1 for an unknown dtype.
-int actsparse_input_sparse_ex(const float* x, int64_t B, int64_t K, const float* scale, const float* threshold,
-                              int complement, const void* wt, int wt_dtype, int64_t N, const float* bias, float* y,
-                              int threads) {
-  return by_dtype<InputSparseFn>(wt_dtype, x, B, K, scale, threshold, complement != 0, wt, N, bias, y, threads);
+// Activations (x, a) and outputs (y, m) are of dtype `act_dtype` (0 f32, 1 bf16, 2 f16: the
+// model's dtype), widened to fp32 on entry and rounded once on the way out; weights of dtype
+// `w_dtype`; scale, threshold and bias are fp32. `threads` threads (0: one per hardware thread).
+// Each returns 0, or -1 for an unknown dtype.
+
+// input_sparse over `wt` [K, N] (input-major); threshold NULL: dense (every row kept).
+int actsparse_input_sparse_ex(const void* x, int64_t B, int64_t K, const float* scale, const float* threshold,
+                              int complement, const void* wt, int wt_dtype, int64_t N, const float* bias, void* y,
+                              int act_dtype, int threads) {
+  if (!known_dtype(act_dtype)) return -1;
+  Activations in(x, B * K, act_dtype, 0);
+  Output out(y, B * N, act_dtype);
+  const int rc = by_dtype<InputSparseFn>(wt_dtype, in.data, B, K, scale, threshold, complement != 0, wt, N, bias,
+                                         out.data, threads);
+  out.finish();
+  return rc;
 }
 
-// output_sparse_rows over `w` [J, D] (output-major) of dtype `w_dtype`; see above.
-int actsparse_output_sparse_rows_ex(const float* x, const float* a, int64_t B, int64_t J, int64_t D,
-                                    const float* threshold, const void* w, int w_dtype, float* m, int threads) {
-  return by_dtype<OutputSparseRowsFn>(w_dtype, x, a, B, J, D, threshold, w, m, threads);
+// output_sparse_rows over `w` [J, D] (output-major); see above.
+int actsparse_output_sparse_rows_ex(const void* x, const void* a, int64_t B, int64_t J, int64_t D,
+                                    const float* threshold, const void* w, int w_dtype, void* m, int act_dtype,
+                                    int threads) {
+  if (!known_dtype(act_dtype)) return -1;
+  Activations xin(x, B * D, act_dtype, 0), ain(a, B * J, act_dtype, 1);
+  Output out(m, B * J, act_dtype);
+  const int rc = by_dtype<OutputSparseRowsFn>(w_dtype, xin.data, ain.data, B, J, D, threshold, w, out.data, threads);
+  out.finish();
+  return rc;
 }
 
 // y[b, j] = bias[j] + dot(x[b, :], w[j, :]): the dense product over `w` [J, D] (nn.Linear's
-// layout) of dtype `w_dtype`; bias may be NULL.
-int actsparse_dense_rows(const float* x, int64_t B, int64_t D, const void* w, int w_dtype, int64_t J, const float* bias,
-                         float* y, int threads) {
-  return by_dtype<DenseRowsFn>(w_dtype, x, B, D, w, J, bias, y, threads);
+// layout); bias may be NULL.
+int actsparse_dense_rows(const void* x, int64_t B, int64_t D, const void* w, int w_dtype, int64_t J, const float* bias,
+                         void* y, int act_dtype, int threads) {
+  if (!known_dtype(act_dtype)) return -1;
+  Activations in(x, B * D, act_dtype, 0);
+  Output out(y, B * J, act_dtype);
+  const int rc = by_dtype<DenseRowsFn>(w_dtype, in.data, B, D, w, J, bias, out.data, threads);
+  out.finish();
+  return rc;
 }
 
 }  // extern "C"

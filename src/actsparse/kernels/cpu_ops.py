@@ -2,10 +2,10 @@
 
 `cpu_kernels.cpp` is a plain C ABI shared object (no torch headers, so it builds in about a second
 and needs no ninja), compiled with ``-O3 -march=native`` at first use; `register()` (run on
-import) makes these functions the "cpu" kernels of `actsparse::input_sparse_linear` and
-`actsparse::output_sparse_rows`, so a CPU decode step traces and compiles like a CUDA one (the
-other ops run their torch reference on the CPU). Activations and outputs are float32; weights
-float32, bfloat16 or float16 (fp32 accumulation; the vector path, AVX-512, AVX2 or scalar, is
+import) makes these functions the "cpu" kernels of `actsparse::input_sparse_linear`,
+`actsparse::output_sparse_rows` and `actsparse::dense_linear`, so a CPU decode step traces and compiles like a CUDA one (the
+other ops run their torch reference on the CPU). Activations and outputs are of the model's
+dtype, weights float32, bfloat16 or float16 (fp32 accumulation; the vector path, AVX-512, AVX2 or scalar, is
 picked at run time: `isa()` says which, `set_isa` forces a lower one for tests); `set_threads`
 picks the kernels' thread count (default 1).
 
@@ -39,9 +39,9 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _C = ctypes.c_int
 _SIGNATURES = {  # name: (argument types, result type)
-    "actsparse_input_sparse_ex": ((_P, _I, _I, _P, _P, _C, _P, _C, _I, _P, _P, _C), _C),
-    "actsparse_output_sparse_rows_ex": ((_P, _P, _I, _I, _I, _P, _P, _C, _P, _C), _C),
-    "actsparse_dense_rows": ((_P, _I, _I, _P, _C, _I, _P, _P, _C), _C),
+    "actsparse_input_sparse_ex": ((_P, _I, _I, _P, _P, _C, _P, _C, _I, _P, _P, _C, _C), _C),
+    "actsparse_output_sparse_rows_ex": ((_P, _P, _I, _I, _I, _P, _P, _C, _P, _C, _C), _C),
+    "actsparse_dense_rows": ((_P, _I, _I, _P, _C, _I, _P, _P, _C, _C), _C),
     "actsparse_cpu_isa": ((), _C),
     "actsparse_cpu_set_isa": ((_C,), _C),
 }
@@ -168,15 +168,21 @@ def set_isa(name: str | None) -> str:
     return ISA_NAMES[got]
 
 
-def _check(t: torch.Tensor, what: str, weight: bool = False) -> None:
-    ok = t.dtype in DTYPE_CODES if weight else t.dtype == torch.float32
+def _check(t: torch.Tensor, what: str, dtype: torch.dtype | None = None) -> None:
+    """A contiguous CPU tensor of a kernel dtype (of `dtype`, where given)."""
+    ok = t.dtype in DTYPE_CODES and (dtype is None or t.dtype == dtype)
     if t.device.type != "cpu" or not ok or not t.is_contiguous():
-        valid = "float32, bfloat16 or float16" if weight else "float32"
+        valid = "float32, bfloat16 or float16" if dtype is None else f"{dtype} (the activations' dtype)"
         raise ActSparseError(f"cpu kernels take contiguous {valid} CPU tensors; {what} is {t.dtype} on {t.device}")
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
+
+
+def _fp32(t: torch.Tensor | None) -> torch.Tensor | None:
+    """A bias or scale as the kernels read it (a bf16 / fp16 model's bias is widened per call)."""
+    return None if t is None else t.float().contiguous()
 
 
 def input_sparse_linear(
@@ -192,42 +198,46 @@ def input_sparse_linear(
 ) -> torch.Tensor:
     """threshold None: every input row kept (the dense product over input-major weights)."""
     _check(x, "x")
-    _check(weight_t, "weight_t", weight=True)
+    _check(weight_t, "weight_t")
     batch, k = x.shape
     n = weight_t.shape[1]
-    y = torch.empty((batch, n), dtype=torch.float32)
+    y = torch.empty((batch, n), dtype=x.dtype)
+    bias, scale, threshold = _fp32(bias), _fp32(scale), _fp32(threshold)
     library().actsparse_input_sparse_ex(
         x.data_ptr(), batch, k, _ptr(scale), _ptr(threshold), int(complement),
-        weight_t.data_ptr(), DTYPE_CODES[weight_t.dtype], n, _ptr(bias), y.data_ptr(), _THREADS,
+        weight_t.data_ptr(), DTYPE_CODES[weight_t.dtype], n, _ptr(bias), y.data_ptr(), DTYPE_CODES[x.dtype], _THREADS,
     )
     if lowrank_b is not None:
-        y.addmm_(lowrank_z, lowrank_b.T.to(torch.float32))
+        y.addmm_(lowrank_z.to(y.dtype), lowrank_b.T.to(y.dtype))
     return y
 
 
 def output_sparse_rows(x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    for t, what in ((x, "x"), (a, "a")):
-        _check(t, what)
-    _check(weight, "weight", weight=True)
+    _check(x, "x")
+    _check(a, "a", x.dtype)
+    _check(weight, "weight")
     batch, d = x.shape
     j = weight.shape[0]
-    m = torch.empty((batch, j), dtype=torch.float32)
+    m = torch.empty((batch, j), dtype=x.dtype)
+    threshold = _fp32(threshold)
     library().actsparse_output_sparse_rows_ex(
         x.data_ptr(), a.data_ptr(), batch, j, d, threshold.data_ptr(), weight.data_ptr(),
-        DTYPE_CODES[weight.dtype], m.data_ptr(), _THREADS,
+        DTYPE_CODES[weight.dtype], m.data_ptr(), DTYPE_CODES[x.dtype], _THREADS,
     )
     return m
 
 
-def dense_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` in float32 over an output-major weight of any kernel dtype."""
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` over an output-major weight, accumulated in fp32, in x's dtype."""
     _check(x, "x")
-    _check(weight, "weight", weight=True)
+    _check(weight, "weight")
     batch, d = x.shape
     j = weight.shape[0]
-    y = torch.empty((batch, j), dtype=torch.float32)
+    y = torch.empty((batch, j), dtype=x.dtype)
+    bias = _fp32(bias)
     library().actsparse_dense_rows(
-        x.data_ptr(), batch, d, weight.data_ptr(), DTYPE_CODES[weight.dtype], j, _ptr(bias), y.data_ptr(), _THREADS
+        x.data_ptr(), batch, d, weight.data_ptr(), DTYPE_CODES[weight.dtype], j, _ptr(bias), y.data_ptr(),
+        DTYPE_CODES[x.dtype], _THREADS,
     )
     return y
 
@@ -236,6 +246,7 @@ def register() -> None:
     """Make these the "cpu" kernels of the `actsparse::` ops they implement."""
     ops.input_sparse_linear.register_kernel("cpu", input_sparse_linear)
     ops.output_sparse_rows.register_kernel("cpu", output_sparse_rows)
+    ops.dense_linear.register_kernel("cpu", dense_linear)
 
 
 register()

@@ -41,6 +41,12 @@ def select_mask(
     raise ActSparseError(f"select_mask: mode must be threshold or topk, got {mode!r}")
 
 
+def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` through `actsparse::dense_linear` (x: [..., in])."""
+    x2 = x.reshape(-1, weight.shape[1]).contiguous()
+    return ops.dense_linear(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+
+
 def same_selection(a: "SparseLinear", b: "SparseLinear") -> bool:
     """Whether two linears keep the same inputs of any x (and neither has a low-rank term)."""
     if a.mode != b.mode or a.mode == "dense" or a.rank or b.rank:
@@ -105,6 +111,7 @@ class SparseLinear(nn.Module):
         self.register_buffer("lowrank_a", None)  # [rank, in]  (S_r V_r^T)
         self.register_buffer("lowrank_b", None)  # [out, rank] (U_r)
         self.kernels = False
+        self.dense_kernel = False  # dense mode through `actsparse::dense_linear` (set_kernels)
         self.meter: ReadMeter | None = None
         for name in ("packed_weight_t", "packed_bias", "packed_lowrank_at", "packed_zero"):
             self.register_buffer(name, None, persistent=False)
@@ -149,10 +156,13 @@ class SparseLinear(nn.Module):
         self.register_buffer("lowrank_b", b.to(self.weight.device, self.weight.dtype).contiguous())
         self._state_changed()
 
-    def set_kernels(self, enabled: bool) -> None:
+    def set_kernels(self, enabled: bool, dense: bool = False) -> None:
         """Run through the `actsparse::` ops (the kernels of the tensors' device) or, with
-        False, the torch reference (`actsparse.runtime.use_kernels` sets a whole model)."""
+        False, the torch reference (`actsparse.runtime.use_kernels` sets a whole model).
+        `dense`: decode batches in dense mode run `actsparse::dense_linear` too (on devices
+        where its kernel beats torch's matvec, `runtime.DENSE_KERNEL_DEVICES`)."""
         self.kernels = bool(enabled)
+        self.dense_kernel = bool(enabled and dense)
         self._state_changed()
 
     def set_meter(self, meter: ReadMeter | None) -> None:
@@ -258,6 +268,10 @@ class SparseLinear(nn.Module):
                 if self.meter is not None:
                     self._record(x, self.mask(x))
                 return y
+        elif self.dense_kernel and self.mode == "dense" and x.numel() // self.in_features <= ops.MAX_BATCH:
+            if self.meter is not None:
+                self._record(x, None)
+            return dense_forward(x, self.weight, self.bias)
         return self.reference(x)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
