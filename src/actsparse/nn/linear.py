@@ -113,7 +113,7 @@ class SparseLinear(nn.Module):
         self.kernels = False
         self.dense_kernel = False  # dense mode through `actsparse::dense_linear` (set_kernels)
         self.meter: ReadMeter | None = None
-        for name in ("packed_weight_t", "packed_bias", "packed_lowrank_at", "packed_zero"):
+        for name in ("packed_weight_t", "packed_weight", "packed_bias", "packed_lowrank_at", "packed_zero"):
             self.register_buffer(name, None, persistent=False)
         self._packed_by_owner = False  # a fused gate+up of the MLP holding this linear
         self._group: SharedInput | None = None
@@ -198,12 +198,18 @@ class SparseLinear(nn.Module):
         if lead:
             members = self._group.members
             shape = (self.in_features, sum(m.out_features for m in members))
-            pack(self, "packed_weight_t", lambda: torch.cat([m.weight.detach().T for m in members], dim=1), self.weight, shape)
+            if self.mode == "dense":  # one dense_linear call over the members' weights, output-major
+                pack(self, "packed_weight", lambda: torch.cat([m.weight.detach() for m in members]), self.weight, shape[::-1])
+                pack(self, "packed_weight_t", None)
+            else:
+                pack(self, "packed_weight_t", lambda: torch.cat([m.weight.detach().T for m in members], dim=1), self.weight, shape)
+                pack(self, "packed_weight", None)
             pack(self, "packed_bias", (lambda: torch.cat([m.bias.detach() for m in members])) if self.bias is not None else None,
                  self.weight, shape[1:])
         else:
             own = running and self._group is None and not self._packed_by_owner
             pack_transposed(self, "packed_weight_t", self.weight if own else None)
+            pack(self, "packed_weight", None)
             pack(self, "packed_bias", None)
         # the factors are sparsity state, not weights: a new pair of the same shape must not keep the old pack
         pack_transposed(self, "packed_lowrank_at", None)
@@ -214,9 +220,12 @@ class SparseLinear(nn.Module):
     @staticmethod
     def share_input(members: list["SparseLinear"]) -> bool:
         """Pack `members` (linears that the model calls on one input, e.g. q, k, v) as one weight
-        on the first, when they all run kernels with one selection and bias alike; the group
-        dissolves when any member's state changes. Returns whether they were grouped."""
-        if not all(m.kernels and m._group is None and same_selection(members[0], m) for m in members):
+        on the first, when they all run kernels with one selection, or all the dense kernel, and
+        bias alike; the group dissolves when any member's state changes. Returns whether they
+        were grouped."""
+        sparse = all(m.kernels and same_selection(members[0], m) for m in members)
+        dense = all(m.dense_kernel and m.mode == "dense" and not m.rank for m in members)
+        if not (sparse or dense) or any(m._group is not None for m in members):
             return False
         if len({m.bias is None for m in members}) != 1:
             return False
@@ -271,7 +280,14 @@ class SparseLinear(nn.Module):
         elif self.dense_kernel and self.mode == "dense" and x.numel() // self.in_features <= ops.MAX_BATCH:
             if self.meter is not None:
                 self._record(x, None)
-            return dense_forward(x, self.weight, self.bias)
+            if self._group is None:
+                return dense_forward(x, self.weight, self.bias)
+            y = self._group.take(self, x)
+            if y is None:
+                lead = self._group.members[0]
+                parts = dense_forward(x, lead.packed_weight, lead.packed_bias).split(self._group.sizes, dim=-1)
+                y = self._group.keep(self, x, tuple(parts))
+            return y
         return self.reference(x)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:
