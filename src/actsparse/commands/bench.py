@@ -50,7 +50,8 @@ def register(sub) -> None:
     p.add_argument("--tokens", type=int, default=128, metavar="N", help="new tokens per prompt (default 128)")
     p.add_argument("--prompt-len", type=int, default=32, metavar="L", help="prompt tokens (default 32)")
     p.add_argument("--repeats", type=int, default=3, help="timed decodes per path; the fastest counts (default 3)")
-    p.add_argument("--threads", type=int, default=None, help="CPU threads for torch (default: torch's choice)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch and, on the CPU, for the kernels (default: torch's choice, 1 kernel thread)")
     p.add_argument("--hf-baseline", action="store_true",
                    help="also time transformers' own generate (static cache + torch.compile on CUDA)")
     p.add_argument("--json", metavar="OUT", help="write the result as JSON")
@@ -104,6 +105,14 @@ def run(args) -> int:
     dtype = parse_dtype(args.dtype or ("bf16" if device.type == "cuda" else "fp32"))
     kernels = resolve_backend(args.backend, device, dtype)
     backend = f"{device.type} kernels" if kernels else "torch reference"
+    kernel_path = None
+    if kernels and device.type == "cpu":
+        from ..kernels import cpu_ops
+
+        cpu_ops.set_threads(args.threads or 1)
+        kernel_path = cpu_ops.isa()
+        backend = (f"cpu kernels ({kernel_path}, {str(dtype).removeprefix('torch.')} weights, fp32 accumulation, "
+                   f"{args.threads or 1} thread{'s' if (args.threads or 1) > 1 else ''})")
     random_weights = args.model is None and (args.shape is not None or device.type == "cuda")
     if random_weights:
         shape = args.shape or "llama3-8b"
@@ -118,12 +127,13 @@ def run(args) -> int:
 
     result = {"model": what, "method": None, "target_sparsity": None, "device": device.type,
               "dtype": str(dtype).removeprefix("torch."), "tokens": args.tokens, "prompt_len": args.prompt_len,
-              "backend": backend, **environment(device)}
+              "backend": backend, "kernel_path": kernel_path, **environment(device)}
     if args.hf_baseline and not loaded_sparse:
         log("timing transformers' generate (dense)")
         result["hf_tok_s"] = hf_generate_speed(model, prompts, args.tokens)
     swap_modules(model)
-    engine = DecodeEngine(model, max_len=args.prompt_len + args.tokens, batch_size=args.batch)
+    use_kernels(model, kernels)  # the dense run too: on the CPU its linears and LM head run the dense kernel
+    engine = DecodeEngine(model, max_len=args.prompt_len + args.tokens, batch_size=args.batch, compile=True)
     result.update(decode_attention=engine.decode_attention, dependent_launch=engine.dependent_launch)
     log("dense decode")
     # A saved LaRoSA model's rotations stay in its dense baseline (they are folded into its weights).

@@ -1,26 +1,31 @@
 // CPU kernels for decode (batch 1-8): a plain C ABI, called through ctypes by cpu_ops.py.
 //
-// Weights are float32, bfloat16 or float16 (dtype code 0 / 1 / 2); activations, scales, biases,
-// thresholds and outputs are float32, and every product is accumulated in float32.
+// Weights are float32, bfloat16 or float16 (dtype code 0 / 1 / 2); so are activations and outputs
+// (the model's dtype: widened to fp32 on entry, rounded once on exit); scales, biases and
+// thresholds are float32, and every product is accumulated in float32.
 //
 // input_sparse: y[b,:] = bias + sum over kept rows k of x_kept[b,k] * wt[k,:], with wt = W.T
 // stored input-major, so a kept input channel is one contiguous row (llama.cpp-style axpy over
 // the kept rows only; dropped rows are never read). The kept rows are the union over the batch.
 // Without a threshold every row is kept: the dense product over the same input-major weights.
 // The output is accumulated in column tiles that stay in L1 while the kept rows' segments stream
-// through, four rows at a time; threads split the columns, so no reduction is needed.
+// through, eight rows at a time; threads split the columns, so no reduction is needed.
 //
 // output_sparse_rows: m[b,j] = a_kept[b,j] * dot(x[b,:], w[j,:]) for the rows j some token keeps
 // (a CATS / ProSparse `up` projection with w output-major); the other rows are never read.
 // dense_rows: y[b,j] = bias[j] + dot(x[b,:], w[j,:]) for every row (nn.Linear's layout, e.g. the
 // tied lm_head). Threads split the rows.
 //
-// Vector code: AVX-512 (bf16 widened by a 16-bit shift, fp16 by vcvtph2ps), AVX2 + F16C, or
+// Vector code: AVX-512 or AVX2 + F16C (one template over the vector width; bf16 widened by a
+// 16-bit shift and a mask, even and odd values apart, fp16 by vcvtph2ps), or
 // scalar, picked at run time (__builtin_cpu_supports) among the paths this build compiled in; the
 // library is compiled per machine with -march=native (cpu_ops.py), so a path is compiled in
 // exactly when the build machine has it, and actsparse_cpu_set_isa can force a lower one (tests).
 // AVX-512 BF16's vdpbf16ps is not used: it would round the activations to bf16, and the kernels
-// are bound by memory bandwidth, which the shift-widening already saturates.
+// are bound by memory bandwidth, which the shift-widening already saturates: what made them so
+// was software prefetch into L2 of the rows ahead (a row segment is a stream of a few dozen
+// lines, too short for the hardware prefetcher), which took the bf16 kernels from ~50% of a
+// plain streaming read's bandwidth to ~95%.
 //
 // Threads: a small persistent pool (std::thread); its workers spin briefly between calls (decode
 // calls come every few microseconds) and then sleep. A call with threads=N uses the caller plus
@@ -34,6 +39,7 @@
 #include <functional>
 #include <mutex>
 #include <thread>
+#include <type_traits>
 #include <vector>
 
 #if defined(__x86_64__) || defined(_M_X64)
@@ -104,44 +110,98 @@ struct F32 { using T = float; static float get(const float* p) { return *p; } };
 struct BF16 { using T = uint16_t; static float get(const uint16_t* p) { return bf16_to_f32(*p); } };
 struct F16 { using T = uint16_t; static float get(const uint16_t* p) { return f16_to_f32(*p); } };
 
-// ---------------------------------------------------------------- vector loads: 16 / 8 weights as fp32
+// ---------------------------------------------------------------- vector paths: blocks of 2 x lanes weights
+//
+// A vector path reads weights in blocks of W = 2 * lanes values, widened to two fp32 vectors
+// (`pair`). fp32 and fp16 blocks come out in order (the first `lanes` values, then the rest);
+// a bf16 block is one W-value load split by 32-bit lane into its even and its odd values (bf16 to
+// fp32 is a 16-bit shift of the low half, a mask of the high half: two simple ops per 32 bytes,
+// no cross-lane widening), so it comes out as (even values, odd values). Whatever meets a block
+// in the same order: activations are laid out the same way once per call (`to_block_order`), and
+// output accumulators stay in block order until they are written out.
+
+template <class D> constexpr bool kSplit = std::is_same_v<D, BF16>;
+
+// Where value i of a block sits in block order.
+template <class D, int L>
+inline int64_t block_pos(int64_t i) {
+  if constexpr (kSplit<D>) return (i & 1) * L + (i >> 1); else return i;
+}
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define ACTSPARSE_HAVE_AVX512 1
-inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
-inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
-template <class D> inline __m512 load16w(const uint16_t* p);
-template <> inline __m512 load16w<BF16>(const uint16_t* p) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
-}
-template <> inline __m512 load16w<F16>(const uint16_t* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-template <class D> inline __m512 load16w(const uint16_t* p, __mmask16 m);
-template <> inline __m512 load16w<BF16>(const uint16_t* p, __mmask16 m) {
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_maskz_loadu_epi16(m, p)), 16));
-}
-template <> inline __m512 load16w<F16>(const uint16_t* p, __mmask16 m) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(m, p)); }
-template <class D> inline __m512 wload(const typename D::T* p) {
-  if constexpr (std::is_same_v<D, F32>) return load16(p); else return load16w<D>(p);
-}
-template <class D> inline __m512 wload(const typename D::T* p, __mmask16 m) {
-  if constexpr (std::is_same_v<D, F32>) return load16(p, m); else return load16w<D>(p, m);
-}
+struct V512 {
+  using vec = __m512;
+  static constexpr int lanes = 16;
+  static vec zero() { return _mm512_setzero_ps(); }
+  static vec set1(float v) { return _mm512_set1_ps(v); }
+  static vec load(const float* p) { return _mm512_loadu_ps(p); }
+  static void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
+  static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static float sum(vec a, vec b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); }
+  template <class D> static void pair(const typename D::T* p, vec& lo, vec& hi) {
+    if constexpr (std::is_same_v<D, F32>) {
+      lo = _mm512_loadu_ps(p);
+      hi = _mm512_loadu_ps(p + 16);
+    } else if constexpr (std::is_same_v<D, BF16>) {
+      const __m512i v = _mm512_loadu_si512(p);
+      lo = _mm512_castsi512_ps(_mm512_slli_epi32(v, 16));
+      hi = _mm512_castsi512_ps(_mm512_and_si512(v, _mm512_set1_epi32(static_cast<int>(0xffff0000u))));
+    } else {
+      lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+      hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 16)));
+    }
+  }
+};
 #endif
 
 #if defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 #define ACTSPARSE_HAVE_AVX2 1
-template <class D> inline __m256 wload8(const typename D::T* p) {
-  if constexpr (std::is_same_v<D, F32>) {
-    return _mm256_loadu_ps(p);
-  } else if constexpr (std::is_same_v<D, BF16>) {
-    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
-  } else {
-    return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+struct V256 {
+  using vec = __m256;
+  static constexpr int lanes = 8;
+  static vec zero() { return _mm256_setzero_ps(); }
+  static vec set1(float v) { return _mm256_set1_ps(v); }
+  static vec load(const float* p) { return _mm256_loadu_ps(p); }
+  static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
+  static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static float sum(vec a, vec b) {
+    const __m256 s = _mm256_add_ps(a, b);
+    __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+    h = _mm_add_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
   }
-}
+  template <class D> static void pair(const typename D::T* p, vec& lo, vec& hi) {
+    if constexpr (std::is_same_v<D, F32>) {
+      lo = _mm256_loadu_ps(p);
+      hi = _mm256_loadu_ps(p + 8);
+    } else if constexpr (std::is_same_v<D, BF16>) {
+      const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+      lo = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+      hi = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(static_cast<int>(0xffff0000u))));
+    } else {
+      lo = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+      hi = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)));
+    }
+  }
+};
 #endif
+
+// The cache lines of the block at p, into L2: a prefetch into L1 would evict the lines being
+// read (half the bandwidth of the L2 hint here).
+template <class V, class D>
+inline void prefetch_block(const typename D::T* p) {
+  constexpr int64_t bytes = 2 * V::lanes * sizeof(typename D::T);
+  for (int64_t o = 0; o < bytes; o += 64) _mm_prefetch(reinterpret_cast<const char*>(p) + o, _MM_HINT_T1);
+}
+
+// The first `n` (< W) values of a block, the rest zero.
+template <class V, class D>
+inline void pair_tail(const typename D::T* p, int64_t n, typename V::vec& lo, typename V::vec& hi) {
+  typename D::T buf[2 * V::lanes] = {};
+  std::memcpy(buf, p, n * sizeof(typename D::T));
+  V::template pair<D>(buf, lo, hi);
+}
 
 // ---------------------------------------------------------------- thread pool
 
@@ -305,7 +365,7 @@ int64_t compact(const float* x, int64_t B, int64_t K, const float* scale, const 
   return n;
 }
 
-// acc[b * ld + c] += sum_j xk[j * B + b] * wt[rows[j], c0 + c] for c < len.
+// acc[b * ld + c] += sum_j xk[j * B + b] * wt[rows[j], c0 + c] for c < len (natural order).
 template <class D>
 void axpy_scalar(const typename D::T* wt, int64_t N, const int32_t* rows, const float* xk, int64_t n_rows, int64_t B,
                  int64_t c0, int64_t len, float* acc, int64_t ld) {
@@ -320,119 +380,103 @@ void axpy_scalar(const typename D::T* wt, int64_t N, const int32_t* rows, const 
   }
 }
 
-#ifdef ACTSPARSE_HAVE_AVX512
-template <class D>
-void axpy_avx512(const typename D::T* wt, int64_t N, const int32_t* rows, const float* xk, int64_t n_rows, int64_t B,
-                 int64_t c0, int64_t len, float* acc, int64_t ld) {
-  const int64_t full = len & ~int64_t(15);
-  const __mmask16 tail = static_cast<__mmask16>((1u << (len - full)) - 1);
+// R kept rows j.. of the vector axpy: acc (block order) += x * their segments [c0, c0 + len).
+template <class V, class D, int R>
+inline void axpy_rows(const typename D::T* wt, int64_t N, const int32_t* rows, const float* xk, int64_t j,
+                      int64_t n_rows, int64_t B, int64_t c0, int64_t len, float* acc, int64_t ld) {
+  using vec = typename V::vec;
+  constexpr int L = V::lanes, W = 2 * L;
+  const typename D::T *w[R], *next[R];
+  // The segments of the next R rows are prefetched block by block alongside: each row's segment
+  // is a short stream (a few dozen lines) that the hardware prefetcher barely ramps up on.
+  const bool more = j + 2 * R <= n_rows;
+  for (int r = 0; r < R; ++r) {
+    w[r] = wt + rows[j + r] * N + c0;
+    next[r] = more ? wt + rows[j + R + r] * N + c0 : w[r];
+  }
+  const int64_t full = len / W * W;
+  for (int64_t b = 0; b < B; ++b) {
+    vec x[R];
+    for (int r = 0; r < R; ++r) x[r] = V::set1(xk[(j + r) * B + b]);
+    float* a = acc + b * ld;
+    int64_t c = 0;
+    for (; c < full; c += W) {
+      vec s0 = V::load(a + c), s1 = V::load(a + c + L), lo, hi;
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        if (b == 0) prefetch_block<V, D>(next[r] + c);
+        V::template pair<D>(w[r] + c, lo, hi);
+        s0 = V::fma(x[r], lo, s0);
+        s1 = V::fma(x[r], hi, s1);
+      }
+      V::store(a + c, s0);
+      V::store(a + c + L, s1);
+    }
+    if (c < len) {
+      vec s0 = V::load(a + c), s1 = V::load(a + c + L), lo, hi;
+      for (int r = 0; r < R; ++r) {
+        pair_tail<V, D>(w[r] + c, len - c, lo, hi);
+        s0 = V::fma(x[r], lo, s0);
+        s1 = V::fma(x[r], hi, s1);
+      }
+      V::store(a + c, s0);
+      V::store(a + c + L, s1);
+    }
+  }
+}
+
+// The vector axpy: acc in block order, len rounded up to whole blocks of room; eight rows a
+// trip over the accumulators (one load and store of them per eight rows' FMAs).
+template <class V, class D>
+void axpy_vec(const typename D::T* wt, int64_t N, const int32_t* rows, const float* xk, int64_t n_rows, int64_t B,
+              int64_t c0, int64_t len, float* acc, int64_t ld) {
   int64_t j = 0;
-  for (; j + 4 <= n_rows; j += 4) {
-    const typename D::T* w0 = wt + rows[j] * N + c0;
-    const typename D::T* w1 = wt + rows[j + 1] * N + c0;
-    const typename D::T* w2 = wt + rows[j + 2] * N + c0;
-    const typename D::T* w3 = wt + rows[j + 3] * N + c0;
-    if (j + 8 <= n_rows) {  // the next group's first lines; the hardware prefetcher follows on
-      _mm_prefetch(reinterpret_cast<const char*>(wt + rows[j + 4] * N + c0), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(wt + rows[j + 5] * N + c0), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(wt + rows[j + 6] * N + c0), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(wt + rows[j + 7] * N + c0), _MM_HINT_T0);
-    }
-    for (int64_t b = 0; b < B; ++b) {
-      const __m512 x0 = _mm512_set1_ps(xk[j * B + b]), x1 = _mm512_set1_ps(xk[(j + 1) * B + b]);
-      const __m512 x2 = _mm512_set1_ps(xk[(j + 2) * B + b]), x3 = _mm512_set1_ps(xk[(j + 3) * B + b]);
-      float* a = acc + b * ld;
-      int64_t c = 0;
-      for (; c < full; c += 16) {
-        __m512 s = _mm512_loadu_ps(a + c);
-        s = _mm512_fmadd_ps(x0, wload<D>(w0 + c), s);
-        s = _mm512_fmadd_ps(x1, wload<D>(w1 + c), s);
-        s = _mm512_fmadd_ps(x2, wload<D>(w2 + c), s);
-        s = _mm512_fmadd_ps(x3, wload<D>(w3 + c), s);
-        _mm512_storeu_ps(a + c, s);
-      }
-      if (tail) {
-        __m512 s = _mm512_maskz_loadu_ps(tail, a + c);
-        s = _mm512_fmadd_ps(x0, wload<D>(w0 + c, tail), s);
-        s = _mm512_fmadd_ps(x1, wload<D>(w1 + c, tail), s);
-        s = _mm512_fmadd_ps(x2, wload<D>(w2 + c, tail), s);
-        s = _mm512_fmadd_ps(x3, wload<D>(w3 + c, tail), s);
-        _mm512_mask_storeu_ps(a + c, tail, s);
-      }
-    }
-  }
-  for (; j < n_rows; ++j) {
-    const typename D::T* w0 = wt + rows[j] * N + c0;
-    for (int64_t b = 0; b < B; ++b) {
-      const __m512 x0 = _mm512_set1_ps(xk[j * B + b]);
-      float* a = acc + b * ld;
-      int64_t c = 0;
-      for (; c < full; c += 16) _mm512_storeu_ps(a + c, _mm512_fmadd_ps(x0, wload<D>(w0 + c), _mm512_loadu_ps(a + c)));
-      if (tail) _mm512_mask_storeu_ps(a + c, tail, _mm512_fmadd_ps(x0, wload<D>(w0 + c, tail), _mm512_maskz_loadu_ps(tail, a + c)));
-    }
-  }
-}
-#endif
-
-#ifdef ACTSPARSE_HAVE_AVX2
-template <class D>
-void axpy_avx2(const typename D::T* wt, int64_t N, const int32_t* rows, const float* xk, int64_t n_rows, int64_t B,
-               int64_t c0, int64_t len, float* acc, int64_t ld) {
-  const int64_t full = len & ~int64_t(7);
-  int64_t j = 0;
-  for (; j + 4 <= n_rows; j += 4) {
-    const typename D::T* w0 = wt + rows[j] * N + c0;
-    const typename D::T* w1 = wt + rows[j + 1] * N + c0;
-    const typename D::T* w2 = wt + rows[j + 2] * N + c0;
-    const typename D::T* w3 = wt + rows[j + 3] * N + c0;
-    for (int64_t b = 0; b < B; ++b) {
-      const float s0 = xk[j * B + b], s1 = xk[(j + 1) * B + b], s2 = xk[(j + 2) * B + b], s3 = xk[(j + 3) * B + b];
-      const __m256 x0 = _mm256_set1_ps(s0), x1 = _mm256_set1_ps(s1), x2 = _mm256_set1_ps(s2), x3 = _mm256_set1_ps(s3);
-      float* a = acc + b * ld;
-      int64_t c = 0;
-      for (; c < full; c += 8) {
-        __m256 s = _mm256_loadu_ps(a + c);
-        s = _mm256_fmadd_ps(x0, wload8<D>(w0 + c), s);
-        s = _mm256_fmadd_ps(x1, wload8<D>(w1 + c), s);
-        s = _mm256_fmadd_ps(x2, wload8<D>(w2 + c), s);
-        s = _mm256_fmadd_ps(x3, wload8<D>(w3 + c), s);
-        _mm256_storeu_ps(a + c, s);
-      }
-      for (; c < len; ++c) a[c] += s0 * D::get(w0 + c) + s1 * D::get(w1 + c) + s2 * D::get(w2 + c) + s3 * D::get(w3 + c);
-    }
-  }
-  axpy_scalar<D>(wt, N, rows + j, xk + j * B, n_rows - j, B, c0, len, acc, ld);
-}
-#endif
-
-template <class D>
-void axpy(int isa, const typename D::T* wt, int64_t N, const int32_t* rows, const float* xk, int64_t n_rows, int64_t B,
-          int64_t c0, int64_t len, float* acc, int64_t ld) {
-#ifdef ACTSPARSE_HAVE_AVX512
-  if (isa >= kAvx512) return axpy_avx512<D>(wt, N, rows, xk, n_rows, B, c0, len, acc, ld);
-#endif
-#ifdef ACTSPARSE_HAVE_AVX2
-  if (isa >= kAvx2) return axpy_avx2<D>(wt, N, rows, xk, n_rows, B, c0, len, acc, ld);
-#endif
-  axpy_scalar<D>(wt, N, rows, xk, n_rows, B, c0, len, acc, ld);
+  for (; j + 8 <= n_rows; j += 8) axpy_rows<V, D, 8>(wt, N, rows, xk, j, n_rows, B, c0, len, acc, ld);
+  for (; j + 4 <= n_rows; j += 4) axpy_rows<V, D, 4>(wt, N, rows, xk, j, n_rows, B, c0, len, acc, ld);
+  for (; j < n_rows; ++j) axpy_rows<V, D, 1>(wt, N, rows, xk, j, n_rows, B, c0, len, acc, ld);
 }
 
-// Output columns [c_begin, c_end) of input_sparse, in tiles whose accumulators (B x tile floats)
-// stay within 16 KB of L1.
-template <class D>
-void input_sparse_columns(int isa, const typename D::T* wt, int64_t N, const int32_t* rows, const float* xk, int64_t n_rows,
-                          int64_t B, const float* bias, float* y, int64_t c_begin, int64_t c_end) {
-  const int64_t tile = std::max<int64_t>(64, (4096 / B) & ~int64_t(15));
+// Output columns [c_begin, c_end) of input_sparse over vector path V, in tiles whose
+// accumulators (B x tile floats, block order) stay within 16 KB of L1.
+template <class V, class D>
+void input_sparse_columns_vec(const typename D::T* wt, int64_t N, const int32_t* rows, const float* xk, int64_t n_rows,
+                              int64_t B, const float* bias, float* y, int64_t c_begin, int64_t c_end) {
+  constexpr int L = V::lanes, W = 2 * L;
+  const int64_t tile = std::max<int64_t>(2 * W, (4096 / B) / W * W);
   static thread_local std::vector<float> acc_buffer;
   acc_buffer.resize(B * tile);
   float* acc = acc_buffer.data();
   for (int64_t c0 = c_begin; c0 < c_end; c0 += tile) {
     const int64_t len = std::min(tile, c_end - c0);
-    for (int64_t b = 0; b < B; ++b)
-      for (int64_t c = 0; c < len; ++c) acc[b * tile + c] = bias ? bias[c0 + c] : 0.0f;
-    axpy<D>(isa, wt, N, rows, xk, n_rows, B, c0, len, acc, tile);
-    for (int64_t b = 0; b < B; ++b) std::memcpy(y + b * N + c0, acc + b * tile, len * sizeof(float));
+    std::fill(acc, acc + B * tile, 0.0f);
+    axpy_vec<V, D>(wt, N, rows, xk, n_rows, B, c0, len, acc, tile);
+    for (int64_t b = 0; b < B; ++b) {
+      const float* a = acc + b * tile;
+      float* out = y + b * N + c0;
+      for (int64_t c = 0; c < len; ++c) out[c] = a[c / W * W + block_pos<D, L>(c % W)] + (bias ? bias[c0 + c] : 0.0f);
+    }
   }
+}
+
+template <class D>
+void input_sparse_columns_scalar(const typename D::T* wt, int64_t N, const int32_t* rows, const float* xk, int64_t n_rows,
+                                 int64_t B, const float* bias, float* y, int64_t c_begin, int64_t c_end) {
+  const int64_t len = c_end - c_begin;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < len; ++c) y[b * N + c_begin + c] = bias ? bias[c_begin + c] : 0.0f;
+  axpy_scalar<D>(wt, N, rows, xk, n_rows, B, c_begin, len, y + c_begin, N);
+}
+
+template <class D>
+void input_sparse_columns(int isa, const typename D::T* wt, int64_t N, const int32_t* rows, const float* xk, int64_t n_rows,
+                          int64_t B, const float* bias, float* y, int64_t c_begin, int64_t c_end) {
+#ifdef ACTSPARSE_HAVE_AVX512
+  if (isa >= kAvx512) return input_sparse_columns_vec<V512, D>(wt, N, rows, xk, n_rows, B, bias, y, c_begin, c_end);
+#endif
+#ifdef ACTSPARSE_HAVE_AVX2
+  if (isa >= kAvx2) return input_sparse_columns_vec<V256, D>(wt, N, rows, xk, n_rows, B, bias, y, c_begin, c_end);
+#endif
+  input_sparse_columns_scalar<D>(wt, N, rows, xk, n_rows, B, bias, y, c_begin, c_end);
 }
 
 template <class D>
@@ -449,7 +493,7 @@ void input_sparse(const float* x, int64_t B, int64_t K, const float* scale, cons
   const float* xkp = xk.data();
   pool().run(n, chunks, [&](int64_t i) {
     int64_t begin, end;
-    split(N, i, chunks, 16, begin, end);
+    split(N, i, chunks, 32, begin, end);
     if (begin < end) input_sparse_columns<D>(isa, w, N, r, xkp, n_rows, B, bias, y, begin, end);
   });
 }
@@ -463,85 +507,90 @@ float dot_scalar(const typename D::T* w, const float* x, int64_t n) {
   return s;
 }
 
-// out[b] = dot(w, x + b * D) for b < B.
-template <class D>
-void dot_batch(int isa, const typename D::T* w, const float* x, int64_t B, int64_t Dn, float* out) {
-#ifdef ACTSPARSE_HAVE_AVX512
-  if (isa >= kAvx512) {
-    const int64_t full = Dn & ~int64_t(15);
-    const __mmask16 tail = static_cast<__mmask16>((1u << (Dn - full)) - 1);
-    for (int64_t b = 0; b < B; ++b) {
-      const float* xb = x + b * Dn;
-      __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps();
-      int64_t d = 0;
-      for (; d + 32 <= full; d += 32) {
-        s0 = _mm512_fmadd_ps(wload<D>(w + d), _mm512_loadu_ps(xb + d), s0);
-        s1 = _mm512_fmadd_ps(wload<D>(w + d + 16), _mm512_loadu_ps(xb + d + 16), s1);
-      }
-      for (; d < full; d += 16) s0 = _mm512_fmadd_ps(wload<D>(w + d), _mm512_loadu_ps(xb + d), s0);
-      if (tail) s1 = _mm512_fmadd_ps(wload<D>(w + d, tail), _mm512_maskz_loadu_ps(tail, xb + d), s1);
-      out[b] = _mm512_reduce_add_ps(_mm512_add_ps(s0, s1));
+// dot(xs, w[r]) for R rows at once over vector path V; xs in block order, zero-padded to whole
+// blocks. Two accumulators a row: 2R independent FMA chains.
+template <class V, class D, int R>
+inline void dots_vec(const typename D::T* const* w, const typename D::T* const* next, const float* xs, int64_t K,
+                     float* out) {
+  using vec = typename V::vec;
+  constexpr int L = V::lanes, W = 2 * L;
+  const int64_t full = K / W * W;
+  vec s0[R], s1[R];
+  for (int r = 0; r < R; ++r) s0[r] = s1[r] = V::zero();
+  int64_t d = 0;
+  for (; d < full; d += W) {
+    const vec x0 = V::load(xs + d), x1 = V::load(xs + d + L);
+#pragma GCC unroll 4
+    for (int r = 0; r < R; ++r) {
+      vec lo, hi;
+      prefetch_block<V, D>(next[r] + d);
+      V::template pair<D>(w[r] + d, lo, hi);
+      s0[r] = V::fma(lo, x0, s0[r]);
+      s1[r] = V::fma(hi, x1, s1[r]);
     }
-    return;
   }
-#endif
-#ifdef ACTSPARSE_HAVE_AVX2
-  if (isa >= kAvx2) {
-    const int64_t full = Dn & ~int64_t(7);
-    for (int64_t b = 0; b < B; ++b) {
-      const float* xb = x + b * Dn;
-      __m256 s = _mm256_setzero_ps();
-      int64_t d = 0;
-      for (; d < full; d += 8) s = _mm256_fmadd_ps(wload8<D>(w + d), _mm256_loadu_ps(xb + d), s);
-      __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-      h = _mm_add_ps(h, _mm_movehl_ps(h, h));
-      h = _mm_add_ss(h, _mm_movehdup_ps(h));
-      out[b] = _mm_cvtss_f32(h) + dot_scalar<D>(w + d, xb + d, Dn - d);
+  if (d < K) {
+    const vec x0 = V::load(xs + d), x1 = V::load(xs + d + L);
+    for (int r = 0; r < R; ++r) {
+      vec lo, hi;
+      pair_tail<V, D>(w[r] + d, K - d, lo, hi);
+      s0[r] = V::fma(lo, x0, s0[r]);
+      s1[r] = V::fma(hi, x1, s1[r]);
     }
-    return;
   }
-#endif
-  for (int64_t b = 0; b < B; ++b) out[b] = dot_scalar<D>(w, x + b * Dn, Dn);
+  for (int r = 0; r < R; ++r) out[r] = V::sum(s0[r], s1[r]);
 }
 
-// B == 1, four rows at a time (four independent FMA chains, the AVX-512 path only).
+// x [B, K] in block order for vector path `isa` (zero-padded to whole blocks: row stride
+// `padded`), or as it is for the scalar path.
 template <class D>
-bool dot_rows4(int isa, const typename D::T* w, const int32_t* rows, int64_t count, const float* x, int64_t Dn, float* out) {
+const float* to_block_order(int isa, const float* x, int64_t B, int64_t K, int64_t& stride) {
+  stride = K;
+  if (isa == kScalar) return x;
+  const int W = isa >= kAvx512 ? 32 : 16, L = W / 2;
+  static thread_local std::vector<float> xs;
+  stride = (K + W - 1) / W * W;
+  xs.assign(B * stride, 0.0f);
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t d = 0; d < K; ++d)
+      xs[b * stride + d / W * W + (L == 16 ? block_pos<D, 16>(d % W) : block_pos<D, 8>(d % W))] = x[b * K + d];
+  return xs.data();
+}
+
+// Rows are read four at a time, and the rows two groups ahead prefetched alongside (a group's
+// four rows are four short streams the hardware prefetcher barely ramps up on).
+constexpr int64_t kDotRows = 4, kDotAhead = 8;
+
+// dot(x[b], w[rows[q]]) for q < count (count <= 4) into out[q * B + b]; rows ahead[0..n_ahead)
+// (n_ahead <= 4) are prefetched alongside.
+template <class D>
+void dots(int isa, const typename D::T* w, const int32_t* rows, int64_t count, const int32_t* ahead_rows,
+          int64_t n_ahead, const float* xs, int64_t stride, int64_t B, int64_t K, float* out) {
+  const typename D::T *p[4], *next[4];
+  for (int64_t q = 0; q < count; ++q) p[q] = w + static_cast<int64_t>(rows[q]) * K;
+  for (int64_t q = 0; q < 4; ++q) next[q] = q < n_ahead ? w + static_cast<int64_t>(ahead_rows[q]) * K : p[0];
+  float d4[4];
+  for (int64_t b = 0; b < B; ++b) {
+    const float* xb = xs + b * stride;
+    const typename D::T* const* ahead = b == 0 ? next : p;  // later tokens find the rows in L1
 #ifdef ACTSPARSE_HAVE_AVX512
-  if (isa < kAvx512) return false;
-  const int64_t full = Dn & ~int64_t(15);
-  const __mmask16 tail = static_cast<__mmask16>((1u << (Dn - full)) - 1);
-  for (int64_t i = 0; i < count; i += 4) {
-    const typename D::T* w0 = w + (rows ? rows[i] : i) * Dn;
-    const typename D::T* w1 = w + (rows ? rows[i + 1] : i + 1) * Dn;
-    const typename D::T* w2 = w + (rows ? rows[i + 2] : i + 2) * Dn;
-    const typename D::T* w3 = w + (rows ? rows[i + 3] : i + 3) * Dn;
-    __m512 s0 = _mm512_setzero_ps(), s1 = _mm512_setzero_ps(), s2 = _mm512_setzero_ps(), s3 = _mm512_setzero_ps();
-    int64_t d = 0;
-    for (; d < full; d += 16) {
-      const __m512 xv = _mm512_loadu_ps(x + d);
-      s0 = _mm512_fmadd_ps(wload<D>(w0 + d), xv, s0);
-      s1 = _mm512_fmadd_ps(wload<D>(w1 + d), xv, s1);
-      s2 = _mm512_fmadd_ps(wload<D>(w2 + d), xv, s2);
-      s3 = _mm512_fmadd_ps(wload<D>(w3 + d), xv, s3);
+    if (isa >= kAvx512) {
+      if (count == 4) dots_vec<V512, D, 4>(p, ahead, xb, K, d4);
+      else for (int64_t q = 0; q < count; ++q) dots_vec<V512, D, 1>(p + q, p + q, xb, K, d4 + q);
+      for (int64_t q = 0; q < count; ++q) out[q * B + b] = d4[q];
+      continue;
     }
-    if (tail) {
-      const __m512 xv = _mm512_maskz_loadu_ps(tail, x + d);
-      s0 = _mm512_fmadd_ps(wload<D>(w0 + d, tail), xv, s0);
-      s1 = _mm512_fmadd_ps(wload<D>(w1 + d, tail), xv, s1);
-      s2 = _mm512_fmadd_ps(wload<D>(w2 + d, tail), xv, s2);
-      s3 = _mm512_fmadd_ps(wload<D>(w3 + d, tail), xv, s3);
-    }
-    out[i] = _mm512_reduce_add_ps(s0);
-    out[i + 1] = _mm512_reduce_add_ps(s1);
-    out[i + 2] = _mm512_reduce_add_ps(s2);
-    out[i + 3] = _mm512_reduce_add_ps(s3);
-  }
-  return true;
-#else
-  (void)isa; (void)w; (void)rows; (void)count; (void)x; (void)Dn; (void)out;
-  return false;
 #endif
+#ifdef ACTSPARSE_HAVE_AVX2
+    if (isa >= kAvx2) {
+      if (count == 4) dots_vec<V256, D, 4>(p, ahead, xb, K, d4);
+      else for (int64_t q = 0; q < count; ++q) dots_vec<V256, D, 1>(p + q, p + q, xb, K, d4 + q);
+      for (int64_t q = 0; q < count; ++q) out[q * B + b] = d4[q];
+      continue;
+    }
+#endif
+    for (int64_t q = 0; q < count; ++q) out[q * B + b] = dot_scalar<D>(p[q], xb, K);
+  }
 }
 
 template <class D>
@@ -560,6 +609,8 @@ void output_sparse_rows(const float* x, const float* a, int64_t B, int64_t J, in
     if (any) rows[n_rows++] = static_cast<int32_t>(j);
   }
   const int isa = current_isa();
+  int64_t stride;
+  const float* xs = to_block_order<D>(isa, x, B, Dn, stride);
   const auto* w = static_cast<const typename D::T*>(wv);
   const int32_t* r = rows.data();
   const int n = resolve_threads(threads);
@@ -567,27 +618,17 @@ void output_sparse_rows(const float* x, const float* a, int64_t B, int64_t J, in
   pool().run(n, chunks, [&](int64_t i) {
     int64_t begin, end;
     split(n_rows, i, chunks, 4, begin, end);
-    std::vector<float> dots(B);
-    int64_t k = begin;
-    if (B == 1) {
-      const int64_t stop = begin + ((end - begin) & ~int64_t(3));
-      float out[64];
-      while (k < stop) {
-        const int64_t count = std::min<int64_t>(64, stop - k);
-        if (!dot_rows4<D>(isa, w, r + k, count, x, Dn, out)) break;
-        for (int64_t q = 0; q < count; ++q) {
-          const int64_t j = r[k + q];
-          m[j] = std::fabs(a[j]) > t ? a[j] * out[q] : 0.0f;
+    float out[32];
+    for (int64_t k = begin; k < end; k += kDotRows) {
+      const int64_t count = std::min(kDotRows, end - k);
+      const int64_t n_ahead = std::clamp<int64_t>(end - k - kDotAhead, 0, kDotRows);
+      dots<D>(isa, w, r + k, count, r + k + kDotAhead, n_ahead, xs, stride, B, Dn, out);
+      for (int64_t q = 0; q < count; ++q) {
+        const int64_t j = r[k + q];
+        for (int64_t b = 0; b < B; ++b) {
+          const float aj = a[b * J + j];
+          m[b * J + j] = std::fabs(aj) > t ? aj * out[q * B + b] : 0.0f;
         }
-        k += count;
-      }
-    }
-    for (; k < end; ++k) {
-      const int64_t j = r[k];
-      dot_batch<D>(isa, w + j * Dn, x, B, Dn, dots.data());
-      for (int64_t b = 0; b < B; ++b) {
-        const float aj = a[b * J + j];
-        m[b * J + j] = std::fabs(aj) > t ? aj * dots[b] : 0.0f;
       }
     }
   });
@@ -596,25 +637,27 @@ void output_sparse_rows(const float* x, const float* a, int64_t B, int64_t J, in
 template <class D>
 void dense_rows(const float* x, int64_t B, int64_t Dn, const void* wv, int64_t J, const float* bias, float* y, int threads) {
   const int isa = current_isa();
+  int64_t stride;
+  const float* xs = to_block_order<D>(isa, x, B, Dn, stride);
   const auto* w = static_cast<const typename D::T*>(wv);
   const int n = resolve_threads(threads);
   const int64_t chunks = chunks_for(J, n, 64);
   pool().run(n, chunks, [&](int64_t i) {
     int64_t begin, end;
     split(J, i, chunks, 4, begin, end);
-    int64_t j = begin;
-    if (B == 1) {
-      const int64_t quads = (end - begin) & ~int64_t(3);
-      if (dot_rows4<D>(isa, w + begin * Dn, nullptr, quads, x, Dn, y + begin)) j += quads;
+    float out[32];
+    for (int64_t j = begin; j < end; j += kDotRows) {
+      int32_t rows[kDotRows], ahead[kDotRows];
+      for (int64_t q = 0; q < kDotRows; ++q) {
+        rows[q] = static_cast<int32_t>(j + q);
+        ahead[q] = static_cast<int32_t>(j + kDotAhead + q);
+      }
+      const int64_t count = std::min(kDotRows, end - j);
+      const int64_t n_ahead = std::clamp<int64_t>(end - j - kDotAhead, 0, kDotRows);
+      dots<D>(isa, w, rows, count, ahead, n_ahead, xs, stride, B, Dn, out);
+      for (int64_t q = 0; q < count; ++q)
+        for (int64_t b = 0; b < B; ++b) y[b * J + j + q] = out[q * B + b] + (bias ? bias[j + q] : 0.0f);
     }
-    std::vector<float> dots(B);
-    for (; j < end; ++j) {
-      dot_batch<D>(isa, w + j * Dn, x, B, Dn, dots.data());
-      for (int64_t b = 0; b < B; ++b) y[b * J + j] = dots[b];
-    }
-    if (bias)
-      for (int64_t b = 0; b < B; ++b)
-        for (int64_t c = begin; c < end; ++c) y[b * J + c] += bias[c];
   });
 }
 
@@ -631,6 +674,75 @@ int by_dtype(int dtype, Args... args) {
 template <class D> struct InputSparseFn { template <class... A> static void run(A... a) { input_sparse<D>(a...); } };
 template <class D> struct OutputSparseRowsFn { template <class... A> static void run(A... a) { output_sparse_rows<D>(a...); } };
 template <class D> struct DenseRowsFn { template <class... A> static void run(A... a) { dense_rows<D>(a...); } };
+
+// ---------------------------------------------------------------- activations of the model's dtype
+
+bool known_dtype(int dtype) { return dtype == kF32 || dtype == kBF16 || dtype == kF16; }
+
+inline uint16_t f32_to_bf16(float f) {  // round to nearest even, NaN kept quiet
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline uint16_t f32_to_f16(float f) {  // round to nearest even, with subnormals, infinities and NaN
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  const uint16_t sign = static_cast<uint16_t>((u >> 16) & 0x8000u);
+  const uint32_t a = u & 0x7fffffffu;
+  if (a > 0x7f800000u) return sign | 0x7e00u;
+  if (a >= 0x477ff000u) return sign | 0x7c00u;  // rounds to >= 65520: infinity
+  if (a < 0x38800000u) {  // below 2^-14: a subnormal half (or zero), rounded at 2^-24
+    float mag;
+    std::memcpy(&mag, &a, 4);
+    return sign | static_cast<uint16_t>(std::nearbyint(mag * 16777216.0f));
+  }
+  const uint32_t r = a + 0xfffu + ((a >> 13) & 1u);
+  return sign | static_cast<uint16_t>((r - 0x38000000u) >> 13);
+}
+
+// An fp32 view of an activation tensor: the tensor itself, or (bf16 / f16) a widened copy in
+// per-thread buffer `slot`.
+struct Activations {
+  const float* data;
+  Activations(const void* p, int64_t n, int dtype, int slot) {
+    if (dtype == kF32) {
+      data = static_cast<const float*>(p);
+      return;
+    }
+    static thread_local std::vector<float> buffers[2];
+    std::vector<float>& buf = buffers[slot];
+    buf.resize(n);
+    const auto* h = static_cast<const uint16_t*>(p);
+    for (int64_t i = 0; i < n; ++i) buf[i] = dtype == kBF16 ? bf16_to_f32(h[i]) : f16_to_f32(h[i]);
+    data = buf.data();
+  }
+};
+
+// Where a kernel writes its fp32 output: the output itself, or (bf16 / f16) a buffer that
+// `finish` rounds into it.
+struct Output {
+  float* data;
+  void* target;
+  int64_t n;
+  int dtype;
+  Output(void* p, int64_t count, int dt) : target(p), n(count), dtype(dt) {
+    static thread_local std::vector<float> buf;
+    if (dtype == kF32) {
+      data = static_cast<float*>(p);
+    } else {
+      buf.resize(n);
+      data = buf.data();
+    }
+  }
+  void finish() const {
+    if (dtype == kF32) return;
+    auto* h = static_cast<uint16_t*>(target);
+    for (int64_t i = 0; i < n; ++i) h[i] = dtype == kBF16 ? f32_to_bf16(data[i]) : f32_to_f16(data[i]);
+  }
+};
 
 }  // namespace
 
@@ -649,26 +761,46 @@ int actsparse_cpu_set_isa(int isa) {
   return isa;
 }
 
-// input_sparse over `wt` [K, N] (input-major) of dtype `wt_dtype` (0 f32, 1 bf16, 2 f16), with
-// `threads` threads (0: one per hardware thread). threshold NULL: dense (every row kept). Returns
-// 0, or -1 for an unknown dtype.
-int actsparse_input_sparse_ex(const float* x, int64_t B, int64_t K, const float* scale, const float* threshold,
-                              int complement, const void* wt, int wt_dtype, int64_t N, const float* bias, float* y,
-                              int threads) {
-  return by_dtype<InputSparseFn>(wt_dtype, x, B, K, scale, threshold, complement != 0, wt, N, bias, y, threads);
+// Activations (x, a) and outputs (y, m) are of dtype `act_dtype` (0 f32, 1 bf16, 2 f16: the
+// model's dtype), widened to fp32 on entry and rounded once on the way out; weights of dtype
+// `w_dtype`; scale, threshold and bias are fp32. `threads` threads (0: one per hardware thread).
+// Each returns 0, or -1 for an unknown dtype.
+
+// input_sparse over `wt` [K, N] (input-major); threshold NULL: dense (every row kept).
+int actsparse_input_sparse_ex(const void* x, int64_t B, int64_t K, const float* scale, const float* threshold,
+                              int complement, const void* wt, int wt_dtype, int64_t N, const float* bias, void* y,
+                              int act_dtype, int threads) {
+  if (!known_dtype(act_dtype)) return -1;
+  Activations in(x, B * K, act_dtype, 0);
+  Output out(y, B * N, act_dtype);
+  const int rc = by_dtype<InputSparseFn>(wt_dtype, in.data, B, K, scale, threshold, complement != 0, wt, N, bias,
+                                         out.data, threads);
+  out.finish();
+  return rc;
 }
 
-// output_sparse_rows over `w` [J, D] (output-major) of dtype `w_dtype`; see above.
-int actsparse_output_sparse_rows_ex(const float* x, const float* a, int64_t B, int64_t J, int64_t D,
-                                    const float* threshold, const void* w, int w_dtype, float* m, int threads) {
-  return by_dtype<OutputSparseRowsFn>(w_dtype, x, a, B, J, D, threshold, w, m, threads);
+// output_sparse_rows over `w` [J, D] (output-major); see above.
+int actsparse_output_sparse_rows_ex(const void* x, const void* a, int64_t B, int64_t J, int64_t D,
+                                    const float* threshold, const void* w, int w_dtype, void* m, int act_dtype,
+                                    int threads) {
+  if (!known_dtype(act_dtype)) return -1;
+  Activations xin(x, B * D, act_dtype, 0), ain(a, B * J, act_dtype, 1);
+  Output out(m, B * J, act_dtype);
+  const int rc = by_dtype<OutputSparseRowsFn>(w_dtype, xin.data, ain.data, B, J, D, threshold, w, out.data, threads);
+  out.finish();
+  return rc;
 }
 
 // y[b, j] = bias[j] + dot(x[b, :], w[j, :]): the dense product over `w` [J, D] (nn.Linear's
-// layout) of dtype `w_dtype`; bias may be NULL.
-int actsparse_dense_rows(const float* x, int64_t B, int64_t D, const void* w, int w_dtype, int64_t J, const float* bias,
-                         float* y, int threads) {
-  return by_dtype<DenseRowsFn>(w_dtype, x, B, D, w, J, bias, y, threads);
+// layout); bias may be NULL.
+int actsparse_dense_rows(const void* x, int64_t B, int64_t D, const void* w, int w_dtype, int64_t J, const float* bias,
+                         void* y, int act_dtype, int threads) {
+  if (!known_dtype(act_dtype)) return -1;
+  Activations in(x, B * D, act_dtype, 0);
+  Output out(y, B * J, act_dtype);
+  const int rc = by_dtype<DenseRowsFn>(w_dtype, in.data, B, D, w, J, bias, out.data, threads);
+  out.finish();
+  return rc;
 }
 
 }  // extern "C"

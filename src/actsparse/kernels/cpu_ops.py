@@ -2,10 +2,10 @@
 
 `cpu_kernels.cpp` is a plain C ABI shared object (no torch headers, so it builds in about a second
 and needs no ninja), compiled with ``-O3 -march=native`` at first use; `register()` (run on
-import) makes these functions the "cpu" kernels of `actsparse::input_sparse_linear` and
-`actsparse::output_sparse_rows`, so a CPU decode step traces and compiles like a CUDA one (the
-other ops run their torch reference on the CPU). Activations and outputs are float32; weights
-float32, bfloat16 or float16 (fp32 accumulation; the vector path, AVX-512, AVX2 or scalar, is
+import) makes these functions the "cpu" kernels of `actsparse::input_sparse_linear`,
+`actsparse::output_sparse_rows` and `actsparse::dense_linear`, so a CPU decode step traces and compiles like a CUDA one (the
+other ops run their torch reference on the CPU). Activations and outputs are of the model's
+dtype, weights float32, bfloat16 or float16 (fp32 accumulation; the vector path, AVX-512, AVX2 or scalar, is
 picked at run time: `isa()` says which, `set_isa` forces a lower one for tests); `set_threads`
 picks the kernels' thread count (default 1).
 
@@ -39,9 +39,9 @@ _P = ctypes.c_void_p
 _I = ctypes.c_int64
 _C = ctypes.c_int
 _SIGNATURES = {  # name: (argument types, result type)
-    "actsparse_input_sparse_ex": ((_P, _I, _I, _P, _P, _C, _P, _C, _I, _P, _P, _C), _C),
-    "actsparse_output_sparse_rows_ex": ((_P, _P, _I, _I, _I, _P, _P, _C, _P, _C), _C),
-    "actsparse_dense_rows": ((_P, _I, _I, _P, _C, _I, _P, _P, _C), _C),
+    "actsparse_input_sparse_ex": ((_P, _I, _I, _P, _P, _C, _P, _C, _I, _P, _P, _C, _C), _C),
+    "actsparse_output_sparse_rows_ex": ((_P, _P, _I, _I, _I, _P, _P, _C, _P, _C, _C), _C),
+    "actsparse_dense_rows": ((_P, _I, _I, _P, _C, _I, _P, _P, _C, _C), _C),
     "actsparse_cpu_isa": ((), _C),
     "actsparse_cpu_set_isa": ((_C,), _C),
 }
@@ -168,15 +168,26 @@ def set_isa(name: str | None) -> str:
     return ISA_NAMES[got]
 
 
-def _check(t: torch.Tensor, what: str, weight: bool = False) -> None:
-    ok = t.dtype in DTYPE_CODES if weight else t.dtype == torch.float32
-    if t.device.type != "cpu" or not ok or not t.is_contiguous():
-        valid = "float32, bfloat16 or float16" if weight else "float32"
+# The wrappers below run once per linear per decoded token: they stay lean (a decode step of
+# SmolLM2 makes ~200 calls, so each microsecond here is ~0.2 ms a token).
+def _code(t: torch.Tensor, what: str, dtype: torch.dtype | None = None) -> int:
+    """The dtype code of a contiguous CPU tensor of a kernel dtype (of `dtype`, where given)."""
+    code = DTYPE_CODES.get(t.dtype)
+    if code is None or not t.is_cpu or not t.is_contiguous() or (dtype is not None and t.dtype != dtype):
+        valid = "float32, bfloat16 or float16" if dtype is None else f"{dtype} (the activations' dtype)"
         raise ActSparseError(f"cpu kernels take contiguous {valid} CPU tensors; {what} is {t.dtype} on {t.device}")
+    return code
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
+def _fp32_ptr(t: torch.Tensor | None, keep: list) -> int | None:
+    """The address of a bias, scale or threshold as the kernels read it: fp32 (a bf16 / fp16
+    model's bias is widened per call, the copy held in `keep` until the call returns)."""
+    if t is None:
+        return None
+    if t.dtype != torch.float32 or not t.is_contiguous():
+        t = t.float().contiguous()
+        keep.append(t)
+    return t.data_ptr()
 
 
 def input_sparse_linear(
@@ -191,43 +202,43 @@ def input_sparse_linear(
     sparsity: float,
 ) -> torch.Tensor:
     """threshold None: every input row kept (the dense product over input-major weights)."""
-    _check(x, "x")
-    _check(weight_t, "weight_t", weight=True)
+    act, code = _code(x, "x"), _code(weight_t, "weight_t")
     batch, k = x.shape
     n = weight_t.shape[1]
-    y = torch.empty((batch, n), dtype=torch.float32)
+    y = x.new_empty((batch, n))
+    keep: list = []
     library().actsparse_input_sparse_ex(
-        x.data_ptr(), batch, k, _ptr(scale), _ptr(threshold), int(complement),
-        weight_t.data_ptr(), DTYPE_CODES[weight_t.dtype], n, _ptr(bias), y.data_ptr(), _THREADS,
+        x.data_ptr(), batch, k, _fp32_ptr(scale, keep), _fp32_ptr(threshold, keep), int(complement),
+        weight_t.data_ptr(), code, n, _fp32_ptr(bias, keep), y.data_ptr(), act, _THREADS,
     )
     if lowrank_b is not None:
-        y.addmm_(lowrank_z, lowrank_b.T.to(torch.float32))
+        y.addmm_(lowrank_z.to(y.dtype), lowrank_b.T.to(y.dtype))
     return y
 
 
 def output_sparse_rows(x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, weight: torch.Tensor, sparsity: float) -> torch.Tensor:
-    for t, what in ((x, "x"), (a, "a")):
-        _check(t, what)
-    _check(weight, "weight", weight=True)
+    act, code = _code(x, "x"), _code(weight, "weight")
+    _code(a, "a", x.dtype)
     batch, d = x.shape
     j = weight.shape[0]
-    m = torch.empty((batch, j), dtype=torch.float32)
+    m = x.new_empty((batch, j))
+    keep: list = []
     library().actsparse_output_sparse_rows_ex(
-        x.data_ptr(), a.data_ptr(), batch, j, d, threshold.data_ptr(), weight.data_ptr(),
-        DTYPE_CODES[weight.dtype], m.data_ptr(), _THREADS,
+        x.data_ptr(), a.data_ptr(), batch, j, d, _fp32_ptr(threshold, keep), weight.data_ptr(), code, m.data_ptr(),
+        act, _THREADS,
     )
     return m
 
 
-def dense_rows(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """``F.linear(x, weight, bias)`` in float32 over an output-major weight of any kernel dtype."""
-    _check(x, "x")
-    _check(weight, "weight", weight=True)
+def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` over an output-major weight, accumulated in fp32, in x's dtype."""
+    act, code = _code(x, "x"), _code(weight, "weight")
     batch, d = x.shape
     j = weight.shape[0]
-    y = torch.empty((batch, j), dtype=torch.float32)
+    y = x.new_empty((batch, j))
+    keep: list = []
     library().actsparse_dense_rows(
-        x.data_ptr(), batch, d, weight.data_ptr(), DTYPE_CODES[weight.dtype], j, _ptr(bias), y.data_ptr(), _THREADS
+        x.data_ptr(), batch, d, weight.data_ptr(), code, j, _fp32_ptr(bias, keep), y.data_ptr(), act, _THREADS
     )
     return y
 
@@ -236,6 +247,7 @@ def register() -> None:
     """Make these the "cpu" kernels of the `actsparse::` ops they implement."""
     ops.input_sparse_linear.register_kernel("cpu", input_sparse_linear)
     ops.output_sparse_rows.register_kernel("cpu", output_sparse_rows)
+    ops.dense_linear.register_kernel("cpu", dense_linear)
 
 
 register()

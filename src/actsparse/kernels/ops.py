@@ -16,6 +16,9 @@ its fake implementation.
   output_sparse_rows(x[T,D], a[T,J], threshold, weight[J,D], sparsity) -> m[T,J]
       m = where(|a| > threshold, a, 0) * (x @ weight.T); rows of `weight` whose `a` is masked
       for every token are never read.
+  dense_linear(x[T,K], weight[N,K], bias?) -> y[T,N]
+      ``F.linear`` over nn.Linear's own (output-major) weight: the dense linears and the LM head
+      of a decode step on devices whose kernels beat the library's own matvec (the CPU).
   topk_kept(x[T,D], k, scale?) -> kept[T,D]
       x where its score |x| (* scale) is one of the k largest of its row, else 0; of equal
       scores the lower index first (`topk_mask`). Scores must not be negative.
@@ -137,6 +140,18 @@ def _(x, a, threshold, weight, sparsity):
     return x.new_empty((x.shape[0], weight.shape[0]))
 
 
+def dense_linear_reference(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    return F.linear(x, weight, bias)
+
+
+dense_linear = torch.library.custom_op("actsparse::dense_linear", dense_linear_reference, mutates_args=())
+
+
+@dense_linear.register_fake
+def _(x, weight, bias):
+    return x.new_empty((x.shape[0], weight.shape[0]))
+
+
 def topk_kept_reference(x: torch.Tensor, k: int, scale: Optional[torch.Tensor]) -> torch.Tensor:
     return _zero_where_not(topk_mask(_score(x, scale), k), x)
 
@@ -195,4 +210,4 @@ def _(query, key, value, mask, scale, softcap):
     return query.new_empty((batch, q_len, heads, head_dim))
 
 
-OPS = (input_sparse_linear, input_sparse_gated, output_sparse_rows, topk_kept, decode_attention)
+OPS = (input_sparse_linear, input_sparse_gated, output_sparse_rows, dense_linear, topk_kept, decode_attention)

@@ -41,6 +41,12 @@ def select_mask(
     raise ActSparseError(f"select_mask: mode must be threshold or topk, got {mode!r}")
 
 
+def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)`` through `actsparse::dense_linear` (x: [..., in])."""
+    x2 = x.reshape(-1, weight.shape[1]).contiguous()
+    return ops.dense_linear(x2, weight, bias).reshape(*x.shape[:-1], weight.shape[0])
+
+
 def same_selection(a: "SparseLinear", b: "SparseLinear") -> bool:
     """Whether two linears keep the same inputs of any x (and neither has a low-rank term)."""
     if a.mode != b.mode or a.mode == "dense" or a.rank or b.rank:
@@ -105,8 +111,9 @@ class SparseLinear(nn.Module):
         self.register_buffer("lowrank_a", None)  # [rank, in]  (S_r V_r^T)
         self.register_buffer("lowrank_b", None)  # [out, rank] (U_r)
         self.kernels = False
+        self.dense_kernel = False  # dense mode through `actsparse::dense_linear` (set_kernels)
         self.meter: ReadMeter | None = None
-        for name in ("packed_weight_t", "packed_bias", "packed_lowrank_at", "packed_zero"):
+        for name in ("packed_weight_t", "packed_weight", "packed_bias", "packed_lowrank_at", "packed_zero"):
             self.register_buffer(name, None, persistent=False)
         self._packed_by_owner = False  # a fused gate+up of the MLP holding this linear
         self._group: SharedInput | None = None
@@ -149,10 +156,13 @@ class SparseLinear(nn.Module):
         self.register_buffer("lowrank_b", b.to(self.weight.device, self.weight.dtype).contiguous())
         self._state_changed()
 
-    def set_kernels(self, enabled: bool) -> None:
+    def set_kernels(self, enabled: bool, dense: bool = False) -> None:
         """Run through the `actsparse::` ops (the kernels of the tensors' device) or, with
-        False, the torch reference (`actsparse.runtime.use_kernels` sets a whole model)."""
+        False, the torch reference (`actsparse.runtime.use_kernels` sets a whole model).
+        `dense`: decode batches in dense mode run `actsparse::dense_linear` too (on devices
+        where its kernel beats torch's matvec, `runtime.DENSE_KERNEL_DEVICES`)."""
         self.kernels = bool(enabled)
+        self.dense_kernel = bool(enabled and dense)
         self._state_changed()
 
     def set_meter(self, meter: ReadMeter | None) -> None:
@@ -188,12 +198,18 @@ class SparseLinear(nn.Module):
         if lead:
             members = self._group.members
             shape = (self.in_features, sum(m.out_features for m in members))
-            pack(self, "packed_weight_t", lambda: torch.cat([m.weight.detach().T for m in members], dim=1), self.weight, shape)
+            if self.mode == "dense":  # one dense_linear call over the members' weights, output-major
+                pack(self, "packed_weight", lambda: torch.cat([m.weight.detach() for m in members]), self.weight, shape[::-1])
+                pack(self, "packed_weight_t", None)
+            else:
+                pack(self, "packed_weight_t", lambda: torch.cat([m.weight.detach().T for m in members], dim=1), self.weight, shape)
+                pack(self, "packed_weight", None)
             pack(self, "packed_bias", (lambda: torch.cat([m.bias.detach() for m in members])) if self.bias is not None else None,
                  self.weight, shape[1:])
         else:
             own = running and self._group is None and not self._packed_by_owner
             pack_transposed(self, "packed_weight_t", self.weight if own else None)
+            pack(self, "packed_weight", None)
             pack(self, "packed_bias", None)
         # the factors are sparsity state, not weights: a new pair of the same shape must not keep the old pack
         pack_transposed(self, "packed_lowrank_at", None)
@@ -204,9 +220,12 @@ class SparseLinear(nn.Module):
     @staticmethod
     def share_input(members: list["SparseLinear"]) -> bool:
         """Pack `members` (linears that the model calls on one input, e.g. q, k, v) as one weight
-        on the first, when they all run kernels with one selection and bias alike; the group
-        dissolves when any member's state changes. Returns whether they were grouped."""
-        if not all(m.kernels and m._group is None and same_selection(members[0], m) for m in members):
+        on the first, when they all run kernels with one selection, or all the dense kernel, and
+        bias alike; the group dissolves when any member's state changes. Returns whether they
+        were grouped."""
+        sparse = all(m.kernels and same_selection(members[0], m) for m in members)
+        dense = all(m.dense_kernel and m.mode == "dense" and not m.rank for m in members)
+        if not (sparse or dense) or any(m._group is not None for m in members):
             return False
         if len({m.bias is None for m in members}) != 1:
             return False
@@ -258,6 +277,17 @@ class SparseLinear(nn.Module):
                 if self.meter is not None:
                     self._record(x, self.mask(x))
                 return y
+        elif self.dense_kernel and self.mode == "dense" and x.numel() // self.in_features <= ops.MAX_BATCH:
+            if self.meter is not None:
+                self._record(x, None)
+            if self._group is None:
+                return dense_forward(x, self.weight, self.bias)
+            y = self._group.take(self, x)
+            if y is None:
+                lead = self._group.members[0]
+                parts = dense_forward(x, lead.packed_weight, lead.packed_bias).split(self._group.sizes, dim=-1)
+                y = self._group.keep(self, x, tuple(parts))
+            return y
         return self.reference(x)
 
     def reference(self, x: torch.Tensor) -> torch.Tensor:

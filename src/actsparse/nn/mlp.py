@@ -6,7 +6,8 @@ or a child linear's state changes: gate and up with one selection share one inpu
 ``[Wg.T | Wu.T]`` (columns interleaved in groups, so that one token's call returns
 ``act(gate) * up`` through `actsparse::input_sparse_gated`); with a gate mask, the gate is dense,
 `up` is computed only for kept rows (`actsparse::output_sparse_rows`) and `down` skips the zero
-rows of its input. Without a gate mask it is bitwise the HF gated MLP.
+rows of its input; dense gate and up on the dense kernel (the CPU) are one `actsparse::dense_linear`
+call over ``[Wg; Wu]``. Without a gate mask it is bitwise the HF gated MLP.
 """
 from __future__ import annotations
 
@@ -51,7 +52,7 @@ class SparseGatedMLP(nn.Module):
         self.register_buffer("gate_threshold", torch.tensor(float("-inf")))
         self.kernels = False
         self.meter: ReadMeter | None = None
-        for buffer in ("packed_gate_up_t", "packed_gate_up_bias", "packed_down_t", "packed_zero"):
+        for buffer in ("packed_gate_up_t", "packed_gate_up_bias", "packed_gate_up", "packed_down_t", "packed_zero"):
             self.register_buffer(buffer, None, persistent=False)
         self._gate_up_group = 1
         self._gated_act: str | None = None
@@ -148,6 +149,12 @@ class SparseGatedMLP(nn.Module):
             pack(self, "packed_gate_up_t", None)
             pack(self, "packed_gate_up_bias", None)
             self._gated_act = None
+        # dense gate and up (the dense kernel): one call over [Wg; Wu], output-major
+        dense_fuse = (self.kernels and self.gate_mode == "dense" and gate is not None and gate.dense_kernel
+                      and up.dense_kernel and gate.mode == up.mode == "dense" and not (gate.rank or up.rank)
+                      and gate.bias is None and up.bias is None)
+        pack(self, "packed_gate_up", (lambda: torch.cat([gate.weight.detach(), up.weight.detach()])) if dense_fuse else None,
+             gate.weight if gate is not None else None, (2 * self.intermediate_size, self.hidden_size))
         gate_driven = self.kernels and self.output_sparse_rows() is not None and down.mode == "dense"
         pack_transposed(self, "packed_down_t", down.weight if gate_driven else None)
         if self.kernels:
@@ -205,6 +212,8 @@ class SparseGatedMLP(nn.Module):
 
     def _gated_product(self, x2: torch.Tensor) -> torch.Tensor:
         """act(gate) (masked) * up, through whichever linears the MLP has."""
+        if self.packed_gate_up is not None:
+            return self.masked_product(*ops.dense_linear(x2, self.packed_gate_up, None).chunk(2, dim=-1))[1]
         fused = self.packed_gate_up_t
         if fused is None:
             return self.masked_product(*self.gate_and_up(x2))[1]
