@@ -340,3 +340,41 @@ def test_bf16_sparse_model_through_the_cpu_kernels_matches_torch():
         out = model(ids).logits
     assert out.dtype == torch.bfloat16
     assert _rel(out.float(), ref.double()) < 2e-2
+
+
+@pytest.mark.parametrize("method", ["larosa", "teal"])
+def test_weights_changed_under_running_kernels_are_repacked(method):
+    """A method that rewrites weights (LaRoSA's folds) on a model whose kernels are already on:
+    `use_kernels` afterwards runs the new weights, not packs of the old ones (q/k/v and gate/up
+    packed together included)."""
+    from actsparse import make_config, sparsify_
+    from tiny import CALIB
+
+    model = tiny_model("llama")
+    use_kernels(model)  # packs of the dense weights
+    ids = random_tokens(1, 1, seed=9)
+    with torch.no_grad():
+        model(ids)
+        sparsify_(model, make_config(method, sparsity=0.5), CALIB)
+        use_kernels(model, False)
+        ref = model(ids).logits
+        use_kernels(model)
+        out = model(ids).logits
+    assert _rel(out, ref.double()) < 1e-5
+
+
+def test_a_weight_written_in_place_is_repacked():
+    from actsparse.kernels import load_kernels
+    from actsparse.nn import SparseLinear
+
+    torch.manual_seed(7)
+    linear = SparseLinear.from_linear(torch.nn.Linear(64, 48, bias=False))
+    linear.set_threshold(0.5, 0.5)
+    load_kernels(torch.device("cpu"))
+    linear.set_kernels(True)
+    x = torch.randn(1, 64)
+    linear(x)
+    with torch.no_grad():
+        linear.weight.mul_(-2.0)
+    linear.set_kernels(True)
+    assert _rel(linear(x), linear.reference(x).double()) < 1e-5

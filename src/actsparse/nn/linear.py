@@ -198,21 +198,22 @@ class SparseLinear(nn.Module):
         if lead:
             members = self._group.members
             shape = (self.in_features, sum(m.out_features for m in members))
+            weights = tuple(m.weight for m in members)
             if self.mode == "dense":  # one dense_linear call over the members' weights, output-major
-                pack(self, "packed_weight", lambda: torch.cat([m.weight.detach() for m in members]), self.weight, shape[::-1])
+                pack(self, "packed_weight", lambda: torch.cat([m.weight.detach() for m in members]), self.weight, shape[::-1],
+                     sources=weights)
                 pack(self, "packed_weight_t", None)
             else:
-                pack(self, "packed_weight_t", lambda: torch.cat([m.weight.detach().T for m in members], dim=1), self.weight, shape)
+                pack(self, "packed_weight_t", lambda: torch.cat([m.weight.detach().T for m in members], dim=1), self.weight, shape,
+                     sources=weights)
                 pack(self, "packed_weight", None)
             pack(self, "packed_bias", (lambda: torch.cat([m.bias.detach() for m in members])) if self.bias is not None else None,
-                 self.weight, shape[1:])
+                 self.weight, shape[1:], sources=tuple(m.bias for m in members) if self.bias is not None else None)
         else:
             own = running and self._group is None and not self._packed_by_owner
             pack_transposed(self, "packed_weight_t", self.weight if own else None)
             pack(self, "packed_weight", None)
             pack(self, "packed_bias", None)
-        # the factors are sparsity state, not weights: a new pair of the same shape must not keep the old pack
-        pack_transposed(self, "packed_lowrank_at", None)
         pack_transposed(self, "packed_lowrank_at", self.lowrank_a if running and self.rank and not self._packed_by_owner else None)
         if running:
             pack_zero(self, self.weight.device)

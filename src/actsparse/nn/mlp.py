@@ -138,9 +138,10 @@ class SparseGatedMLP(nn.Module):
             group = gate_up_group(gate.out_features)
             shape = (gate.in_features, gate.out_features + up.out_features)
             pack(self, "packed_gate_up_t", lambda: interleave_gate_up(gate.weight.detach().T, up.weight.detach().T, group),
-                 gate.weight, shape)
+                 gate.weight, shape, sources=(gate.weight, up.weight))
             bias = (lambda: interleave_gate_up(gate.bias.detach()[None], up.bias.detach()[None], group)[0]) if gate.bias is not None else None
-            pack(self, "packed_gate_up_bias", bias, gate.weight, shape[1:])
+            pack(self, "packed_gate_up_bias", bias, gate.weight, shape[1:],
+                 sources=(gate.bias, up.bias) if gate.bias is not None else None)
             self._gate_up_group = group
             # The kernels compute act(gate) * up in their epilogue for the activations they know.
             gated = group <= 256 and group & (group - 1) == 0
@@ -154,7 +155,8 @@ class SparseGatedMLP(nn.Module):
                       and up.dense_kernel and gate.mode == up.mode == "dense" and not (gate.rank or up.rank)
                       and gate.bias is None and up.bias is None)
         pack(self, "packed_gate_up", (lambda: torch.cat([gate.weight.detach(), up.weight.detach()])) if dense_fuse else None,
-             gate.weight if gate is not None else None, (2 * self.intermediate_size, self.hidden_size))
+             gate.weight if gate is not None else None, (2 * self.intermediate_size, self.hidden_size),
+             sources=(gate.weight, up.weight) if dense_fuse else None)
         gate_driven = self.kernels and self.output_sparse_rows() is not None and down.mode == "dense"
         pack_transposed(self, "packed_down_t", down.weight if gate_driven else None)
         if self.kernels:

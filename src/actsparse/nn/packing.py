@@ -1,7 +1,8 @@
 """Input-major weight copies for the ops, packed by the modules that own them (never saved).
 
-A pack is re-made only when its shape, dtype or device no longer match: weights do not change
-during inference, and a tensor kept in place keeps captured CUDA graphs valid.
+A pack is re-made only when its shape, dtype or device no longer match or a tensor it was made
+from has changed since (another storage, or written in place: a method folding rotations or
+refitting weights); otherwise it is kept in place, which keeps captured CUDA graphs valid.
 """
 from __future__ import annotations
 
@@ -11,16 +12,25 @@ import torch
 from torch import nn
 
 
+def _fingerprint(sources: tuple[torch.Tensor, ...]) -> tuple:
+    return tuple((t.data_ptr(), t._version) for t in sources)
+
+
 def pack(module: nn.Module, name: str, make: Callable[[], torch.Tensor] | None, like: torch.Tensor | None = None,
-         shape: tuple | None = None) -> None:
-    """Buffer `name` of `module` becomes `make()` (non-persistent), unless an equal one is there;
-    `make=None` drops it."""
+         shape: tuple | None = None, sources: tuple[torch.Tensor, ...] | None = None) -> None:
+    """Buffer `name` of `module` becomes `make()` (non-persistent), unless an equal one made from
+    the same, unchanged `sources` (default: `like`) is there; `make=None` drops it."""
+    made_from = module.__dict__.setdefault("_pack_sources", {})
     if make is None:
         setattr(module, name, None)
+        made_from.pop(name, None)
         return
+    fingerprint = _fingerprint(sources if sources is not None else (like,))
     existing = getattr(module, name, None)
-    if existing is None or existing.shape != shape or existing.dtype != like.dtype or existing.device != like.device:
+    if (existing is None or existing.shape != shape or existing.dtype != like.dtype or existing.device != like.device
+            or made_from.get(name) != fingerprint):
         setattr(module, name, make().contiguous())
+        made_from[name] = fingerprint
 
 
 def pack_transposed(module: nn.Module, name: str, weight: torch.Tensor | None) -> None:
@@ -33,7 +43,7 @@ def pack_transposed(module: nn.Module, name: str, weight: torch.Tensor | None) -
 def pack_zero(module: nn.Module, device: torch.device) -> None:
     """A zero threshold (top-K inputs arrive with their dropped entries zeroed)."""
     zero = torch.zeros((), device=device)
-    pack(module, "packed_zero", lambda: zero, zero, ())
+    pack(module, "packed_zero", lambda: zero, zero, (), sources=())
 
 
 def gate_up_group(intermediate: int) -> int:
