@@ -177,14 +177,6 @@ class DecodeEngine:
                 self._step()
         self._warm = True
 
-    def _steady_state(self) -> contextlib.AbstractContextManager:
-        """While the compiled step runs without a CUDA graph (the CPU), Dynamo checks only the
-        guards that tell its cached graphs apart: the warm-up ran the full checks since the last
-        `invalidate`, and checking every module's guards costs ~1-2 ms a token on the CPU."""
-        if self.compile and self._graph is None:
-            return torch.compiler.set_stance("default", skip_guard_eval_unsafe=True)
-        return contextlib.nullcontext()
-
     def _sync(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -223,12 +215,11 @@ class DecodeEngine:
         self._sync()
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
-        with self._steady_state():
-            for _ in range(steps):
-                if self._graph is not None:
-                    self._graph.replay()
-                else:
-                    self._step()
+        for _ in range(steps):
+            if self._graph is not None:
+                self._graph.replay()
+            else:
+                self._step()
         self._sync()
         decode_s = time.perf_counter() - start
         tokens = self._out[:, length : length + max_new_tokens].cpu()

@@ -148,6 +148,7 @@ def run(args) -> int:
         log(f"sparsify: {config.method} at {config.sparsity:g}")
         calibration = (random_calibration(model) if random_weights
                        else text_batches(tokenizer, DEFAULT_CALIB, n=8, seq_len=256))
+        use_kernels(model, False)  # calibration runs the torch reference, as `sparsify` does
         started = time.perf_counter()
         sparsify_(model, config, calibration)
         if device.type == "cuda":
@@ -156,7 +157,7 @@ def run(args) -> int:
     result.update(method=config.method, target_sparsity=config.sparsity, config=config.to_dict())
     use_kernels(model, kernels)
     del engine  # a method may have replaced modules (LaRoSA's norms): the sparse model gets its own engine
-    engine = DecodeEngine(model, max_len=args.prompt_len + args.tokens, batch_size=args.batch)
+    engine = DecodeEngine(model, max_len=args.prompt_len + args.tokens, batch_size=args.batch, compile=True)
     log(f"sparse decode ({backend})")
     sparse = timed_decode(engine, prompts, args.tokens, args.repeats)
     sequence = torch.cat([prompts, sparse.tokens], dim=1)
