@@ -83,7 +83,7 @@ def actsparse_worker(dtype_name: str, threads: int, levels: list[float], tokens:
     from actsparse.runtime import use_kernels
     from actsparse.swap import swap_modules
 
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)  # the kernels' pool carries the threads, as in `actsparse bench`
     cpu_ops.set_threads(threads)
     model, tokenizer = load_model(None, parse_dtype(dtype_name), "cpu")
     prompt = tokenize_texts(tokenizer, read_texts(DEFAULT_EVAL), max_tokens=context)[:context][None]
