@@ -30,8 +30,8 @@ import torch
 from actsparse.config import make_config
 from actsparse.engine import DecodeEngine
 from actsparse.speed import (
-    SHAPES, environment, measured_sparsity, random_calibration, random_model, read_bytes, rotation_reads, step_profile,
-    timed_decode,
+    SHAPES, environment, ideal_speedup, measured_sparsity, random_calibration, random_model, read_bytes, rotation_reads,
+    step_profile, timed_decode,
 )
 from actsparse.loading import parse_dtype
 from actsparse.methods import sparsify_
@@ -110,7 +110,7 @@ def one_run(dtype, device, text: str, dense: dict, args) -> dict:
     measured = measured_sparsity(model, probe)
     linear, head = read_bytes(model)
     rotation = rotation_reads(model)
-    ideal = (linear + head) / (linear * (1 - measured) + linear * rotation + head)
+    ideal = ideal_speedup(linear / (linear + head), measured, rotation)
     use_kernels(model)
     sparse, steps = decode(model, device, args.tokens, args.repeats, args.profile)
     result = {"run": text, "shape": shape, "model_overrides": overrides, "method": method, "target": sparsity, "options": fields, "measured_sparsity": measured,
