@@ -112,7 +112,7 @@ def run(args) -> int:
 
         cpu_ops.set_threads(args.threads or 1)
         # The kernels' own pool carries the threads; torch's small ops around them run faster on
-        # one (SmolLM2, 2 threads: 19.0 tok/s dense with torch on 2 threads, 31.6 with torch on 1).
+        # one (SmolLM2 fp32, 2 threads, dense: 19.0 tok/s with torch on 2, 35.7 on 1; BENCHMARKS.md, CPU).
         torch.set_num_threads(1)
         kernel_path = cpu_ops.isa()
         backend = (f"cpu kernels ({kernel_path}, {str(dtype).removeprefix('torch.')} weights, fp32 accumulation, "
