@@ -17,7 +17,7 @@ import time
 
 import torch
 
-from actsparse.kernels import cpu_ops
+from actsparse.kernels import cpu_ops, load_kernels, ops
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # name: (in, out, layout) - "in" layouts run input_sparse over W.T, "out" dense_linear over W
@@ -53,6 +53,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     rows = []
+    load_kernels("cpu")
     print(f"kernel path: {cpu_ops.isa()}")
     for dname in args.dtypes.split(","):
         dtype = DTYPES[dname]
@@ -72,10 +73,10 @@ def main() -> None:
                     if layout == "in":
                         t = None if s == 0 else torch.tensor(float(x.abs().quantile(s)))
                         kept = k if t is None else int((x.abs() > t).sum())
-                        fn = lambda: cpu_ops.input_sparse_linear(x, ws[next(it) % copies], t, None, None, None, None, False, s)  # noqa: E731
+                        fn = lambda: ops.input_sparse_linear(x, ws[next(it) % copies], t, None, None, None, None, False, s)  # noqa: E731
                     else:
                         kept = k
-                        fn = lambda: cpu_ops.dense_linear(x, ws[next(it) % copies], None)  # noqa: E731
+                        fn = lambda: ops.dense_linear(x, ws[next(it) % copies], None)  # noqa: E731
                     sec, cpu = median_time(fn, copies, args.repeats)
                     gbs, cpu_gbs = kept / k * nbytes / sec / 1e9, kept / k * nbytes / cpu / 1e9
                     rows.append({"dtype": dname, "shape": name, "threads": threads, "sparsity": s, "us": sec * 1e6,

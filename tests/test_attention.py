@@ -19,6 +19,7 @@ from actsparse.attention import builds_on, decode_attention_name, use_decode_att
 from actsparse.engine import DecodeEngine  # noqa: E402
 from actsparse.errors import ActSparseError  # noqa: E402
 from actsparse.kernels import attention_ops as ops  # noqa: E402
+from actsparse.kernels import cpu_ops, load_kernels  # noqa: E402
 from actsparse.kernels import ops as op_defs  # noqa: E402
 from tiny import ARCHS, random_tokens, tiny_model  # noqa: E402
 
@@ -39,10 +40,13 @@ def _reference(q, k, v, mask, scale, softcap=0.0):
 
 @pytest.fixture(autouse=True, scope="module")
 def triton_attention_on_cpu():
-    """The Triton kernel as the op's CPU kernel (the interpreter runs it on CPU tensors)."""
+    """The Triton kernel as the op's CPU kernel (the interpreter runs it on CPU tensors), the C++
+    kernels set aside meanwhile (and loaded first: `use_decode_attention` loads them)."""
+    load_kernels("cpu")
+    cpu_ops.unregister()
     ops.register("cpu")
     yield
-    ops.register_reference("cpu")
+    cpu_ops.register()
 
 
 def _inputs(batch, heads, kv_heads, q_len, kv_len, head_dim, dtype, filled, seed=0):
@@ -171,7 +175,6 @@ def test_engine_decodes_through_the_kernel_on_request():
     assert torch.equal(engine.generate(prompt, 8).tokens, plain)
 
 
-def test_engine_refuses_the_kernel_on_a_cpu_model_outside_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(ActSparseError, match="decode attention kernel runs on CUDA"):
-        DecodeEngine(tiny_model("llama"), max_len=16, decode_attention=True)
+def test_engine_refuses_the_kernel_on_a_device_without_one():
+    with pytest.raises(ActSparseError, match="decode attention kernel runs on cuda and cpu models; this one is on meta"):
+        DecodeEngine(tiny_model("llama").to("meta"), max_len=16, decode_attention=True)

@@ -114,7 +114,7 @@ def test_bench_on_a_random_smollm2_shape(tmp_path, capsys):
     for key in ("dense_tok_s", "sparse_tok_s", "speedup", "ideal_speedup", "sparsity", "device", "dtype", "batch"):
         assert key in result
     assert result["device"] == "cpu" and result["batch"] == 1 and 0.4 < result["sparsity"] < 0.6
-    assert result["decode_attention"] is False and result["dependent_launch"] is False  # CUDA only
+    assert result["decode_attention"] is True and result["dependent_launch"] is False  # the latter CUDA only
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
 
 
@@ -215,3 +215,29 @@ def test_bench_refuses_a_shape_the_device_cannot_hold_before_building_it(monkeyp
     err = capsys.readouterr().err
     assert "--shape llama3-8b in bfloat16 needs about 16.5 GiB on cpu; 1.0 GiB is free" in err
     assert time.perf_counter() - started < 5
+
+
+def test_compiled_cpu_step_follows_the_model_after_invalidate():
+    """The compiled CPU step runs without guard evaluation: `invalidate` compiles it again."""
+    model = tiny_model("llama")
+    prompt = random_tokens(1, 5, seed=3)
+    engine = DecodeEngine(model, max_len=24, compile="eager")
+    dense = engine.generate(prompt, 12).tokens
+    actsparse.sparsify_(model, actsparse.TealConfig(sparsity=0.9), random_tokens(1, 32))
+    engine.invalidate()
+    sparse = engine.generate(prompt, 12).tokens
+    assert torch.equal(sparse, _forward_argmax(model, prompt, sparse))
+    assert not torch.equal(sparse, dense)
+
+
+def test_compiled_engines_side_by_side_each_run_their_own_model():
+    """Each engine compiles its own copy of the step, so engines of several models in one process
+    (as `bench` makes) never run each other's compiled code."""
+    models = [tiny_model("llama"), tiny_model("llama")]
+    actsparse.sparsify_(models[1], actsparse.TealConfig(sparsity=0.9), random_tokens(1, 32))
+    prompt = random_tokens(1, 5, seed=8)
+    engines = [DecodeEngine(m, max_len=24, compile="eager") for m in models]
+    for _ in range(2):
+        for model, engine in zip(models, engines):
+            tokens = engine.generate(prompt, 10).tokens
+            assert torch.equal(tokens, _forward_argmax(model, prompt, tokens))

@@ -1,5 +1,5 @@
-"""The C++ CPU kernels against the torch reference, as functions and as the CPU kernels of the
-`actsparse::` ops (traced and compiled), and tiny models running them."""
+"""The C++ CPU kernels, registered with the dispatcher as the CPU kernels of the `actsparse::`
+ops, against the torch reference (called, traced and compiled), and tiny models running them."""
 import os
 import shutil
 import stat
@@ -39,7 +39,7 @@ def test_input_sparse_matches_reference(batch, sparsity, shape):
     k, n = shape
     x, wt = torch.randn(batch, k), torch.randn(k, n)
     t = _threshold(x, sparsity)
-    y = cpu_ops.input_sparse_linear(x, wt, t, None, None, None, None, False, sparsity)
+    y = ops.input_sparse_linear(x, wt, t, None, None, None, None, False, sparsity)
     assert _rel(y, _reference(x, wt, t)) < 1e-5
 
 
@@ -50,7 +50,7 @@ def test_input_sparse_scale_bias_lowrank(complement):
     scale, bias = torch.rand(67) + 0.5, torch.randn(45)
     lrb, lrz = torch.randn(45, 5), torch.randn(2, 5)
     t = _threshold(x, 0.5)
-    y = cpu_ops.input_sparse_linear(x, wt, t, scale, bias, lrb, lrz, complement, 0.5)
+    y = ops.input_sparse_linear(x, wt, t, scale, bias, lrb, lrz, complement, 0.5)
     ref = _reference(x, wt, t, scale, bias, complement) + lrz.double() @ lrb.double().T
     assert _rel(y, ref) < 1e-5
 
@@ -61,7 +61,7 @@ def test_output_sparse_rows_matches_reference(batch, sparsity):
     torch.manual_seed(2)
     x, a, w = torch.randn(batch, 100), torch.randn(batch, 70), torch.randn(70, 100)
     t = _threshold(a, sparsity)
-    m = cpu_ops.output_sparse_rows(x, a, t, w, sparsity)
+    m = ops.output_sparse_rows(x, a, t, w, sparsity)
     ref = torch.where(a.abs() > t, a, 0.0).double() * (x.double() @ w.double().T)
     assert _rel(m, ref) < 1e-5
     assert torch.equal(m == 0, ref == 0)
@@ -94,9 +94,9 @@ def test_input_sparse_dtypes_paths_threads(kernel_path, dtype, batch, sparsity, 
     k, n = shape
     x, wt = torch.randn(batch, k), torch.randn(k, n).to(dtype)
     bias = torch.randn(n)
-    t = None if sparsity is None else _threshold(x, sparsity)
-    y = cpu_ops.input_sparse_linear(x, wt, t, None, bias, None, None, False, sparsity or 0.0)
-    ref = _reference(x, wt.float(), torch.tensor(-1.0) if t is None else t, bias=bias)
+    t = torch.tensor(-1.0) if sparsity is None else _threshold(x, sparsity)  # -1: every row kept
+    y = ops.input_sparse_linear(x, wt, t, None, bias, None, None, False, sparsity or 0.0)
+    ref = _reference(x, wt.float(), t, bias=bias)
     assert _rel(y, ref) < 1e-5
 
 
@@ -109,7 +109,7 @@ def test_output_sparse_rows_dtypes_paths_threads(kernel_path, dtype, batch, spar
     j, d = shape
     x, a, w = torch.randn(batch, d), torch.randn(batch, j), torch.randn(j, d).to(dtype)
     t = _threshold(a, sparsity)
-    m = cpu_ops.output_sparse_rows(x, a, t, w, sparsity)
+    m = ops.output_sparse_rows(x, a, t, w, sparsity)
     ref = torch.where(a.abs() > t, a, 0.0).double() * (x.double() @ w.double().T)
     assert _rel(m, ref) < 1e-5
     assert torch.equal(m == 0, ref == 0)
@@ -124,7 +124,7 @@ def test_dense_rows_dtypes_paths_threads(kernel_path, dtype, batch, shape, with_
     j, d = shape
     x, w = torch.randn(batch, d), torch.randn(j, d).to(dtype)
     bias = torch.randn(j) if with_bias else None
-    y = cpu_ops.dense_linear(x, w, bias)
+    y = ops.dense_linear(x, w, bias)
     ref = x.double() @ w.double().T + (bias.double() if with_bias else 0.0)
     assert _rel(y, ref) < 1e-5
 
@@ -136,15 +136,18 @@ def test_paths_and_threads_are_checked():
         cpu_ops.set_isa("sse9")
     with pytest.raises(ActSparseError, match="threads >= 1"):
         cpu_ops.set_threads(0)
-    with pytest.raises(ActSparseError, match="float32, bfloat16 or float16"):
-        cpu_ops.input_sparse_linear(torch.randn(1, 8), torch.zeros(8, 4, dtype=torch.int8), None, None, None, None, None, False, 0.0)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16 tensors; weight_t is Char"):
+        ops.input_sparse_linear(torch.randn(1, 8), torch.zeros(8, 4, dtype=torch.int8), torch.tensor(0.0), None, None,
+                                None, None, False, 0.0)
 
 
 def test_rejects_other_dtypes():
-    with pytest.raises(ActSparseError, match="float32, bfloat16 or float16"):
-        cpu_ops.input_sparse_linear(torch.randn(1, 8).double(), torch.randn(8, 4), torch.tensor(0.0), None, None, None, None, False, 0.5)
-    with pytest.raises(ActSparseError, match="the activations' dtype"):
-        cpu_ops.output_sparse_rows(torch.randn(1, 8).half(), torch.randn(1, 4), torch.tensor(0.0), torch.randn(4, 8), 0.5)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16 tensors; x is Double"):
+        ops.input_sparse_linear(torch.randn(1, 8).double(), torch.randn(8, 4), torch.tensor(0.0), None, None, None, None, False, 0.5)
+    with pytest.raises(RuntimeError, match="input_sparse_linear: x \\[1, 8\\] does not fit weight_t \\[9, 4\\]"):
+        ops.input_sparse_linear(torch.randn(1, 8), torch.randn(9, 4), torch.tensor(0.0), None, None, None, None, False, 0.5)
+    with pytest.raises(RuntimeError, match="a of the activations' dtype"):
+        ops.output_sparse_rows(torch.randn(1, 8).half(), torch.randn(1, 4), torch.tensor(0.0), torch.randn(4, 8), 0.5)
     model = tiny_model("llama", dtype=torch.float64)
     actsparse.sparsify_(model, actsparse.TealConfig(sparsity=0.5), random_tokens(1, 16))
     with pytest.raises(ActSparseError, match="no actsparse kernels for torch.float64"):
@@ -186,31 +189,83 @@ def test_a_library_others_can_write_is_removed_and_a_shared_cache_refused(tmp_pa
         cpu_ops.build("g++", path)
 
 
+def _cpu_kernel_registered_from_cpp(op: str) -> bool:
+    return any(line.startswith("CPU:") and "cpu_torch_ops.cpp" in line
+               for line in torch._C._dispatch_dump(f"actsparse::{op}").splitlines())
+
+
+CPP_OPS = ("input_sparse_linear", "input_sparse_gated", "output_sparse_rows", "dense_linear", "decode_attention")
+
+
 def test_cpu_ops_dispatch_to_the_cpp_kernel_and_compile():
-    """The C++ kernels are the ops' CPU kernels: a call through the op runs the library, and a
-    function of the ops compiles with torch.compile and gives the eager result."""
+    """The C++ kernels are the ops' CPU kernels, registered from C++ (and can step aside and come
+    back); a function of the ops compiles with torch.compile and gives the eager result."""
     torch.manual_seed(3)
     x, wt, w = torch.randn(2, 64), torch.randn(64, 48), torch.randn(40, 64)
     t = _threshold(x, 0.5)
-    calls = []
-    library = cpu_ops.library()
+    cpu_ops.library()
+    assert all(_cpu_kernel_registered_from_cpp(op) for op in CPP_OPS)
+    cpu_ops.unregister()
+    try:
+        assert not any(_cpu_kernel_registered_from_cpp(op) for op in CPP_OPS)
+    finally:
+        cpu_ops.register()
+    assert all(_cpu_kernel_registered_from_cpp(op) for op in CPP_OPS)
 
     def step(x):
         y = ops.input_sparse_linear(x, wt, t, None, None, None, None, False, 0.5)
         return ops.output_sparse_rows(x, ops.topk_kept(y[:, :40], 10, None), torch.tensor(0.0), w, 0.75)
 
-    original = library.actsparse_input_sparse_ex
-    try:
-        library.actsparse_input_sparse_ex = lambda *a: (calls.append(1), original(*a))[1]
-        eager = step(x)
-        compiled = torch.compile(step, backend="eager", fullgraph=True)(x)
-    finally:
-        library.actsparse_input_sparse_ex = original
-    assert len(calls) == 2  # the eager call and the compiled one (the op is opaque to tracing)
+    eager = step(x)
+    compiled = torch.compile(step, backend="inductor", fullgraph=True)(x)
     assert torch.equal(eager, compiled)
     y = ops.input_sparse_linear_reference(x, wt, t, None, None, None, None, False, 0.5)
     ref = ops.output_sparse_rows_reference(x, ops.topk_kept_reference(y[:, :40], 10, None), torch.tensor(0.0), w, 0.75)
     assert _rel(eager, ref.double()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("act", sorted(ops.ACTIVATIONS))
+@pytest.mark.parametrize("group", [1, 8])
+def test_input_sparse_gated_matches_reference(kernel_path, dtype, act, group):
+    torch.manual_seed(11)
+    x, wt = torch.randn(3, 96).to(dtype), torch.randn(96, 2 * 40).to(dtype)
+    bias = torch.randn(80)
+    t = _threshold(x.float(), 0.5)
+    m = ops.input_sparse_gated(x, wt, t, None, bias, group, act, 0.5)
+    gu = _reference(x.float(), wt.float(), t, bias=bias).float()
+    pairs = gu.reshape(3, 40 // group, 2, group)
+    ref = ops.ACTIVATIONS[act](pairs[:, :, 0].reshape(3, 40)) * pairs[:, :, 1].reshape(3, 40)
+    assert m.dtype == dtype
+    assert _rel(m, ref.double()) < (1e-5 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(RuntimeError, match="act must be one of gelu, gelu_tanh, relu, silu, got tanh"):
+        ops.input_sparse_gated(x, wt, t, None, bias, group, "tanh", 0.5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
+@pytest.mark.parametrize("softcap", [0.0, 20.0])
+def test_decode_attention_matches_reference(kernel_path, dtype, mask_kind, softcap):
+    torch.manual_seed(12)
+    batch, heads, kv_heads, q_len, kv_len, head_dim = 2, 6, 2, 3 if mask_kind != "none" else 1, 40, 32
+    q = torch.randn(batch, heads, q_len, head_dim).to(dtype)
+    k, v = torch.randn(2, batch, kv_heads, kv_len, head_dim).to(dtype)
+    # a static cache filled up to position 20: keys beyond it are masked (and never read)
+    keep = (torch.arange(kv_len)[None, None, None, :] < 20 + torch.arange(q_len)[None, None, :, None]).expand(batch, 1, q_len, kv_len)
+    mask = {"bool": keep, "additive": torch.where(keep, 0.0, float("-inf")).to(dtype), "none": None}[mask_kind]
+    if mask_kind == "none":
+        k, v = k[:, :, :20].contiguous(), v[:, :, :20].contiguous()
+    out = ops.decode_attention(q, k, v, mask, 0.125, softcap)
+    ref = ops.decode_attention_reference(q.double(), k.double(), v.double(),
+                                         mask.double() if mask_kind == "additive" else mask, 0.125, softcap)
+    assert out.dtype == dtype and out.shape == (batch, q_len, heads, head_dim)
+    assert _rel(out, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+def test_decode_attention_gives_zeros_where_nothing_is_attended():
+    q, k = torch.randn(1, 2, 1, 8), torch.randn(1, 1, 5, 8)
+    out = ops.decode_attention(q, k, k, torch.zeros(1, 1, 1, 5, dtype=torch.bool), 1.0, 0.0)
+    assert torch.equal(out, torch.zeros(1, 1, 2, 8))
 
 
 def test_compiled_cpu_decode_of_a_sparse_model_matches_torch():
@@ -268,14 +323,14 @@ def test_activations_of_the_models_dtype_are_widened_and_rounded_once(kernel_pat
     wt, w = torch.randn(100, 70).to(weight_dtype), torch.randn(70, 100).to(weight_dtype)
     bias = torch.randn(70)
     t = _threshold(x.float(), 0.5)
-    y = cpu_ops.input_sparse_linear(x, wt, t, None, bias, None, None, False, 0.5)
+    y = ops.input_sparse_linear(x, wt, t, None, bias, None, None, False, 0.5)
     assert y.dtype == act
-    assert torch.equal(y, cpu_ops.input_sparse_linear(x.float(), wt, t, None, bias, None, None, False, 0.5).to(act))
-    assert torch.equal(cpu_ops.dense_linear(x, w, bias), cpu_ops.dense_linear(x.float(), w, bias).to(act))
+    assert torch.equal(y, ops.input_sparse_linear(x.float(), wt, t, None, bias, None, None, False, 0.5).to(act))
+    assert torch.equal(ops.dense_linear(x, w, bias), ops.dense_linear(x.float(), w, bias).to(act))
     a = torch.randn(3, 70).to(act)
     ta = _threshold(a.float(), 0.5)
-    m = cpu_ops.output_sparse_rows(x, a, ta, w, 0.5)
-    assert torch.equal(m, cpu_ops.output_sparse_rows(x.float(), a.float(), ta, w, 0.5).to(act))
+    m = ops.output_sparse_rows(x, a, ta, w, 0.5)
+    assert torch.equal(m, ops.output_sparse_rows(x.float(), a.float(), ta, w, 0.5).to(act))
 
 
 def test_fp16_outputs_round_like_torch_across_the_range():
@@ -286,7 +341,7 @@ def test_fp16_outputs_round_like_torch_across_the_range():
     ties = torch.tensor([1 + 2**-11, 1 + 3 * 2**-11, 2**-24 * 1.5, 2**-24 * 2.5, 65520.0, 65519.0])
     w = torch.block_diag(w, torch.diag(ties))
     x = torch.ones(1, w.shape[1], dtype=torch.float16)
-    y = cpu_ops.dense_linear(x, w, None)
+    y = ops.dense_linear(x, w, None)
     assert torch.equal(y, torch.diagonal(w)[None].to(torch.float16))
 
 
@@ -295,7 +350,7 @@ def test_bf16_outputs_round_like_torch():
     values = torch.cat([torch.randn(1000) * 10.0 ** torch.randint(-30, 30, (1000,)).float(),
                         torch.tensor([1 + 2**-8, 1 + 3 * 2**-8, 3.0e38, float("inf"), -float("inf")])])
     x = torch.ones(1, values.numel(), dtype=torch.bfloat16)
-    assert torch.equal(cpu_ops.dense_linear(x, torch.diag(values), None)[0], values.to(torch.bfloat16))
+    assert torch.equal(ops.dense_linear(x, torch.diag(values), None)[0], values.to(torch.bfloat16))
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
@@ -314,14 +369,9 @@ def test_dense_model_runs_the_dense_kernel_and_the_lm_head_stays_tied(dtype):
         assert isinstance(model.lm_head, DenseLinear)
         assert model.lm_head.weight is model.get_input_embeddings().weight
         assert all(m.dense_kernel for m in model.modules() if isinstance(m, SparseLinear))
-        library = cpu_ops.library()
-        calls = []
-        original = library.actsparse_dense_rows
-        try:
-            library.actsparse_dense_rows = lambda *a: (calls.append(a[5]), original(*a))[1]
+        with torch.profiler.profile(record_shapes=True) as prof:
             out = model(ids[:, :1]).logits
-        finally:
-            library.actsparse_dense_rows = original
+        calls = [e.input_shapes[1][0] for e in prof.events() if e.name == "actsparse::dense_linear"]
         assert model.config.vocab_size in calls  # the LM head
         assert len(calls) == 1 + 4 * model.config.num_hidden_layers  # q/k/v as one call, gate/up as one
         use_kernels(model, False)

@@ -3,9 +3,9 @@
 `use_decode_attention(model)` registers, through transformers' `AttentionInterface` and
 `AttentionMaskInterface`, an implementation named ``actsparse_<base>`` (base: the model's own,
 "sdpa" or "eager") and switches the model to it. A decode step's attention (few queries per KV
-head, on CUDA, or on the CPU under ``TRITON_INTERPRET=1``) runs `actsparse::decode_attention`,
+head, on CUDA or on the CPU) runs `actsparse::decode_attention` (Triton on CUDA, C++ on the CPU),
 which reads each cached key and value once per KV head instead of copying them per query head
-(`repeat_kv`); everything else (prefill, training with dropout, attention sinks) runs the base
+(`repeat_kv`), and on the CPU only the cache positions the mask keeps; everything else (prefill, training with dropout, attention sinks) runs the base
 implementation, with the base's own masks, unchanged.
 """
 from __future__ import annotations
@@ -44,9 +44,7 @@ def use_decode_attention(model: torch.nn.Module) -> str:
         from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface
     except ImportError as e:
         raise ActSparseError(f"decode attention needs transformers' attention and mask interfaces ({e})") from None
-    device = next(model.parameters()).device
-    if device.type == "cuda":
-        load_kernels(device)
+    load_kernels(next(model.parameters()).device)
     name = decode_attention_name(base)
     AttentionInterface.register(name, _decode_attention_forward(base))
     AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
@@ -77,10 +75,6 @@ def _decode_attention_forward(base: str):
 
 
 def _takes_kernel(query, key, mask, kwargs) -> bool:
-    from .kernels.tuning import interpreting
-
-    if query.device.type != "cuda" and not interpreting():
-        return False
     return ((query.shape[1] // key.shape[1]) * query.shape[2] <= ops.ATTENTION_MAX_ROWS
             and query.shape[-1] <= ops.ATTENTION_MAX_HEAD_DIM
             and not kwargs.get("dropout") and kwargs.get("s_aux") is None and kwargs.get("sinks") is None

@@ -56,10 +56,6 @@ def use_kernels(model: nn.Module, enabled: bool = True) -> nn.Module:
             raise ActSparseError(f"no actsparse kernels for {param.dtype} weights on {param.device.type} "
                                  f"({_supported()}); run the torch reference (enabled=False) or convert the model")
         load_kernels(param.device)
-        if param.device.type == "cpu":
-            from .kernels.cpu_ops import library
-
-            library()  # built (once) now, not inside the first forward
     dense = next(model.parameters()).device.type in DENSE_KERNEL_DEVICES
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if enabled and dense and type(head) is nn.Linear:

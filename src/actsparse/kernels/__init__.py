@@ -1,7 +1,7 @@
 """The `actsparse::` ops (`ops.py`) and their kernels: Triton for CUDA tensors (`triton_ops.py`),
 C++ for CPU tensors (`cpu_ops.py`). `load_kernels(device)` registers a device's kernels (the
-modules that define them register on import); until then, and on devices without kernels, the
-ops run their torch reference.
+modules that define them register on import; the CPU library is built then, once, not inside a
+first forward); until then, and on devices without kernels, the ops run their torch reference.
 """
 from __future__ import annotations
 
@@ -28,3 +28,7 @@ def load_kernels(device: torch.device | str) -> None:
             importlib.import_module(module)
     except ModuleNotFoundError as e:
         raise ActSparseError(f"the {device_type} kernels need the {e.name!r} package (pip install 'actsparse[gpu]')") from None
+    if device_type == "cpu":
+        from .cpu_ops import library
+
+        library()

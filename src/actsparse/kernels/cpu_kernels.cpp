@@ -1,4 +1,5 @@
-// CPU kernels for decode (batch 1-8): a plain C ABI, called through ctypes by cpu_ops.py.
+// CPU kernels for decode (batch 1-8): a plain C ABI (cpu_kernels.h) with no torch headers, which
+// cpu_torch_ops.cpp registers as the CPU kernels of the actsparse:: ops.
 //
 // Weights are float32, bfloat16 or float16 (dtype code 0 / 1 / 2); so are activations and outputs
 // (the model's dtype: widened to fp32 on entry, rounded once on exit); scales, biases and
@@ -15,6 +16,8 @@
 // (a CATS / ProSparse `up` projection with w output-major); the other rows are never read.
 // dense_rows: y[b,j] = bias[j] + dot(x[b,:], w[j,:]) for every row (nn.Linear's layout, e.g. the
 // tied lm_head). Threads split the rows.
+// decode_attention: a decode step's attention over a static KV cache, reading only the keys and
+// values the mask keeps (see its definition).
 //
 // Vector code: AVX-512 or AVX2 + F16C (one template over the vector width; bf16 widened by a
 // 16-bit shift and a mask, even and odd values apart, fp16 by vcvtph2ps), or
@@ -46,6 +49,8 @@
 #include <immintrin.h>
 #endif
 
+#include "cpu_kernels.h"
+
 namespace {
 
 enum Dtype : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
@@ -68,6 +73,7 @@ int detected_isa() {
 }
 
 std::atomic<int> g_isa{-1};
+std::atomic<int> g_threads{1};
 
 int current_isa() {
   int isa = g_isa.load(std::memory_order_relaxed);
@@ -675,6 +681,78 @@ template <class D> struct InputSparseFn { template <class... A> static void run(
 template <class D> struct OutputSparseRowsFn { template <class... A> static void run(A... a) { output_sparse_rows<D>(a...); } };
 template <class D> struct DenseRowsFn { template <class... A> static void run(A... a) { dense_rows<D>(a...); } };
 
+// ---------------------------------------------------------------- decode attention
+//
+// out[b, i, h, :] = sum over attended l of p[l] * v[b, h / G, l, :], p = softmax over l of
+// cap(scale * dot(q[b, h, i, :], k[b, h / G, l, :])) + add[l] (G = Hq / Hkv query heads per KV head,
+// cap(s) = softcap * tanh(s / softcap) when softcap > 0). Keys a boolean mask drops are never read,
+// so a static cache costs only its filled positions; a query with nothing to attend gets zeros.
+// q is [B, Hq, Q, D], k and v [B, Hkv, L, D], contiguous; mask element (b, h, i, l) sits at
+// b * ms[0] + h * ms[1] + i * ms[2] + l * ms[3] (0 strides where it broadcasts); `out` [B, Q, Hq, D].
+// Threads split the (b, h, i) rows.
+enum MaskKind : int { kNoMask = 0, kBoolMask = 1, kAddMask = 2 };
+
+template <class D>
+void decode_attention(const void* qv, const void* kv, const void* vv, int64_t B, int64_t Hq, int64_t Hkv, int64_t Q,
+                      int64_t L, int64_t Dh, const void* mask, int mask_kind, const int64_t* ms, float scale,
+                      float softcap, float* out, int threads) {
+  using T = typename D::T;
+  const auto* q = static_cast<const T*>(qv);
+  const auto* k = static_cast<const T*>(kv);
+  const auto* v = static_cast<const T*>(vv);
+  const int64_t groups = Hq / Hkv, tasks = B * Hq * Q;
+  const int n = resolve_threads(threads);
+  const int64_t chunks = n <= 1 ? 1 : std::min<int64_t>(tasks, 4 * n);
+  pool().run(n, chunks, [&](int64_t c) {
+    int64_t begin, end;
+    split(tasks, c, chunks, 1, begin, end);
+    static thread_local std::vector<float> s, qf, acc;
+    s.resize(L);
+    qf.resize(Dh);
+    acc.resize(Dh);
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b = t / (Hq * Q), h = t / Q % Hq, i = t % Q;
+      const T* qp = q + ((b * Hq + h) * Q + i) * Dh;
+      for (int64_t d = 0; d < Dh; ++d) qf[d] = D::get(qp + d) * scale;
+      const int64_t kv_offset = (b * Hkv + h / groups) * L * Dh;
+      const int64_t m_offset = b * ms[0] + h * ms[1] + i * ms[2];
+      float top = -INFINITY;
+      for (int64_t l = 0; l < L; ++l) {
+        float add = 0.0f;
+        if (mask_kind == kBoolMask && !static_cast<const bool*>(mask)[m_offset + l * ms[3]]) {
+          s[l] = -INFINITY;
+          continue;
+        }
+        if (mask_kind == kAddMask) add = static_cast<const float*>(mask)[m_offset + l * ms[3]];
+        const T* kp = k + kv_offset + l * Dh;
+        float dot = 0.0f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < Dh; ++d) dot += qf[d] * D::get(kp + d);
+        if (softcap > 0.0f) dot = softcap * std::tanh(dot / softcap);
+        s[l] = dot + add;
+        top = std::max(top, s[l]);
+      }
+      float* o = out + ((b * Q + i) * Hq + h) * Dh;
+      std::fill(acc.begin(), acc.end(), 0.0f);
+      float total = 0.0f;
+      if (top != -INFINITY) {
+        for (int64_t l = 0; l < L; ++l) {
+          if (s[l] == -INFINITY) continue;
+          const float p = std::exp(s[l] - top);
+          total += p;
+          const T* vp = v + kv_offset + l * Dh;
+#pragma omp simd
+          for (int64_t d = 0; d < Dh; ++d) acc[d] += p * D::get(vp + d);
+        }
+      }
+      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+      for (int64_t d = 0; d < Dh; ++d) o[d] = acc[d] * inv;
+    }
+  });
+}
+
+template <class D> struct DecodeAttentionFn { template <class... A> static void run(A... a) { decode_attention<D>(a...); } };
+
 // ---------------------------------------------------------------- activations of the model's dtype
 
 bool known_dtype(int dtype) { return dtype == kF32 || dtype == kBF16 || dtype == kF16; }
@@ -761,6 +839,16 @@ int actsparse_cpu_set_isa(int isa) {
   return isa;
 }
 
+// The thread count the torch ops (cpu_torch_ops.cpp) run the kernels with; set_threads returns
+// -1 (nothing changed) below 1.
+int actsparse_cpu_threads(void) { return g_threads.load(std::memory_order_relaxed); }
+
+int actsparse_cpu_set_threads(int threads) {
+  if (threads < 1) return -1;
+  g_threads.store(threads, std::memory_order_relaxed);
+  return threads;
+}
+
 // Activations (x, a) and outputs (y, m) are of dtype `act_dtype` (0 f32, 1 bf16, 2 f16: the
 // model's dtype), widened to fp32 on entry and rounded once on the way out; weights of dtype
 // `w_dtype`; scale, threshold and bias are fp32. `threads` threads (0: one per hardware thread).
@@ -800,6 +888,22 @@ int actsparse_dense_rows(const void* x, int64_t B, int64_t D, const void* w, int
   Output out(y, B * J, act_dtype);
   const int rc = by_dtype<DenseRowsFn>(w_dtype, in.data, B, D, w, J, bias, out.data, threads);
   out.finish();
+  return rc;
+}
+
+// Decode attention (see decode_attention above) over q, k, v of dtype `dtype`, out [B, Q, Hq, D]
+// of the same dtype; mask of kind `mask_kind` (0 none, 1 bool, 2 fp32 additive) with strides
+// ms_b, ms_h, ms_q, ms_l.
+int actsparse_decode_attention(const void* q, const void* k, const void* v, int dtype, int64_t B, int64_t Hq,
+                               int64_t Hkv, int64_t Q, int64_t L, int64_t D, const void* mask, int mask_kind,
+                               int64_t ms_b, int64_t ms_h, int64_t ms_q, int64_t ms_l, float scale, float softcap,
+                               void* out, int threads) {
+  if (!known_dtype(dtype) || mask_kind < kNoMask || mask_kind > kAddMask || Hkv < 1 || Hq % Hkv) return -1;
+  Output o(out, B * Q * Hq * D, dtype);
+  const int64_t ms[4] = {ms_b, ms_h, ms_q, ms_l};
+  const int rc = by_dtype<DecodeAttentionFn>(dtype, q, k, v, B, Hq, Hkv, Q, L, D, mask, mask_kind, ms, scale, softcap,
+                                             o.data, threads);
+  o.finish();
   return rc;
 }
 

@@ -1,8 +1,8 @@
 """The `actsparse::` ops, each defined once: schema, fake implementation and torch reference.
 
 The reference is each op's default implementation (any device); a device's kernel replaces it by
-registering for that device's dispatch key (`triton_ops.register` for "cuda", `cpu_ops.register`
-for "cpu"), so the tensors' device picks the kernel and `torch.compile` traces every op through
+registering for that device's dispatch key (`triton_ops.register` for "cuda"; for "cpu" the C++
+kernels of `cpu_torch_ops.cpp`, registered from C++ by `cpu_ops.register`), so the tensors' device picks the kernel and `torch.compile` traces every op through
 its fake implementation.
 
   input_sparse_linear(x[T,K], weight_t[K,N], threshold, scale?, bias?, lowrank_b?, lowrank_z?,

@@ -1,8 +1,8 @@
 """The Triton implementations of the `actsparse::` ops of `ops.py`, registered for CUDA tensors.
 
 `register()` (run on import) makes them the "cuda" kernels of those ops; `register("cpu")` makes
-them the CPU kernels too, for testing them under ``TRITON_INTERPRET=1`` (`cpu_ops.register()`
-puts the C++ kernels back). Each function here checks its inputs, picks a launch configuration
+them the CPU kernels too, for testing them under ``TRITON_INTERPRET=1`` (with the C++ kernels set
+aside by `cpu_ops.unregister()`; `cpu_ops.register()` puts them back). Each function here checks its inputs, picks a launch configuration
 tuned per shape, batch, dtype and sparsity bin (`tuning.py`) and launches; the semantics are the
 ops' (`ops.py`).
 """

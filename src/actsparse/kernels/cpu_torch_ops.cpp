@@ -1,0 +1,215 @@
+// The kernels of cpu_kernels.cpp as the CPU kernels of the actsparse:: ops, registered with the
+// dispatcher in C++ (the ops' schemas, fakes and torch references are defined in ops.py). A
+// decode step makes ~200 op calls; through the dispatcher straight into C++ each costs ~2 us,
+// where a Python kernel behind torch.library.custom_op cost ~25 us (wrapper and ctypes included).
+//
+// actsparse_register_cpu_ops(1) registers them (once; again after a 0), 0 drops the registration
+// so that another CPU kernel can stand in (the Triton interpreter's, in tests). Argument errors
+// raise through TORCH_CHECK (RuntimeError in Python); callers pass what ops.py documents.
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+#include "cpu_kernels.h"
+
+namespace {
+
+int dtype_code(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.device().is_cpu() && t.is_contiguous(), "cpu kernels take contiguous CPU tensors; ", what,
+              " is on ", t.device(), (t.is_contiguous() ? "" : " and not contiguous"));
+  switch (t.scalar_type()) {
+    case at::kFloat: return 0;
+    case at::kBFloat16: return 1;
+    case at::kHalf: return 2;
+    default:
+      TORCH_CHECK(false, "cpu kernels take float32, bfloat16 or float16 tensors; ", what, " is ", t.scalar_type());
+  }
+}
+
+void same_dtype(const at::Tensor& t, const at::Tensor& x, const char* what) {
+  TORCH_CHECK(t.scalar_type() == x.scalar_type(), "cpu kernels take ", what, " of the activations' dtype ",
+              x.scalar_type(), ", got ", t.scalar_type());
+}
+
+void matrix(const at::Tensor& t, const char* what) {
+  TORCH_CHECK(t.dim() == 2, what, " must be 2-d, got ", t.dim(), "-d");
+}
+
+// A scale, threshold or bias as the kernels read it: fp32, contiguous (a copy when it is not).
+struct Fp32 {
+  at::Tensor held;
+  const float* ptr = nullptr;
+  explicit Fp32(const std::optional<at::Tensor>& t) {
+    if (!t) return;
+    held = t->scalar_type() == at::kFloat ? t->contiguous() : t->to(at::kFloat).contiguous();
+    ptr = held.data_ptr<float>();
+  }
+};
+
+void check_rc(int rc, const char* op) { TORCH_CHECK(rc == 0, "actsparse::", op, ": the cpu kernel refused its arguments"); }
+
+at::Tensor input_sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& threshold,
+                               const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                               const std::optional<at::Tensor>& lowrank_b, const std::optional<at::Tensor>& lowrank_z,
+                               bool complement, double) {
+  const int act = dtype_code(x, "x"), wd = dtype_code(weight_t, "weight_t");
+  matrix(x, "x");
+  matrix(weight_t, "weight_t");
+  TORCH_CHECK(x.size(1) == weight_t.size(0), "input_sparse_linear: x ", x.sizes(), " does not fit weight_t ",
+              weight_t.sizes());
+  const int64_t batch = x.size(0), k = x.size(1), n = weight_t.size(1);
+  at::Tensor y = at::empty({batch, n}, x.options());
+  const Fp32 t(threshold), s(scale), b(bias);
+  check_rc(actsparse_input_sparse_ex(x.data_ptr(), batch, k, s.ptr, t.ptr, complement, weight_t.data_ptr(), wd, n, b.ptr,
+                                     y.data_ptr(), act, actsparse_cpu_threads()),
+           "input_sparse_linear");
+  if (lowrank_b) {
+    TORCH_CHECK(lowrank_z.has_value(), "input_sparse_linear: lowrank_b without lowrank_z");
+    y.addmm_(lowrank_z->to(y.scalar_type()), lowrank_b->t().to(y.scalar_type()));
+  }
+  return y;
+}
+
+float activation(const std::string& act, float g) {
+  if (act == "silu") return g / (1.0f + std::exp(-g));
+  if (act == "relu") return g > 0.0f ? g : 0.0f;
+  if (act == "gelu") return 0.5f * g * (1.0f + std::erf(g * static_cast<float>(M_SQRT1_2)));
+  constexpr float kC = 0.7978845608028654f;  // sqrt(2 / pi): "gelu_tanh"
+  return 0.5f * g * (1.0f + std::tanh(kC * (g + 0.044715f * g * g * g)));
+}
+
+// act(gate) * up over gate/up columns interleaved in groups of `group`, computed in fp32 from the
+// fp32 product and rounded once to the activations' dtype.
+at::Tensor input_sparse_gated(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& threshold,
+                              const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                              int64_t group, c10::string_view act_view, double) {
+  const std::string act(act_view);
+  TORCH_CHECK(act == "silu" || act == "relu" || act == "gelu" || act == "gelu_tanh",
+              "input_sparse_gated: act must be one of gelu, gelu_tanh, relu, silu, got ", act);
+  const int wd = dtype_code(weight_t, "weight_t");
+  dtype_code(x, "x");
+  matrix(x, "x");
+  matrix(weight_t, "weight_t");
+  const int64_t batch = x.size(0), k = x.size(1), n = weight_t.size(1), j = n / 2;
+  TORCH_CHECK(x.size(1) == weight_t.size(0) && n % 2 == 0 && group > 0 && j % group == 0,
+              "input_sparse_gated: x ", x.sizes(), ", weight_t ", weight_t.sizes(), " and group ", group, " do not fit");
+  const at::Tensor xf = x.scalar_type() == at::kFloat ? x : x.to(at::kFloat);
+  at::Tensor gu = at::empty({batch, n}, xf.options());
+  const Fp32 t(threshold), s(scale), b(bias);
+  check_rc(actsparse_input_sparse_ex(xf.data_ptr(), batch, k, s.ptr, t.ptr, false, weight_t.data_ptr(), wd, n, b.ptr,
+                                     gu.data_ptr(), 0, actsparse_cpu_threads()),
+           "input_sparse_gated");
+  at::Tensor m = at::empty({batch, j}, xf.options());
+  const float* g = gu.data_ptr<float>();
+  float* out = m.data_ptr<float>();
+  for (int64_t row = 0; row < batch; ++row)
+    for (int64_t c = 0; c < j; ++c) {
+      const int64_t gate = row * n + c / group * 2 * group + c % group;
+      out[row * j + c] = activation(act, g[gate]) * g[gate + group];
+    }
+  return x.scalar_type() == at::kFloat ? m : m.to(x.scalar_type());
+}
+
+at::Tensor output_sparse_rows(const at::Tensor& x, const at::Tensor& a, const at::Tensor& threshold,
+                              const at::Tensor& weight, double) {
+  const int act = dtype_code(x, "x"), wd = dtype_code(weight, "weight");
+  dtype_code(a, "a");
+  same_dtype(a, x, "a");
+  matrix(x, "x");
+  matrix(a, "a");
+  matrix(weight, "weight");
+  TORCH_CHECK(x.size(1) == weight.size(1) && a.size(0) == x.size(0) && a.size(1) == weight.size(0),
+              "output_sparse_rows: x ", x.sizes(), ", a ", a.sizes(), " and weight ", weight.sizes(), " do not fit");
+  const int64_t batch = x.size(0), d = x.size(1), rows = weight.size(0);
+  at::Tensor m = at::empty({batch, rows}, x.options());
+  const Fp32 t(threshold);
+  check_rc(actsparse_output_sparse_rows_ex(x.data_ptr(), a.data_ptr(), batch, rows, d, t.ptr, weight.data_ptr(), wd,
+                                           m.data_ptr(), act, actsparse_cpu_threads()),
+           "output_sparse_rows");
+  return m;
+}
+
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  const int act = dtype_code(x, "x"), wd = dtype_code(weight, "weight");
+  matrix(x, "x");
+  matrix(weight, "weight");
+  TORCH_CHECK(x.size(1) == weight.size(1), "dense_linear: x ", x.sizes(), " does not fit weight ", weight.sizes());
+  const int64_t batch = x.size(0), d = x.size(1), rows = weight.size(0);
+  at::Tensor y = at::empty({batch, rows}, x.options());
+  const Fp32 b(bias);
+  check_rc(actsparse_dense_rows(x.data_ptr(), batch, d, weight.data_ptr(), wd, rows, b.ptr, y.data_ptr(), act,
+                                actsparse_cpu_threads()),
+           "dense_linear");
+  return y;
+}
+
+at::Tensor decode_attention(const at::Tensor& query_in, const at::Tensor& key_in, const at::Tensor& value_in,
+                            const std::optional<at::Tensor>& mask_in, double scale, double softcap) {
+  TORCH_CHECK(query_in.dim() == 4 && key_in.dim() == 4 && value_in.sizes() == key_in.sizes(),
+              "decode_attention: query [B,Hq,Q,D] and key = value [B,Hkv,L,D], got ", query_in.sizes(), ", ",
+              key_in.sizes(), ", ", value_in.sizes());
+  const at::Tensor query = query_in.contiguous(), key = key_in.contiguous(), value = value_in.contiguous();
+  const int64_t batch = query.size(0), heads = query.size(1), q_len = query.size(2), head_dim = query.size(3);
+  const int64_t kv_heads = key.size(1), kv_len = key.size(2);
+  TORCH_CHECK(key.size(0) == batch && key.size(3) == head_dim && kv_heads > 0 && heads % kv_heads == 0,
+              "decode_attention: key ", key.sizes(), " does not fit query ", query.sizes(),
+              " (same batch and head size, query heads a multiple of KV heads)");
+  const int dt = dtype_code(query, "query");
+  same_dtype(key, query, "key");
+  same_dtype(value, query, "value");
+  at::Tensor out = at::empty({batch, q_len, heads, head_dim}, query.options());
+  int kind = 0;
+  const void* address = nullptr;
+  std::vector<int64_t> strides(4, 0);
+  at::Tensor mask;
+  if (mask_in) {
+    TORCH_CHECK(mask_in->dim() == 4 && (mask_in->scalar_type() == at::kBool || mask_in->is_floating_point()),
+                "decode_attention: a 4-d boolean or additive float mask, got ", mask_in->scalar_type(), " ",
+                mask_in->sizes());
+    mask = mask_in->scalar_type() == at::kBool || mask_in->scalar_type() == at::kFloat ? *mask_in
+                                                                                          : mask_in->to(at::kFloat);
+    mask = mask.expand({batch, heads, q_len, kv_len});  // broadcast dimensions get stride 0
+    kind = mask.scalar_type() == at::kBool ? 1 : 2;
+    address = mask.data_ptr();
+    strides = mask.strides().vec();
+  }
+  check_rc(actsparse_decode_attention(query.data_ptr(), key.data_ptr(), value.data_ptr(), dt, batch, heads, kv_heads,
+                                      q_len, kv_len, head_dim, address, kind, strides[0], strides[1], strides[2],
+                                      strides[3], static_cast<float>(scale), static_cast<float>(softcap),
+                                      out.data_ptr(), actsparse_cpu_threads()),
+           "decode_attention");
+  return out;
+}
+
+// Never destroyed at exit: the dispatcher may be torn down first.
+torch::Library* g_library = nullptr;
+
+}  // namespace
+
+extern "C" int actsparse_register_cpu_ops(int on) {
+  try {
+    if (!on) {
+      delete g_library;
+      g_library = nullptr;
+      return 0;
+    }
+    if (g_library) return 0;
+    auto library = std::make_unique<torch::Library>(torch::Library::IMPL, "actsparse", c10::DispatchKey::CPU, __FILE__,
+                                                    __LINE__);
+    library->impl("input_sparse_linear", TORCH_FN(input_sparse_linear));
+    library->impl("input_sparse_gated", TORCH_FN(input_sparse_gated));
+    library->impl("output_sparse_rows", TORCH_FN(output_sparse_rows));
+    library->impl("dense_linear", TORCH_FN(dense_linear));
+    library->impl("decode_attention", TORCH_FN(decode_attention));
+    g_library = library.release();
+    return 0;
+  } catch (const std::exception&) {
+    return -1;
+  }
+}
