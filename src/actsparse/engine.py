@@ -5,8 +5,8 @@ decode step reads its token and position from fixed-address buffers and writes t
 and position back into them. On CUDA the step (the `torch.compile`d model forward, the argmax and
 that bookkeeping) is captured once as a CUDA graph and replayed per token with no host work in
 between; on the CPU the same step runs compiled when asked (`compile=True`; eagerly by default),
-without a CUDA graph but, like one, without re-checking the model between steps (no guard
-evaluation: `invalidate()` after changing the model). Whether the model is dense or sparse (and
+without a CUDA graph but, like one, without re-checking the model between steps (no Dynamo
+guards: `invalidate()` after changing the model). Whether the model is dense or sparse (and
 whether its modules run their kernels, `actsparse.runtime.use_kernels`) only changes what its modules compute, never the loop, so the
 dense and sparse timings compare like with like.
 """
@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import time
-import types
 from dataclasses import dataclass
 
 import torch
@@ -106,9 +105,9 @@ class DecodeEngine:
             if options and backend != "inductor":
                 raise ActSparseError(f"inductor_options need the inductor backend, not {backend!r}")
             self._compile_options = {"backend": backend, "dynamic": False, "options": options or None}
-        # Without a CUDA graph (the CPU) the compiled step runs without evaluating its guards: SmolLM2's
-        # ~5,000 cost ~1.7 ms a step, 14% of a 50%-sparse bf16 step. So the step is what was compiled
-        # (as a graph is what was captured): `invalidate` compiles it again.
+        # Without a CUDA graph (the CPU) the compiled step keeps no guards: SmolLM2's ~5,000 cost ~0.5 ms
+        # a step. So the step is what was compiled (as a graph is what was captured): `invalidate`
+        # compiles it again.
         self._unguarded = bool(self.compile) and not self.cuda_graph
         self._next = self._compiled_step() if self.compile else self._next_token
         self._graph: torch.cuda.CUDAGraph | None = None
@@ -116,11 +115,13 @@ class DecodeEngine:
         self.tuning_report: dict[str, dict[str, float]] = {}  # the last `tune`
 
     def _compiled_step(self):
-        """The step compiled over its own copy of `_next_token`'s code object: Dynamo keeps compiled
-        code per code object, so each engine's stays one entry that needs no guard to pick it."""
-        fn = DecodeEngine._next_token
-        own = types.FunctionType(fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__)
-        return torch.compile(types.MethodType(own, self), **self._compile_options)
+        """The step compiled for this engine alone (`isolate_recompiles`: engines of other models in
+        the process never share its entries), without guards on the CPU."""
+        options = dict(self._compile_options["options"] or {})
+        if self._unguarded:
+            options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
+        return torch.compile(self._next_token, backend=self._compile_options["backend"], dynamic=False,
+                             options=options, isolate_recompiles=True)
 
     def invalidate(self) -> None:
         """Drop the captured graph (the CPU's compiled step: compiled again at the next `generate`);
@@ -233,13 +234,11 @@ class DecodeEngine:
         self._sync()
         prefill_s = time.perf_counter() - start
         start = time.perf_counter()
-        unguarded = torch.compiler.set_stance("default", skip_guard_eval_unsafe=True) if self._unguarded else contextlib.nullcontext()
-        with unguarded:
-            for _ in range(steps):
-                if self._graph is not None:
-                    self._graph.replay()
-                else:
-                    self._step()
+        for _ in range(steps):
+            if self._graph is not None:
+                self._graph.replay()
+            else:
+                self._step()
         self._sync()
         decode_s = time.perf_counter() - start
         tokens = self._out[:, length : length + max_new_tokens].to("cpu", copy=True)  # not a view of the buffer

@@ -211,6 +211,39 @@ def step_profile(engine: DecodeEngine, prompt: torch.Tensor, steps: int = 8, top
             "top": [{"kernel": k[:120], "us_per_step": us, "calls_per_step": c} for k, (us, c) in largest]}
 
 
+CPU_STEP_PARTS = (  # (part, the profiler names that make it up, by prefix)
+    ("linear kernels", ("actsparse::input_sparse", "actsparse::output_sparse_rows", "actsparse::dense_linear")),
+    ("attention kernel", ("actsparse::decode_attention",)),
+    ("compiled graph: Inductor's fused kernels and its wrapper", ("## Call CompiledFxGraph",)),
+    ("Dynamo: frame entry, guards, input gathering",
+     ("TorchDynamo Cache Lookup", "Pregraph bytecode", "Torch-Compiled Region", "AOTDispatcher")),
+)
+
+
+def cpu_step_profile(engine: DecodeEngine, prompt: torch.Tensor, steps: int = 16) -> dict:
+    """Where a compiled CPU decode step's time goes: self CPU microseconds per step under the
+    profiler (which adds its own cost per call), by `CPU_STEP_PARTS`, the LM head apart from the
+    other linears, everything else as "other ops", over the events from the first compiled step
+    on (the prefill left out). Call it on a warm engine."""
+    vocab = engine.model.config.get_text_config().vocab_size
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], record_shapes=True) as prof:
+        engine.generate(prompt, steps + 1)
+    events = prof.events()
+    starts = [e.time_range.start for e in events if e.name.startswith("Torch-Compiled Region")]
+    if not starts:
+        raise ActSparseError("cpu_step_profile needs an engine whose steps run compiled (compile=True)")
+    us: dict[str, float] = {}
+    for e in events:
+        if e.time_range.start < min(starts):
+            continue
+        if e.name == "actsparse::dense_linear" and len(e.input_shapes) > 1 and e.input_shapes[1][:1] == [vocab]:
+            part = "LM head"
+        else:
+            part = next((p for p, prefixes in CPU_STEP_PARTS if e.name.startswith(prefixes)), "other ops")
+        us[part] = us.get(part, 0.0) + e.self_cpu_time_total / steps
+    return {"us_per_step": sum(us.values()), "parts": dict(sorted(us.items(), key=lambda kv: -kv[1]))}
+
+
 def environment(device: torch.device) -> dict:
     import transformers
 
