@@ -241,3 +241,22 @@ def test_compiled_engines_side_by_side_each_run_their_own_model():
         for model, engine in zip(models, engines):
             tokens = engine.generate(prompt, 10).tokens
             assert torch.equal(tokens, _forward_argmax(model, prompt, tokens))
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the cpu kernels build with g++")
+def test_cpu_step_profile_splits_a_step_by_where_its_time_goes():
+    from actsparse.speed import cpu_step_profile
+
+    model = tiny_model("llama")
+    actsparse.sparsify_(model, actsparse.TealConfig(sparsity=0.5), random_tokens(1, 32))
+    use_kernels(model)
+    prompt = random_tokens(1, 5, seed=2)
+    engine = DecodeEngine(model, max_len=24, compile="eager")
+    engine.generate(prompt, 4)
+    profile = cpu_step_profile(engine, prompt, steps=8)
+    parts = profile["parts"]
+    for part in ("linear kernels", "LM head", "attention kernel"):
+        assert parts[part] > 0, part
+    assert abs(profile["us_per_step"] - sum(parts.values())) < 1e-6 * profile["us_per_step"]
+    with pytest.raises(ActSparseError, match="compile=True"):
+        cpu_step_profile(DecodeEngine(model, max_len=24), prompt, steps=2)
