@@ -10,7 +10,8 @@
 // the kept rows only; dropped rows are never read). The kept rows are the union over the batch.
 // Without a threshold every row is kept: the dense product over the same input-major weights.
 // The output is accumulated in column tiles that stay in L1 while the kept rows' segments stream
-// through, eight rows at a time; threads split the columns, so no reduction is needed.
+// through, eight rows at a time; threads split the kept rows (whole rows stream best), each into
+// its own partial sum that the caller adds up (or the columns, where too few rows are kept).
 //
 // output_sparse_rows: m[b,j] = a_kept[b,j] * dot(x[b,:], w[j,:]) for the rows j some token keeps
 // (a CATS / ProSparse `up` projection with w output-major); the other rows are never read.
@@ -325,10 +326,12 @@ int resolve_threads(int threads) {
 
 // Chunks of `total` items for `threads` threads: one per thread would leave a descheduled thread's
 // share to wait; many small ones cut the contiguous runs the prefetcher streams. At least `min_items`
-// items a chunk, at most 8 chunks a thread.
+// items a chunk, at most 8 chunks a thread, a whole number of chunks a thread where there are at
+// least as many chunks as threads (3 chunks on 2 threads would take 2 chunks' time).
 int64_t chunks_for(int64_t total, int threads, int64_t min_items) {
   if (threads <= 1) return 1;
-  return std::max<int64_t>(1, std::min<int64_t>(total / min_items, 8 * threads));
+  const int64_t chunks = std::max<int64_t>(1, std::min<int64_t>(total / min_items, 8 * threads));
+  return chunks < threads ? chunks : chunks / threads * threads;
 }
 
 // [begin, end) of part `i` of `n` over `total` items, in whole multiples of `align`.
@@ -494,9 +497,27 @@ void input_sparse(const float* x, int64_t B, int64_t K, const float* scale, cons
   const int isa = current_isa();
   const auto* w = static_cast<const typename D::T*>(wt);
   const int n = resolve_threads(threads);
-  const int64_t chunks = chunks_for(N, n, 256);
   const int32_t* r = rows.data();
   const float* xkp = xk.data();
+  if (n > 1 && n_rows >= 16 * n) {
+    // Threads split the kept rows, each summing whole rows (the longest contiguous streams, and
+    // equal shares) into its own [B, N] partial sum; the caller adds the partials up.
+    static thread_local std::vector<float> partial;
+    partial.resize(n * B * N);
+    float* p = partial.data();
+    pool().run(n, n, [&](int64_t i) {
+      int64_t begin, end;
+      split(n_rows, i, n, 8, begin, end);
+      input_sparse_columns<D>(isa, w, N, r + begin, xkp + begin * B, end - begin, B, nullptr, p + i * B * N, 0, N);
+    });
+    for (int64_t e = 0; e < B * N; ++e) {
+      float sum = bias ? bias[e % N] : 0.0f;
+      for (int t = 0; t < n; ++t) sum += p[t * B * N + e];
+      y[e] = sum;
+    }
+    return;
+  }
+  const int64_t chunks = chunks_for(N, n, 256);
   pool().run(n, chunks, [&](int64_t i) {
     int64_t begin, end;
     split(N, i, chunks, 32, begin, end);
