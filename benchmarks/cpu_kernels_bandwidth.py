@@ -60,7 +60,7 @@ def main() -> None:
         for name, (k, n, layout) in SHAPES.items():
             nbytes = k * n * dtype.itemsize
             copies = max(2, STREAM_BYTES // nbytes)
-            x = torch.randn(1, k)
+            x = torch.randn(1, k).to(dtype)  # activations in the weights' dtype, as in decode
             if layout == "in":
                 ws = [torch.randn(k, n).to(dtype) for _ in range(copies)]
             else:
@@ -71,8 +71,8 @@ def main() -> None:
                 for s in levels:
                     it = iter(range(1 << 62))
                     if layout == "in":
-                        t = None if s == 0 else torch.tensor(float(x.abs().quantile(s)))
-                        kept = k if t is None else int((x.abs() > t).sum())
+                        t = torch.tensor(-1.0 if s == 0 else float(x.float().abs().quantile(s)))  # -1: every row kept
+                        kept = int((x.abs() > t).sum())
                         fn = lambda: ops.input_sparse_linear(x, ws[next(it) % copies], t, None, None, None, None, False, s)  # noqa: E731
                     else:
                         kept = k
