@@ -5,7 +5,8 @@
 
 Every window is decoded one token at a time with teacher forcing through a static KV cache, so
 every linear runs the CPU kernels exactly as in decode (batch 1: input-sparse, dense and LM head
-kernels), not the torch reference that a full-window `actsparse eval` runs. The embedded model,
+kernels, and the decode attention kernel), not the torch reference that a full-window
+`actsparse eval` runs. The embedded model,
 TEAL calibrated on the built-in calibration text in each dtype. Prints a table, then one JSON line.
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ from tqdm import tqdm
 from transformers import StaticCache
 
 from actsparse import TealConfig, sparsify_
+from actsparse.attention import use_decode_attention
 from actsparse.commands._common import DEFAULT_CALIB
 from actsparse.data import text_batches
 from actsparse.evaluate import eval_windows
@@ -60,6 +62,7 @@ def main() -> None:
             if level > 0:
                 sparsify_(model, TealConfig(sparsity=level), text_batches(tokenizer, DEFAULT_CALIB, n=8, seq_len=256))
             use_kernels(model)
+            use_decode_attention(model)  # the decode steps' attention through the C++ kernel, as in DecodeEngine
             windows = eval_windows(tokenizer, args.text, args.seq_len, args.windows)
             nll = sum(decode_nll(model, w) for w in tqdm(windows, desc=f"{dname} {level:g}", unit="win", leave=False))
             tokens = windows.shape[0] * (windows.shape[1] - 1)
