@@ -5,8 +5,9 @@
 "sdpa" or "eager") and switches the model to it. A decode step's attention (few queries per KV
 head, on CUDA or on the CPU) runs `actsparse::decode_attention` (Triton on CUDA, C++ on the CPU),
 which reads each cached key and value once per KV head instead of copying them per query head
-(`repeat_kv`), and on the CPU only the cache positions the mask keeps; everything else (prefill, training with dropout, attention sinks) runs the base
-implementation, with the base's own masks, unchanged.
+(`repeat_kv`), and on the CPU only the cache positions the mask keeps; everything else (prefill,
+training with dropout, attention sinks) runs the base implementation, with the base's own masks,
+unchanged.
 """
 from __future__ import annotations
 

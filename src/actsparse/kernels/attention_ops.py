@@ -2,8 +2,8 @@
 
 `register()` (run on import) makes it the op's "cuda" kernel; `register("cpu")` its CPU kernel
 too, for testing under ``TRITON_INTERPRET=1`` (with the C++ kernels set aside by
-`cpu_ops.unregister()`; `cpu_ops.register()` puts them back). The (Hq / Hkv) * Q queries of a KV head share one program, at most MAX_ROWS of
-them, reading each cached key and value once (no `repeat_kv` copy); longer query blocks
+`cpu_ops.unregister()`; `cpu_ops.register()` puts them back). The (Hq / Hkv) * Q queries of a KV
+head share one program, at most MAX_ROWS of them, reading each cached key and value once (no `repeat_kv` copy); longer query blocks
 (prefill) are not what it is for. Launch configurations are tuned per shape (`tuning.py`).
 """
 from __future__ import annotations
@@ -104,7 +104,6 @@ def decode_attention(
 def register(device_type: str = "cuda") -> None:
     """Make the Triton kernel the `device_type` implementation of `actsparse::decode_attention`."""
     ops.decode_attention.register_kernel(device_type, decode_attention)
-
 
 
 register()
