@@ -108,7 +108,7 @@ def test_bench_on_a_random_smollm2_shape(tmp_path, capsys):
     from actsparse.cli import main
 
     out = tmp_path / "bench.json"
-    assert main(["bench", "--shape", "smollm2-135m", "--tokens", "8", "--repeats", "1", "--json", str(out)]) == 0
+    assert main(["bench", "--shape", "smollm2-135m", "--tokens", "8", "--repeats", "1", "--quick-compile", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
     assert result["method"] == "teal" and result["config"]["selection"] == "threshold" and result["sparsify_s"] > 0
     for key in ("dense_tok_s", "sparse_tok_s", "speedup", "ideal_speedup", "sparsity", "device", "dtype", "batch"):
@@ -260,3 +260,20 @@ def test_cpu_step_profile_splits_a_step_by_where_its_time_goes():
     assert abs(profile["us_per_step"] - sum(parts.values())) < 1e-6 * profile["us_per_step"]
     with pytest.raises(ActSparseError, match="compile=True"):
         cpu_step_profile(DecodeEngine(model, max_len=24), prompt, steps=2)
+
+
+@pytest.mark.skipif(shutil.which("g++") is None, reason="the cpu kernels build with g++")
+def test_cpu_step_compiles_with_the_cpp_wrapper_by_default_and_decodes_as_the_python_wrapper():
+    from actsparse.engine import CPU_INDUCTOR_OPTIONS
+
+    model = tiny_model("llama")
+    actsparse.sparsify_(model, actsparse.TealConfig(sparsity=0.5), random_tokens(1, 32))
+    use_kernels(model)
+    prompt = random_tokens(1, 5, seed=4)
+    default = DecodeEngine(model, max_len=24, compile=True)
+    assert default._compile_options["options"] == CPU_INDUCTOR_OPTIONS == {"cpp_wrapper": True}
+    python_wrapper = DecodeEngine(model, max_len=24, compile=True, inductor_options={})
+    assert python_wrapper._compile_options["options"] is None
+    tokens = default.generate(prompt, 12).tokens
+    assert torch.equal(tokens, python_wrapper.generate(prompt, 12).tokens)
+    assert torch.equal(tokens, _forward_argmax(model, prompt, tokens))

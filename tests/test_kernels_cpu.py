@@ -189,8 +189,8 @@ def test_a_library_others_can_write_is_removed_and_a_shared_cache_refused(tmp_pa
         cpu_ops.build("g++", path)
 
 
-def _cpu_kernel_registered_from_cpp(op: str) -> bool:
-    return any(line.startswith("CPU:") and "cpu_torch_ops.cpp" in line
+def _cpu_kernel_registered_from_cpp(op: str, key: str = "CPU") -> bool:
+    return any(line.startswith(f"{key}:") and "cpu_torch_ops.cpp" in line
                for line in torch._C._dispatch_dump(f"actsparse::{op}").splitlines())
 
 
@@ -204,13 +204,14 @@ def test_cpu_ops_dispatch_to_the_cpp_kernel_and_compile():
     x, wt, w = torch.randn(2, 64), torch.randn(64, 48), torch.randn(40, 64)
     t = _threshold(x, 0.5)
     cpu_ops.library()
-    assert all(_cpu_kernel_registered_from_cpp(op) for op in CPP_OPS)
+    keys = ("CPU", "AutogradCPU")  # the autograd kernel in C++ too: custom_op's Python one costs ~5 us a call
+    assert all(_cpu_kernel_registered_from_cpp(op, key) for op in CPP_OPS for key in keys)
     cpu_ops.unregister()
     try:
-        assert not any(_cpu_kernel_registered_from_cpp(op) for op in CPP_OPS)
+        assert not any(_cpu_kernel_registered_from_cpp(op, key) for op in CPP_OPS for key in keys)
     finally:
         cpu_ops.register()
-    assert all(_cpu_kernel_registered_from_cpp(op) for op in CPP_OPS)
+    assert all(_cpu_kernel_registered_from_cpp(op, key) for op in CPP_OPS for key in keys)
 
     def step(x):
         y = ops.input_sparse_linear(x, wt, t, None, None, None, None, False, 0.5)
@@ -222,6 +223,19 @@ def test_cpu_ops_dispatch_to_the_cpp_kernel_and_compile():
     y = ops.input_sparse_linear_reference(x, wt, t, None, None, None, None, False, 0.5)
     ref = ops.output_sparse_rows_reference(x, ops.topk_kept_reference(y[:, :40], 10, None), torch.tensor(0.0), w, 0.75)
     assert _rel(eager, ref.double()) < 1e-5
+
+
+def test_cpu_ops_on_tensors_that_require_grad_run_and_refuse_backward():
+    """The C++ autograd kernel keeps custom_op's behaviour for an op with no backward: the forward
+    runs (model weights are parameters), and backward through it raises."""
+    cpu_ops.library()
+    x, wt = torch.randn(1, 32), torch.nn.Parameter(torch.randn(32, 16))
+    y = ops.input_sparse_linear(x, wt, _threshold(x, 0.5), None, None, None, None, False, 0.5)
+    assert y.requires_grad
+    assert torch.equal(y.detach(), ops.input_sparse_linear(x, wt.detach(), _threshold(x, 0.5), None, None, None, None,
+                                                           False, 0.5))
+    with pytest.raises(RuntimeError, match="derivative for actsparse::input_sparse_linear is not implemented"):
+        y.sum().backward()
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -24,6 +24,7 @@ from .errors import ActSparseError
 from .kernels import tuning
 
 ATTENTION_DEVICES = ("cuda", "cpu")  # the device types with a decode attention kernel
+CPU_INDUCTOR_OPTIONS = {"cpp_wrapper": True}  # the compiled CPU step's default (see DecodeEngine)
 
 
 @dataclass
@@ -61,8 +62,11 @@ class DecodeEngine:
         `inductor_options`: Inductor options for the compiled step; None: on CUDA,
         ``{"combo_kernels": True}`` (independent small kernels of the step, such as the key and
         value cache writes, launched as one: on the H200 both the dense and the sparse Llama-3-8B
-        step gain 1-3%, benchmarks/results/gpu_matrix/gpu_matrix_h200_2026-11-24_run20.json),
-        none elsewhere.
+        step gain 1-3%, benchmarks/results/gpu_matrix/gpu_matrix_h200_2026-11-24_run20.json);
+        on the CPU ``CPU_INDUCTOR_OPTIONS``: the step's ~250 kernel and op calls made from a
+        C++ wrapper instead of Python (SmolLM2 bf16 TEAL 50%, one thread: ~82 -> ~94 tok/s), at
+        the price of a longer first compile (~100 s instead of ~35 s on one core for SmolLM2;
+        Inductor caches it on disk for later processes). ``{}`` compiles the Python wrapper.
         `dependent_launch`: compile the step's Inductor kernels for programmatic dependent launch
         (each kernel's launch overlaps the previous one's tail; Inductor's `triton.enable_pdl`);
         None: on for CUDA GPUs of compute capability 9.0 and later. actsparse's own kernels
@@ -98,7 +102,8 @@ class DecodeEngine:
         if self.compile:
             backend = self.compile if isinstance(self.compile, str) else "inductor"
             if inductor_options is None:
-                inductor_options = {"combo_kernels": True} if on_cuda and backend == "inductor" else {}
+                inductor_options = ({} if backend != "inductor" else
+                                    {"combo_kernels": True} if on_cuda else CPU_INDUCTOR_OPTIONS)
             options = dict(inductor_options)
             if dependent_launch and backend == "inductor":
                 options["triton.enable_pdl"] = True

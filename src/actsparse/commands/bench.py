@@ -53,6 +53,9 @@ def register(sub) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads: the kernels' with CPU kernels on (torch's own ops then run on one), else "
                         "torch's (default: 1 kernel thread, or torch's choice)")
+    p.add_argument("--quick-compile", action="store_true",
+                   help="on the CPU, compile the decode step with Inductor's Python wrapper: about a third of the "
+                        "first compile's time, ~10%% slower decode (default: its C++ wrapper)")
     p.add_argument("--hf-baseline", action="store_true",
                    help="also time transformers' own generate (static cache + torch.compile on CUDA)")
     p.add_argument("--json", metavar="OUT", help="write the result as JSON")
@@ -131,13 +134,18 @@ def run(args) -> int:
 
     result = {"model": what, "method": None, "target_sparsity": None, "device": device.type,
               "dtype": str(dtype).removeprefix("torch."), "tokens": args.tokens, "prompt_len": args.prompt_len,
-              "backend": backend, "kernel_path": kernel_path, **environment(device)}
+              "backend": backend, "kernel_path": kernel_path, "quick_compile": args.quick_compile, **environment(device)}
     if args.hf_baseline and not loaded_sparse:
         log("timing transformers' generate (dense)")
         result["hf_tok_s"] = hf_generate_speed(model, prompts, args.tokens)
     swap_modules(model)
     use_kernels(model, kernels)  # the dense run too: on the CPU its linears and LM head run the dense kernel
-    engine = DecodeEngine(model, max_len=args.prompt_len + args.tokens, batch_size=args.batch, compile=True)
+    engine_options = {"max_len": args.prompt_len + args.tokens, "batch_size": args.batch, "compile": True,
+                      "inductor_options": {} if args.quick_compile and device.type == "cpu" else None}
+    engine = DecodeEngine(model, **engine_options)
+    if device.type == "cpu" and not args.quick_compile:
+        log("the first decode compiles the step with a C++ wrapper: 1-2 minutes the first time on this machine "
+            "(cached after; --quick-compile for a faster compile and a slower decode)")
     result.update(decode_attention=engine.decode_attention, dependent_launch=engine.dependent_launch)
     log("dense decode")
     # A saved LaRoSA model's rotations stay in its dense baseline (they are folded into its weights).
@@ -161,7 +169,7 @@ def run(args) -> int:
     result.update(method=config.method, target_sparsity=config.sparsity, config=config.to_dict())
     use_kernels(model, kernels)
     del engine  # a method may have replaced modules (LaRoSA's norms): the sparse model gets its own engine
-    engine = DecodeEngine(model, max_len=args.prompt_len + args.tokens, batch_size=args.batch, compile=True)
+    engine = DecodeEngine(model, **engine_options)
     log(f"sparse decode ({backend})")
     sparse = timed_decode(engine, prompts, args.tokens, args.repeats)
     sequence = torch.cat([prompts, sparse.tokens], dim=1)

@@ -871,17 +871,18 @@ int actsparse_cpu_set_threads(int threads) {
 }
 
 // Activations (x, a) and outputs (y, m) are of dtype `act_dtype` (0 f32, 1 bf16, 2 f16: the
-// model's dtype), widened to fp32 on entry and rounded once on the way out; weights of dtype
+// model's dtype; input_sparse takes x's and y's apart, `x_dtype` and `y_dtype`, so that a
+// caller can keep an fp32 product), widened to fp32 on entry and rounded once on the way out; weights of dtype
 // `w_dtype`; scale, threshold and bias are fp32. `threads` threads (0: one per hardware thread).
 // Each returns 0, or -1 for an unknown dtype.
 
 // input_sparse over `wt` [K, N] (input-major); threshold NULL: dense (every row kept).
 int actsparse_input_sparse_ex(const void* x, int64_t B, int64_t K, const float* scale, const float* threshold,
                               int complement, const void* wt, int wt_dtype, int64_t N, const float* bias, void* y,
-                              int act_dtype, int threads) {
-  if (!known_dtype(act_dtype)) return -1;
-  Activations in(x, B * K, act_dtype, 0);
-  Output out(y, B * N, act_dtype);
+                              int x_dtype, int y_dtype, int threads) {
+  if (!known_dtype(x_dtype) || !known_dtype(y_dtype)) return -1;
+  Activations in(x, B * K, x_dtype, 0);
+  Output out(y, B * N, y_dtype);
   const int rc = by_dtype<InputSparseFn>(wt_dtype, in.data, B, K, scale, threshold, complement != 0, wt, N, bias,
                                          out.data, threads);
   out.finish();
