@@ -243,13 +243,18 @@ def test_compiled_engines_side_by_side_each_run_their_own_model():
             assert torch.equal(tokens, _forward_argmax(model, prompt, tokens))
 
 
+def _tiny_teal_through_kernels():
+    model = tiny_model("llama")
+    actsparse.sparsify_(model, actsparse.TealConfig(sparsity=0.5), random_tokens(1, 32))
+    use_kernels(model)
+    return model
+
+
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the cpu kernels build with g++")
 def test_cpu_step_profile_splits_a_step_by_where_its_time_goes():
     from actsparse.speed import cpu_step_profile
 
-    model = tiny_model("llama")
-    actsparse.sparsify_(model, actsparse.TealConfig(sparsity=0.5), random_tokens(1, 32))
-    use_kernels(model)
+    model = _tiny_teal_through_kernels()
     prompt = random_tokens(1, 5, seed=2)
     engine = DecodeEngine(model, max_len=24, compile="eager")
     engine.generate(prompt, 4)
@@ -266,9 +271,7 @@ def test_cpu_step_profile_splits_a_step_by_where_its_time_goes():
 def test_cpu_step_compiles_with_the_cpp_wrapper_by_default_and_decodes_as_the_python_wrapper():
     from actsparse.engine import CPU_INDUCTOR_OPTIONS
 
-    model = tiny_model("llama")
-    actsparse.sparsify_(model, actsparse.TealConfig(sparsity=0.5), random_tokens(1, 32))
-    use_kernels(model)
+    model = _tiny_teal_through_kernels()
     prompt = random_tokens(1, 5, seed=4)
     default = DecodeEngine(model, max_len=24, compile=True)
     assert default._compile_options["options"] == CPU_INDUCTOR_OPTIONS == {"cpp_wrapper": True}

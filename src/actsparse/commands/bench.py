@@ -54,8 +54,8 @@ def register(sub) -> None:
                    help="CPU threads: the kernels' with CPU kernels on (torch's own ops then run on one), else "
                         "torch's (default: 1 kernel thread, or torch's choice)")
     p.add_argument("--quick-compile", action="store_true",
-                   help="on the CPU, compile the decode step with Inductor's Python wrapper: about a third of the "
-                        "first compile's time, ~10%% slower decode (default: its C++ wrapper)")
+                   help="on the CPU, compile the decode step with Inductor's Python wrapper: a shorter first "
+                        "compile, a slower decode (default: its C++ wrapper)")
     p.add_argument("--hf-baseline", action="store_true",
                    help="also time transformers' own generate (static cache + torch.compile on CUDA)")
     p.add_argument("--json", metavar="OUT", help="write the result as JSON")
@@ -144,8 +144,8 @@ def run(args) -> int:
                       "inductor_options": {} if args.quick_compile and device.type == "cpu" else None}
     engine = DecodeEngine(model, **engine_options)
     if device.type == "cpu" and not args.quick_compile:
-        log("the first decode compiles the step with a C++ wrapper: 1-2 minutes the first time on this machine "
-            "(cached after; --quick-compile for a faster compile and a slower decode)")
+        log("the first decode compiles the step with a C++ wrapper, which takes longer the first time on this "
+            "machine (cached after; --quick-compile for a shorter compile and a slower decode)")
     result.update(decode_attention=engine.decode_attention, dependent_launch=engine.dependent_launch)
     log("dense decode")
     # A saved LaRoSA model's rotations stay in its dense baseline (they are folded into its weights).
