@@ -259,9 +259,10 @@ def test_input_sparse_gated_matches_reference(kernel_path, dtype, act, group):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("mask_kind", ["bool", "additive", "none"])
 @pytest.mark.parametrize("softcap", [0.0, 20.0])
-def test_decode_attention_matches_reference(kernel_path, dtype, mask_kind, softcap):
+@pytest.mark.parametrize("head_dim", [32, 72, 128])
+def test_decode_attention_matches_reference(kernel_path, dtype, mask_kind, softcap, head_dim):
     torch.manual_seed(12)
-    batch, heads, kv_heads, q_len, kv_len, head_dim = 2, 6, 2, 3 if mask_kind != "none" else 1, 40, 32
+    batch, heads, kv_heads, q_len, kv_len = 2, 6, 2, 3 if mask_kind != "none" else 1, 40
     q = torch.randn(batch, heads, q_len, head_dim).to(dtype)
     k, v = torch.randn(2, batch, kv_heads, kv_len, head_dim).to(dtype)
     # a static cache filled up to position 20: keys beyond it are masked (and never read)

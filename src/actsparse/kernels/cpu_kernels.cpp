@@ -135,6 +135,22 @@ inline int64_t block_pos(int64_t i) {
   if constexpr (kSplit<D>) return (i & 1) * L + (i >> 1); else return i;
 }
 
+// e^(x - n ln2) for n = round(x / ln2), so that e^x is this times 2^n: Cephes' expf polynomial,
+// ~1 ulp; ln2 is split in two so that x - n ln2 keeps fp32 precision.
+template <class V>
+inline typename V::vec exp_poly(typename V::vec x, typename V::vec n) {
+  using vec = typename V::vec;
+  vec r = V::fma(n, V::set1(-0.693359375f), x);
+  r = V::fma(n, V::set1(2.12194440e-4f), r);
+  vec p = V::set1(1.9875691500e-4f);
+  p = V::fma(p, r, V::set1(1.3981999507e-3f));
+  p = V::fma(p, r, V::set1(8.3334519073e-3f));
+  p = V::fma(p, r, V::set1(4.1665795894e-2f));
+  p = V::fma(p, r, V::set1(1.6666665459e-1f));
+  p = V::fma(p, r, V::set1(5.0000001201e-1f));
+  return V::fma(V::mul(p, r), r, V::add(r, V::set1(1.0f)));
+}
+
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512VL__)
 #define ACTSPARSE_HAVE_AVX512 1
 struct V512 {
@@ -145,7 +161,19 @@ struct V512 {
   static vec load(const float* p) { return _mm512_loadu_ps(p); }
   static void store(float* p, vec v) { _mm512_storeu_ps(p, v); }
   static vec fma(vec a, vec b, vec c) { return _mm512_fmadd_ps(a, b, c); }
+  static vec mul(vec a, vec b) { return _mm512_mul_ps(a, b); }
   static float sum(vec a, vec b) { return _mm512_reduce_add_ps(_mm512_add_ps(a, b)); }
+  static float sum(vec a) { return _mm512_reduce_add_ps(a); }
+  static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
+  static vec max(vec a, vec b) { return _mm512_max_ps(a, b); }
+  static float max(vec a) { return _mm512_reduce_max_ps(a); }
+  // e^x for x <= 0 (see exp_poly); 0 below -87, where e^x leaves the normal floats.
+  static vec exp_nonpositive(vec x) {
+    const __mmask16 under = _mm512_cmp_ps_mask(x, set1(-87.0f), _CMP_LT_OQ);
+    x = _mm512_max_ps(x, set1(-87.0f));
+    const vec n = _mm512_roundscale_ps(_mm512_mul_ps(x, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_maskz_mov_ps(static_cast<__mmask16>(~under), _mm512_scalef_ps(exp_poly<V512>(x, n), n));
+  }
   template <class D> static void pair(const typename D::T* p, vec& lo, vec& hi) {
     if constexpr (std::is_same_v<D, F32>) {
       lo = _mm512_loadu_ps(p);
@@ -172,11 +200,27 @@ struct V256 {
   static vec load(const float* p) { return _mm256_loadu_ps(p); }
   static void store(float* p, vec v) { _mm256_storeu_ps(p, v); }
   static vec fma(vec a, vec b, vec c) { return _mm256_fmadd_ps(a, b, c); }
+  static vec mul(vec a, vec b) { return _mm256_mul_ps(a, b); }
   static float sum(vec a, vec b) {
     const __m256 s = _mm256_add_ps(a, b);
     __m128 h = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
     h = _mm_add_ps(h, _mm_movehl_ps(h, h));
     return _mm_cvtss_f32(_mm_add_ss(h, _mm_movehdup_ps(h)));
+  }
+  static float sum(vec a) { return sum(a, zero()); }
+  static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
+  static vec max(vec a, vec b) { return _mm256_max_ps(a, b); }
+  static float max(vec a) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    return _mm_cvtss_f32(_mm_max_ss(h, _mm_movehdup_ps(h)));
+  }
+  static vec exp_nonpositive(vec x) {
+    const vec under = _mm256_cmp_ps(x, set1(-87.0f), _CMP_LT_OQ);
+    x = _mm256_max_ps(x, set1(-87.0f));
+    const vec n = _mm256_round_ps(_mm256_mul_ps(x, set1(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i pow2n = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    return _mm256_andnot_ps(under, _mm256_mul_ps(exp_poly<V256>(x, n), _mm256_castsi256_ps(pow2n)));
   }
   template <class D> static void pair(const typename D::T* p, vec& lo, vec& hi) {
     if constexpr (std::is_same_v<D, F32>) {
@@ -743,6 +787,132 @@ template <class D> struct DenseRowsFn { template <class... A> static void run(A.
 // Threads split the (b, h, i) rows.
 enum MaskKind : int { kNoMask = 0, kBoolMask = 1, kAddMask = 2 };
 
+// One query row of decode_attention: its scores, softmax and weighted sum of values.
+struct AttentionRow {
+  const void* mask;
+  int mask_kind;
+  int64_t m_offset, m_stride, L, Dh;
+  float scale, softcap;
+  bool attended(int64_t l) const {
+    return mask_kind != kBoolMask || static_cast<const bool*>(mask)[m_offset + l * m_stride];
+  }
+  float add(int64_t l) const {
+    return mask_kind == kAddMask ? static_cast<const float*>(mask)[m_offset + l * m_stride] : 0.0f;
+  }
+  float cap(float dot) const { return softcap > 0.0f ? softcap * std::tanh(dot / softcap) : dot; }
+};
+
+template <class D>
+void attention_row_scalar(const AttentionRow& a, const typename D::T* qp, const typename D::T* k, const typename D::T* v,
+                          float* o) {
+  static thread_local std::vector<float> buffer;
+  buffer.assign(a.L + 2 * a.Dh, 0.0f);
+  float *s = buffer.data(), *qf = s + a.L, *acc = qf + a.Dh;  // (thread_local costs a call per use)
+  for (int64_t d = 0; d < a.Dh; ++d) qf[d] = D::get(qp + d) * a.scale;
+  float top = -INFINITY;
+  for (int64_t l = 0; l < a.L; ++l) {
+    if (!a.attended(l)) {
+      s[l] = -INFINITY;
+      continue;
+    }
+    float dot = 0.0f;
+    for (int64_t d = 0; d < a.Dh; ++d) dot += qf[d] * D::get(k + l * a.Dh + d);
+    s[l] = a.cap(dot) + a.add(l);
+    top = std::max(top, s[l]);
+  }
+  float total = 0.0f;
+  if (top != -INFINITY) {
+    for (int64_t l = 0; l < a.L; ++l) {
+      if (s[l] == -INFINITY) continue;
+      const float p = std::exp(s[l] - top);
+      total += p;
+      for (int64_t d = 0; d < a.Dh; ++d) acc[d] += p * D::get(v + l * a.Dh + d);
+    }
+  }
+  const float inv = total > 0.0f ? 1.0f / total : 0.0f;
+  for (int64_t d = 0; d < a.Dh; ++d) o[d] = acc[d] * inv;
+}
+
+// The vector path: q in block order (as dots_vec reads it), four keys' scores at a time, the
+// exponentials a vector of scores at a time, and the values' weighted sum one block of the head
+// dimension at a time, its accumulators in registers across the attended keys.
+template <class V, class D>
+void attention_row_vec(const AttentionRow& a, const typename D::T* qp, const typename D::T* k, const typename D::T* v,
+                       float* o) {
+  using T = typename D::T;
+  using vec = typename V::vec;
+  constexpr int L = V::lanes, W = 2 * L;
+  const int64_t padded = (a.Dh + W - 1) / W * W, n_scores = (a.L + L - 1) / L * L;
+  static thread_local std::vector<float> buffer;
+  static thread_local std::vector<int32_t> keys_buffer;
+  buffer.resize(n_scores + padded);
+  keys_buffer.resize(a.L);
+  float *s = buffer.data(), *qs = s + n_scores;  // (a thread_local costs a call per use)
+  int32_t* keys = keys_buffer.data();
+  std::fill(s, s + n_scores, -INFINITY);
+  std::fill(qs, qs + padded, 0.0f);
+  for (int64_t d = 0; d < a.Dh; ++d) qs[d / W * W + block_pos<D, L>(d % W)] = D::get(qp + d) * a.scale;
+  int64_t n_keys = 0;
+  for (int64_t l = 0; l < a.L; ++l)
+    if (a.attended(l)) keys[n_keys++] = static_cast<int32_t>(l);
+  int64_t j = 0;
+  float dot[4];
+  for (; j + 4 <= n_keys; j += 4) {
+    const T* kp[4];
+    for (int r = 0; r < 4; ++r) kp[r] = k + keys[j + r] * a.Dh;
+    dots_vec<V, D, 4, false>(kp, kp, qs, a.Dh, dot);
+    for (int r = 0; r < 4; ++r) s[keys[j + r]] = a.cap(dot[r]) + a.add(keys[j + r]);
+  }
+  for (; j < n_keys; ++j) {
+    const T* kp = k + keys[j] * a.Dh;
+    dots_vec<V, D, 1, false>(&kp, &kp, qs, a.Dh, dot);
+    s[keys[j]] = a.cap(dot[0]) + a.add(keys[j]);
+  }
+  vec top_v = V::set1(-INFINITY);
+  for (int64_t l = 0; l < n_scores; l += L) top_v = V::max(top_v, V::load(s + l));
+  const float top = V::max(top_v);
+  if (top == -INFINITY) {
+    std::fill(o, o + a.Dh, 0.0f);
+    return;
+  }
+  vec sum = V::zero();
+  for (int64_t l = 0; l < n_scores; l += L) {
+    const vec p = V::exp_nonpositive(V::add(V::load(s + l), V::set1(-top)));
+    V::store(s + l, p);
+    sum = V::add(sum, p);
+  }
+  const float inv = 1.0f / V::sum(sum);
+  for (int64_t d = 0; d < a.Dh; d += W) {
+    // two keys a step: four independent FMA chains
+    vec a0 = V::zero(), a1 = V::zero(), b0 = V::zero(), b1 = V::zero(), lo, hi;
+    const bool whole = d + W <= a.Dh;
+    auto load = [&](int64_t key, vec& x, vec& y) {
+      const T* vp = v + key * a.Dh + d;
+      if (whole) V::template pair<D>(vp, x, y); else pair_tail<V, D>(vp, a.Dh - d, x, y);
+    };
+    for (j = 0; j + 2 <= n_keys; j += 2) {
+      load(keys[j], lo, hi);
+      const vec p = V::set1(s[keys[j]]);
+      a0 = V::fma(p, lo, a0);
+      a1 = V::fma(p, hi, a1);
+      load(keys[j + 1], lo, hi);
+      const vec p2 = V::set1(s[keys[j + 1]]);
+      b0 = V::fma(p2, lo, b0);
+      b1 = V::fma(p2, hi, b1);
+    }
+    if (j < n_keys) {
+      load(keys[j], lo, hi);
+      const vec p = V::set1(s[keys[j]]);
+      a0 = V::fma(p, lo, a0);
+      a1 = V::fma(p, hi, a1);
+    }
+    float block[W];
+    V::store(block, V::add(a0, b0));
+    V::store(block + L, V::add(a1, b1));
+    for (int64_t e = d; e < std::min(d + W, a.Dh); ++e) o[e] = block[block_pos<D, L>(e - d)] * inv;
+  }
+}
+
 template <class D>
 void decode_attention(const void* qv, const void* kv, const void* vv, int64_t B, int64_t Hq, int64_t Hkv, int64_t Q,
                       int64_t L, int64_t Dh, const void* mask, int mask_kind, const int64_t* ms, float scale,
@@ -752,52 +922,31 @@ void decode_attention(const void* qv, const void* kv, const void* vv, int64_t B,
   const auto* k = static_cast<const T*>(kv);
   const auto* v = static_cast<const T*>(vv);
   const int64_t groups = Hq / Hkv, tasks = B * Hq * Q;
+  const int isa = current_isa();
   const int n = resolve_threads(threads);
   const int64_t chunks = n <= 1 ? 1 : std::min<int64_t>(tasks, 4 * n);
   pool().run(n, chunks, [&](int64_t c) {
     int64_t begin, end;
     split(tasks, c, chunks, 1, begin, end);
-    static thread_local std::vector<float> s, qf, acc;
-    s.resize(L);
-    qf.resize(Dh);
-    acc.resize(Dh);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b = t / (Hq * Q), h = t / Q % Hq, i = t % Q;
+      const AttentionRow row{mask, mask_kind, b * ms[0] + h * ms[1] + i * ms[2], ms[3], L, Dh, scale, softcap};
       const T* qp = q + ((b * Hq + h) * Q + i) * Dh;
-      for (int64_t d = 0; d < Dh; ++d) qf[d] = D::get(qp + d) * scale;
       const int64_t kv_offset = (b * Hkv + h / groups) * L * Dh;
-      const int64_t m_offset = b * ms[0] + h * ms[1] + i * ms[2];
-      float top = -INFINITY;
-      for (int64_t l = 0; l < L; ++l) {
-        float add = 0.0f;
-        if (mask_kind == kBoolMask && !static_cast<const bool*>(mask)[m_offset + l * ms[3]]) {
-          s[l] = -INFINITY;
-          continue;
-        }
-        if (mask_kind == kAddMask) add = static_cast<const float*>(mask)[m_offset + l * ms[3]];
-        const T* kp = k + kv_offset + l * Dh;
-        float dot = 0.0f;
-#pragma omp simd reduction(+ : dot)
-        for (int64_t d = 0; d < Dh; ++d) dot += qf[d] * D::get(kp + d);
-        if (softcap > 0.0f) dot = softcap * std::tanh(dot / softcap);
-        s[l] = dot + add;
-        top = std::max(top, s[l]);
-      }
       float* o = out + ((b * Q + i) * Hq + h) * Dh;
-      std::fill(acc.begin(), acc.end(), 0.0f);
-      float total = 0.0f;
-      if (top != -INFINITY) {
-        for (int64_t l = 0; l < L; ++l) {
-          if (s[l] == -INFINITY) continue;
-          const float p = std::exp(s[l] - top);
-          total += p;
-          const T* vp = v + kv_offset + l * Dh;
-#pragma omp simd
-          for (int64_t d = 0; d < Dh; ++d) acc[d] += p * D::get(vp + d);
-        }
+#ifdef ACTSPARSE_HAVE_AVX512
+      if (isa >= kAvx512) {
+        attention_row_vec<V512, D>(row, qp, k + kv_offset, v + kv_offset, o);
+        continue;
       }
-      const float inv = total > 0.0f ? 1.0f / total : 0.0f;
-      for (int64_t d = 0; d < Dh; ++d) o[d] = acc[d] * inv;
+#endif
+#ifdef ACTSPARSE_HAVE_AVX2
+      if (isa >= kAvx2) {
+        attention_row_vec<V256, D>(row, qp, k + kv_offset, v + kv_offset, o);
+        continue;
+      }
+#endif
+      attention_row_scalar<D>(row, qp, k + kv_offset, v + kv_offset, o);
     }
   });
 }

@@ -36,7 +36,7 @@ from ..errors import ActSparseError
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_kernels.cpp", HERE / "cpu_torch_ops.cpp")
 HEADER = HERE / "cpu_kernels.h"
-FLAGS = ("-O3", "-march=native", "-fopenmp-simd", "-shared", "-fPIC", "-std=c++20")  # torch's headers want C++20
+FLAGS = ("-O3", "-march=native", "-shared", "-fPIC", "-std=c++20")  # torch's headers want C++20
 _LIB: ctypes.CDLL | None = None
 
 _C = ctypes.c_int
