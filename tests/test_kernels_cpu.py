@@ -44,11 +44,12 @@ def test_input_sparse_matches_reference(batch, sparsity, shape):
 
 
 @pytest.mark.parametrize("complement", [False, True])
-def test_input_sparse_scale_bias_lowrank(complement):
+@pytest.mark.parametrize("batch", [1, 2])
+def test_input_sparse_scale_bias_lowrank(kernel_path, complement, batch):
     torch.manual_seed(1)
-    x, wt = torch.randn(2, 67), torch.randn(67, 45)
+    x, wt = torch.randn(batch, 67), torch.randn(67, 45)
     scale, bias = torch.rand(67) + 0.5, torch.randn(45)
-    lrb, lrz = torch.randn(45, 5), torch.randn(2, 5)
+    lrb, lrz = torch.randn(45, 5), torch.randn(batch, 5)
     t = _threshold(x, 0.5)
     y = ops.input_sparse_linear(x, wt, t, scale, bias, lrb, lrz, complement, 0.5)
     ref = _reference(x, wt, t, scale, bias, complement) + lrz.double() @ lrb.double().T

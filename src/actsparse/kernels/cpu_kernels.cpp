@@ -389,13 +389,39 @@ inline void split(int64_t total, int64_t i, int64_t n, int64_t align, int64_t& b
 
 inline bool keep(float score, float t, bool complement) { return complement ? score <= t : score > t; }
 
+#ifdef ACTSPARSE_HAVE_AVX512
+// compact for one token: sixteen scores a compare, the kept rows and values packed by a register
+// compress (vpcompressd to memory is microcoded on some CPUs); writes up to 16 entries past the
+// last kept one.
+int64_t compact_one_avx512(const float* x, int64_t K, const float* scale, float t, bool complement, int32_t* rows,
+                           float* xk) {
+  const __m512 tv = _mm512_set1_ps(t);
+  const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  int64_t n = 0;
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 valid = K - k >= 16 ? static_cast<__mmask16>(0xffff) : static_cast<__mmask16>((1u << (K - k)) - 1);
+    const __m512 v = _mm512_maskz_loadu_ps(valid, x + k);
+    __m512 score = _mm512_abs_ps(v);
+    if (scale) score = _mm512_mul_ps(score, _mm512_maskz_loadu_ps(valid, scale + k));
+    const __mmask16 kept = valid & (complement ? _mm512_cmp_ps_mask(score, tv, _CMP_LE_OQ)
+                                               : _mm512_cmp_ps_mask(score, tv, _CMP_GT_OQ));
+    const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(k)), iota);
+    _mm512_storeu_si512(rows + n, _mm512_maskz_compress_epi32(kept, index));
+    _mm512_storeu_ps(xk + n, _mm512_maskz_compress_ps(kept, v));
+    n += __builtin_popcount(kept);
+  }
+  return n;
+}
+#endif
+
 // Kept rows (union over the batch) and the kept inputs, row by row: xk[j * B + b]. With no
 // threshold every row is kept.
-int64_t compact(const float* x, int64_t B, int64_t K, const float* scale, const float* threshold, bool complement,
-                std::vector<int32_t>& rows, std::vector<float>& xk) {
-  rows.resize(K);
-  xk.resize(K * B);
-  int64_t n = 0;
+int64_t compact(int isa, const float* x, int64_t B, int64_t K, const float* scale, const float* threshold,
+                bool complement, std::vector<int32_t>& rows_buffer, std::vector<float>& xk_buffer) {
+  rows_buffer.resize(K + 16);  // room for compact_one_avx512's overrun
+  xk_buffer.resize(K * B + 16);
+  int32_t* rows = rows_buffer.data();
+  float* xk = xk_buffer.data();
   if (!threshold) {
     for (int64_t k = 0; k < K; ++k) {
       rows[k] = static_cast<int32_t>(k);
@@ -404,16 +430,21 @@ int64_t compact(const float* x, int64_t B, int64_t K, const float* scale, const 
     return K;
   }
   const float t = *threshold;
-  for (int64_t k = 0; k < K; ++k) {
+#ifdef ACTSPARSE_HAVE_AVX512
+  if (B == 1 && isa >= kAvx512) return compact_one_avx512(x, K, scale, t, complement, rows, xk);
+#endif
+  int64_t n = 0;
+  for (int64_t k = 0; k < K; ++k) {  // branch-free: a kept row is written and then counted
     bool any = false;
     for (int64_t b = 0; b < B; ++b) {
-      float v = x[b * K + k];
-      float score = scale ? std::fabs(v) * scale[k] : std::fabs(v);
-      bool kb = keep(score, t, complement);
+      const float v = x[b * K + k];
+      const float score = scale ? std::fabs(v) * scale[k] : std::fabs(v);
+      const bool kb = keep(score, t, complement);
       xk[n * B + b] = kb ? v : 0.0f;
       any |= kb;
     }
-    if (any) rows[n++] = static_cast<int32_t>(k);
+    rows[n] = static_cast<int32_t>(k);
+    n += any;
   }
   return n;
 }
@@ -537,8 +568,8 @@ void input_sparse(const float* x, int64_t B, int64_t K, const float* scale, cons
                   const void* wt, int64_t N, const float* bias, float* y, int threads) {
   static thread_local std::vector<int32_t> rows;
   static thread_local std::vector<float> xk;
-  const int64_t n_rows = compact(x, B, K, scale, threshold, complement, rows, xk);
   const int isa = current_isa();
+  const int64_t n_rows = compact(isa, x, B, K, scale, threshold, complement, rows, xk);
   const auto* w = static_cast<const typename D::T*>(wt);
   const int n = resolve_threads(threads);
   const int32_t* r = rows.data();
@@ -619,13 +650,14 @@ const float* to_block_order(int isa, const float* x, int64_t B, int64_t K, int64
   stride = K;
   if (isa == kScalar) return x;
   const int W = isa >= kAvx512 ? 32 : 16, L = W / 2;
-  static thread_local std::vector<float> xs;
+  static thread_local std::vector<float> buffer;
   stride = (K + W - 1) / W * W;
-  xs.assign(B * stride, 0.0f);
+  buffer.assign(B * stride, 0.0f);
+  float* xs = buffer.data();  // (a thread_local costs a call per use)
   for (int64_t b = 0; b < B; ++b)
     for (int64_t d = 0; d < K; ++d)
       xs[b * stride + d / W * W + (L == 16 ? block_pos<D, 16>(d % W) : block_pos<D, 8>(d % W))] = x[b * K + d];
-  return xs.data();
+  return xs;
 }
 
 // Rows are read four at a time, and the rows two groups ahead prefetched alongside (a group's
@@ -687,9 +719,10 @@ void dots_one_row(int isa, const typename D::T* row, const float* xs, int64_t st
 template <class D>
 void output_sparse_rows(const float* x, const float* a, int64_t B, int64_t J, int64_t Dn, const float* threshold,
                         const void* wv, float* m, int threads) {
-  static thread_local std::vector<int32_t> rows;
+  static thread_local std::vector<int32_t> rows_buffer;
   const float t = *threshold;
-  rows.resize(J);
+  rows_buffer.resize(J);
+  int32_t* rows = rows_buffer.data();  // (a thread_local costs a call per use)
   int64_t n_rows = 0;
   for (int64_t j = 0; j < J; ++j) {
     bool any = false;
@@ -703,7 +736,7 @@ void output_sparse_rows(const float* x, const float* a, int64_t B, int64_t J, in
   int64_t stride;
   const float* xs = to_block_order<D>(isa, x, B, Dn, stride);
   const auto* w = static_cast<const typename D::T*>(wv);
-  const int32_t* r = rows.data();
+  const int32_t* r = rows;
   const int n = resolve_threads(threads);
   const int64_t chunks = chunks_for(n_rows, n, 64);
   pool().run(n, chunks, [&](int64_t i) {
