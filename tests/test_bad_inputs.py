@@ -429,10 +429,16 @@ def test_ctrl_c_while_training_saves_a_checkpoint_that_resumes(world, tmp_path):
 
     train_dir = tmp_path / "out.train"
     env = {**os.environ, "PYTHONPATH": str(SRC), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "actsparse.cli", "train", str(world / "model"), "--data",
-                             str(world / "calib.jsonl"), "--steps", "100000", "--seq-len", "16", "--batch-size", "1",
-                             "--log-every", "1", "--device", "cpu", "-o", str(tmp_path / "out")],
-                            stderr=subprocess.PIPE, env=env)
+    # A child inherits an ignored SIGINT (and Python then keeps ignoring it); inside the full suite
+    # the test process ignores it, so the child is started with Python's own handler in place.
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        proc = subprocess.Popen([sys.executable, "-m", "actsparse.cli", "train", str(world / "model"), "--data",
+                                 str(world / "calib.jsonl"), "--steps", "100000", "--seq-len", "16", "--batch-size",
+                                 "1", "--log-every", "1", "--device", "cpu", "-o", str(tmp_path / "out")],
+                                stderr=subprocess.PIPE, env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
     try:
         deadline = time.time() + 120
         log = train_dir / "train_log.csv"
