@@ -241,16 +241,16 @@ def test_cpu_ops_on_tensors_that_require_grad_run_and_refuse_backward():
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("act", sorted(ops.ACTIVATIONS))
-@pytest.mark.parametrize("group", [1, 8])
+@pytest.mark.parametrize("group", [1, 8, 16, 32])  # the vector epilogue takes groups of whole vectors
 def test_input_sparse_gated_matches_reference(kernel_path, dtype, act, group):
     torch.manual_seed(11)
-    x, wt = torch.randn(3, 96).to(dtype), torch.randn(96, 2 * 40).to(dtype)
-    bias = torch.randn(80)
+    x, wt = torch.randn(3, 96).to(dtype), torch.randn(96, 2 * 64).to(dtype)
+    bias = torch.randn(128) * 30  # gate values far into both tails of the activation
     t = _threshold(x.float(), 0.5)
     m = ops.input_sparse_gated(x, wt, t, None, bias, group, act, 0.5)
     gu = _reference(x.float(), wt.float(), t, bias=bias).float()
-    pairs = gu.reshape(3, 40 // group, 2, group)
-    ref = ops.ACTIVATIONS[act](pairs[:, :, 0].reshape(3, 40)) * pairs[:, :, 1].reshape(3, 40)
+    pairs = gu.reshape(3, 64 // group, 2, group)
+    ref = ops.ACTIVATIONS[act](pairs[:, :, 0].reshape(3, 64)) * pairs[:, :, 1].reshape(3, 64)
     assert m.dtype == dtype
     assert _rel(m, ref.double()) < (1e-5 if dtype == torch.float32 else 1e-2)
     with pytest.raises(RuntimeError, match="act must be one of gelu, gelu_tanh, relu, silu, got tanh"):

@@ -166,6 +166,11 @@ struct V512 {
   static float sum(vec a) { return _mm512_reduce_add_ps(a); }
   static vec add(vec a, vec b) { return _mm512_add_ps(a, b); }
   static vec max(vec a, vec b) { return _mm512_max_ps(a, b); }
+  static vec div(vec a, vec b) { return _mm512_div_ps(a, b); }
+  static vec abs(vec a) { return _mm512_abs_ps(a); }
+  static vec where_nonnegative(vec g, vec a, vec b) {  // a where g >= 0, else b
+    return _mm512_mask_blend_ps(_mm512_cmp_ps_mask(g, zero(), _CMP_GE_OQ), b, a);
+  }
   static float max(vec a) { return _mm512_reduce_max_ps(a); }
   // e^x for x <= 0 (see exp_poly); 0 below -87, where e^x leaves the normal floats.
   static vec exp_nonpositive(vec x) {
@@ -210,6 +215,11 @@ struct V256 {
   static float sum(vec a) { return sum(a, zero()); }
   static vec add(vec a, vec b) { return _mm256_add_ps(a, b); }
   static vec max(vec a, vec b) { return _mm256_max_ps(a, b); }
+  static vec div(vec a, vec b) { return _mm256_div_ps(a, b); }
+  static vec abs(vec a) { return _mm256_andnot_ps(_mm256_set1_ps(-0.0f), a); }
+  static vec where_nonnegative(vec g, vec a, vec b) {
+    return _mm256_blendv_ps(a, b, _mm256_cmp_ps(g, zero(), _CMP_LT_OQ));
+  }
   static float max(vec a) {
     __m128 h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     h = _mm_max_ps(h, _mm_movehl_ps(h, h));
@@ -1055,6 +1065,68 @@ struct Output {
   }
 };
 
+// ---------------------------------------------------------------- act(gate) * up
+
+enum Activation : int { kSilu = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3 };
+
+float activation_scalar(int act, float g) {
+  switch (act) {
+    case kSilu: return g / (1.0f + std::exp(-g));
+    case kRelu: return g > 0.0f ? g : 0.0f;
+    case kGelu: return 0.5f * g * (1.0f + std::erf(g * 0.70710678118654752f));
+    default: break;
+  }
+  constexpr float kC = 0.7978845608028654f;  // sqrt(2 / pi)
+  return 0.5f * g * (1.0f + std::tanh(kC * (g + 0.044715f * g * g * g)));
+}
+
+// silu(g) = g * sigmoid(g), the sigmoid from e^-|g| (which cannot overflow); relu = max(g, 0)
+// (0 for NaN, as the scalar path).
+template <class V>
+inline typename V::vec activation_vec(int act, typename V::vec g) {
+  if (act == kRelu) return V::max(g, V::zero());
+  const typename V::vec e = V::exp_nonpositive(V::mul(V::abs(g), V::set1(-1.0f)));
+  const typename V::vec inv = V::div(V::set1(1.0f), V::add(V::set1(1.0f), e));
+  return V::mul(g, V::where_nonnegative(g, inv, V::mul(e, inv)));
+}
+
+inline void store_activations(const float* v, int64_t n, void* out, int64_t offset, int dtype) {
+  if (dtype == kF32) {
+    std::memcpy(static_cast<float*>(out) + offset, v, n * sizeof(float));
+    return;
+  }
+  auto* h = static_cast<uint16_t*>(out) + offset;
+  for (int64_t i = 0; i < n; ++i) h[i] = dtype == kBF16 ? f32_to_bf16(v[i]) : f32_to_f16(v[i]);
+}
+
+// m[b, c] = act(gate) * up over the columns of gu [B, n], gate and up interleaved in groups of
+// `group` (gate columns of a group, then its up columns); m is [B, n / 2] of dtype `dtype`.
+// The vector path takes silu and relu over groups of whole vectors; the rest runs scalar.
+template <class V>
+void gate_times_up_vec(int act, const float* gu, int64_t B, int64_t n, int64_t group, void* out, int dtype) {
+  constexpr int L = V::lanes;
+  const int64_t j = n / 2;
+  float block[L];
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c0 = 0; c0 < j; c0 += group) {
+      const float* gate = gu + b * n + c0 * 2;
+      for (int64_t i = 0; i < group; i += L) {
+        V::store(block, V::mul(activation_vec<V>(act, V::load(gate + i)), V::load(gate + group + i)));
+        store_activations(block, L, out, b * j + c0 + i, dtype);
+      }
+    }
+}
+
+void gate_times_up_scalar(int act, const float* gu, int64_t B, int64_t n, int64_t group, void* out, int dtype) {
+  const int64_t j = n / 2;
+  for (int64_t b = 0; b < B; ++b)
+    for (int64_t c = 0; c < j; ++c) {
+      const int64_t gate = b * n + c / group * 2 * group + c % group;
+      const float m = activation_scalar(act, gu[gate]) * gu[gate + group];
+      store_activations(&m, 1, out, b * j + c, dtype);
+    }
+}
+
 }  // namespace
 
 extern "C" {
@@ -1123,6 +1195,29 @@ int actsparse_dense_rows(const void* x, int64_t B, int64_t D, const void* w, int
   const int rc = by_dtype<DenseRowsFn>(w_dtype, in.data, B, D, w, J, bias, out.data, threads);
   out.finish();
   return rc;
+}
+
+// act(gate) * up (see gate_times_up_vec) from the fp32 product gu [B, n] into m [B, n / 2] of
+// dtype `dtype`; act 0 silu, 1 relu, 2 gelu (erf), 3 gelu (tanh). Returns 0, or -1 for an
+// unknown dtype or activation or a group that does not divide n / 2.
+int actsparse_gate_times_up(const float* gu, int64_t B, int64_t n, int64_t group, int act, void* m, int dtype) {
+  if (!known_dtype(dtype) || act < kSilu || act > kGeluTanh || group < 1 || n % 2 || (n / 2) % group) return -1;
+  const int isa = current_isa();
+  const bool vector_act = act == kSilu || act == kRelu;
+#ifdef ACTSPARSE_HAVE_AVX512
+  if (isa >= kAvx512 && vector_act && group % V512::lanes == 0) {
+    gate_times_up_vec<V512>(act, gu, B, n, group, m, dtype);
+    return 0;
+  }
+#endif
+#ifdef ACTSPARSE_HAVE_AVX2
+  if (isa >= kAvx2 && vector_act && group % V256::lanes == 0) {
+    gate_times_up_vec<V256>(act, gu, B, n, group, m, dtype);
+    return 0;
+  }
+#endif
+  gate_times_up_scalar(act, gu, B, n, group, m, dtype);
+  return 0;
 }
 
 // Decode attention (see decode_attention above) over q, k, v of dtype `dtype`, out [B, Q, Hq, D]

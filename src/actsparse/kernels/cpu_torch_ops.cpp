@@ -11,7 +11,6 @@
 #include <torch/csrc/autograd/autograd_not_implemented_fallback.h>
 #include <torch/library.h>
 
-#include <cmath>
 #include <memory>
 #include <optional>
 #include <string>
@@ -77,44 +76,19 @@ at::Tensor input_sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, 
   return y;
 }
 
-enum class Act { kSilu, kRelu, kGelu, kGeluTanh };
-
-Act activation_of(const std::string& act) {
-  if (act == "silu") return Act::kSilu;
-  if (act == "relu") return Act::kRelu;
-  if (act == "gelu") return Act::kGelu;
+// The activation codes of actsparse_gate_times_up.
+int activation_of(const std::string& act) {
+  if (act == "silu") return 0;
+  if (act == "relu") return 1;
+  if (act == "gelu") return 2;
   TORCH_CHECK(act == "gelu_tanh", "input_sparse_gated: act must be one of gelu, gelu_tanh, relu, silu, got ", act);
-  return Act::kGeluTanh;
-}
-
-float activation(Act act, float g) {
-  switch (act) {
-    case Act::kSilu: return g / (1.0f + std::exp(-g));
-    case Act::kRelu: return g > 0.0f ? g : 0.0f;
-    case Act::kGelu: return 0.5f * g * (1.0f + std::erf(g * static_cast<float>(M_SQRT1_2)));
-    case Act::kGeluTanh: break;
-  }
-  constexpr float kC = 0.7978845608028654f;  // sqrt(2 / pi)
-  return 0.5f * g * (1.0f + std::tanh(kC * (g + 0.044715f * g * g * g)));
-}
-
-// act(gate) * up over gate/up columns interleaved in groups of `group`, computed in fp32 from the
-// fp32 product (the kernel reads x in its own dtype and leaves the product in fp32) and rounded
-// once to the activations' dtype, with no dtype conversion ops around the kernel.
-template <class T>
-void gate_times_up(Act act, const float* gu, int64_t batch, int64_t n, int64_t group, T* out) {
-  const int64_t j = n / 2;
-  for (int64_t row = 0; row < batch; ++row)
-    for (int64_t c = 0; c < j; ++c) {
-      const int64_t gate = row * n + c / group * 2 * group + c % group;
-      out[row * j + c] = static_cast<T>(activation(act, gu[gate]) * gu[gate + group]);
-    }
+  return 3;
 }
 
 at::Tensor input_sparse_gated(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& threshold,
                               const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
                               int64_t group, c10::string_view act_view, double) {
-  const Act act = activation_of(std::string(act_view));
+  const int act = activation_of(std::string(act_view));
   const int wd = dtype_code(weight_t, "weight_t"), xd = dtype_code(x, "x");
   matrix(x, "x");
   matrix(weight_t, "weight_t");
@@ -128,11 +102,9 @@ at::Tensor input_sparse_gated(const at::Tensor& x, const at::Tensor& weight_t, c
                                      gu.data(), xd, 0, actsparse_cpu_threads()),
            "input_sparse_gated");
   at::Tensor m = at::empty({batch, j}, x.options());
-  switch (x.scalar_type()) {
-    case at::kFloat: gate_times_up(act, gu.data(), batch, n, group, m.data_ptr<float>()); break;
-    case at::kBFloat16: gate_times_up(act, gu.data(), batch, n, group, m.data_ptr<c10::BFloat16>()); break;
-    default: gate_times_up(act, gu.data(), batch, n, group, m.data_ptr<c10::Half>()); break;
-  }
+  // act(gate) * up from the fp32 product, rounded once to the activations' dtype (no conversion
+  // ops around the kernel)
+  check_rc(actsparse_gate_times_up(gu.data(), batch, n, group, act, m.data_ptr(), xd), "input_sparse_gated");
   return m;
 }
 
