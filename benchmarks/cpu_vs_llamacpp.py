@@ -137,12 +137,11 @@ def actsparse_worker(dtype_name: str, threads: int, levels: list[float], tokens:
         except ActSparseError as e:
             errors[str(s)] = str(e)
     print(json.dumps({"dtype": dtype_name, "threads": threads, "kernel_path": cpu_ops.isa(), "errors": errors}), flush=True)
+    answers = {"round": lambda e: e.generate(prompt, tokens).tokens_per_s,
+               "profile": lambda e: cpu_step_profile(e, prompt, steps=min(16, tokens - 1))}
     for command in sys.stdin:
-        if command.strip() == "round":
-            reply = {k: e.generate(prompt, tokens).tokens_per_s for k, e in engines.items()}
-        else:
-            reply = {k: cpu_step_profile(e, prompt, steps=min(16, tokens - 1)) for k, e in engines.items()}
-        print(json.dumps(reply), flush=True)
+        answer = answers[command.strip()]
+        print(json.dumps({k: answer(e) for k, e in engines.items()}), flush=True)
 
 
 def summary(samples: list[float]) -> dict:

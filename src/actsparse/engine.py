@@ -65,8 +65,9 @@ class DecodeEngine:
         step gain 1-3%, benchmarks/results/gpu_matrix/gpu_matrix_h200_2026-11-24_run20.json);
         on the CPU ``CPU_INDUCTOR_OPTIONS``: the step's ~250 kernel and op calls made from a
         C++ wrapper instead of Python (SmolLM2 bf16 TEAL 50%, one thread: 82.1 tok/s before, 91.3
-        after, BENCHMARKS.md's CPU-against-llama.cpp runs), at the price of a longer first compile
-        (Inductor caches it on disk for later processes). ``{}`` compiles the Python wrapper.
+        after, the runs of 01:28 and 03:53 in BENCHMARKS_HISTORY.md), at the price of a longer
+        first compile (Inductor caches it on disk for later processes). ``{}`` compiles the
+        Python wrapper.
         `dependent_launch`: compile the step's Inductor kernels for programmatic dependent launch
         (each kernel's launch overlaps the previous one's tail; Inductor's `triton.enable_pdl`);
         None: on for CUDA GPUs of compute capability 9.0 and later. actsparse's own kernels

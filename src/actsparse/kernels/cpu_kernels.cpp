@@ -926,32 +926,18 @@ void attention_row_vec(const AttentionRow& a, const typename D::T* qp, const typ
   }
   const float inv = 1.0f / V::sum(sum);
   for (int64_t d = 0; d < a.Dh; d += W) {
-    // two keys a step: four independent FMA chains
-    vec a0 = V::zero(), a1 = V::zero(), b0 = V::zero(), b1 = V::zero(), lo, hi;
+    vec acc0 = V::zero(), acc1 = V::zero(), lo, hi;
     const bool whole = d + W <= a.Dh;
-    auto load = [&](int64_t key, vec& x, vec& y) {
-      const T* vp = v + key * a.Dh + d;
-      if (whole) V::template pair<D>(vp, x, y); else pair_tail<V, D>(vp, a.Dh - d, x, y);
-    };
-    for (j = 0; j + 2 <= n_keys; j += 2) {
-      load(keys[j], lo, hi);
+    for (j = 0; j < n_keys; ++j) {
+      const T* vp = v + keys[j] * a.Dh + d;
+      if (whole) V::template pair<D>(vp, lo, hi); else pair_tail<V, D>(vp, a.Dh - d, lo, hi);
       const vec p = V::set1(s[keys[j]]);
-      a0 = V::fma(p, lo, a0);
-      a1 = V::fma(p, hi, a1);
-      load(keys[j + 1], lo, hi);
-      const vec p2 = V::set1(s[keys[j + 1]]);
-      b0 = V::fma(p2, lo, b0);
-      b1 = V::fma(p2, hi, b1);
-    }
-    if (j < n_keys) {
-      load(keys[j], lo, hi);
-      const vec p = V::set1(s[keys[j]]);
-      a0 = V::fma(p, lo, a0);
-      a1 = V::fma(p, hi, a1);
+      acc0 = V::fma(p, lo, acc0);
+      acc1 = V::fma(p, hi, acc1);
     }
     float block[W];
-    V::store(block, V::add(a0, b0));
-    V::store(block + L, V::add(a1, b1));
+    V::store(block, acc0);
+    V::store(block + L, acc1);
     for (int64_t e = d; e < std::min(d + W, a.Dh); ++e) o[e] = block[block_pos<D, L>(e - d)] * inv;
   }
 }
@@ -1042,6 +1028,16 @@ struct Activations {
   }
 };
 
+// fp32 values v[0, n) into out[offset, offset + n) of dtype `dtype` (rounded to nearest even).
+inline void store_activations(const float* v, int64_t n, void* out, int64_t offset, int dtype) {
+  if (dtype == kF32) {
+    std::memcpy(static_cast<float*>(out) + offset, v, n * sizeof(float));
+    return;
+  }
+  auto* h = static_cast<uint16_t*>(out) + offset;
+  for (int64_t i = 0; i < n; ++i) h[i] = dtype == kBF16 ? f32_to_bf16(v[i]) : f32_to_f16(v[i]);
+}
+
 // Where a kernel writes its fp32 output: the output itself, or (bf16 / f16) a buffer that
 // `finish` rounds into it.
 struct Output {
@@ -1059,15 +1055,14 @@ struct Output {
     }
   }
   void finish() const {
-    if (dtype == kF32) return;
-    auto* h = static_cast<uint16_t*>(target);
-    for (int64_t i = 0; i < n; ++i) h[i] = dtype == kBF16 ? f32_to_bf16(data[i]) : f32_to_f16(data[i]);
+    if (dtype != kF32) store_activations(data, n, target, 0, dtype);
   }
 };
 
 // ---------------------------------------------------------------- act(gate) * up
 
-enum Activation : int { kSilu = 0, kRelu = 1, kGelu = 2, kGeluTanh = 3 };
+constexpr int kSilu = ACTSPARSE_ACT_SILU, kRelu = ACTSPARSE_ACT_RELU, kGelu = ACTSPARSE_ACT_GELU,
+              kGeluTanh = ACTSPARSE_ACT_GELU_TANH;
 
 float activation_scalar(int act, float g) {
   switch (act) {
@@ -1088,15 +1083,6 @@ inline typename V::vec activation_vec(int act, typename V::vec g) {
   const typename V::vec e = V::exp_nonpositive(V::mul(V::abs(g), V::set1(-1.0f)));
   const typename V::vec inv = V::div(V::set1(1.0f), V::add(V::set1(1.0f), e));
   return V::mul(g, V::where_nonnegative(g, inv, V::mul(e, inv)));
-}
-
-inline void store_activations(const float* v, int64_t n, void* out, int64_t offset, int dtype) {
-  if (dtype == kF32) {
-    std::memcpy(static_cast<float*>(out) + offset, v, n * sizeof(float));
-    return;
-  }
-  auto* h = static_cast<uint16_t*>(out) + offset;
-  for (int64_t i = 0; i < n; ++i) h[i] = dtype == kBF16 ? f32_to_bf16(v[i]) : f32_to_f16(v[i]);
 }
 
 // m[b, c] = act(gate) * up over the columns of gu [B, n], gate and up interleaved in groups of
@@ -1198,7 +1184,7 @@ int actsparse_dense_rows(const void* x, int64_t B, int64_t D, const void* w, int
 }
 
 // act(gate) * up (see gate_times_up_vec) from the fp32 product gu [B, n] into m [B, n / 2] of
-// dtype `dtype`; act 0 silu, 1 relu, 2 gelu (erf), 3 gelu (tanh). Returns 0, or -1 for an
+// dtype `dtype`; act one of cpu_kernels.h's ACTSPARSE_ACT_ codes. Returns 0, or -1 for an
 // unknown dtype or activation or a group that does not divide n / 2.
 int actsparse_gate_times_up(const float* gu, int64_t B, int64_t n, int64_t group, int act, void* m, int dtype) {
   if (!known_dtype(dtype) || act < kSilu || act > kGeluTanh || group < 1 || n % 2 || (n / 2) % group) return -1;

@@ -3,6 +3,9 @@
 #pragma once
 #include <cstdint>
 
+// The activations of actsparse_gate_times_up.
+enum { ACTSPARSE_ACT_SILU = 0, ACTSPARSE_ACT_RELU = 1, ACTSPARSE_ACT_GELU = 2, ACTSPARSE_ACT_GELU_TANH = 3 };
+
 extern "C" {
 int actsparse_cpu_isa(void);
 int actsparse_cpu_set_isa(int isa);

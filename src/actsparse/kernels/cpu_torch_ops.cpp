@@ -76,13 +76,12 @@ at::Tensor input_sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, 
   return y;
 }
 
-// The activation codes of actsparse_gate_times_up.
 int activation_of(const std::string& act) {
-  if (act == "silu") return 0;
-  if (act == "relu") return 1;
-  if (act == "gelu") return 2;
+  if (act == "silu") return ACTSPARSE_ACT_SILU;
+  if (act == "relu") return ACTSPARSE_ACT_RELU;
+  if (act == "gelu") return ACTSPARSE_ACT_GELU;
   TORCH_CHECK(act == "gelu_tanh", "input_sparse_gated: act must be one of gelu, gelu_tanh, relu, silu, got ", act);
-  return 3;
+  return ACTSPARSE_ACT_GELU_TANH;
 }
 
 at::Tensor input_sparse_gated(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& threshold,
