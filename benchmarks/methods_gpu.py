@@ -23,6 +23,7 @@ import gc
 import json
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -166,6 +167,7 @@ def main() -> int:
         try:
             row = one_run(dtype, device, text, dense, args)
         except Exception as e:  # one failing method must not lose the others' figures
+            traceback.print_exc()
             row = {"run": text, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
         results["runs"].append(row)
         print(f"[{time.perf_counter() - started:6.1f}s] {json.dumps(row)}", file=sys.stderr, flush=True)

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import actsparse
+from actsparse import engine as engine_module
 from actsparse.engine import DecodeEngine
 from actsparse.errors import ActSparseError
 from actsparse.runtime import use_kernels
@@ -217,8 +218,19 @@ def test_bench_refuses_a_shape_the_device_cannot_hold_before_building_it(monkeyp
     assert time.perf_counter() - started < 5
 
 
-def test_compiled_cpu_step_follows_the_model_after_invalidate():
-    """The compiled CPU step runs without guard evaluation: `invalidate` compiles it again."""
+@pytest.fixture(params=[True, False], ids=["own-cache", "shared-cache"])
+def compile_isolation(request, monkeypatch):
+    """Both ways the engine compiles: its own cache without guards (torch >= 2.13), and the shared
+    cache with guards (older torch, as on the lent GPU)."""
+    if request.param and not engine_module._COMPILE_ISOLATES:
+        pytest.skip("this torch has no isolate_recompiles")
+    monkeypatch.setattr(engine_module, "_COMPILE_ISOLATES", request.param)
+    return request.param
+
+
+def test_compiled_cpu_step_follows_the_model_after_invalidate(compile_isolation):
+    """The compiled CPU step runs without guard evaluation: `invalidate` compiles it again (with
+    guards, the changed model fails them and the step compiles again)."""
     model = tiny_model("llama")
     prompt = random_tokens(1, 5, seed=3)
     engine = DecodeEngine(model, max_len=24, compile="eager")
@@ -230,7 +242,7 @@ def test_compiled_cpu_step_follows_the_model_after_invalidate():
     assert not torch.equal(sparse, dense)
 
 
-def test_compiled_engines_side_by_side_each_run_their_own_model():
+def test_compiled_engines_side_by_side_each_run_their_own_model(compile_isolation):
     """Each engine compiles its own copy of the step, so engines of several models in one process
     (as `bench` makes) never run each other's compiled code."""
     models = [tiny_model("llama"), tiny_model("llama")]

@@ -13,6 +13,7 @@ dense and sparse timings compare like with like.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -25,6 +26,8 @@ from .kernels import tuning
 
 ATTENTION_DEVICES = ("cuda", "cpu")  # the device types with a decode attention kernel
 CPU_INDUCTOR_OPTIONS = {"cpp_wrapper": True}  # the compiled CPU step's default (see DecodeEngine)
+# torch.compile's own cache per engine (torch >= 2.13); only then may a CPU step drop its guards
+_COMPILE_ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 
 
 @dataclass
@@ -114,7 +117,7 @@ class DecodeEngine:
         # Without a CUDA graph (the CPU) the compiled step keeps no guards: SmolLM2's ~5,000 took
         # 1.4-2 ms a step under the profiler ("TorchDynamo Cache Lookup"). So the step is what was compiled (as a graph is what was captured): `invalidate`
         # compiles it again.
-        self._unguarded = bool(self.compile) and not self.cuda_graph
+        self._unguarded = bool(self.compile) and not self.cuda_graph and _COMPILE_ISOLATES
         self._next = self._compiled_step() if self.compile else self._next_token
         self._graph: torch.cuda.CUDAGraph | None = None
         self._warm = False
@@ -124,6 +127,9 @@ class DecodeEngine:
         """The step compiled for this engine alone (`isolate_recompiles`: engines of other models in
         the process never share its entries), without guards on the CPU."""
         options = dict(self._compile_options["options"] or {})
+        if not _COMPILE_ISOLATES:  # torch < 2.13: engines share entries, told apart by their guards
+            return torch.compile(self._next_token, backend=self._compile_options["backend"], dynamic=False,
+                                 options=options)
         if self._unguarded:
             options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
         return torch.compile(self._next_token, backend=self._compile_options["backend"], dynamic=False,
