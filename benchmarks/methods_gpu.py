@@ -30,6 +30,7 @@ import torch
 
 from actsparse.config import make_config
 from actsparse.engine import DecodeEngine
+from actsparse.kernels import tuning
 from actsparse.speed import (
     SHAPES, environment, ideal_speedup, measured_sparsity, random_calibration, random_model, read_bytes, rotation_reads,
     step_profile, timed_decode,
@@ -121,6 +122,10 @@ def one_run(dtype, device, text: str, dense: dict, args) -> dict:
     result["fraction_of_ideal"] = result["speedup"] / ideal
     if steps:
         result["step_profile"] = steps
+    selections = {str(key): {"chosen": str(tuning.tuned().get(key)), "us": {str(c): t * 1e6 for c, t in times}}
+                  for key, times in tuning.timings().items() if key[0] == "topk"}
+    if selections:  # each top-K selection's candidates, timed alone (LaRoSA, selection="topk")
+        result["topk_timings"] = selections
     del model
     gc.collect()
     if device.type == "cuda":

@@ -442,3 +442,27 @@ def topk_keep_kernel(x_ptr, scale_ptr, out_ptr, D, K, stride_x, stride_o,
             keep = (bits > kth) | (equal & (seen + tl.cumsum(equal.to(tl.int32), 0) <= room))
             seen += tl.sum(equal.to(tl.int32), 0)
         tl.store(o_row + idx, tl.where(keep, xv, tl.zeros_like(xv)), mask=ok)
+
+
+@triton.jit
+def topk_bisect_kernel(x_ptr, scale_ptr, out_ptr, D, K, stride_x, stride_o,
+                       HAS_SCALE: tl.constexpr, LOW: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+    """`topk_keep_kernel`'s output with the whole row held in registers (BLOCK >= D): the K-th
+    largest score's bits are found one bit a pass, from the top (keep a bit where at least K scores
+    are at or above the prefix with it set), each pass a compare and a count per score instead of a
+    32-bin histogram; ties at the K-th score are kept lowest index first by one running count."""
+    if PDL:
+        wait_for_producer()
+    row = tl.program_id(0)
+    idx = tl.arange(0, BLOCK)
+    ok = idx < D
+    xv, bits = _score_bits(x_ptr + row.to(tl.int64) * stride_x, scale_ptr, idx, ok, HAS_SCALE)
+    bits = tl.where(ok, bits, -1)  # below every candidate: the padding is never counted
+    kth = K * 0
+    for p in tl.static_range(31 - LOW):
+        candidate = kth | (1 << (30 - p))
+        kth = tl.where(tl.sum((bits >= candidate).to(tl.int32), 0) >= K, candidate, kth)
+    room = K - tl.sum((bits > kth).to(tl.int32), 0)
+    equal = bits == kth
+    keep = (bits > kth) | (equal & (tl.cumsum(equal.to(tl.int32), 0) <= room))
+    tl.store(out_ptr + row.to(tl.int64) * stride_o + idx, tl.where(keep, xv, tl.zeros_like(xv)), mask=ok)

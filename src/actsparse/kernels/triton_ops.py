@@ -16,7 +16,7 @@ import triton
 
 from . import ops, tuning
 from .ops import MAX_BATCH
-from .triton_kernels import input_sparse_gemv_kernel, output_sparse_rows_kernel, topk_keep_kernel
+from .triton_kernels import input_sparse_gemv_kernel, output_sparse_rows_kernel, topk_bisect_kernel, topk_keep_kernel
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _MAX_COLUMN_BLOCKS = 1 << 16
@@ -53,6 +53,7 @@ class GemvConfig:
 class TopkConfig:
     block: int  # scores per step of the program's loops over its row
     num_warps: int
+    bisect: bool = False  # `topk_bisect_kernel`: one step (block >= the row), one bit a pass
 
 
 @dataclass(frozen=True)
@@ -131,7 +132,9 @@ def topk_candidates(d: int, device: torch.device) -> list[TopkConfig]:
     # At most 16 scores per thread: 32 use ~170 registers and spill a little (sm_90 compile).
     # The most warps win on the H200; 32 (4 scores a thread) did not (run 33).
     blocks = sorted({min(b, triton.next_power_of_2(d)) for b in (1024, 2048, 4096, 8192)})
-    return [TopkConfig(b, w) for b in blocks for w in (4, 8, 16) if 32 * w <= b <= 16 * 32 * w]
+    radix = [TopkConfig(b, w) for b in blocks for w in (4, 8, 16) if 32 * w <= b <= 16 * 32 * w]
+    whole = triton.next_power_of_2(d)  # bisection holds the row: up to 32 scores a thread
+    return radix + [TopkConfig(whole, w, bisect=True) for w in (8, 16, 32) if 32 * w <= whole <= 32 * 32 * w]
 
 
 ACTIVATIONS = {"silu": 1, "gelu_tanh": 2, "gelu": 3, "relu": 4}  # the kernels' codes of `ops.ACTIVATIONS`
@@ -266,6 +269,14 @@ _ZERO_SCORE_BITS = {torch.bfloat16: 16, torch.float16: 13}
 def launch_topk_kept(x: torch.Tensor, k: int, scale: torch.Tensor | None, cfg: TopkConfig, out: torch.Tensor) -> None:
     pdl = dependent_launch(x.device)
     low = 0 if scale is not None else _ZERO_SCORE_BITS.get(x.dtype, 0)
+    if cfg.bisect:
+        if cfg.block < x.shape[1]:
+            raise ValueError(f"topk bisection holds the whole row: block {cfg.block} < {x.shape[1]} features")
+        topk_bisect_kernel[(x.shape[0],)](
+            x, scale if scale is not None else x, out, x.shape[1], k, x.stride(0), out.stride(0),
+            HAS_SCALE=scale is not None, LOW=low, BLOCK=cfg.block, PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
+        )
+        return
     topk_keep_kernel[(x.shape[0],)](
         x, scale if scale is not None else x, out, x.shape[1], k, x.stride(0), out.stride(0),
         HAS_SCALE=scale is not None, LOW=low, PASSES=triton.cdiv(31 - low, 5), BLOCK=cfg.block, PDL=pdl,
