@@ -53,7 +53,7 @@ class GemvConfig:
 class TopkConfig:
     block: int  # scores per step of the program's loops over its row
     num_warps: int
-    bisect: bool = False  # `topk_bisect_kernel`: one step (block >= the row), one bit a pass
+    bisect_bits: int = 0  # > 0: `topk_bisect_kernel` (block >= the row), this many bits a pass
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,8 @@ def topk_candidates(d: int, device: torch.device) -> list[TopkConfig]:
     blocks = sorted({min(b, triton.next_power_of_2(d)) for b in (1024, 2048, 4096, 8192)})
     radix = [TopkConfig(b, w) for b in blocks for w in (4, 8, 16) if 32 * w <= b <= 16 * 32 * w]
     whole = triton.next_power_of_2(d)  # bisection holds the row: up to 32 scores a thread
-    return radix + [TopkConfig(whole, w, bisect=True) for w in (8, 16, 32) if 32 * w <= whole <= 32 * 32 * w]
+    return radix + [TopkConfig(whole, w, bisect_bits=b) for w in (8, 16, 32) for b in (1, 2, 3)
+                    if 32 * w <= whole <= 32 * 32 * w]
 
 
 ACTIVATIONS = {"silu": 1, "gelu_tanh": 2, "gelu": 3, "relu": 4}  # the kernels' codes of `ops.ACTIVATIONS`
@@ -269,12 +270,15 @@ _ZERO_SCORE_BITS = {torch.bfloat16: 16, torch.float16: 13}
 def launch_topk_kept(x: torch.Tensor, k: int, scale: torch.Tensor | None, cfg: TopkConfig, out: torch.Tensor) -> None:
     pdl = dependent_launch(x.device)
     low = 0 if scale is not None else _ZERO_SCORE_BITS.get(x.dtype, 0)
-    if cfg.bisect:
+    if cfg.bisect_bits:
         if cfg.block < x.shape[1]:
             raise ValueError(f"topk bisection holds the whole row: block {cfg.block} < {x.shape[1]} features")
+        if (31 - low) % cfg.bisect_bits:  # a digit must not reach the sign bit
+            raise tuning.Unlaunchable(f"{cfg.bisect_bits} bits a pass do not divide {31 - low} score bits")
         topk_bisect_kernel[(x.shape[0],)](
             x, scale if scale is not None else x, out, x.shape[1], k, x.stride(0), out.stride(0),
-            HAS_SCALE=scale is not None, LOW=low, BLOCK=cfg.block, PDL=pdl, num_warps=cfg.num_warps, launch_pdl=pdl,
+            HAS_SCALE=scale is not None, LOW=low, BITS=cfg.bisect_bits, BLOCK=cfg.block, PDL=pdl,
+            num_warps=cfg.num_warps, launch_pdl=pdl,
         )
         return
     topk_keep_kernel[(x.shape[0],)](
