@@ -509,7 +509,10 @@ def section_topk(run: Run) -> dict:
                             candidates = ops.topk_candidates(d, x.device)
                             for cfg in candidates if dtype == torch.bfloat16 else candidates[::4]:
                                 out = torch.full_like(x, float("nan"))
-                                ops.launch_topk_kept(x, k, scale, cfg, out)
+                                try:
+                                    ops.launch_topk_kept(x, k, scale, cfg, out)
+                                except tuning.Unlaunchable:  # a bisection whose digits do not divide the score's bits
+                                    continue
                                 launches += 1
                                 if not torch.equal(out, ref):
                                     failures.append(f"{str(dtype)[6:]} d={d} b={batch} ties={ties} scale={scale is not None} "
@@ -550,7 +553,16 @@ def section_topk(run: Run) -> dict:
                     f"selection + GEMV {row['topk_us']:.1f} (x{row['speedup']:.2f}), torch topk + GEMV {row['torch_topk_us']:.1f} "
                     f"(x{row['torch_speedup']:.2f}), threshold GEMV {row['threshold_us']:.1f}, rel err {row['rel_err']:.1e}")
         del wts, ws
-    return {"checks": {"launches": launches, "failures": failures}, "rows": rows}
+    candidates = {}  # each selection's launch configs as the tuner timed them alone: radix against bisection
+    for key, times in tuning.timings().items():
+        if key[0] == "topk":
+            candidates[str(key)] = {str(cfg): us * 1e6 for cfg, us in times}
+            for kind in ("radix", "bisect"):
+                mine = [(us, cfg) for cfg, us in times if bool(cfg.bisect_bits) == (kind == "bisect") and math.isfinite(us)]
+                if mine:
+                    us, cfg = min(mine, key=lambda t: t[0])
+                    run.say(f"top-K {key}: fastest {kind} {cfg}: {us * 1e6:.1f} us")
+    return {"checks": {"launches": launches, "failures": failures}, "rows": rows, "candidates": candidates}
 
 
 def section_bars(run: Run) -> dict:
