@@ -3,6 +3,7 @@ dense vs sparse in one engine (issue 23).
 
     PYTHONPATH=src python3 benchmarks/methods_gpu.py --out $OUT [--shape llama3-8b] [--dtype bf16]
         [--runs teal:0.5,larosa:0.5,rsparse:0.5,cats:0.9:act=relu,teal:0.5@mistral-7b] [--budget-s 540] [--tokens 128]
+        [--dense-from EARLIER/methods_gpu.json]
 
 Random weights of the shape (no weights reach a lent GPU), calibrated on random tokens through
 `actsparse.sparsify_` with each method's default config, then `DecodeEngine` dense and sparse
@@ -19,6 +20,7 @@ factors counted). A table is printed last, then one JSON line; OUT/methods_gpu.j
 from __future__ import annotations
 
 import argparse
+import ast
 import gc
 import json
 import sys
@@ -90,6 +92,23 @@ def dense_speed(shape: str, overrides: dict, dtype, device, args) -> float:
     return result.tokens_per_s
 
 
+def earlier_dense(path: Path, env: dict, dtype: str) -> dict:
+    """{(shape, overrides): tok/s} of an earlier run, refused unless it ran on this GPU in this dtype."""
+    try:
+        earlier = json.loads(path.read_text())
+        figures, its_env, its_dtype = earlier["dense_tok_s"], earlier["env"], earlier["dtype"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"--dense-from {path}: not a methods_gpu.json with dense figures ({type(e).__name__}: {e})")
+    if (its_env.get("device_name"), its_dtype) != (env.get("device_name"), dtype):
+        raise SystemExit(f"--dense-from {path}: measured on {its_env.get('device_name')} in {its_dtype}, "
+                         f"this run is {env.get('device_name')} in {dtype}")
+    dense = {}
+    for label, tok_s in figures.items():
+        shape, _, overrides = label.partition(" ")
+        dense[(shape, tuple(sorted(ast.literal_eval(overrides).items())) if overrides else ())] = tok_s
+    return dense
+
+
 def one_run(dtype, device, text: str, dense: dict, args) -> dict:
     method, sparsity, fields, shape, overrides = parse_run(text, args.shape)
     config = make_config(method, sparsity=sparsity, **fields)
@@ -118,7 +137,8 @@ def one_run(dtype, device, text: str, dense: dict, args) -> dict:
     result = {"run": text, "shape": shape, "model_overrides": overrides, "method": method, "target": sparsity, "options": fields, "measured_sparsity": measured,
               "rotation_reads": rotation, "sparsify_s": seconds, "peak_gb": peak_gb(device),
               "dense_tok_s": dense_tok_s, "sparse_tok_s": sparse.tokens_per_s,
-              "speedup": sparse.tokens_per_s / dense_tok_s, "ideal": ideal}
+              "speedup": sparse.tokens_per_s / dense_tok_s, "ideal": ideal,
+              "dense_source": args.dense_from if args.dense_from and key in args.dense_given else "measured"}
     result["fraction_of_ideal"] = result["speedup"] / ideal
     if steps:
         result["step_profile"] = steps
@@ -157,6 +177,9 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="also GPU time per decode step by kernel (CUDA)")
     p.add_argument("--budget-s", type=float, default=540.0, help="no new run starts after this many seconds")
+    p.add_argument("--dense-from", metavar="JSON", help="take the dense tok/s of each shape from an earlier "
+                   "methods_gpu.json of the same GPU and dtype instead of timing it (~170 s a shape on the H200); "
+                   "every row then names that file as its dense source")
     args = p.parse_args()
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
     out = Path(args.out)
@@ -165,6 +188,10 @@ def main() -> int:
     results = {"env": environment(device), "shape": args.shape, "dtype": args.dtype, "runs": [], "skipped": []}
 
     dense: dict = {}
+    if args.dense_from:
+        dense = earlier_dense(Path(args.dense_from), results["env"], args.dtype)
+        results["dense_from"] = args.dense_from
+    args.dense_given = set(dense)
     for text in filter(None, args.runs.split(",")):
         if time.perf_counter() - started > args.budget_s:
             results["skipped"].append(text)
