@@ -70,11 +70,11 @@ def peak_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
 
 
-def decode(model, device, tokens: int, repeats: int, profile: bool = False):
+def decode(model, device, tokens: int, repeats: int, profile: bool = False, tune_candidates: int = 10):
     """The fastest of `repeats` decodes and, on CUDA with `profile`, GPU time per step by kernel."""
     prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0)).to(device)
     engine = DecodeEngine(model, max_len=PROMPT + tokens)
-    result = timed_decode(engine, prompt, tokens, repeats)
+    result = timed_decode(engine, prompt, tokens, repeats, tune_candidates=tune_candidates)
     steps = step_profile(engine, prompt, top=12) if profile and device.type == "cuda" else None
     return result, steps
 
@@ -82,7 +82,7 @@ def decode(model, device, tokens: int, repeats: int, profile: bool = False):
 def dense_speed(shape: str, overrides: dict, dtype, device, args) -> float:
     model = random_model(shape, dtype, device, seed=SEED, **overrides)
     swap_modules(model)
-    result, steps = decode(model, device, args.tokens, args.repeats, args.profile)
+    result, steps = decode(model, device, args.tokens, args.repeats, args.profile, args.tune_candidates)
     if steps:
         print(f"dense {shape} step profile: {json.dumps(steps)}", file=sys.stderr, flush=True)
     del model
@@ -133,7 +133,7 @@ def one_run(dtype, device, text: str, dense: dict, args) -> dict:
     rotation = rotation_reads(model)
     ideal = ideal_speedup(linear / (linear + head), measured, rotation)
     use_kernels(model)
-    sparse, steps = decode(model, device, args.tokens, args.repeats, args.profile)
+    sparse, steps = decode(model, device, args.tokens, args.repeats, args.profile, args.tune_candidates)
     result = {"run": text, "shape": shape, "model_overrides": overrides, "method": method, "target": sparsity, "options": fields, "measured_sparsity": measured,
               "rotation_reads": rotation, "sparsify_s": seconds, "peak_gb": peak_gb(device),
               "dense_tok_s": dense_tok_s, "sparse_tok_s": sparse.tokens_per_s,
@@ -177,6 +177,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--profile", action="store_true", help="also GPU time per decode step by kernel (CUDA)")
     p.add_argument("--budget-s", type=float, default=540.0, help="no new run starts after this many seconds")
+    p.add_argument("--tune-candidates", type=int, default=10,
+                   help="launch configs tried inside the decode step per tuned kernel (each costs ~1 s on the H200)")
     p.add_argument("--dense-from", metavar="JSON", help="take the dense tok/s of each shape from an earlier "
                    "methods_gpu.json of the same GPU and dtype instead of timing it (~170 s a shape on the H200); "
                    "every row then names that file as its dense source")
@@ -185,7 +187,8 @@ def main() -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
-    results = {"env": environment(device), "shape": args.shape, "dtype": args.dtype, "runs": [], "skipped": []}
+    results = {"env": environment(device), "shape": args.shape, "dtype": args.dtype,
+               "tune_candidates": args.tune_candidates, "runs": [], "skipped": []}
 
     dense: dict = {}
     if args.dense_from:

@@ -180,12 +180,13 @@ def hf_generate_speed(model: nn.Module, prompt: torch.Tensor, tokens: int) -> fl
     return prompt.shape[0] * (tokens - short) / (run(tokens) - run(short))
 
 
-def timed_decode(engine: DecodeEngine, prompt: torch.Tensor, tokens: int, repeats: int, tune: bool = True) -> DecodeResult:
+def timed_decode(engine: DecodeEngine, prompt: torch.Tensor, tokens: int, repeats: int, tune: bool = True,
+                 tune_candidates: int = 10) -> DecodeResult:
     """The fastest of `repeats` decodes, after a short warm-up decode (compile, tune, capture);
     on CUDA with `tune`, the kernels' launch configs are first re-chosen inside the decode step
-    (`DecodeEngine.tune`)."""
+    among the `tune_candidates` fastest alone (`DecodeEngine.tune`)."""
     if tune and engine.device.type == "cuda":
-        engine.tune(prompt, tokens=min(tokens, 64))
+        engine.tune(prompt, candidates=tune_candidates, tokens=min(tokens, 64))
     engine.generate(prompt, min(tokens, 4))
     runs = [engine.generate(prompt, tokens) for _ in range(repeats)]
     return max(runs, key=lambda r: r.tokens_per_s)
