@@ -93,7 +93,7 @@ def dense_speed(shape: str, overrides: dict, dtype, device, args) -> float:
 
 
 def earlier_dense(path: Path, env: dict, dtype: str) -> dict:
-    """{(shape, overrides): tok/s} of an earlier run, refused unless it ran on this GPU in this dtype."""
+    """{(shape, overrides): (tok/s, path)} of an earlier run, refused unless it ran on this GPU in this dtype."""
     try:
         earlier = json.loads(path.read_text())
         figures, its_env, its_dtype = earlier["dense_tok_s"], earlier["env"], earlier["dtype"]
@@ -105,7 +105,7 @@ def earlier_dense(path: Path, env: dict, dtype: str) -> dict:
     dense = {}
     for label, tok_s in figures.items():
         shape, _, overrides = label.partition(" ")
-        dense[(shape, tuple(sorted(ast.literal_eval(overrides).items())) if overrides else ())] = tok_s
+        dense[(shape, tuple(sorted(ast.literal_eval(overrides).items())) if overrides else ())] = (tok_s, str(path))
     return dense
 
 
@@ -114,9 +114,9 @@ def one_run(dtype, device, text: str, dense: dict, args) -> dict:
     config = make_config(method, sparsity=sparsity, **fields)
     key = (shape, tuple(sorted(overrides.items())))
     if key not in dense:
-        dense[key] = dense_speed(shape, overrides, dtype, device, args)
-        print(f"dense {shape} {overrides or ''}: {dense[key]:.1f} tok/s", file=sys.stderr, flush=True)
-    dense_tok_s = dense[key]
+        dense[key] = (dense_speed(shape, overrides, dtype, device, args), "measured")
+        print(f"dense {shape} {overrides or ''}: {dense[key][0]:.1f} tok/s", file=sys.stderr, flush=True)
+    dense_tok_s, dense_source = dense[key]
     model = random_model(shape, dtype, device, seed=SEED, **overrides)
     calib = random_calibration(model)
     if device.type == "cuda":
@@ -138,7 +138,7 @@ def one_run(dtype, device, text: str, dense: dict, args) -> dict:
               "rotation_reads": rotation, "sparsify_s": seconds, "peak_gb": peak_gb(device),
               "dense_tok_s": dense_tok_s, "sparse_tok_s": sparse.tokens_per_s,
               "speedup": sparse.tokens_per_s / dense_tok_s, "ideal": ideal,
-              "dense_source": args.dense_from if args.dense_from and key in args.dense_given else "measured"}
+              "dense_source": dense_source}
     result["fraction_of_ideal"] = result["speedup"] / ideal
     if steps:
         result["step_profile"] = steps
@@ -184,17 +184,15 @@ def main() -> int:
                    "every row then names that file as its dense source")
     args = p.parse_args()
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     started = time.perf_counter()
     results = {"env": environment(device), "shape": args.shape, "dtype": args.dtype,
                "tune_candidates": args.tune_candidates, "runs": [], "skipped": []}
-
     dense: dict = {}
     if args.dense_from:
         dense = earlier_dense(Path(args.dense_from), results["env"], args.dtype)
         results["dense_from"] = args.dense_from
-    args.dense_given = set(dense)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     for text in filter(None, args.runs.split(",")):
         if time.perf_counter() - started > args.budget_s:
             results["skipped"].append(text)
@@ -206,7 +204,7 @@ def main() -> int:
             row = {"run": text, "error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
         results["runs"].append(row)
         print(f"[{time.perf_counter() - started:6.1f}s] {json.dumps(row)}", file=sys.stderr, flush=True)
-        results["dense_tok_s"] = {f"{shape}{' ' + str(dict(o)) if o else ''}": v for (shape, o), v in dense.items()}
+        results["dense_tok_s"] = {f"{shape}{' ' + str(dict(o)) if o else ''}": v for (shape, o), (v, _) in dense.items()}
         (out / "methods_gpu.json").write_text(json.dumps(results, indent=1))
     print(table(results["runs"]))
     if results["skipped"]:

@@ -1,0 +1,39 @@
+"""benchmarks/methods_gpu.py on the CPU at SmolLM2's shape: a run through `sparsify_` and the
+engine, then `--dense-from` taking the dense figure from it (and refusing another dtype's)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+SCRIPT = Path(__file__).parents[1] / "benchmarks" / "methods_gpu.py"
+SRC = str(Path(__file__).parents[1] / "src")
+
+
+def run(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=SRC)
+    return subprocess.run([sys.executable, str(SCRIPT), "--device", "cpu", "--shape", "smollm2-135m", "--tokens", "4",
+                           "--repeats", "1", *args], capture_output=True, text=True, env=env, timeout=600)
+
+
+def test_a_run_then_one_with_its_dense_figure(tmp_path):
+    first = run("--out", str(tmp_path / "a"), "--runs", "teal:0.5")
+    assert first.returncode == 0, first.stderr[-2000:]
+    measured = json.loads((tmp_path / "a" / "methods_gpu.json").read_text())
+    (row,) = measured["runs"]
+    assert row["dense_source"] == "measured" and abs(row["measured_sparsity"] - 0.5) < 0.05
+    assert row["speedup"] == row["sparse_tok_s"] / row["dense_tok_s"]
+
+    earlier = str(tmp_path / "a" / "methods_gpu.json")
+    second = run("--out", str(tmp_path / "b"), "--runs", "teal:0.4", "--dense-from", earlier)
+    assert second.returncode == 0, second.stderr[-2000:]
+    (row,) = json.loads((tmp_path / "b" / "methods_gpu.json").read_text())["runs"]
+    assert row["dense_source"] == earlier
+    assert row["dense_tok_s"] == measured["dense_tok_s"]["smollm2-135m"]
+    assert "dense smollm2-135m" not in second.stderr  # not timed again
+
+    refused = run("--out", str(tmp_path / "c"), "--runs", "teal:0.4", "--dense-from", earlier, "--dtype", "fp32")
+    assert refused.returncode != 0 and "in bf16, this run is" in refused.stderr and "in fp32" in refused.stderr
+    assert not (tmp_path / "c").exists()
