@@ -133,7 +133,8 @@ def one_run(dtype, device, text: str, dense: dict, args) -> dict:
     rotation = rotation_reads(model)
     ideal = ideal_speedup(linear / (linear + head), measured, rotation)
     use_kernels(model)
-    sparse, steps = decode(model, device, args.tokens, args.repeats, args.profile, args.tune_candidates)
+    with tuning.recording() as tuned_keys:
+        sparse, steps = decode(model, device, args.tokens, args.repeats, args.profile, args.tune_candidates)
     result = {"run": text, "shape": shape, "model_overrides": overrides, "method": method, "target": sparsity, "options": fields, "measured_sparsity": measured,
               "rotation_reads": rotation, "sparsify_s": seconds, "peak_gb": peak_gb(device),
               "dense_tok_s": dense_tok_s, "sparse_tok_s": sparse.tokens_per_s,
@@ -142,8 +143,9 @@ def one_run(dtype, device, text: str, dense: dict, args) -> dict:
     result["fraction_of_ideal"] = result["speedup"] / ideal
     if steps:
         result["step_profile"] = steps
-    selections = {str(key): {"chosen": str(tuning.tuned().get(key)), "us": {str(c): t * 1e6 for c, t in times}}
-                  for key, times in tuning.timings().items() if key[0] == "topk"}
+    timings = tuning.timings()
+    selections = {str(key): {"chosen": str(tuning.tuned().get(key)), "us": {str(c): t * 1e6 for c, t in timings.get(key, [])}}
+                  for key in tuned_keys if key[0] == "topk"}
     if selections:  # each top-K selection's candidates, timed alone (LaRoSA, selection="topk")
         result["topk_timings"] = selections
     del model

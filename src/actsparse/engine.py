@@ -127,13 +127,12 @@ class DecodeEngine:
         """The step compiled for this engine alone (`isolate_recompiles`: engines of other models in
         the process never share its entries), without guards on the CPU."""
         options = dict(self._compile_options["options"] or {})
-        if not _COMPILE_ISOLATES:  # torch < 2.13: engines share entries, told apart by their guards
-            return torch.compile(self._next_token, backend=self._compile_options["backend"], dynamic=False,
-                                 options=options)
         if self._unguarded:
             options["guard_filter_fn"] = torch.compiler.skip_all_guards_unsafe
+        # torch < 2.13: engines share the entries of one cache, told apart by their guards
+        isolation = {"isolate_recompiles": True} if _COMPILE_ISOLATES else {}
         return torch.compile(self._next_token, backend=self._compile_options["backend"], dynamic=False,
-                             options=options, isolate_recompiles=True)
+                             options=options, **isolation)
 
     def invalidate(self) -> None:
         """Drop the captured graph (the CPU's compiled step: compiled again at the next `generate`);

@@ -126,7 +126,9 @@ def rows_candidates(batch: int, device: torch.device) -> list[RowsConfig]:
     return [RowsConfig(16, 128, 4, 3), RowsConfig(16, 256, 8, 3), RowsConfig(32, 128, 8, 3)]
 
 
-def topk_candidates(d: int, device: torch.device) -> list[TopkConfig]:
+def topk_candidates(d: int, device: torch.device, score_bits: int = 31) -> list[TopkConfig]:
+    """Launch configs for rows of `d` scores with `score_bits` bits that can differ
+    (`topk_score_bits`): a bisection's digits must divide them."""
     if tuning.interpreting() or device.type != "cuda":
         return [TopkConfig(min(128, triton.next_power_of_2(d)), 4)]
     # At most 16 scores per thread: 32 use ~170 registers and spill a little (sm_90 compile).
@@ -135,7 +137,7 @@ def topk_candidates(d: int, device: torch.device) -> list[TopkConfig]:
     radix = [TopkConfig(b, w) for b in blocks for w in (4, 8, 16) if 32 * w <= b <= 16 * 32 * w]
     whole = triton.next_power_of_2(d)  # bisection holds the row: up to 32 scores a thread
     return radix + [TopkConfig(whole, w, bisect_bits=b) for w in (8, 16, 32) for b in (1, 2, 3)
-                    if 32 * w <= whole <= 32 * 32 * w]
+                    if 32 * w <= whole <= 32 * 32 * w and score_bits % b == 0]
 
 
 ACTIVATIONS = {"silu": 1, "gelu_tanh": 2, "gelu": 3, "relu": 4}  # the kernels' codes of `ops.ACTIVATIONS`
@@ -267,14 +269,19 @@ def launch_output_sparse_rows(
 _ZERO_SCORE_BITS = {torch.bfloat16: 16, torch.float16: 13}
 
 
+def topk_score_bits(dtype: torch.dtype, scaled: bool) -> int:
+    """The bits below the sign bit that a score |x| (* scale) of `dtype` can have set."""
+    return 31 - (0 if scaled else _ZERO_SCORE_BITS.get(dtype, 0))
+
+
 def launch_topk_kept(x: torch.Tensor, k: int, scale: torch.Tensor | None, cfg: TopkConfig, out: torch.Tensor) -> None:
     pdl = dependent_launch(x.device)
-    low = 0 if scale is not None else _ZERO_SCORE_BITS.get(x.dtype, 0)
+    low = 31 - topk_score_bits(x.dtype, scale is not None)
     if cfg.bisect_bits:
         if cfg.block < x.shape[1]:
             raise ValueError(f"topk bisection holds the whole row: block {cfg.block} < {x.shape[1]} features")
         if (31 - low) % cfg.bisect_bits:  # a digit must not reach the sign bit
-            raise tuning.Unlaunchable(f"{cfg.bisect_bits} bits a pass do not divide {31 - low} score bits")
+            raise ValueError(f"topk bisection: {cfg.bisect_bits} bits a pass do not divide {31 - low} score bits")
         topk_bisect_kernel[(x.shape[0],)](
             x, scale if scale is not None else x, out, x.shape[1], k, x.stride(0), out.stride(0),
             HAS_SCALE=scale is not None, LOW=low, BITS=cfg.bisect_bits, BLOCK=cfg.block, PDL=pdl,
@@ -330,7 +337,8 @@ def topk_kept(x: torch.Tensor, k: int, scale: Optional[torch.Tensor]) -> torch.T
         raise ValueError(f"topk_kept: scale must be float32 of shape ({x.shape[1]},), got {scale.dtype} {tuple(scale.shape)}")
     out = torch.empty_like(x)
     key = ("topk", x.shape[1], x.shape[0], x.dtype, scale is not None)
-    cfg = tuning.choose(key, topk_candidates(x.shape[1], x.device), lambda c: launch_topk_kept(x, k, scale, c, out), x.device)
+    candidates = topk_candidates(x.shape[1], x.device, topk_score_bits(x.dtype, scale is not None))
+    cfg = tuning.choose(key, candidates, lambda c: launch_topk_kept(x, k, scale, c, out), x.device)
     launch_topk_kept(x, k, scale, cfg, out)
     return out
 
