@@ -13,7 +13,7 @@ RESULTS = ROOT / "benchmarks" / "results"
 DOCUMENTS = ("README.md", "BENCHMARKS.md", "BENCHMARKS_HISTORY.md", "KERNELS_NOTES.md")
 PATH = re.compile(r"benchmarks/results/[^\s`'\"()\[\]<>|]*")
 ANCHOR_LINK = re.compile(r"\]\(([A-Za-z_]*\.md)?#([^)\s]+)\)")
-DEVICES = ("h200", "cpu")
+DEVICES = ("h200", "h100", "cpu")
 
 
 def expand_braces(path: str) -> list[str]:

@@ -242,38 +242,6 @@ def test_topk_kept_matches_reference(dtype, features, ties, scaled):
         assert torch.equal(op_defs.topk_kept(x, k, scale), out)  # the op on CPU tensors: these kernels
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("features", [96, 300])
-@pytest.mark.parametrize("ties", [False, True])
-@pytest.mark.parametrize("scaled", [False, True])
-def test_topk_bisection_matches_reference(dtype, features, ties, scaled):
-    """The whole-row bisection kernel (a tuning candidate on CUDA) gives the radix kernel's output."""
-    torch.manual_seed(features + 1)
-    x = torch.randn(3, features)
-    if ties:
-        x = (x * 2).round() / 2
-    x = x.to(dtype)
-    x[1, :7] = 0.0  # zeros (the bisection's floor) and a row of one value
-    x[2] = x[2, :1].expand(features)
-    scale = torch.rand(features) + 0.5 if scaled else None
-    score_bits = 31 - (0 if scaled else {torch.bfloat16: 16, torch.float16: 13}.get(dtype, 0))
-    assert ops.topk_score_bits(dtype, scaled) == score_bits
-    for bits in [b for b in (1, 2, 3, 5) if score_bits % b == 0]:
-        cfg = ops.TopkConfig(512, 4, bisect_bits=bits)
-        for k in (1, 7, features // 2, features - 1, features):
-            out = torch.empty_like(x)
-            ops.launch_topk_kept(x, k, scale, cfg, out)
-            assert torch.equal(out, op_defs.topk_kept_reference(x, k, scale)), f"bits={bits} k={k}"
-
-
-def test_topk_bisection_refuses_a_row_longer_than_its_block():
-    with pytest.raises(ValueError, match="holds the whole row"):
-        ops.launch_topk_kept(torch.randn(1, 600), 3, None, ops.TopkConfig(512, 4, bisect_bits=1), torch.empty(1, 600))
-    with pytest.raises(ValueError, match="do not divide 15"):
-        ops.launch_topk_kept(torch.randn(1, 60).bfloat16(), 3, None, ops.TopkConfig(64, 4, bisect_bits=2),
-                             torch.empty(1, 60).bfloat16())
-
-
 def test_topk_kept_all_tied_and_all_zero_rows():
     x = torch.stack([torch.full((300,), -1.5), torch.zeros(300)])
     out = ops.topk_kept(x, 130, None)

@@ -442,31 +442,3 @@ def topk_keep_kernel(x_ptr, scale_ptr, out_ptr, D, K, stride_x, stride_o,
             keep = (bits > kth) | (equal & (seen + tl.cumsum(equal.to(tl.int32), 0) <= room))
             seen += tl.sum(equal.to(tl.int32), 0)
         tl.store(o_row + idx, tl.where(keep, xv, tl.zeros_like(xv)), mask=ok)
-
-
-@triton.jit
-def topk_bisect_kernel(x_ptr, scale_ptr, out_ptr, D, K, stride_x, stride_o,
-                       HAS_SCALE: tl.constexpr, LOW: tl.constexpr, BITS: tl.constexpr, BLOCK: tl.constexpr,
-                       PDL: tl.constexpr):
-    """`topk_keep_kernel`'s output with the whole row held in registers (BLOCK >= D): the K-th
-    largest score's bits are found BITS at a time from the top, each pass counting the scores at
-    or above the 2^BITS - 1 prefixes the next digit can make (compares and one reduction, no
-    histogram) and keeping the largest digit that leaves at least K; ties at the K-th score are
-    kept lowest index first by one running count. BITS divides 31 - LOW."""
-    if PDL:
-        wait_for_producer()
-    row = tl.program_id(0)
-    idx = tl.arange(0, BLOCK)
-    ok = idx < D
-    xv, bits = _score_bits(x_ptr + row.to(tl.int64) * stride_x, scale_ptr, idx, ok, HAS_SCALE)
-    bits = tl.where(ok, bits, -1)  # below every candidate: the padding is never counted
-    digits = tl.arange(0, 1 << BITS)
-    kth = K * 0
-    for p in tl.static_range((31 - LOW) // BITS):
-        shift = 31 - BITS * (p + 1)
-        counts = tl.sum((bits[:, None] >= (kth | (digits << shift))[None, :]).to(tl.int32), 0)
-        kth = kth | (tl.max(tl.where(counts >= K, digits, 0), 0) << shift)
-    room = K - tl.sum((bits > kth).to(tl.int32), 0)
-    equal = bits == kth
-    keep = (bits > kth) | (equal & (tl.cumsum(equal.to(tl.int32), 0) <= room))
-    tl.store(out_ptr + row.to(tl.int64) * stride_o + idx, tl.where(keep, xv, tl.zeros_like(xv)), mask=ok)

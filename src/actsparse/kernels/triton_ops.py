@@ -16,7 +16,7 @@ import triton
 
 from . import ops, tuning
 from .ops import MAX_BATCH
-from .triton_kernels import input_sparse_gemv_kernel, output_sparse_rows_kernel, topk_bisect_kernel, topk_keep_kernel
+from .triton_kernels import input_sparse_gemv_kernel, output_sparse_rows_kernel, topk_keep_kernel
 
 _COUNTERS: dict[torch.device, torch.Tensor] = {}
 _MAX_COLUMN_BLOCKS = 1 << 16
@@ -53,7 +53,6 @@ class GemvConfig:
 class TopkConfig:
     block: int  # scores per step of the program's loops over its row
     num_warps: int
-    bisect_bits: int = 0  # > 0: `topk_bisect_kernel` (block >= the row), this many bits a pass
 
 
 @dataclass(frozen=True)
@@ -126,18 +125,13 @@ def rows_candidates(batch: int, device: torch.device) -> list[RowsConfig]:
     return [RowsConfig(16, 128, 4, 3), RowsConfig(16, 256, 8, 3), RowsConfig(32, 128, 8, 3)]
 
 
-def topk_candidates(d: int, device: torch.device, score_bits: int = 31) -> list[TopkConfig]:
-    """Launch configs for rows of `d` scores with `score_bits` bits that can differ
-    (`topk_score_bits`): a bisection's digits must divide them."""
+def topk_candidates(d: int, device: torch.device) -> list[TopkConfig]:
     if tuning.interpreting() or device.type != "cuda":
         return [TopkConfig(min(128, triton.next_power_of_2(d)), 4)]
     # At most 16 scores per thread: 32 use ~170 registers and spill a little (sm_90 compile).
     # The most warps win on the H200; 32 (4 scores a thread) did not (run 33).
     blocks = sorted({min(b, triton.next_power_of_2(d)) for b in (1024, 2048, 4096, 8192)})
-    radix = [TopkConfig(b, w) for b in blocks for w in (4, 8, 16) if 32 * w <= b <= 16 * 32 * w]
-    whole = triton.next_power_of_2(d)  # bisection holds the row: up to 32 scores a thread
-    return radix + [TopkConfig(whole, w, bisect_bits=b) for w in (8, 16, 32) for b in (1, 2, 3)
-                    if 32 * w <= whole <= 32 * 32 * w and score_bits % b == 0]
+    return [TopkConfig(b, w) for b in blocks for w in (4, 8, 16) if 32 * w <= b <= 16 * 32 * w]
 
 
 ACTIVATIONS = {"silu": 1, "gelu_tanh": 2, "gelu": 3, "relu": 4}  # the kernels' codes of `ops.ACTIVATIONS`
@@ -269,25 +263,9 @@ def launch_output_sparse_rows(
 _ZERO_SCORE_BITS = {torch.bfloat16: 16, torch.float16: 13}
 
 
-def topk_score_bits(dtype: torch.dtype, scaled: bool) -> int:
-    """The bits below the sign bit that a score |x| (* scale) of `dtype` can have set."""
-    return 31 - (0 if scaled else _ZERO_SCORE_BITS.get(dtype, 0))
-
-
 def launch_topk_kept(x: torch.Tensor, k: int, scale: torch.Tensor | None, cfg: TopkConfig, out: torch.Tensor) -> None:
     pdl = dependent_launch(x.device)
-    low = 31 - topk_score_bits(x.dtype, scale is not None)
-    if cfg.bisect_bits:
-        if cfg.block < x.shape[1]:
-            raise ValueError(f"topk bisection holds the whole row: block {cfg.block} < {x.shape[1]} features")
-        if (31 - low) % cfg.bisect_bits:  # a digit must not reach the sign bit
-            raise ValueError(f"topk bisection: {cfg.bisect_bits} bits a pass do not divide {31 - low} score bits")
-        topk_bisect_kernel[(x.shape[0],)](
-            x, scale if scale is not None else x, out, x.shape[1], k, x.stride(0), out.stride(0),
-            HAS_SCALE=scale is not None, LOW=low, BITS=cfg.bisect_bits, BLOCK=cfg.block, PDL=pdl,
-            num_warps=cfg.num_warps, launch_pdl=pdl,
-        )
-        return
+    low = 0 if scale is not None else _ZERO_SCORE_BITS.get(x.dtype, 0)
     topk_keep_kernel[(x.shape[0],)](
         x, scale if scale is not None else x, out, x.shape[1], k, x.stride(0), out.stride(0),
         HAS_SCALE=scale is not None, LOW=low, PASSES=triton.cdiv(31 - low, 5), BLOCK=cfg.block, PDL=pdl,
@@ -337,8 +315,7 @@ def topk_kept(x: torch.Tensor, k: int, scale: Optional[torch.Tensor]) -> torch.T
         raise ValueError(f"topk_kept: scale must be float32 of shape ({x.shape[1]},), got {scale.dtype} {tuple(scale.shape)}")
     out = torch.empty_like(x)
     key = ("topk", x.shape[1], x.shape[0], x.dtype, scale is not None)
-    candidates = topk_candidates(x.shape[1], x.device, topk_score_bits(x.dtype, scale is not None))
-    cfg = tuning.choose(key, candidates, lambda c: launch_topk_kept(x, k, scale, c, out), x.device)
+    cfg = tuning.choose(key, topk_candidates(x.shape[1], x.device), lambda c: launch_topk_kept(x, k, scale, c, out), x.device)
     launch_topk_kept(x, k, scale, cfg, out)
     return out
 
