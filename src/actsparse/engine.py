@@ -71,10 +71,9 @@ class DecodeEngine:
         C++ wrapper instead of Python (SmolLM2 bf16 TEAL 50%, one thread: 82.1 tok/s before, 91.3
         after, the runs of 01:28 and 03:53 in BENCHMARKS_HISTORY.md), at the price of a longer
         first compile (Inductor caches it on disk for later processes); without Inductor's
-        size asserts, which check each op's output strides with a `std::stringstream` built per
-        call (~8 us a layer each step: a 30-layer model of width 64 steps in 650 instead of 900 us;
-        SmolLM2 bf16 TEAL 50% one thread +1.7%, engines alternating). ``{}`` compiles the Python
-        wrapper.
+        size asserts, which check each op's output strides with a `std::stringstream` built on
+        every call (per-step overhead, not a check of results: the Python-wrapper test keeps
+        them). ``{}`` compiles the Python wrapper.
         `dependent_launch`: compile the step's Inductor kernels for programmatic dependent launch
         (each kernel's launch overlaps the previous one's tail; Inductor's `triton.enable_pdl`);
         None: on for CUDA GPUs of compute capability 9.0 and later. actsparse's own kernels
