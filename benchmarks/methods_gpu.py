@@ -70,19 +70,25 @@ def peak_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
 
 
-def decode(model, device, tokens: int, repeats: int, profile: bool = False, tune_candidates: int = 10):
-    """The fastest of `repeats` decodes and, on CUDA with `profile`, GPU time per step by kernel."""
+def decode(model, device, tokens: int, repeats: int, args):
+    """The fastest of `repeats` decodes; how the in-step tuning went (problems tuned, left to their
+    choice alone, seconds of tuning and timing); on CUDA with --profile, GPU time per step by kernel."""
     prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0)).to(device)
     engine = DecodeEngine(model, max_len=PROMPT + tokens)
-    result = timed_decode(engine, prompt, tokens, repeats, tune_candidates=tune_candidates)
-    steps = step_profile(engine, prompt, top=12) if profile and device.type == "cuda" else None
-    return result, steps
+    start = time.perf_counter()
+    result = timed_decode(engine, prompt, tokens, repeats, tune_candidates=args.tune_candidates,
+                          tune_budget_s=args.tune_budget_s)
+    tuning_info = {"tuned_in_step": len(engine.tuning_report), "untuned": engine.untuned,
+                   "tune_and_time_s": time.perf_counter() - start}
+    steps = step_profile(engine, prompt, top=12) if args.profile and device.type == "cuda" else None
+    return result, steps, tuning_info
 
 
 def dense_speed(shape: str, overrides: dict, dtype, device, args) -> float:
     model = random_model(shape, dtype, device, seed=SEED, **overrides)
     swap_modules(model)
-    result, steps = decode(model, device, args.tokens, args.repeats, args.profile, args.tune_candidates)
+    result, steps, tuning_info = decode(model, device, args.tokens, args.repeats, args)
+    print(f"dense {shape} tuning: {json.dumps(tuning_info)}", file=sys.stderr, flush=True)
     if steps:
         print(f"dense {shape} step profile: {json.dumps(steps)}", file=sys.stderr, flush=True)
     del model
@@ -134,12 +140,12 @@ def one_run(dtype, device, text: str, dense: dict, args) -> dict:
     ideal = ideal_speedup(linear / (linear + head), measured, rotation)
     use_kernels(model)
     with tuning.recording() as tuned_keys:
-        sparse, steps = decode(model, device, args.tokens, args.repeats, args.profile, args.tune_candidates)
+        sparse, steps, tuning_info = decode(model, device, args.tokens, args.repeats, args)
     result = {"run": text, "shape": shape, "model_overrides": overrides, "method": method, "target": sparsity, "options": fields, "measured_sparsity": measured,
               "rotation_reads": rotation, "sparsify_s": seconds, "peak_gb": peak_gb(device),
               "dense_tok_s": dense_tok_s, "sparse_tok_s": sparse.tokens_per_s,
               "speedup": sparse.tokens_per_s / dense_tok_s, "ideal": ideal,
-              "dense_source": dense_source}
+              "dense_source": dense_source, **tuning_info}
     result["fraction_of_ideal"] = result["speedup"] / ideal
     if steps:
         result["step_profile"] = steps
@@ -181,6 +187,8 @@ def main() -> int:
     p.add_argument("--budget-s", type=float, default=540.0, help="no new run starts after this many seconds")
     p.add_argument("--tune-candidates", type=int, default=10,
                    help="launch configs tried inside the decode step per tuned kernel (each costs ~1 s on the H200)")
+    p.add_argument("--tune-budget-s", type=float, default=None,
+                   help="seconds of in-step tuning at most per decode (largest kernels first; default: all)")
     p.add_argument("--dense-from", metavar="JSON", help="take the dense tok/s of each shape from an earlier "
                    "methods_gpu.json of the same GPU and dtype instead of timing it (~170 s a shape on the H200); "
                    "every row then names that file as its dense source")
@@ -188,7 +196,7 @@ def main() -> int:
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
     started = time.perf_counter()
     results = {"env": environment(device), "shape": args.shape, "dtype": args.dtype,
-               "tune_candidates": args.tune_candidates, "runs": [], "skipped": []}
+               "tune_candidates": args.tune_candidates, "tune_budget_s": args.tune_budget_s, "runs": [], "skipped": []}
     dense: dict = {}
     if args.dense_from:
         dense = earlier_dense(Path(args.dense_from), results["env"], args.dtype)

@@ -22,6 +22,7 @@ from actsparse.kernels import batching, cpu_ops, ops as op_defs, triton_ops as o
 from actsparse.nn import packing  # noqa: E402
 from actsparse.runtime import use_kernels  # noqa: E402
 from actsparse import TealConfig, sparsify_  # noqa: E402
+from actsparse.errors import ActSparseError  # noqa: E402
 from tiny import random_tokens, tiny_model  # noqa: E402
 
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.5e-2}
@@ -448,8 +449,9 @@ def test_tuner_records_keys_ranks_candidates_and_takes_a_choice(monkeypatch):
         tuning.choose("key", ["slow", "fast"], lambda cfg: None, torch.device("cpu"))
         tuning.choose("other", ["only"], lambda cfg: None, torch.device("cpu"))
         tuning.choose("key", ["slow", "fast"], lambda cfg: None, torch.device("cpu"))
-    assert keys == ["key", "other"]
+    assert keys == {"key": 2, "other": 1} and list(keys) == ["key", "other"]
     assert tuning.ranked("key", 3) == ["fast", "slow"] and tuning.ranked("other", 3) == []
+    assert tuning.best_seconds("key") == 1.0 and tuning.best_seconds("other") == 0.0
     monkeypatch.delitem(tuning._CHOICES, "key", raising=False)
     tuning.set_choice("key", "slow")
     assert tuning.tuned()["key"] == "slow"
@@ -479,7 +481,36 @@ def test_engine_tune_times_each_alternative_inside_the_step_and_keeps_the_fastes
         assert set(times) == {str(c) for c in alternatives} and all(t > 0 for t in times.values())
         assert str(tuning.tuned()[key]) == min(times, key=times.get)
         tuning._CHOICES.pop(key)
+    assert engine.untuned == []
     assert torch.equal(engine.generate(prompt, 4).tokens, reference)
+
+
+def test_engine_tune_goes_largest_share_first_and_stops_at_its_budget(monkeypatch):
+    from actsparse.engine import DecodeEngine
+
+    model = _teal_half("llama")
+    prompt = random_tokens(1, 10, seed=7)
+    engine = DecodeEngine(model, max_len=16, decode_attention=False)
+    use_kernels(model)
+    with tuning.recording() as calls:
+        engine.generate(prompt, 3)
+    alternatives = [ops.GemvConfig(64, 16, 1, 4, 1), ops.GemvConfig(64, 32, 3, 4, 1)]
+    alone = {key: float(i + 1) for i, key in enumerate(calls)}  # the last key met: the largest time alone
+    for key in calls:
+        monkeypatch.setitem(tuning._TIMINGS, key, [(cfg, alone[key] + i) for i, cfg in enumerate(alternatives)])
+    share = sorted(calls, key=lambda k: calls[k] * alone[k], reverse=True)
+    assert len(share) >= 2
+    order = []
+    monkeypatch.setattr(tuning, "set_choice", lambda key, cfg: order.append(key) or tuning._CHOICES.__setitem__(key, cfg))
+    engine.tune(prompt, tokens=3)
+    assert list(dict.fromkeys(order)) == share
+    for key in calls:
+        tuning._CHOICES.pop(key)
+    assert engine.tune(prompt, tokens=3, budget_s=0) == {}  # the first problem starts after the budget
+    assert engine.untuned == [str(k) for k in share]
+    assert all(key not in tuning._CHOICES for key in calls)  # each keeps its choice alone (none made here)
+    with pytest.raises(ActSparseError, match="budget_s"):
+        engine.tune(prompt, tokens=3, budget_s=-1)
 
 
 def test_gate_driven_mlp_batches_are_measured_as_a_whole(monkeypatch):

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import nn
+from tqdm.auto import tqdm
 
 from .attention import builds_on, use_decode_attention
 from .errors import ActSparseError
@@ -125,6 +126,7 @@ class DecodeEngine:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._warm = False
         self.tuning_report: dict[str, dict[str, float]] = {}  # the last `tune`
+        self.untuned: list[str] = []  # the problems the last `tune` left to their choice alone
 
     def _compiled_step(self):
         """The step compiled for this engine alone (`isolate_recompiles`: engines of other models in
@@ -145,32 +147,41 @@ class DecodeEngine:
         if self._unguarded:
             self._next = self._compiled_step()
 
-    def tune(self, input_ids: torch.Tensor, candidates: int = 10, tokens: int = 64) -> dict[str, dict[str, float]]:
+    def tune(self, input_ids: torch.Tensor, candidates: int = 10, tokens: int = 64,
+             budget_s: float | None = None) -> dict[str, dict[str, float]]:
         """Re-choose the launch config of every kernel the decode step tunes by the step's own time.
 
         The kernels are first tuned one by one, each launched alone (`kernels.tuning`); inside the
         step they overlap their neighbours (programmatic dependent launch) and share the L2, so the
         order can differ. For each tuned problem in turn, the `candidates` fastest alone are each
         captured into the step and timed over `tokens` decode steps of `input_ids`; the fastest
-        stays. Returns, by problem, each candidate's seconds per step (empty when nothing is
-        tuned, as on the CPU)."""
+        stays. Problems go largest share of the step first (calls a step times the fastest time
+        alone); with `budget_s`, none starts after that many seconds and the rest keep their
+        choice alone (listed in `untuned`). Returns, by problem, each candidate's seconds per step
+        (empty when nothing is tuned, as on the CPU)."""
         if tokens < 2 or candidates < 1:
             raise ActSparseError(f"tune needs tokens >= 2 and candidates >= 1, got {tokens} and {candidates}")
+        if budget_s is not None and not budget_s >= 0:
+            raise ActSparseError(f"tune's budget_s must be a number of seconds >= 0, got {budget_s}")
+        started = time.perf_counter()
         self.invalidate()
-        with tuning.recording() as keys:
+        with tuning.recording() as calls:
             self.generate(input_ids, 4)
 
         def seconds_per_step() -> float:
             self.invalidate()
             return min(self.generate(input_ids, tokens).decode_s for _ in range(2)) / (tokens - 1)
 
+        keys = sorted((k for k in calls if len(tuning.ranked(k, candidates)) >= 2),
+                      key=lambda k: calls[k] * tuning.best_seconds(k), reverse=True)
         report: dict[str, dict[str, float]] = {}
-        for key in keys:
-            alternatives = tuning.ranked(key, candidates)
-            if len(alternatives) < 2:
+        self.untuned = []
+        for key in tqdm(keys, desc="tuning in the decode step", unit="kernel", leave=False, disable=not keys):
+            if budget_s is not None and time.perf_counter() - started > budget_s:
+                self.untuned.append(str(key))
                 continue
             times = {}
-            for cfg in alternatives:
+            for cfg in tuning.ranked(key, candidates):
                 tuning.set_choice(key, cfg)
                 times[cfg] = seconds_per_step()
             tuning.set_choice(key, min(times, key=times.get))

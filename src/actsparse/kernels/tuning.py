@@ -22,7 +22,7 @@ Config = TypeVar("Config")
 
 _CHOICES: dict[Hashable, object] = {}
 _TIMINGS: dict[Hashable, list[tuple[object, float]]] = {}
-_RECORDERS: list[list[Hashable]] = []
+_RECORDERS: list[dict[Hashable, int]] = []
 
 # Sparsity bins used in tuning keys: a kernel tuned at 50% sparsity is not the best one at 90%.
 SPARSITY_EDGES = (0.2, 0.45, 0.6, 0.8)
@@ -44,9 +44,8 @@ def sparsity_bin(sparsity: float | None) -> int:
 
 def choose(key: Hashable, candidates: Sequence[Config], launch: Callable[[Config], None], device: torch.device) -> Config:
     """The fastest of `candidates` for `key` (timed once, then remembered)."""
-    for keys in _RECORDERS:
-        if key not in keys:
-            keys.append(key)
+    for calls in _RECORDERS:
+        calls[key] = calls.get(key, 0) + 1
     if key in _CHOICES:
         return _CHOICES[key]  # type: ignore[return-value]
     if len(candidates) == 1 or interpreting() or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
@@ -84,19 +83,24 @@ def timings() -> dict[Hashable, list[tuple[object, float]]]:
 
 @contextlib.contextmanager
 def recording():
-    """Collect, in a list, the keys of every `choose` call made inside the block."""
-    keys: list[Hashable] = []
-    _RECORDERS.append(keys)
+    """Count, by key in the order first met, the `choose` calls made inside the block."""
+    calls: dict[Hashable, int] = {}
+    _RECORDERS.append(calls)
     try:
-        yield keys
+        yield calls
     finally:
-        _RECORDERS.remove(keys)
+        _RECORDERS.remove(calls)
 
 
 def ranked(key: Hashable, n: int) -> list[object]:
     """The `n` candidates of `key` that ran fastest alone (none if `key` was not timed)."""
     finite = sorted((ct for ct in _TIMINGS.get(key, []) if math.isfinite(ct[1])), key=lambda ct: ct[1])
     return [cfg for cfg, _ in finite[:n]]
+
+
+def best_seconds(key: Hashable) -> float:
+    """Seconds of the fastest candidate of `key` timed alone (0 if `key` was not timed)."""
+    return min((t for _, t in _TIMINGS.get(key, []) if math.isfinite(t)), default=0.0)
 
 
 def set_choice(key: Hashable, cfg: object) -> None:
