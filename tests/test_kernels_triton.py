@@ -114,6 +114,19 @@ def test_input_sparse_scale_bias_lowrank(dtype, batch, complement, cfg):
     assert _rel(y, _reference(x, wt, t, scale, bias, lrb, lrz, complement)) < TOL[dtype]
 
 
+@pytest.mark.parametrize("split", [1, 3])
+def test_lowrank_term_summed_over_several_rank_chunks(split):
+    # 1024-column blocks take 8 ranks a chunk at batch 1 (the tile's register bound): 20 take three
+    torch.manual_seed(5)
+    k, n, r = 67, 45, 20
+    x, wt, scale = torch.randn(1, k), torch.randn(k, n), torch.rand(k) + 0.5
+    lrb, lrz = torch.randn(n, r), torch.randn(1, r)
+    t = _threshold(x, 0.5)
+    y = torch.full((1, n), float("nan"))
+    ops.launch_input_sparse(x, wt, t, scale, None, lrb, lrz, False, ops.GemvConfig(1024, 16, split, 4, 1), y)
+    assert _rel(y, _reference(x, wt, t, scale, None, lrb, lrz, False)) < 1e-5
+
+
 @pytest.mark.parametrize("batch", [1, 3])
 @pytest.mark.parametrize("compact,pipelined", [(True, False), (False, False), (True, True)])
 def test_split_k_reduction_in_several_chunks(batch, compact, pipelined):

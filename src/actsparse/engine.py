@@ -156,17 +156,18 @@ class DecodeEngine:
         order can differ. For each tuned problem in turn, the `candidates` fastest alone are each
         captured into the step and timed over `tokens` decode steps of `input_ids`; the fastest
         stays. Problems go largest share of the step first (calls a step times the fastest time
-        alone); with `budget_s`, none starts after that many seconds and the rest keep their
-        choice alone (listed in `untuned`). Returns, by problem, each candidate's seconds per step
+        alone); with `budget_s`, none starts after that many seconds of this in-step tuning (the
+        first decode, which compiles and tunes each kernel alone, not counted) and the rest keep
+        their choice alone (listed in `untuned`). Returns, by problem, each candidate's seconds per step
         (empty when nothing is tuned, as on the CPU)."""
         if tokens < 2 or candidates < 1:
             raise ActSparseError(f"tune needs tokens >= 2 and candidates >= 1, got {tokens} and {candidates}")
         if budget_s is not None and not budget_s >= 0:
             raise ActSparseError(f"tune's budget_s must be a number of seconds >= 0, got {budget_s}")
-        started = time.perf_counter()
         self.invalidate()
         with tuning.recording() as calls:
             self.generate(input_ids, 4)
+        started = time.perf_counter()  # the budget is the in-step tuning's, not the compile's
 
         def seconds_per_step() -> float:
             self.invalidate()

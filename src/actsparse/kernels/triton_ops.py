@@ -192,6 +192,10 @@ def launch_input_sparse(
     # One compaction chunk per program where it fits (each chunk is an x load round trip), and
     # the split-K partials summed in as few chunks as registers allow (each a round trip too).
     chunk = min(2048 if bb == 1 else 128, triton.next_power_of_2(rows_per_split))
+    # The epilogue's low-rank tile is BN x BR weights in registers: at most 8192. A 1024 x 64 tile
+    # is 512 fp32 values a thread at 4 warps; with BR up to 64, R-Sparse's first low-rank problem
+    # was still compiling its candidates after 250 s on an H100 (> 3.5 s a config).
+    lowrank_rows = 16 if bb > 1 else max(1, min(64, triton.next_power_of_2(max(rank, 1)), 8192 // cfg.bn))
     split_chunk = max(1, min(64, 8192 // (bb * cfg.bn)))
     args = (
         x, scale if scale is not None else threshold, threshold, weight_t,
@@ -206,7 +210,7 @@ def launch_input_sparse(
     kwargs = dict(
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_LOWRANK=lowrank_b is not None,
         COMPLEMENT=complement, USE_SPLIT=split_k > 1, IEEE=weight_t.dtype == torch.float32, COMPACT=cfg.compact, PIPE=cfg.pipelined and cfg.compact and bb == 1,
-        BB=bb, BN=cfg.bn, BK=cfg.bk, CHUNK=chunk, BR=16 if bb > 1 else min(64, triton.next_power_of_2(max(rank, 1))),
+        BB=bb, BN=cfg.bn, BK=cfg.bk, CHUNK=chunk, BR=lowrank_rows,
         SC=split_chunk, ACT=ACTIVATIONS[act] if act else 0, GROUP=group, PDL=pdl,
         SPREAD=spread, SS=triton.next_power_of_2(split_k) if spread else 1, SL=spread_slice, DOT=cfg.dot and bb > 1,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl, launch_cooperative_grid=spread,
