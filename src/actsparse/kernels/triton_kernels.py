@@ -211,6 +211,13 @@ def input_sparse_gemv_kernel(
         part = tl.sum(acc, axis=0)
     else:
         part = acc
+    if HAS_LOWRANK:
+        # B's rows are more input rows: each program of a column block adds its share of the ranks,
+        # so the whole grid reads B, not only the N / BN programs that finish a column block.
+        r_share = tl.cdiv(R, split_k)
+        r_lo = pid_k * r_share
+        part = _lowrank_term(part, r_lo, tl.minimum(r_lo + r_share, R), lrb_ptr, lrz_ptr, cols, col_ok, toks, tok_ok, B,
+                             stride_lrb, stride_lrz, IEEE, BB, BR, DOT)
 
     if USE_SPLIT and SPREAD:
         # Split-K, spread: every program of the column block waits until all have stored their
@@ -228,8 +235,8 @@ def input_sparse_gemv_kernel(
         ss = tl.arange(0, SS)
         p = tl.load(part_ptr + ss[:, None] * N + slice_cols[None, :], mask=(ss < split_k)[:, None] & slice_ok[None, :],
                     other=0.0, cache_modifier=".cg")
-        _epilogue(tl.sum(p, axis=0), pid_n * BN + pid_k * SL, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, slice_cols, slice_ok,
-                  toks, tok_ok, B, R, stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, SL, BR, ACT, GROUP, DOT)
+        _epilogue(tl.sum(p, axis=0), pid_n * BN + pid_k * SL, bias_ptr, y_ptr, slice_cols, slice_ok, toks, tok_ok,
+                  stride_y, HAS_BIAS, BB, SL, ACT, GROUP)
         if tl.atomic_add(count_ptr + pid_n, 1, sem="relaxed") == 2 * split_k - 1:
             tl.atomic_xchg(count_ptr + pid_n, 0)
     elif USE_SPLIT:
@@ -256,12 +263,10 @@ def input_sparse_gemv_kernel(
                         other=0.0, cache_modifier=".cg",
                     )
                 total += tl.sum(p, axis=0)
-            _epilogue(total, pid_n * BN, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, B, R,
-                      stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BN, BR, ACT, GROUP, DOT)
+            _epilogue(total, pid_n * BN, bias_ptr, y_ptr, cols, col_ok, toks, tok_ok, stride_y, HAS_BIAS, BB, BN, ACT, GROUP)
             tl.atomic_xchg(count_ptr + pid_n, 0)
     else:
-        _epilogue(part, pid_n * BN, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, B, R,
-                  stride_y, stride_lrb, stride_lrz, HAS_BIAS, HAS_LOWRANK, IEEE, BB, BN, BR, ACT, GROUP, DOT)
+        _epilogue(part, pid_n * BN, bias_ptr, y_ptr, cols, col_ok, toks, tok_ok, stride_y, HAS_BIAS, BB, BN, ACT, GROUP)
 
 
 @triton.jit
@@ -279,39 +284,43 @@ def _activation(g, ACT: tl.constexpr):
 
 
 @triton.jit
-def _epilogue(total, first, bias_ptr, lrb_ptr, lrz_ptr, y_ptr, cols, col_ok, toks, tok_ok, B, R,
-              stride_y, stride_lrb, stride_lrz,
-              HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr,
-              W: tl.constexpr, BR: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr, DOT: tl.constexpr):
-    """Adds the bias and the low-rank term ``lowrank_b @ z`` in fp32, then stores y for the W
-    columns `cols` (the first is `first`); with ACT (batch 1), the columns are gate and up
-    interleaved in groups of GROUP (W a multiple of 2 * GROUP, `first` of 2 * GROUP) and the stored
-    output is ``act(gate) * up``, rounded to y's dtype at each step as the torch MLP rounds."""
+def _lowrank_term(total, r_lo, r_hi, lrb_ptr, lrz_ptr, cols, col_ok, toks, tok_ok, B, stride_lrb, stride_lrz,
+                  IEEE: tl.constexpr, BB: tl.constexpr, BR: tl.constexpr, DOT: tl.constexpr):
+    """total + ``lowrank_b[cols, r_lo:r_hi] @ z[:, r_lo:r_hi]`` in fp32 (total: [W] at batch 1, else [BB, W])."""
+    for r0 in range(r_lo, r_hi, BR):
+        rs = r0 + tl.arange(0, BR)
+        r_ok = rs < r_hi
+        lrb = tl.load(lrb_ptr + cols[:, None] * stride_lrb + rs[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
+        if BB == 1:
+            z = tl.load(lrz_ptr + rs, mask=r_ok, other=0.0).to(tl.float32)
+            total += tl.sum(lrb.to(tl.float32) * z[None, :], axis=1)
+        elif DOT:
+            z = tl.load(lrz_ptr + toks[:, None] * stride_lrz + rs[None, :], mask=tok_ok[:, None] & r_ok[None, :], other=0.0)
+            if IEEE:
+                total = tl.dot(z.to(lrb.dtype), tl.trans(lrb), total, input_precision="ieee")
+            else:
+                total = tl.dot(z.to(lrb.dtype), tl.trans(lrb), total)
+        else:
+            for b in tl.static_range(BB):
+                z = tl.load(lrz_ptr + b * stride_lrz + rs, mask=r_ok & (tl.zeros_like(rs) + b < B), other=0.0)
+                term = tl.sum(lrb.to(tl.float32) * z.to(tl.float32)[None, :], axis=1)
+                total = tl.where(toks[:, None] == b, total + term[None, :], total)
+    return total
+
+
+@triton.jit
+def _epilogue(total, first, bias_ptr, y_ptr, cols, col_ok, toks, tok_ok, stride_y,
+              HAS_BIAS: tl.constexpr, BB: tl.constexpr, W: tl.constexpr, ACT: tl.constexpr, GROUP: tl.constexpr):
+    """Adds the bias in fp32, then stores y for the W columns `cols` (the first is `first`); with
+    ACT (batch 1), the columns are gate and up interleaved in groups of GROUP (W a multiple of
+    2 * GROUP, `first` of 2 * GROUP) and the stored output is ``act(gate) * up``, rounded to y's
+    dtype at each step as the torch MLP rounds."""
     if HAS_BIAS:
         bias = tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)
         if BB == 1:
             total += bias
         else:
             total += bias[None, :]
-    if HAS_LOWRANK:
-        for r0 in range(0, R, BR):
-            rs = r0 + tl.arange(0, BR)
-            r_ok = rs < R
-            lrb = tl.load(lrb_ptr + cols[:, None] * stride_lrb + rs[None, :], mask=col_ok[:, None] & r_ok[None, :], other=0.0)
-            if BB == 1:
-                z = tl.load(lrz_ptr + rs, mask=r_ok, other=0.0).to(tl.float32)
-                total += tl.sum(lrb.to(tl.float32) * z[None, :], axis=1)
-            elif DOT:
-                z = tl.load(lrz_ptr + toks[:, None] * stride_lrz + rs[None, :], mask=tok_ok[:, None] & r_ok[None, :], other=0.0)
-                if IEEE:
-                    total = tl.dot(z.to(lrb.dtype), tl.trans(lrb), total, input_precision="ieee")
-                else:
-                    total = tl.dot(z.to(lrb.dtype), tl.trans(lrb), total)
-            else:
-                for b in tl.static_range(BB):
-                    z = tl.load(lrz_ptr + b * stride_lrz + rs, mask=r_ok & (tl.zeros_like(rs) + b < B), other=0.0)
-                    term = tl.sum(lrb.to(tl.float32) * z.to(tl.float32)[None, :], axis=1)
-                    total = tl.where(toks[:, None] == b, total + term[None, :], total)
     if ACT != 0:
         pairs: tl.constexpr = W // (2 * GROUP)
         g, u = tl.split(tl.permute(tl.reshape(total, (pairs, 2, GROUP)), (0, 2, 1)))

@@ -192,7 +192,7 @@ def launch_input_sparse(
     # One compaction chunk per program where it fits (each chunk is an x load round trip), and
     # the split-K partials summed in as few chunks as registers allow (each a round trip too).
     chunk = min(2048 if bb == 1 else 128, triton.next_power_of_2(rows_per_split))
-    # The epilogue's low-rank tile is BN x BR weights in registers: at most 8192. A 1024 x 64 tile
+    # The low-rank term's tile of B is BN x BR weights in registers: at most 8192. A 1024 x 64 tile
     # is 512 fp32 values a thread at 4 warps; with BR up to 64, R-Sparse's first low-rank problem
     # was still compiling its candidates after 250 s on an H100 (> 3.5 s a config).
     lowrank_rows = 16 if bb > 1 else max(1, min(64, triton.next_power_of_2(max(rank, 1)), 8192 // cfg.bn))
