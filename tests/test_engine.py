@@ -92,6 +92,8 @@ def test_engine_reuse_and_limits():
         (["bench", "--batch", "9"], "--batch must be 1..8"),
         (["bench", "--tokens", "4"], "--tokens must be at least 8"),
         (["bench", "some/model", "--shape", "llama3-8b"], "not both"),
+        (["bench", "--tune-budget-s", "-1"], "--tune-budget-s must be a number of seconds >= 0"),
+        (["bench", "--tune-budget-s", "nan"], "--tune-budget-s must be a number of seconds >= 0"),
     ],
 )
 def test_bench_rejects_bad_input(argv, message, capsys):
@@ -116,6 +118,7 @@ def test_bench_on_a_random_smollm2_shape(tmp_path, capsys):
         assert key in result
     assert result["device"] == "cpu" and result["batch"] == 1 and 0.4 < result["sparsity"] < 0.6
     assert result["decode_attention"] is True and result["dependent_launch"] is False  # the latter CUDA only
+    assert result["dense_untuned_in_step"] == result["sparse_untuned_in_step"] == []  # the CPU tunes nothing
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
 
 

@@ -58,6 +58,9 @@ def register(sub) -> None:
                         "compile, a slower decode (default: its C++ wrapper)")
     p.add_argument("--hf-baseline", action="store_true",
                    help="also time transformers' own generate (static cache + torch.compile on CUDA)")
+    p.add_argument("--tune-budget-s", type=float, default=None, metavar="S",
+                   help="CUDA: seconds at most of re-choosing launch configs inside each decode path's step, "
+                        "largest kernels first (default: every kernel; R-Sparse at 8B has ~10 to try)")
     p.add_argument("--json", metavar="OUT", help="write the result as JSON")
     p.set_defaults(func=run)
 
@@ -81,6 +84,8 @@ def _check(args) -> None:
         raise ActSparseError(f"--batch must be 1..8 (the kernels' decode batch), got {args.batch}")
     for name in ("tokens", "prompt_len", "repeats", "threads"):
         check_positive(f"--{name.replace('_', '-')}", getattr(args, name))
+    if args.tune_budget_s is not None and not args.tune_budget_s >= 0:
+        raise ActSparseError(f"--tune-budget-s must be a number of seconds >= 0, got {args.tune_budget_s}")
     if args.tokens < 8:
         raise ActSparseError(f"--tokens must be at least 8, got {args.tokens}")
     if args.model is not None and args.shape is not None:
@@ -152,10 +157,10 @@ def run(args) -> int:
     result["dense_baseline"] = "the saved model, its modules dense" if loaded_sparse else "the dense model"
     if loaded_sparse:
         with dense_baseline(model):
-            dense = timed_decode(engine, prompts, args.tokens, args.repeats)
+            dense = timed_decode(engine, prompts, args.tokens, args.repeats, tune_budget_s=args.tune_budget_s)
         config = model.actsparse_config
     else:
-        dense = timed_decode(engine, prompts, args.tokens, args.repeats)
+        dense = timed_decode(engine, prompts, args.tokens, args.repeats, tune_budget_s=args.tune_budget_s)
         config = args.config
         log(f"sparsify: {config.method} at {config.sparsity:g}")
         calibration = (random_calibration(model) if random_weights
@@ -166,12 +171,14 @@ def run(args) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         result["sparsify_s"] = time.perf_counter() - started
-    result.update(method=config.method, target_sparsity=config.sparsity, config=config.to_dict())
+    result.update(method=config.method, target_sparsity=config.sparsity, config=config.to_dict(),
+                  dense_untuned_in_step=list(engine.untuned))
     use_kernels(model, kernels)
     del engine  # a method may have replaced modules (LaRoSA's norms): the sparse model gets its own engine
     engine = DecodeEngine(model, **engine_options)
     log(f"sparse decode ({backend})")
-    sparse = timed_decode(engine, prompts, args.tokens, args.repeats)
+    sparse = timed_decode(engine, prompts, args.tokens, args.repeats, tune_budget_s=args.tune_budget_s)
+    result["sparse_untuned_in_step"] = list(engine.untuned)
     sequence = torch.cat([prompts, sparse.tokens], dim=1)
     report = measured_report(model, sequence)
     sparsity = report.model
