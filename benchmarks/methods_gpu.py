@@ -3,7 +3,7 @@ dense vs sparse in one engine (issue 23).
 
     PYTHONPATH=src python3 benchmarks/methods_gpu.py --out $OUT [--shape llama3-8b] [--dtype bf16]
         [--runs teal:0.5,larosa:0.5,rsparse:0.5,cats:0.9:act=relu,teal:0.5@mistral-7b] [--budget-s 540] [--tokens 128]
-        [--dense-from EARLIER/methods_gpu.json]
+        [--dense-from EARLIER/methods_gpu.json] [--tune-candidates 10] [--tune-budget-s S] [--log-tuning]
 
 Random weights of the shape (no weights reach a lent GPU), calibrated on random tokens through
 `actsparse.sparsify_` with each method's default config, then `DecodeEngine` dense and sparse
@@ -23,6 +23,7 @@ import argparse
 import ast
 import gc
 import json
+import logging
 import sys
 import time
 import traceback
@@ -70,13 +71,13 @@ def peak_gb(device: torch.device) -> float:
     return torch.cuda.max_memory_allocated(device) / 1e9 if device.type == "cuda" else float("nan")
 
 
-def decode(model, device, tokens: int, repeats: int, args):
+def decode(model, device, args):
     """The fastest of `repeats` decodes; how the in-step tuning went (problems tuned, left to their
     choice alone, seconds of tuning and timing); on CUDA with --profile, GPU time per step by kernel."""
     prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0)).to(device)
-    engine = DecodeEngine(model, max_len=PROMPT + tokens)
+    engine = DecodeEngine(model, max_len=PROMPT + args.tokens)
     start = time.perf_counter()
-    result = timed_decode(engine, prompt, tokens, repeats, tune_candidates=args.tune_candidates,
+    result = timed_decode(engine, prompt, args.tokens, args.repeats, tune_candidates=args.tune_candidates,
                           tune_budget_s=args.tune_budget_s)
     tuning_info = {"tuned_in_step": len(engine.tuning_report), "untuned": engine.untuned,
                    "tune_and_time_s": time.perf_counter() - start}
@@ -87,7 +88,7 @@ def decode(model, device, tokens: int, repeats: int, args):
 def dense_speed(shape: str, overrides: dict, dtype, device, args) -> float:
     model = random_model(shape, dtype, device, seed=SEED, **overrides)
     swap_modules(model)
-    result, steps, tuning_info = decode(model, device, args.tokens, args.repeats, args)
+    result, steps, tuning_info = decode(model, device, args)
     print(f"dense {shape} tuning: {json.dumps(tuning_info)}", file=sys.stderr, flush=True)
     if steps:
         print(f"dense {shape} step profile: {json.dumps(steps)}", file=sys.stderr, flush=True)
@@ -140,7 +141,7 @@ def one_run(dtype, device, text: str, dense: dict, args) -> dict:
     ideal = ideal_speedup(linear / (linear + head), measured, rotation)
     use_kernels(model)
     with tuning.recording() as tuned_keys:
-        sparse, steps, tuning_info = decode(model, device, args.tokens, args.repeats, args)
+        sparse, steps, tuning_info = decode(model, device, args)
     result = {"run": text, "shape": shape, "model_overrides": overrides, "method": method, "target": sparsity, "options": fields, "measured_sparsity": measured,
               "rotation_reads": rotation, "sparsify_s": seconds, "peak_gb": peak_gb(device),
               "dense_tok_s": dense_tok_s, "sparse_tok_s": sparse.tokens_per_s,
@@ -189,10 +190,17 @@ def main() -> int:
                    help="launch configs tried inside the decode step per tuned kernel (each costs ~1 s on the H200)")
     p.add_argument("--tune-budget-s", type=float, default=None,
                    help="seconds of in-step tuning at most per decode (largest kernels first; default: all)")
+    p.add_argument("--log-tuning", action="store_true",
+                   help="print one line per kernel problem tuned alone: candidates, seconds, best time")
     p.add_argument("--dense-from", metavar="JSON", help="take the dense tok/s of each shape from an earlier "
                    "methods_gpu.json of the same GPU and dtype instead of timing it (~170 s a shape on the H200); "
                    "every row then names that file as its dense source")
     args = p.parse_args()
+    if args.tune_budget_s is not None and not args.tune_budget_s >= 0:
+        raise SystemExit(f"--tune-budget-s must be a number of seconds >= 0, got {args.tune_budget_s}")
+    if args.log_tuning:
+        logging.basicConfig(format="%(message)s", stream=sys.stderr)
+        logging.getLogger(tuning.__name__).setLevel(logging.INFO)
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
     started = time.perf_counter()
     results = {"env": environment(device), "shape": args.shape, "dtype": args.dtype,

@@ -473,6 +473,24 @@ def test_tuner_records_keys_ranks_candidates_and_takes_a_choice(monkeypatch):
         tuning.set_choice("key", "unknown")
 
 
+def test_tuner_times_a_new_cuda_problem_once_and_logs_it(monkeypatch, caplog):
+    times = {"slow": 2e-6, "fast": 1e-6}
+    timed = []
+    monkeypatch.setattr(tuning, "seconds", lambda fn, device: fn() or times[timed[-1]])
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(tuning, "interpreting", lambda: False)
+    caplog.set_level("INFO", logger=tuning.__name__)
+    try:
+        for _ in range(2):
+            assert tuning.choose("new-key", ["slow", "fast"], timed.append, torch.device("cuda")) == "fast"
+        assert timed == ["slow", "fast"]  # the second call takes the remembered choice
+        (line,) = [r.getMessage() for r in caplog.records if r.name == tuning.__name__]
+        assert line.startswith("tuned new-key: 2 candidates in ") and line.endswith("best 1.0 us")
+    finally:
+        tuning._CHOICES.pop("new-key", None)
+        tuning._TIMINGS.pop("new-key", None)
+
+
 def test_engine_tune_times_each_alternative_inside_the_step_and_keeps_the_fastest(monkeypatch):
     from actsparse.engine import DecodeEngine
 

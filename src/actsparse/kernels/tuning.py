@@ -12,14 +12,17 @@ is recorded with an infinite time and never chosen.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import os
+import time
 from typing import Callable, Hashable, Sequence, TypeVar
 
 import torch
 
 Config = TypeVar("Config")
 
+_LOG = logging.getLogger(__name__)  # one INFO line per problem tuned (which ones take long to compile)
 _CHOICES: dict[Hashable, object] = {}
 _TIMINGS: dict[Hashable, list[tuple[object, float]]] = {}
 _RECORDERS: list[dict[Hashable, int]] = []
@@ -50,9 +53,12 @@ def choose(key: Hashable, candidates: Sequence[Config], launch: Callable[[Config
         return _CHOICES[key]  # type: ignore[return-value]
     if len(candidates) == 1 or interpreting() or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return candidates[0]
+    started = time.perf_counter()
     best, timings = fastest(key, candidates, lambda cfg: seconds(lambda: launch(cfg), device))
     _CHOICES[key] = best
     _TIMINGS[key] = timings
+    _LOG.info("tuned %s: %d candidates in %.1f s, best %.1f us", key, len(candidates),
+              time.perf_counter() - started, min(t for _, t in timings) * 1e6)
     return best
 
 
