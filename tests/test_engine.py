@@ -63,6 +63,25 @@ def test_sparse_decode_through_kernels_is_the_sparse_forward_argmax(arch):
     assert torch.equal(sparse, _forward_argmax(model, prompt, sparse))
 
 
+@pytest.mark.parametrize("compile", ["eager", True])
+def test_a_given_text_is_fed_instead_of_the_argmax(compile):
+    """`generate(..., text=)` decodes the text's tokens (the argmax is still computed, then
+    replaced), and the next greedy decode is the model's own again."""
+    model = tiny_model("llama")
+    prompt, text = random_tokens(2, 5, seed=3), random_tokens(2, 12, seed=5)
+    engine = DecodeEngine(model, max_len=24, batch_size=2, compile=compile)
+    greedy = engine.generate(prompt, 12).tokens
+    assert not torch.equal(greedy, text)
+    assert torch.equal(engine.generate(prompt, 12, text).tokens, text)
+    assert torch.equal(engine.generate(prompt, 8, text).tokens, text[:, :8])
+    assert torch.equal(engine.generate(prompt, 12).tokens, greedy)
+    assert torch.equal(engine.generate(prompt, 12, greedy).tokens, greedy)
+    with pytest.raises(ActSparseError, match=r"text must be \[2, >= 12\]"):
+        engine.generate(prompt, 12, text[:, :11])
+    with pytest.raises(ActSparseError, match="text must be"):
+        engine.generate(prompt, 4, text[:1])
+
+
 def test_engine_reuse_and_limits():
     model = tiny_model("llama")
     engine = DecodeEngine(model, max_len=16)
@@ -117,6 +136,7 @@ def test_bench_on_a_random_smollm2_shape(tmp_path, capsys):
     for key in ("dense_tok_s", "sparse_tok_s", "speedup", "ideal_speedup", "sparsity", "device", "dtype", "batch"):
         assert key in result
     assert result["device"] == "cpu" and result["batch"] == 1 and 0.4 < result["sparsity"] < 0.6
+    assert result["decode"] == "text"  # random tokens fed to both paths: a random-weight shape has no text
     assert result["decode_attention"] is True and result["dependent_launch"] is False  # the latter CUDA only
     assert result["dense_untuned_in_step"] == result["sparse_untuned_in_step"] == []  # the CPU tunes nothing
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1]) == result
@@ -138,9 +158,9 @@ def test_bench_on_a_saved_prosparse_directory_keeps_its_method(tmp_path, capsys)
     assert main(["bench", str(relu), "--selection", "topk", "--option", "alpha=0.8"]) == 2
     assert "--selection and --option apply to a dense model only" in capsys.readouterr().err
     out = tmp_path / "bench.json"
-    assert main(["bench", str(relu), "--tokens", "8", "--repeats", "1", "--json", str(out)]) == 0
+    assert main(["bench", str(relu), "--tokens", "8", "--repeats", "1", "--decode", "greedy", "--json", str(out)]) == 0
     result = json.loads(out.read_text())
-    assert result["method"] == "prosparse" and result["target_sparsity"] == 0.0
+    assert result["method"] == "prosparse" and result["target_sparsity"] == 0.0 and result["decode"] == "greedy"
     assert 0.1 < result["sparsity"] < 0.4  # measured: the target is 0, the random ReLU gate zeroes ~half the MLP inputs
 
 

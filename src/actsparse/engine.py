@@ -94,6 +94,9 @@ class DecodeEngine:
         self._token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self._out = torch.zeros(batch_size, max_len + 1, dtype=torch.long, device=self.device)
+        # `generate(..., text=)`: the tokens to feed instead of the argmax, and whether to
+        self._text = torch.zeros(batch_size, max_len + 1, dtype=torch.long, device=self.device)
+        self._given = torch.zeros((), dtype=torch.bool, device=self.device)
         if dependent_launch is None:
             dependent_launch = on_cuda and torch.cuda.get_device_capability(self.device)[0] >= 9
         if dependent_launch and not on_cuda:
@@ -148,7 +151,7 @@ class DecodeEngine:
             self._next = self._compiled_step()
 
     def tune(self, input_ids: torch.Tensor, candidates: int = 10, tokens: int = 64,
-             budget_s: float | None = None) -> dict[str, dict[str, float]]:
+             budget_s: float | None = None, text: torch.Tensor | None = None) -> dict[str, dict[str, float]]:
         """Re-choose the launch config of every kernel the decode step tunes by the step's own time.
 
         The kernels are first tuned one by one, each launched alone (`kernels.tuning`); inside the
@@ -158,7 +161,7 @@ class DecodeEngine:
         stays. Problems go largest share of the step first (calls a step times the fastest time
         alone); with `budget_s`, none starts after that many seconds of this in-step tuning (the
         first decode, which compiles and tunes each kernel alone, not counted) and the rest keep
-        their choice alone (listed in `untuned`). Returns, by problem, each candidate's seconds per step
+        their choice alone (listed in `untuned`). `text`: as in `generate`. Returns, by problem, each candidate's seconds per step
         (empty when nothing is tuned, as on the CPU)."""
         if tokens < 2 or candidates < 1:
             raise ActSparseError(f"tune needs tokens >= 2 and candidates >= 1, got {tokens} and {candidates}")
@@ -166,12 +169,12 @@ class DecodeEngine:
             raise ActSparseError(f"tune's budget_s must be a number of seconds >= 0, got {budget_s}")
         self.invalidate()
         with tuning.recording() as calls:
-            self.generate(input_ids, 4)
+            self.generate(input_ids, 4, text)
         started = time.perf_counter()  # the budget is the in-step tuning's, not the compile's
 
         def seconds_per_step() -> float:
             self.invalidate()
-            return min(self.generate(input_ids, tokens).decode_s for _ in range(2)) / (tokens - 1)
+            return min(self.generate(input_ids, tokens, text).decode_s for _ in range(2)) / (tokens - 1)
 
         keys = sorted((k for k in calls if len(tuning.ranked(k, candidates)) >= 2),
                       key=lambda k: calls[k] * tuning.best_seconds(k), reverse=True)
@@ -193,7 +196,8 @@ class DecodeEngine:
 
     def _next_token(self, token: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         logits = self.model(input_ids=token, past_key_values=self.cache, cache_position=pos, use_cache=True).logits
-        return logits[:, -1].argmax(-1)
+        # Given a text, the step still computes its argmax (the same work), then feeds the text.
+        return torch.where(self._given, self._text.index_select(1, pos + 1)[:, 0], logits[:, -1].argmax(-1))
 
     def _step(self, compiled: bool = True) -> None:
         nxt = (self._next if compiled else self._next_token)(self._token, self._pos)
@@ -234,14 +238,19 @@ class DecodeEngine:
         logits = self.model(
             input_ids=input_ids.to(self.device), past_key_values=self.cache, cache_position=positions, use_cache=True
         ).logits
-        first = logits[:, -1].argmax(-1)
+        first = torch.where(self._given, self._text[:, length], logits[:, -1].argmax(-1))
         self._token.copy_(first[:, None])
         self._pos.fill_(length)
         self._out[:, length] = first
 
     @torch.inference_mode()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int) -> DecodeResult:
-        """Greedy continuation of `input_ids` [batch, L]: `max_new_tokens` tokens per prompt."""
+    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, text: torch.Tensor | None = None) -> DecodeResult:
+        """Greedy continuation of `input_ids` [batch, L]: `max_new_tokens` tokens per prompt.
+
+        With `text` [batch, >= max_new_tokens], each step feeds the text's next token instead of
+        its own argmax (which it still computes): two models decode the same tokens, so their
+        speed and sparsity are compared on one text rather than on each one's own output. The
+        result's `tokens` are then the text's."""
         if input_ids.dim() != 2 or input_ids.shape[0] != self.batch_size:
             raise ActSparseError(f"input_ids must be [{self.batch_size}, L], got {tuple(input_ids.shape)}")
         length = input_ids.shape[1]
@@ -250,6 +259,12 @@ class DecodeEngine:
                 f"a {length}-token prompt and {max_new_tokens} new tokens need max_len >= {length + max_new_tokens}; "
                 f"this engine has {self.max_len}"
             )
+        if text is not None:
+            if text.dim() != 2 or text.shape[0] != self.batch_size or text.shape[1] < max_new_tokens:
+                raise ActSparseError(f"text must be [{self.batch_size}, >= {max_new_tokens}] tokens to feed, "
+                                     f"got {tuple(text.shape)}")
+            self._text[:, length : length + max_new_tokens] = text[:, :max_new_tokens].to(self.device)
+        self._given.fill_(text is not None)
         self._sync()
         start = time.perf_counter()
         self._prefill(input_ids)

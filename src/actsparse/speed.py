@@ -181,14 +181,16 @@ def hf_generate_speed(model: nn.Module, prompt: torch.Tensor, tokens: int) -> fl
 
 
 def timed_decode(engine: DecodeEngine, prompt: torch.Tensor, tokens: int, repeats: int, tune: bool = True,
-                 tune_candidates: int = 10, tune_budget_s: float | None = None) -> DecodeResult:
+                 tune_candidates: int = 10, tune_budget_s: float | None = None,
+                 text: torch.Tensor | None = None) -> DecodeResult:
     """The fastest of `repeats` decodes, after a short warm-up decode (compile, tune, capture);
     on CUDA with `tune`, the kernels' launch configs are first re-chosen inside the decode step
-    among the `tune_candidates` fastest alone, for `tune_budget_s` seconds at most (`DecodeEngine.tune`)."""
+    among the `tune_candidates` fastest alone, for `tune_budget_s` seconds at most (`DecodeEngine.tune`).
+    With `text`, every decode feeds it instead of the model's own tokens (`DecodeEngine.generate`)."""
     if tune and engine.device.type == "cuda":
-        engine.tune(prompt, candidates=tune_candidates, tokens=min(tokens, 64), budget_s=tune_budget_s)
-    engine.generate(prompt, min(tokens, 4))
-    runs = [engine.generate(prompt, tokens) for _ in range(repeats)]
+        engine.tune(prompt, candidates=tune_candidates, tokens=min(tokens, 64), budget_s=tune_budget_s, text=text)
+    engine.generate(prompt, min(tokens, 4), text)
+    runs = [engine.generate(prompt, tokens, text) for _ in range(repeats)]
     return max(runs, key=lambda r: r.tokens_per_s)
 
 

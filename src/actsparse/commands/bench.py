@@ -49,6 +49,11 @@ def register(sub) -> None:
     p.add_argument("--dtype", default=None, help="fp32, bf16 or fp16 (default: fp32 on the CPU, bf16 on CUDA)")
     p.add_argument("--tokens", type=int, default=128, metavar="N", help="new tokens per prompt (default 128)")
     p.add_argument("--prompt-len", type=int, default=32, metavar="L", help="prompt tokens (default 32)")
+    p.add_argument("--decode", default="text", choices=("text", "greedy"),
+                   help="text (default): every step feeds the next token of a fixed text (the evaluation text "
+                        "after each prompt; random tokens for a random-weight model), so dense and sparse decode "
+                        "the same tokens and the sparsity is measured on them; greedy: each path feeds its own "
+                        "argmax (a model that falls into a repeated token reads as sparser and faster)")
     p.add_argument("--repeats", type=int, default=3, help="timed decodes per path; the fastest counts (default 3)")
     p.add_argument("--threads", type=int, default=None,
                    help="CPU threads: the kernels' with CPU kernels on (torch's own ops then run on one), else "
@@ -96,14 +101,19 @@ def _check(args) -> None:
         raise ActSparseError("--device cuda: no CUDA device is visible")
 
 
-def _prompts(tokenizer, batch: int, length: int, vocab: int) -> torch.Tensor:
-    """`batch` different prompts: windows of the evaluation text, or random tokens without a tokenizer."""
+def _windows(tokenizer, batch: int, length: int, tokens: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`batch` different prompts of `length` tokens and the `tokens` that follow each: windows of the
+    evaluation text, or random tokens without a tokenizer."""
+    size = length + tokens
     if tokenizer is None:
-        return torch.randint(0, vocab, (batch, length), generator=torch.Generator().manual_seed(0))
-    ids = tokenize_texts(tokenizer, read_texts(DEFAULT_EVAL), max_tokens=batch * length)
-    if ids.numel() < batch * length:
-        raise ActSparseError("the evaluation text is too short for these prompts")
-    return ids[: batch * length].reshape(batch, length)
+        ids = torch.randint(0, vocab, (batch * size,), generator=torch.Generator().manual_seed(0))
+    else:
+        ids = tokenize_texts(tokenizer, read_texts(DEFAULT_EVAL), max_tokens=batch * size)
+        if ids.numel() < batch * size:
+            raise ActSparseError(f"the evaluation text has {ids.numel()} tokens; {batch} prompts of {length} and "
+                                 f"{tokens} new tokens each need {batch * size}")
+    windows = ids[: batch * size].reshape(batch, size)
+    return windows[:, :length], windows[:, length:]
 
 
 def run(args) -> int:
@@ -135,10 +145,12 @@ def run(args) -> int:
         model, tokenizer = load_model(args.model, dtype, str(device))
         what = args.model or "SmolLM2-135M-Instruct (embedded)"
     loaded_sparse = getattr(model, "actsparse_config", None) is not None
-    prompts = _prompts(tokenizer, args.batch, args.prompt_len, model.config.vocab_size)
+    prompts, text = _windows(tokenizer, args.batch, args.prompt_len, args.tokens, model.config.vocab_size)
+    text = text if args.decode == "text" else None
 
     result = {"model": what, "method": None, "target_sparsity": None, "device": device.type,
               "dtype": str(dtype).removeprefix("torch."), "tokens": args.tokens, "prompt_len": args.prompt_len,
+              "decode": args.decode,
               "backend": backend, "kernel_path": kernel_path, "quick_compile": args.quick_compile, **environment(device)}
     if args.hf_baseline and not loaded_sparse:
         log("timing transformers' generate (dense)")
@@ -157,10 +169,10 @@ def run(args) -> int:
     result["dense_baseline"] = "the saved model, its modules dense" if loaded_sparse else "the dense model"
     if loaded_sparse:
         with dense_baseline(model):
-            dense = timed_decode(engine, prompts, args.tokens, args.repeats, tune_budget_s=args.tune_budget_s)
+            dense = timed_decode(engine, prompts, args.tokens, args.repeats, tune_budget_s=args.tune_budget_s, text=text)
         config = model.actsparse_config
     else:
-        dense = timed_decode(engine, prompts, args.tokens, args.repeats, tune_budget_s=args.tune_budget_s)
+        dense = timed_decode(engine, prompts, args.tokens, args.repeats, tune_budget_s=args.tune_budget_s, text=text)
         config = args.config
         log(f"sparsify: {config.method} at {config.sparsity:g}")
         calibration = (random_calibration(model) if random_weights
@@ -177,7 +189,7 @@ def run(args) -> int:
     del engine  # a method may have replaced modules (LaRoSA's norms): the sparse model gets its own engine
     engine = DecodeEngine(model, **engine_options)
     log(f"sparse decode ({backend})")
-    sparse = timed_decode(engine, prompts, args.tokens, args.repeats, tune_budget_s=args.tune_budget_s)
+    sparse = timed_decode(engine, prompts, args.tokens, args.repeats, tune_budget_s=args.tune_budget_s, text=text)
     result["sparse_untuned_in_step"] = list(engine.untuned)
     sequence = torch.cat([prompts, sparse.tokens], dim=1)
     report = measured_report(model, sequence)
@@ -197,7 +209,8 @@ def format_result(r: dict) -> str:
     steps = lambda tok_s: 1e3 * r["batch"] / tok_s
     lines = [
         f"{r['model']} · {r['dtype']} · batch {r['batch']} · {r['device_name']} · "
-        f"{r['tokens']} new tokens after {r['prompt_len']} · {r['method']} via {r['backend']}",
+        f"{r['tokens']} new tokens after {r['prompt_len']} ({'fed from a text' if r['decode'] == 'text' else 'greedy'}) · "
+        f"{r['method']} via {r['backend']}",
         f"{'path':<8}{'sparsity':>10}{'tok/s':>10}{'ms/step':>10}{'GB/s':>9}",
         f"{'dense':<8}{0.0:>10.3f}{r['dense_tok_s']:>10.1f}{steps(r['dense_tok_s']):>10.2f}{r['dense_gb_s']:>9.1f}",
         f"{'sparse':<8}{r['sparsity']:>10.3f}{r['sparse_tok_s']:>10.1f}{steps(r['sparse_tok_s']):>10.2f}{r['sparse_gb_s']:>9.1f}",
