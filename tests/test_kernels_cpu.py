@@ -6,6 +6,8 @@ import stat
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import actsparse
 from actsparse.errors import ActSparseError
@@ -195,7 +197,7 @@ def _cpu_kernel_registered_from_cpp(op: str, key: str = "CPU") -> bool:
                for line in torch._C._dispatch_dump(f"actsparse::{op}").splitlines())
 
 
-CPP_OPS = ("input_sparse_linear", "input_sparse_gated", "output_sparse_rows", "dense_linear", "decode_attention")
+CPP_OPS = ("input_sparse_linear", "input_sparse_gated", "output_sparse_rows", "dense_linear", "decode_attention", "topk_kept")
 
 
 def test_cpu_ops_dispatch_to_the_cpp_kernel_and_compile():
@@ -224,6 +226,36 @@ def test_cpu_ops_dispatch_to_the_cpp_kernel_and_compile():
     y = ops.input_sparse_linear_reference(x, wt, t, None, None, None, None, False, 0.5)
     ref = ops.output_sparse_rows_reference(x, ops.topk_kept_reference(y[:, :40], 10, None), torch.tensor(0.0), w, 0.75)
     assert _rel(eager, ref.double()) < 1e-5
+
+
+@settings(max_examples=200, deadline=None)
+@given(values=st.lists(st.integers(-3, 3), min_size=1, max_size=40), data=st.data(),
+       dtype=st.sampled_from(DTYPES), scaled=st.booleans())
+def test_topk_kept_is_the_reference_entry_for_entry(values, data, dtype, scaled):
+    """Few distinct values, so most rows have ties at the k-th score: the lowest indices win, as in
+    the reference, whatever the dtype, scale or k."""
+    cpu_ops.library()
+    d = len(values)
+    x = torch.tensor(values, dtype=torch.float32).to(dtype).reshape(1, d).repeat(2, 1)
+    x[1] = x[1].flip(0)
+    k = data.draw(st.integers(1, d))
+    scale = torch.tensor(data.draw(st.lists(st.sampled_from([0.5, 1.0, 2.0]), min_size=d, max_size=d))) if scaled else None
+    got = ops.topk_kept(x, k, scale)
+    assert got.dtype == dtype and torch.equal(got, ops.topk_kept_reference(x, k, scale))
+
+
+def test_topk_kept_batches_nan_rows_and_bad_k():
+    cpu_ops.library()
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 1536)
+    x[0, 1, 7] = float("nan")  # the reference keeps nothing of a row whose top k holds a NaN
+    for k in (1, 768, 1536):
+        assert torch.equal(ops.topk_kept(x, k, None).nan_to_num(), ops.topk_kept_reference(x, k, None).nan_to_num())
+    assert not ops.topk_kept(x, 768, None)[0, 1].any()
+    with pytest.raises(RuntimeError, match=r"k must be in 1..1536, got 0"):
+        ops.topk_kept(x, 0, None)
+    with pytest.raises(RuntimeError, match="scale must have 1536 entries"):
+        ops.topk_kept(x, 5, torch.ones(3))
 
 
 def test_cpu_ops_on_tensors_that_require_grad_run_and_refuse_backward():

@@ -2,9 +2,9 @@
 
 `cpu_kernels.cpp` holds the kernels behind a plain C ABI (no torch headers); `cpu_torch_ops.cpp`
 registers them with torch's dispatcher as the "cpu" kernels of `actsparse::input_sparse_linear`,
-`input_sparse_gated`, `output_sparse_rows`, `dense_linear` and `decode_attention`, so a CPU decode
-step traces and compiles like a CUDA one and each op call goes from the compiled graph straight
-into C++ (`topk_kept` runs its torch reference on the CPU). Both are compiled together with
+`input_sparse_gated`, `output_sparse_rows`, `dense_linear`, `decode_attention` and `topk_kept`, so
+a CPU decode step traces and compiles like a CUDA one and each op call goes from the compiled graph
+straight into C++. Both are compiled together with
 ``-O3 -march=native`` against this torch's headers at first use (`library()`, ~15 s once), and
 registered on load; `unregister()` / `register()` let another CPU kernel stand in (tests).
 Activations and outputs are of the model's dtype, weights float32, bfloat16 or float16 (fp32
