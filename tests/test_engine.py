@@ -309,7 +309,8 @@ def test_cpu_step_compiles_with_the_cpp_wrapper_by_default_and_decodes_as_the_py
     model = _tiny_teal_through_kernels()
     prompt = random_tokens(1, 5, seed=4)
     default = DecodeEngine(model, max_len=24, compile=True)
-    assert default._compile_options["options"] == CPU_INDUCTOR_OPTIONS == {"cpp_wrapper": True, "size_asserts": False}
+    assert default._compile_options["options"] == CPU_INDUCTOR_OPTIONS == {
+        "cpp_wrapper": True, "size_asserts": False, "cpp_wrapper_build_separate": True}
     python_wrapper = DecodeEngine(model, max_len=24, compile=True, inductor_options={})
     assert python_wrapper._compile_options["options"] is None
     tokens = default.generate(prompt, 12).tokens

@@ -27,7 +27,7 @@ from .kernels import tuning
 
 ATTENTION_DEVICES = ("cuda", "cpu")  # the device types with a decode attention kernel
 # the compiled CPU step's default (see DecodeEngine)
-CPU_INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False}
+CPU_INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "cpp_wrapper_build_separate": True}
 # torch.compile's own cache per engine (torch >= 2.13); only then may a CPU step drop its guards
 _COMPILE_ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
 
@@ -71,7 +71,9 @@ class DecodeEngine:
         on the CPU ``CPU_INDUCTOR_OPTIONS``: the step's ~250 kernel and op calls made from a
         C++ wrapper instead of Python (SmolLM2 bf16 TEAL 50%, one thread: 82.1 tok/s before, 91.3
         after, the runs of 01:28 and 03:53 in BENCHMARKS_HISTORY.md), at the price of a longer
-        first compile (Inductor caches it on disk for later processes); without Inductor's
+        first compile (Inductor caches it on disk for later processes); the wrapper built apart
+        from the fused kernels, at -O1 (it is glue: one function of ~450 op calls, which g++ -O3
+        took 19 minutes over for R-Sparse's step; apart, 62 s, the decode as fast); without Inductor's
         size asserts, which check each op's output strides with a `std::stringstream` built on
         every call (per-step overhead, not a check of results: the Python-wrapper test keeps
         them). ``{}`` compiles the Python wrapper.
