@@ -6,6 +6,8 @@ Sections, in order of importance (each is skipped, and says so, once the time bu
   env      versions, device, a device-to-device copy (the bandwidth ceiling)
   check    every kernel variant and launch config against a float64 reference on fresh random
            inputs, outputs poisoned with NaN first
+  lowrank  (only when named) the GEMV with R-Sparse's low-rank term, every batch-1 candidate on
+           the Llama-3-8B shapes at R-Sparse 50%'s ranks, bf16, against float64, a line a shape
   attention the decode attention kernel: every launch config against a float64 reference (bf16,
            fp16; Llama-3-8B heads; short and long caches; in a CUDA graph), timed against
            transformers' SDPA path (repeat_kv copies, then SDPA)
@@ -285,6 +287,42 @@ def section_check(run: Run) -> dict:
     for f in failures[:20]:
         run.say("  " + f)
     return {"worst_rel_err": worst, "failures": failures, "refused": sorted(refused)}
+
+
+def section_lowrank(run: Run) -> dict:
+    """The GEMV with R-Sparse's low-rank term (each split-K program adds its share of the ranks):
+    every batch-1 candidate on the Llama-3-8B shapes at R-Sparse 50%'s default ranks, bf16, 50%
+    threshold, against float64, one line a shape as it goes (the check section reports only at its
+    end, after compiling every variant it checks)."""
+    torch.manual_seed(0)
+    dev, bf16 = "cuda", torch.bfloat16
+    worst, failures, refused = {}, [], []
+    for k, n, rank in ((4096, 4096, 102), (4096, 1024, 40), (4096, 14336, 159), (14336, 4096, 159)):
+        started = time.perf_counter()
+        x = torch.randn(1, k, device=dev).to(bf16)
+        wt = (torch.randn(k, n, device=dev) / math.sqrt(k)).to(bf16)
+        lrb, lrz = (torch.randn(n, rank, device=dev) / 10).to(bf16), torch.randn(1, rank, device=dev).to(bf16)
+        t = torch.tensor(float(x.abs().float().quantile(0.5)), device=dev)
+        ref = ref_gemv(x, wt, t, lrb=lrb, lrz=lrz)
+        name = f"{k}x{n} rank {rank}"
+        candidates = ops.gemv_candidates(n, k, 1, x.device)
+        for cfg in candidates:
+            y = torch.full((1, n), float("nan"), dtype=bf16, device=dev)
+            try:
+                ops.launch_input_sparse(x, wt, t, None, None, lrb, lrz, False, cfg, y)
+            except tuning.Unlaunchable as e:
+                refused.append(f"{name} {cfg}: {e}")
+                continue
+            err = rel_err(y, ref)
+            worst[name] = max(worst.get(name, 0.0), err)
+            if not err <= TOLERANCE[bf16]:
+                failures.append(f"{name} {cfg}: {err:.2e}")
+        run.say(f"low-rank GEMV {name}: {len(candidates)} candidates, worst {worst.get(name, float('nan')):.1e}, "
+                f"{time.perf_counter() - started:.0f} s")
+    run.say("low-rank checks: " + ("all within tolerance" if not failures else f"{len(failures)} FAILURES"))
+    for f in failures[:20]:
+        run.say("  " + f)
+    return {"worst_rel_err": worst, "failures": failures, "refused": refused}
 
 
 def _attention_reference(q, k, v, keep, scale):
@@ -824,6 +862,7 @@ def main() -> int:
     sections = [
         ("env", section_env, 5),
         ("check", section_check, 60),
+        ("lowrank", section_lowrank, 60),
         ("attention", section_attention, 30),
         ("model", check_model, 40),
         ("bars", section_bars, 20),
