@@ -74,7 +74,16 @@ at::Tensor input_sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, 
            "input_sparse_linear");
   if (lowrank_b) {
     TORCH_CHECK(lowrank_z.has_value(), "input_sparse_linear: lowrank_b without lowrank_z");
-    y.addmm_(lowrank_z->to(y.scalar_type()), lowrank_b->t().to(y.scalar_type()));
+    const int zd = dtype_code(*lowrank_z, "lowrank_z"), bd = dtype_code(*lowrank_b, "lowrank_b");
+    matrix(*lowrank_z, "lowrank_z");
+    matrix(*lowrank_b, "lowrank_b");
+    const int64_t rank = lowrank_b->size(1);
+    TORCH_CHECK(lowrank_b->size(0) == n && lowrank_z->size(0) == batch && lowrank_z->size(1) == rank,
+                "input_sparse_linear: lowrank_b ", lowrank_b->sizes(), " and lowrank_z ", lowrank_z->sizes(),
+                " do not fit ", batch, " tokens of ", n, " outputs");
+    check_rc(actsparse_add_lowrank(y.data_ptr(), act, lowrank_z->data_ptr(), zd, lowrank_b->data_ptr(), bd, batch, n,
+                                   rank),
+             "input_sparse_linear");
   }
   return y;
 }
