@@ -7,7 +7,8 @@ dense vs sparse in one engine (issue 23).
 
 Random weights of the shape (no weights reach a lent GPU), calibrated on random tokens through
 `actsparse.sparsify_` with each method's default config, then `DecodeEngine` dense and sparse
-(kernels through `runtime.use_kernels`). A run is METHOD:SPARSITY[:KEY=VALUE...][@SHAPE]: KEY=VALUE
+(kernels through `runtime.use_kernels`), both fed the same random tokens (since 2026-12-05 21:50;
+earlier result files decoded each path's own greedy tokens). A run is METHOD:SPARSITY[:KEY=VALUE...][@SHAPE]: KEY=VALUE
 are fields of the method's config, except `act=relu`, which builds the model with a ReLU gate
 (CATS on a ReLU gate is FATReLU at the threshold of the calibrated quantile: the gate-driven path
 of a ProSparse model); @SHAPE replaces --shape for the run. The dense baseline is timed once per
@@ -75,10 +76,13 @@ def decode(model, device, args):
     """The fastest of `repeats` decodes; how the in-step tuning went (problems tuned, left to their
     choice alone, seconds of tuning and timing); on CUDA with --profile, GPU time per step by kernel."""
     prompt = torch.randint(0, model.config.vocab_size, (1, PROMPT), generator=torch.Generator().manual_seed(0)).to(device)
+    # Both paths are fed the same random tokens (as `actsparse bench` feeds a text): not each its
+    # own greedy output, which a sparse model may turn into one repeated token.
+    text = torch.randint(0, model.config.vocab_size, (1, args.tokens), generator=torch.Generator().manual_seed(2))
     engine = DecodeEngine(model, max_len=PROMPT + args.tokens)
     start = time.perf_counter()
     result = timed_decode(engine, prompt, args.tokens, args.repeats, tune_candidates=args.tune_candidates,
-                          tune_budget_s=args.tune_budget_s)
+                          tune_budget_s=args.tune_budget_s, text=text)
     tuning_info = {"tuned_in_step": len(engine.tuning_report), "untuned": engine.untuned,
                    "tune_and_time_s": time.perf_counter() - start}
     steps = step_profile(engine, prompt, top=12) if args.profile and device.type == "cuda" else None
@@ -203,7 +207,7 @@ def main() -> int:
         logging.getLogger(tuning.__name__).setLevel(logging.INFO)
     device, dtype = torch.device(args.device), parse_dtype(args.dtype)
     started = time.perf_counter()
-    results = {"env": environment(device), "shape": args.shape, "dtype": args.dtype,
+    results = {"env": environment(device), "shape": args.shape, "dtype": args.dtype, "decode": "fed random tokens",
                "tune_candidates": args.tune_candidates, "tune_budget_s": args.tune_budget_s, "runs": [], "skipped": []}
     dense: dict = {}
     if args.dense_from:

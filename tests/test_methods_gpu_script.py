@@ -24,6 +24,7 @@ def test_a_run_then_one_with_its_dense_figure(tmp_path):
     measured = json.loads((tmp_path / "a" / "methods_gpu.json").read_text())
     (row,) = measured["runs"]
     assert row["dense_source"] == "measured" and abs(row["measured_sparsity"] - 0.5) < 0.05
+    assert measured["decode"] == "fed random tokens"
     assert row["speedup"] == row["sparse_tok_s"] / row["dense_tok_s"]
 
     earlier = str(tmp_path / "a" / "methods_gpu.json")
