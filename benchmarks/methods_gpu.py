@@ -7,7 +7,7 @@ dense vs sparse in one engine (issue 23).
 
 Random weights of the shape (no weights reach a lent GPU), calibrated on random tokens through
 `actsparse.sparsify_` with each method's default config, then `DecodeEngine` dense and sparse
-(kernels through `runtime.use_kernels`), both fed the same random tokens (since 2026-12-05 21:50;
+(kernels through `runtime.use_kernels`), both fed the same random tokens (since commit 6a75b06;
 earlier result files decoded each path's own greedy tokens). A run is METHOD:SPARSITY[:KEY=VALUE...][@SHAPE]: KEY=VALUE
 are fields of the method's config, except `act=relu`, which builds the model with a ReLU gate
 (CATS on a ReLU gate is FATReLU at the threshold of the calibrated quantile: the gate-driven path
