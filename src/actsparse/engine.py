@@ -72,8 +72,9 @@ class DecodeEngine:
         C++ wrapper instead of Python (SmolLM2 bf16 TEAL 50%, one thread: 82.1 tok/s before, 91.3
         after, the runs of 01:28 and 03:53 in BENCHMARKS_HISTORY.md), at the price of a longer
         first compile (Inductor caches it on disk for later processes); the wrapper built apart
-        from the fused kernels, at -O1 (it is glue: one function of ~450 op calls, which g++ -O3
-        took 19 minutes over for R-Sparse's step; apart, 62 s, the decode as fast); without Inductor's
+        from the fused kernels, at -O1 (it is glue: one function of ~450 op calls for R-Sparse's
+        step, over which g++ -O3 made R-Sparse's cold `bench` on SmolLM2 take ~20 minutes; at
+        -O1, 150 s, the decode as fast: BENCHMARKS.md, "CPU decode"); without Inductor's
         size asserts, which check each op's output strides with a `std::stringstream` built on
         every call (per-step overhead, not a check of results: the Python-wrapper test keeps
         them). ``{}`` compiles the Python wrapper.
@@ -96,7 +97,7 @@ class DecodeEngine:
         self._token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self._out = torch.zeros(batch_size, max_len + 1, dtype=torch.long, device=self.device)
-        # `generate(..., text=)`: the tokens to feed instead of the argmax, and whether to
+        # `generate(..., text=)`: the tokens fed instead of the argmax, and whether a text is given
         self._text = torch.zeros(batch_size, max_len + 1, dtype=torch.long, device=self.device)
         self._given = torch.zeros((), dtype=torch.bool, device=self.device)
         if dependent_launch is None:

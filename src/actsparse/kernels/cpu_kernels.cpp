@@ -819,9 +819,9 @@ template <class D> struct InputSparseFn { template <class... A> static void run(
 template <class D> struct OutputSparseRowsFn { template <class... A> static void run(A... a) { output_sparse_rows<D>(a...); } };
 template <class D> struct DenseRowsFn { template <class... A> static void run(A... a) { dense_rows<D>(a...); } };
 
-// y [B, N] (dtype y_dtype) += z [B, R] (z_dtype) times b^T, b [N, R] (b_dtype) row-major: the
-// low-rank term of R-Sparse, fp32 sums, y rounded once. In C++ rather than ATen's addmm, whose
-// call with its transposes and dtype checks cost ~13 us, two hundred times a SmolLM2 step.
+// y [B, N] (fp32) += z [B, R] (fp32) times b^T, b [N, R] (dtype D) row-major: the low-rank term of
+// R-Sparse. In C++ rather than ATen's addmm, which took transposes, dtype conversions and a
+// rounding of its own around each of ~200 calls a SmolLM2 step.
 template <class D>
 void add_lowrank(float* y, const float* z, const void* b, int64_t B, int64_t N, int64_t R) {
   const auto* w = static_cast<const typename D::T*>(b);
@@ -1178,16 +1178,17 @@ int actsparse_input_sparse_ex(const void* x, int64_t B, int64_t K, const float* 
   return rc;
 }
 
-
-// y += z b^T, the low-rank term (add_lowrank above); 0, or -1 for an unknown dtype.
-int actsparse_add_lowrank(void* y, int y_dtype, const void* z, int z_dtype, const void* b, int b_dtype, int64_t B,
-                          int64_t N, int64_t R) {
+// y (dtype y_dtype) = product + z b^T, the low-rank term (add_lowrank above) added to the GEMV's
+// fp32 product before its one rounding; product may be y itself when y is fp32. Returns 0, or -1
+// for an unknown dtype.
+int actsparse_add_lowrank(const float* product, const void* z, int z_dtype, const void* b, int b_dtype, int64_t B,
+                          int64_t N, int64_t R, void* y, int y_dtype) {
   if (!known_dtype(y_dtype) || !known_dtype(z_dtype)) return -1;
   Activations zf(z, B * R, z_dtype, 1);
-  Activations yin(y, B * N, y_dtype, 0);
-  float* yf = const_cast<float*>(yin.data);  // y itself (fp32) or its widened copy
-  const int rc = by_dtype<AddLowrankFn>(b_dtype, yf, zf.data, b, B, N, R);
-  if (y_dtype != kF32) store_activations(yf, B * N, y, 0, y_dtype);
+  Output out(y, B * N, y_dtype);
+  if (out.data != product) std::memcpy(out.data, product, B * N * sizeof(float));
+  const int rc = by_dtype<AddLowrankFn>(b_dtype, out.data, zf.data, b, B, N, R);
+  out.finish();
   return rc;
 }
 

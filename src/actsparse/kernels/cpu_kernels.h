@@ -17,8 +17,8 @@ int actsparse_input_sparse_ex(const void* x, int64_t B, int64_t K, const float* 
 int actsparse_output_sparse_rows_ex(const void* x, const void* a, int64_t B, int64_t J, int64_t D,
                                     const float* threshold, const void* w, int w_dtype, void* m, int act_dtype,
                                     int threads);
-int actsparse_add_lowrank(void* y, int y_dtype, const void* z, int z_dtype, const void* b, int b_dtype, int64_t B,
-                          int64_t N, int64_t R);
+int actsparse_add_lowrank(const float* product, const void* z, int z_dtype, const void* b, int b_dtype, int64_t B,
+                          int64_t N, int64_t R, void* y, int y_dtype);
 int actsparse_gate_times_up(const float* gu, int64_t B, int64_t n, int64_t group, int act, void* m, int dtype);
 int actsparse_dense_rows(const void* x, int64_t B, int64_t D, const void* w, int w_dtype, int64_t J, const float* bias,
                          void* y, int act_dtype, int threads);

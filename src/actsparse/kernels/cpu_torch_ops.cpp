@@ -67,22 +67,36 @@ at::Tensor input_sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, 
   TORCH_CHECK(x.size(1) == weight_t.size(0), "input_sparse_linear: x ", x.sizes(), " does not fit weight_t ",
               weight_t.sizes());
   const int64_t batch = x.size(0), k = x.size(1), n = weight_t.size(1);
-  at::Tensor y = at::empty({batch, n}, x.options());
-  const Fp32 t(threshold), s(scale), b(bias);
-  check_rc(actsparse_input_sparse_ex(x.data_ptr(), batch, k, s.ptr, t.ptr, complement, weight_t.data_ptr(), wd, n, b.ptr,
-                                     y.data_ptr(), act, act, actsparse_cpu_threads()),
-           "input_sparse_linear");
+  int zd = 0, bd = 0;
+  int64_t rank = 0;
   if (lowrank_b) {
     TORCH_CHECK(lowrank_z.has_value(), "input_sparse_linear: lowrank_b without lowrank_z");
-    const int zd = dtype_code(*lowrank_z, "lowrank_z"), bd = dtype_code(*lowrank_b, "lowrank_b");
+    zd = dtype_code(*lowrank_z, "lowrank_z");
+    bd = dtype_code(*lowrank_b, "lowrank_b");
     matrix(*lowrank_z, "lowrank_z");
     matrix(*lowrank_b, "lowrank_b");
-    const int64_t rank = lowrank_b->size(1);
+    rank = lowrank_b->size(1);
     TORCH_CHECK(lowrank_b->size(0) == n && lowrank_z->size(0) == batch && lowrank_z->size(1) == rank,
                 "input_sparse_linear: lowrank_b ", lowrank_b->sizes(), " and lowrank_z ", lowrank_z->sizes(),
                 " do not fit ", batch, " tokens of ", n, " outputs");
-    check_rc(actsparse_add_lowrank(y.data_ptr(), act, lowrank_z->data_ptr(), zd, lowrank_b->data_ptr(), bd, batch, n,
-                                   rank),
+  }
+  at::Tensor y = at::empty({batch, n}, x.options());
+  const Fp32 t(threshold), s(scale), b(bias);
+  // With a low-rank term the GEMV's fp32 product (y itself when fp32) takes the term before its
+  // one rounding to the activations' dtype.
+  static thread_local std::vector<float> product;
+  float* fp32_out = act == 0 ? y.data_ptr<float>() : nullptr;
+  if (lowrank_b && !fp32_out) {
+    product.resize(batch * n);
+    fp32_out = product.data();
+  }
+  check_rc(actsparse_input_sparse_ex(x.data_ptr(), batch, k, s.ptr, t.ptr, complement, weight_t.data_ptr(), wd, n, b.ptr,
+                                     lowrank_b ? static_cast<void*>(fp32_out) : y.data_ptr(), act,
+                                     lowrank_b ? 0 : act, actsparse_cpu_threads()),
+           "input_sparse_linear");
+  if (lowrank_b) {
+    check_rc(actsparse_add_lowrank(fp32_out, lowrank_z->data_ptr(), zd, lowrank_b->data_ptr(), bd, batch, n, rank,
+                                   y.data_ptr(), act),
              "input_sparse_linear");
   }
   return y;
