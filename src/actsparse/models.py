@@ -60,6 +60,12 @@ class LayerSpec:
                 names[role] = f"{self.mlp_prefix}.{attr}"
         return names
 
+    def shared_inputs(self) -> list[tuple[str, ...]]:
+        """Full names of the linears that read one input, group by group (q/k/v, gate/up)."""
+        names = self.linear_names()
+        return [tuple(names[r] for r in roles) for roles in (("q", "k", "v"), ("gate", "up"))
+                if all(r in names for r in roles)]
+
 
 def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     """The decoder's list of layers and its name, for any causal LM that exposes them."""

@@ -27,7 +27,7 @@ from ..models import iter_linears
 from ..nn import SparseLinear
 from . import register
 from .allocation import greedy_from_config
-from .search import budget_scaled, evolve, lm_loss, role_targets, score_histograms, score_observer
+from .search import budget_scaled, evolve, lm_loss, role_targets, score_observer
 
 ALPHA_STEP = 0.05  # search grid for alpha: 1 - ALPHA_STEP * gene
 ALPHA_GENES = 10  # so alpha >= 0.5
@@ -114,29 +114,67 @@ def precomputed(factors: Callable[[str, int], tuple[torch.Tensor, torch.Tensor]]
 
 
 class RSparseInstaller:
-    """Puts one linear in its R-Sparse state for (s, alpha)."""
+    """Puts linears in their R-Sparse state for a plan {name: (s, alpha)}. Members of a `group`
+    (linears reading one input, with one score scale) that the plan makes sparse share one
+    channel threshold: the quantile at their channel sparsities' mean weighted by output width,
+    so their reads together stay the plan's."""
 
     def __init__(self, linears: dict[str, SparseLinear], config: RSparseConfig, scales: dict, hists: dict,
-                 factors: Factors) -> None:
+                 factors: Factors, groups: list[tuple[str, ...]]) -> None:
         self.linears, self.config, self.scales, self.hists, self.factors = linears, config, scales, hists, factors
+        self.groups = groups
 
-    def __call__(self, name: str, sparsity: float, alpha: float) -> dict:
-        module = self.linears[name]
-        if sparsity <= 0:  # dense: no budget to share with a low-rank path
-            clear_lowrank(module)
-            module.set_dense()
-            return {"sparsity": 0.0, "alpha": alpha, "rank": 0, "channel_sparsity": 0.0}
-        channel_sparsity, rank = rsparse_budget(module.in_features, module.out_features, sparsity, alpha)
-        if rank == 0:
-            clear_lowrank(module)
-        else:
-            module.set_lowrank(*self.factors(name, rank))
-        scale = self.scales[name]
-        if self.config.selection == "topk":
-            module.set_topk(topk_count(module.in_features, channel_sparsity), sparsity, scale)
-        else:
-            module.set_threshold(self.hists[name].quantile(channel_sparsity), sparsity, scale)
-        return {"sparsity": sparsity, "alpha": alpha, "rank": rank, "channel_sparsity": channel_sparsity}
+    def __call__(self, plan: dict[str, tuple[float, float]]) -> dict[str, dict]:
+        budgets = {n: rsparse_budget(self.linears[n].in_features, self.linears[n].out_features, s, a)
+                   for n, (s, a) in plan.items() if s > 0}
+        channel = {n: c for n, (c, _) in budgets.items()}
+        for group in self.groups:
+            members = [n for n in group if n in budgets]
+            if len(members) > 1:
+                outs = {n: self.linears[n].out_features for n in members}
+                shared = sum(outs[n] * channel[n] for n in members) / sum(outs.values())
+                channel.update(dict.fromkeys(members, shared))
+        states = {}
+        for name, (sparsity, alpha) in plan.items():
+            module = self.linears[name]
+            if name not in budgets:  # dense: no budget to share with a low-rank path
+                clear_lowrank(module)
+                module.set_dense()
+                states[name] = {"sparsity": 0.0, "alpha": alpha, "rank": 0, "channel_sparsity": 0.0}
+                continue
+            rank = budgets[name][1]
+            if rank == 0:
+                clear_lowrank(module)
+            else:
+                module.set_lowrank(*self.factors(name, rank))
+            scale = self.scales[name]
+            if self.config.selection == "topk":
+                module.set_topk(topk_count(module.in_features, channel[name]), sparsity, scale)
+            else:
+                module.set_threshold(self.hists[name].quantile(channel[name]), sparsity, scale)
+            states[name] = {"sparsity": sparsity, "alpha": alpha, "rank": rank, "channel_sparsity": channel[name]}
+        return states
+
+
+def selection_groups(specs, active: list[str], shared: bool) -> list[tuple[str, ...]]:
+    """The active linears that select as one (`RSparseConfig.shared_selection`), group by group."""
+    if not shared:
+        return []
+    groups = [tuple(n for n in group if n in active) for spec in specs for group in spec.shared_inputs()]
+    return [g for g in groups if len(g) > 1]
+
+
+def selection_scales(linears: dict[str, SparseLinear], active: list[str], groups: list[tuple[str, ...]],
+                     score: str) -> dict[str, torch.Tensor | None]:
+    """Each active linear's score scale: None for "magnitude"; for "wina" its weight's column norms,
+    or, in a group, those of the group's concatenated weight (one tensor for all its members)."""
+    if score != "wina":
+        return dict.fromkeys(active)
+    scales = {n: column_norms(linears[n].weight).to(linears[n].weight.device) for n in active}
+    for group in groups:
+        shared = torch.linalg.vector_norm(torch.stack([scales[n] for n in group]), dim=0)
+        scales.update(dict.fromkeys(group, shared))
+    return scales
 
 
 @register(RSparseConfig)
@@ -146,10 +184,10 @@ def apply_rsparse(model, specs, config: RSparseConfig, calibration) -> dict:
     sizes = {n: m.weight.numel() for n, m in linears.items()}
     targets = role_targets(config, {n: r for n, (r, _) in named.items()}, sizes, dict(config.role_coefficients))
     active = [n for n, s in targets.items() if s]
-    scales = {n: column_norms(linears[n].weight).to(linears[n].weight.device) if config.score == "wina" else None
-              for n in active}
+    groups = selection_groups(specs, active, config.shared_selection)
+    scales = selection_scales(linears, active, groups, config.score)
     thresholds = config.selection == "threshold"
-    hists = score_histograms(model, calibration, scales, "rsparse: calibrating") if thresholds and active else {}
+    hists = _shared_histograms(model, calibration, active, groups, scales, "rsparse: calibrating") if thresholds else {}
 
     search = config.allocation in ("search", "greedy+search") and bool(active)
     greedy = config.allocation in ("greedy", "greedy+search") and bool(active)
@@ -160,35 +198,53 @@ def apply_rsparse(model, specs, config: RSparseConfig, calibration) -> dict:
     factors = precomputed(lambda name, rank: svd_factors(linears[name].weight, rank), max_rank, dtype, "rsparse: SVDs")
     # With dense-activation thresholds and SVD factors (which stand in for "dropped" until the
     # second pass has measured the dropped channels): the greedy search and the start plan.
-    first = RSparseInstaller(linears, config, scales, hists, factors)
-    if greedy:
+    first = RSparseInstaller(linears, config, scales, hists, factors, groups)
+    if greedy:  # linear by linear: a group's members share their selection once the plan is whole
         targets = greedy_from_config(model, specs, config, calibration, {n: config.sparsity_for(n) for n in active},
-                                     lambda name, sparsity: first(name, sparsity, config.alpha))
+                                     lambda name, sparsity: first({name: (sparsity, config.alpha)}))
     plan = {n: (targets[n], config.alpha) for n in active}
     recalibrate = config.recalibrate and thresholds
     if (recalibrate or config.lowrank == "dropped") and active:
         # Second pass on the model as sparsified by the start plan: the dropped channels' second
         # moments, and the scores as the sparse upstream layers really deliver them.
-        for n, (s, a) in plan.items():
-            first(n, s, a)
+        first(plan)
         dropped = {n: Covariance(linears[n].in_features) for n in active if max_rank[n]} if config.lowrank == "dropped" else {}
         observers = [Observer(n, _dropped_observer(linears[n], c)) for n, c in dropped.items()]
         if recalibrate:
-            hists = {n: Histogram() for n in active}
-            observers += [Observer(n, score_observer(hists[n], scales[n])) for n in active]
+            hists, observe = _histograms_to_fill(active, groups, scales)
+            observers += observe
         run_calibration(model, calibration, observers, desc="rsparse: sparse pass")
         if dropped:
             moments = {n: c.xtx / max(c.tokens, 1) for n, c in dropped.items()}
             factors = precomputed(lambda name, rank: dropped_factors(linears[name].weight, moments.pop(name), rank),
                                   max_rank, dtype, "rsparse: dropped-channel factors")
-    install = RSparseInstaller(linears, config, scales, hists, factors)
+    install = RSparseInstaller(linears, config, scales, hists, factors, groups)
     recipe: dict = {}
     if search:
         layer_of = {name: spec.index for spec in specs for name in spec.linear_names().values()}
         plan, recipe["search"] = _search(model, config, calibration, install, sizes, layer_of, targets, active)
     recipe["allocation"] = {n: s for n, (s, _) in plan.items()}
-    recipe["linears"] = {n: install(n, s, a) for n, (s, a) in plan.items()}
+    recipe["linears"] = install(plan)
     return recipe
+
+
+def _histograms_to_fill(active: list[str], groups: list[tuple[str, ...]], scales: dict) -> tuple[dict, list[Observer]]:
+    """A score histogram for every active linear (one per group, its members share it: they see
+    one input with one scale) and the observers that fill them."""
+    first_of = {n: n for n in active}
+    for group in groups:
+        first_of.update(dict.fromkeys(group, group[0]))
+    own = {n: Histogram() for n in dict.fromkeys(first_of.values())}
+    observers = [Observer(n, score_observer(h, scales[n])) for n, h in own.items()]
+    return {n: own[first_of[n]] for n in active}, observers
+
+
+def _shared_histograms(model, calibration, active, groups, scales, desc: str) -> dict[str, Histogram]:
+    if not active:
+        return {}
+    hists, observers = _histograms_to_fill(active, groups, scales)
+    run_calibration(model, calibration, observers, desc=desc)
+    return hists
 
 
 def _dropped_observer(module: SparseLinear, covariance: Covariance):
@@ -211,8 +267,7 @@ def _search(model, config, calibration, install, sizes, layer_of, targets, activ
         return {n: (sparsity[n], 1.0 - ALPHA_STEP * genes[position[layer_of[n]]]) for n in active}
 
     def fitness(genes: list[int]) -> float:
-        for n, (s, a) in decode(genes).items():
-            install(n, s, a)
+        install(decode(genes))
         return lm_loss(model, windows)
 
     start_gene = min(ALPHA_GENES, max(0, round((1.0 - config.alpha) / ALPHA_STEP)))

@@ -10,6 +10,11 @@ device) on decode batches of up to `ops.MAX_BATCH` tokens, over an input-major c
 (`packed_weight_t`, non-persistent) that every setter keeps in step with the sparsity state;
 otherwise, and for longer inputs, the torch reference below. Linears that read one input with one
 selection (q/k/v) can share one packed weight and one kernel call (`share_input`).
+
+The low-rank path runs folded: ``W (x*m) + B A (x*(1-m)) = (W - B A)(x*m) + B (A x)``, so the
+kernels read ``(W - B A)`` over the kept channels and ``z = A x`` is a plain dense product, taken
+before the selection (one product for a whole group), not a second sparse call over the dropped
+channels.
 """
 from __future__ import annotations
 
@@ -22,7 +27,7 @@ from torch import nn
 from ..errors import ActSparseError
 from ..kernels import batching, ops
 from .meter import ReadMeter
-from .packing import pack, pack_transposed, pack_zero
+from .packing import fold_lowrank, lowrank_sources, pack, pack_lowrank, pack_zero
 
 MODES = ("dense", "threshold", "topk")
 
@@ -48,8 +53,8 @@ def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def same_selection(a: "SparseLinear", b: "SparseLinear") -> bool:
-    """Whether two linears keep the same inputs of any x (and neither has a low-rank term)."""
-    if a.mode != b.mode or a.mode == "dense" or a.rank or b.rank:
+    """Whether two linears keep the same inputs of any x."""
+    if a.mode != b.mode or a.mode == "dense":
         return False
     if (a.score_scale is None) != (b.score_scale is None):
         return False
@@ -113,7 +118,7 @@ class SparseLinear(nn.Module):
         self.kernels = False
         self.dense_kernel = False  # dense mode through `actsparse::dense_linear` (set_kernels)
         self.meter: ReadMeter | None = None
-        for name in ("packed_weight_t", "packed_weight", "packed_bias", "packed_lowrank_at", "packed_zero"):
+        for name in ("packed_weight_t", "packed_weight", "packed_bias", "packed_lowrank_a", "packed_lowrank_b", "packed_zero"):
             self.register_buffer(name, None, persistent=False)
         self._packed_by_owner = False  # a fused gate+up of the MLP holding this linear
         self._group: SharedInput | None = None
@@ -179,7 +184,8 @@ class SparseLinear(nn.Module):
             return
         if scale.shape != (self.in_features,):
             raise ActSparseError(f"score scale must have shape ({self.in_features},), got {tuple(scale.shape)}")
-        self.register_buffer("score_scale", scale.detach().float().to(self.weight.device))
+        # a copy of its own: linears given one tensor (a shared selection) must still save apart
+        self.register_buffer("score_scale", scale.detach().float().to(self.weight.device, copy=True))
 
     def _state_changed(self) -> None:
         self.batch_seconds.clear()
@@ -198,25 +204,33 @@ class SparseLinear(nn.Module):
         if lead:
             members = self._group.members
             shape = (self.in_features, sum(m.out_features for m in members))
-            weights = tuple(m.weight for m in members)
             if self.mode == "dense":  # one dense_linear call over the members' weights, output-major
                 pack(self, "packed_weight", lambda: torch.cat([m.weight.detach() for m in members]), self.weight, shape[::-1],
-                     sources=weights)
+                     sources=tuple(m.weight for m in members))
                 pack(self, "packed_weight_t", None)
             else:
-                pack(self, "packed_weight_t", lambda: torch.cat([m.weight.detach().T for m in members], dim=1), self.weight, shape,
-                     sources=weights)
+                pack(self, "packed_weight_t", lambda: torch.cat([m.kernel_weight().T for m in members], dim=1), self.weight, shape,
+                     sources=sum((m.kernel_sources() for m in members), ()))
                 pack(self, "packed_weight", None)
             pack(self, "packed_bias", (lambda: torch.cat([m.bias.detach() for m in members])) if self.bias is not None else None,
                  self.weight, shape[1:], sources=tuple(m.bias for m in members) if self.bias is not None else None)
+            pack_lowrank(self, members if running else [])
         else:
             own = running and self._group is None and not self._packed_by_owner
-            pack_transposed(self, "packed_weight_t", self.weight if own else None)
+            pack(self, "packed_weight_t", (lambda: self.kernel_weight().T) if own else None, self.weight,
+                 (self.in_features, self.out_features), sources=self.kernel_sources())
             pack(self, "packed_weight", None)
             pack(self, "packed_bias", None)
-        pack_transposed(self, "packed_lowrank_at", self.lowrank_a if running and self.rank and not self._packed_by_owner else None)
+            pack_lowrank(self, [])
         if running:
             pack_zero(self, self.weight.device)
+
+    def kernel_weight(self) -> torch.Tensor:
+        """The weight the kernels read over the kept channels (``W - B A`` with a low-rank path)."""
+        return fold_lowrank(self.weight, self.lowrank_a, self.lowrank_b)
+
+    def kernel_sources(self) -> tuple[torch.Tensor, ...]:
+        return lowrank_sources(self.weight, self.lowrank_a, self.lowrank_b)
 
     @staticmethod
     def share_input(members: list["SparseLinear"]) -> bool:
@@ -329,25 +343,20 @@ class SparseLinear(nn.Module):
 
     def _run(self, x2: torch.Tensor) -> torch.Tensor:
         kept, threshold, scale = self.kernel_input(x2, self.packed_zero)
-        z = None
-        if self.rank:
-            at = self.packed_lowrank_at
-            if self.mode == "threshold":
-                z = ops.input_sparse_linear(x2, at, threshold, scale, None, None, None, True, self.target)
-            else:
-                z = ops.input_sparse_linear(x2 - kept, at, self.packed_zero, None, None, None, None, False, self.target)
+        z = F.linear(x2, self.lowrank_a) if self.rank else None
         return ops.input_sparse_linear(kept, self.packed_weight_t, threshold, scale, self.bias,
-                                       self.lowrank_b if z is not None else None, z, False, self.target)
+                                       self.lowrank_b if self.rank else None, z, False, self.target)
 
     def _group_forward(self, x: torch.Tensor, tokens: int) -> torch.Tensor | None:
         group = self._group
         lead = group.members[0]
         x2 = x.reshape(tokens, lead.in_features).contiguous()
+        b = lead.packed_lowrank_b
 
         def call() -> torch.Tensor:
             kept, threshold, scale = lead.kernel_input(x2, lead.packed_zero)
-            return ops.input_sparse_linear(kept, lead.packed_weight_t, threshold, scale, lead.packed_bias,
-                                           None, None, False, lead.target)
+            z = F.linear(x2, lead.packed_lowrank_a) if b is not None else None
+            return ops.input_sparse_linear(kept, lead.packed_weight_t, threshold, scale, lead.packed_bias, b, z, False, lead.target)
 
         if not batching.kernel_pays(lead.batch_seconds, tokens, call,
                                     lambda: [F.linear(x2, m.weight) for m in group.members], x.device):

@@ -6,7 +6,8 @@ or a child linear's state changes: gate and up with one selection share one inpu
 ``[Wg.T | Wu.T]`` (columns interleaved in groups, so that one token's call returns
 ``act(gate) * up`` through `actsparse::input_sparse_gated`); with a gate mask, the gate is dense,
 `up` is computed only for kept rows (`actsparse::output_sparse_rows`) and `down` skips the zero
-rows of its input; dense gate and up on the dense kernel (the CPU) are one `actsparse::dense_linear`
+rows of its input; gate and up with low-rank paths (R-Sparse) read their folded weights with one
+``z = [A_g; A_u] x`` and a block-diagonal B (`packing.pack_lowrank`); dense gate and up on the dense kernel (the CPU) are one `actsparse::dense_linear`
 call over ``[Wg; Wu]``. Without a gate mask it is bitwise the HF gated MLP.
 """
 from __future__ import annotations
@@ -21,7 +22,8 @@ from ..errors import ActSparseError
 from ..kernels import batching, ops
 from .linear import MODES, SparseLinear, same_selection, select_mask
 from .meter import ReadMeter
-from .packing import activation_name, gate_up_group, interleave_gate_up, pack, pack_transposed, pack_zero, split_gate_up
+from .packing import (activation_name, gate_up_group, interleave_gate_up, pack, pack_lowrank, pack_transposed, pack_zero,
+                      split_gate_up)
 
 
 class SparseGatedMLP(nn.Module):
@@ -52,7 +54,8 @@ class SparseGatedMLP(nn.Module):
         self.register_buffer("gate_threshold", torch.tensor(float("-inf")))
         self.kernels = False
         self.meter: ReadMeter | None = None
-        for buffer in ("packed_gate_up_t", "packed_gate_up_bias", "packed_gate_up", "packed_down_t", "packed_zero"):
+        for buffer in ("packed_gate_up_t", "packed_gate_up_bias", "packed_gate_up", "packed_down_t", "packed_lowrank_a",
+                       "packed_lowrank_b", "packed_zero"):
             self.register_buffer(buffer, None, persistent=False)
         self._gate_up_group = 1
         self._gated_act: str | None = None
@@ -137,18 +140,21 @@ class SparseGatedMLP(nn.Module):
         if fuse:
             group = gate_up_group(gate.out_features)
             shape = (gate.in_features, gate.out_features + up.out_features)
-            pack(self, "packed_gate_up_t", lambda: interleave_gate_up(gate.weight.detach().T, up.weight.detach().T, group),
-                 gate.weight, shape, sources=(gate.weight, up.weight))
+            pack(self, "packed_gate_up_t", lambda: interleave_gate_up(gate.kernel_weight().T, up.kernel_weight().T, group),
+                 gate.weight, shape, sources=gate.kernel_sources() + up.kernel_sources())
             bias = (lambda: interleave_gate_up(gate.bias.detach()[None], up.bias.detach()[None], group)[0]) if gate.bias is not None else None
             pack(self, "packed_gate_up_bias", bias, gate.weight, shape[1:],
                  sources=(gate.bias, up.bias) if gate.bias is not None else None)
             self._gate_up_group = group
-            # The kernels compute act(gate) * up in their epilogue for the activations they know.
-            gated = group <= 256 and group & (group - 1) == 0
+            pack_lowrank(self, [gate, up], group)
+            # The kernels compute act(gate) * up in their epilogue for the activations they know
+            # (without a low-rank term: it joins before the activation).
+            gated = group <= 256 and group & (group - 1) == 0 and self.packed_lowrank_b is None
             self._gated_act = activation_name(self.act_fn) if gated else None
         else:
             pack(self, "packed_gate_up_t", None)
             pack(self, "packed_gate_up_bias", None)
+            pack_lowrank(self, [])
             self._gated_act = None
         # dense gate and up (the dense kernel): one call over [Wg; Wu], output-major
         dense_fuse = (self.kernels and self.gate_mode == "dense" and gate is not None and gate.dense_kernel
@@ -225,8 +231,11 @@ class SparseGatedMLP(nn.Module):
         if self._gated_act is not None and x2.shape[0] == 1:
             return ops.input_sparse_gated(kept, fused, threshold, scale, bias, self._gate_up_group, self._gated_act, gate.target)
 
+        b = self.packed_lowrank_b
+
         def call() -> torch.Tensor:
-            return ops.input_sparse_linear(kept, fused, threshold, scale, bias, None, None, False, gate.target)
+            z = F.linear(x2, self.packed_lowrank_a) if b is not None else None
+            return ops.input_sparse_linear(kept, fused, threshold, scale, bias, b, z, False, gate.target)
 
         if not batching.kernel_pays(self.batch_seconds, x2.shape[0], call,
                                     lambda: (F.linear(x2, gate.weight), F.linear(x2, self.up_linear.weight)), x2.device):

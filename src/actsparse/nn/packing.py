@@ -40,6 +40,44 @@ def pack_transposed(module: nn.Module, name: str, weight: torch.Tensor | None) -
         pack(module, name, lambda: weight.detach().T, weight, tuple(weight.shape[::-1]))
 
 
+def fold_lowrank(weight: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None) -> torch.Tensor:
+    """``W - B A`` (fp32, cast once to W's dtype): the weight read over the kept channels when the
+    low-rank path takes ``z = A x`` on the whole input; W itself without a low-rank path."""
+    if a is None:
+        return weight.detach()
+    return (weight.detach().float() - b.detach().float() @ a.detach().float()).to(weight.dtype)
+
+
+def lowrank_sources(weight: torch.Tensor, a: torch.Tensor | None, b: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """What a folded pack is made from (`pack`'s sources)."""
+    return (weight,) if a is None else (weight, a, b)
+
+
+def pack_lowrank(module: nn.Module, members: list, gate_up_group: int | None = None) -> None:
+    """`module.packed_lowrank_a` / `packed_lowrank_b`: the low-rank factors of linears run as one
+    call (``members``, SparseLinears reading one input; none: both dropped), A stacked (one z
+    product) and B block-diagonal over the call's output columns (interleaved as
+    `interleave_gate_up` orders them, for a gate+up pair with `gate_up_group`)."""
+    ranked = [m for m in members if m.rank]
+    if not ranked:
+        pack(module, "packed_lowrank_a", None)
+        pack(module, "packed_lowrank_b", None)
+        return
+    like, ranks = members[0].weight, sum(m.rank for m in ranked)
+    sources = tuple(t for m in ranked for t in (m.lowrank_a, m.lowrank_b))
+    pack(module, "packed_lowrank_a", lambda: torch.cat([m.lowrank_a for m in ranked]), like,
+         (ranks, like.shape[1]), sources=sources)
+
+    def block_diagonal() -> torch.Tensor:
+        b = torch.block_diag(*[m.lowrank_b if m.rank else m.weight.new_zeros(m.out_features, 0) for m in members])
+        if gate_up_group is None:
+            return b
+        gate, up = b.split([m.out_features for m in members])
+        return interleave_gate_up(gate.T, up.T, gate_up_group).T
+
+    pack(module, "packed_lowrank_b", block_diagonal, like, (sum(m.out_features for m in members), ranks), sources=sources)
+
+
 def pack_zero(module: nn.Module, device: torch.device) -> None:
     """A zero threshold (top-K inputs arrive with their dropped entries zeroed)."""
     zero = torch.zeros((), device=device)
