@@ -362,9 +362,9 @@ def test_model_through_cpu_backend_matches_torch(arch, config):
 
 
 @pytest.mark.parametrize("arch", ["llama", "phi3", "qwen3"])
-@pytest.mark.parametrize("config", [actsparse.RSparseConfig(sparsity=0.5, alpha=0.8),
-                                    actsparse.RSparseConfig(sparsity=0.5, alpha=0.8, selection="topk"),
-                                    actsparse.RSparseConfig(sparsity=0.5, alpha=0.8, shared_selection=False)],
+@pytest.mark.parametrize("config", [actsparse.RSparseConfig(sparsity=0.5, alpha=0.8, shared_selection=True),
+                                    actsparse.RSparseConfig(sparsity=0.5, alpha=0.8, selection="topk", shared_selection=True),
+                                    actsparse.RSparseConfig(sparsity=0.5, alpha=0.8)],
                          ids=["shared", "shared-topk", "own"])
 def test_rsparse_through_cpu_backend_matches_torch(arch, config):
     """The folded low-rank path (W - B A over the kept channels, z = A x), alone or for a group of

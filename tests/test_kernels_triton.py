@@ -297,10 +297,11 @@ CATS = actsparse.CatsConfig(sparsity=0.5)
     [("llama", actsparse.WinaConfig(sparsity=0.5)), ("llama", CATS),
      ("llama", actsparse.TealConfig(sparsity=0.5, selection="topk")), ("phi3", CATS),
      ("llama", actsparse.CatsConfig(sparsity=0.5, selection="topk")),
-     ("llama", actsparse.RSparseConfig(sparsity=0.5, alpha=0.8)), ("phi3", actsparse.RSparseConfig(sparsity=0.5, alpha=0.8)),
-     ("llama", actsparse.RSparseConfig(sparsity=0.5, alpha=0.8, selection="topk", shared_selection=False))],
-    ids=["llama-wina", "llama-cats", "llama-teal-topk", "phi3-cats", "llama-cats-topk", "llama-rsparse",
-         "phi3-rsparse", "llama-rsparse-own-topk"],
+     ("llama", actsparse.RSparseConfig(sparsity=0.5, alpha=0.8, shared_selection=True)),
+     ("phi3", actsparse.RSparseConfig(sparsity=0.5, alpha=0.8)),
+     ("llama", actsparse.RSparseConfig(sparsity=0.5, alpha=0.8, selection="topk"))],
+    ids=["llama-wina", "llama-cats", "llama-teal-topk", "phi3-cats", "llama-cats-topk", "llama-rsparse-shared",
+         "phi3-rsparse", "llama-rsparse-topk"],
 )
 def test_model_through_triton_backend_matches_torch(arch, config):
     model = tiny_model(arch)

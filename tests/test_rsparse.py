@@ -11,6 +11,7 @@ from actsparse.io import load, save
 from actsparse.methods.rsparse import dropped_factors, rsparse_budget, svd_factors
 from actsparse.methods.search import budget_scaled, evolve
 from actsparse.nn import SparseLinear
+from actsparse.nn.linear import same_selection
 from tiny import ARCHS, CALIB, logits, measured, tiny_model
 
 SEARCH = dict(allocation="search", search_generations=2, search_population=4, search_windows=1)
@@ -70,6 +71,25 @@ def test_alpha_one_is_wina_masking(arch, selection):
 def test_measured_sparsity_counts_the_low_rank_reads_and_reaches_target(arch, selection):
     model = asp.sparsify_(tiny_model(arch), asp.RSparseConfig(sparsity=0.5, alpha=0.8, selection=selection), CALIB)
     assert any(m.rank > 0 for m in model.modules() if isinstance(m, SparseLinear))
+    assert measured(model).model == pytest.approx(0.5, abs=0.02)
+
+
+@pytest.mark.parametrize("selection", ["threshold", "topk"])
+def test_shared_selection_gives_each_group_one_selection_at_the_plans_reads(selection):
+    config = asp.RSparseConfig(sparsity=0.5, alpha=0.8, selection=selection, shared_selection=True)
+    model = asp.sparsify_(tiny_model("llama"), config, CALIB)
+    own = asp.sparsify_(tiny_model("llama"), asp.RSparseConfig(sparsity=0.5, alpha=0.8, selection=selection), CALIB)
+    for layer, own_layer in zip(model.model.layers, own.model.layers):
+        attn, mlp = layer.self_attn, layer.mlp
+        for group in ((attn.q_proj, attn.k_proj, attn.v_proj), (mlp.gate_proj, mlp.up_proj)):
+            assert all(same_selection(group[0], m) for m in group[1:])
+        assert not same_selection(own_layer.self_attn.q_proj, own_layer.self_attn.k_proj)
+
+    def reads(recipe):  # kept channels times out, plus the low-rank factors
+        return sum(m.out_features * m.in_features * (1 - recipe[n]["channel_sparsity"]) + recipe[n]["rank"] * (m.in_features + m.out_features)
+                   for n, m in model.named_modules() if n in recipe)
+
+    assert reads(model.actsparse_recipe["linears"]) == pytest.approx(reads(own.actsparse_recipe["linears"]), rel=1e-9)
     assert measured(model).model == pytest.approx(0.5, abs=0.02)
 
 

@@ -356,11 +356,12 @@ class RSparseConfig(MethodConfig):
     recalibrate: thresholds from a second calibration pass through the sparsified model, whose
               activations are what each linear sees at inference (False: dense activations only,
               the paper's; then measured sparsity drifts above the target in deep layers).
-    shared_selection: linears that read one input (q/k/v, gate/up) select their channels as one
-              fused linear would: one score (the concatenated weight's column norms for "wina"),
-              one threshold at their combined channel budget (the reads stay those of the plan).
-              The kernels then run them as one call, one low-rank product for all. False: each
-              linear its own score and threshold (the paper's).
+    shared_selection: linears that read one input (q/k/v, gate/up) select their channels as one:
+              one score (for "wina", each member's squared column norms as shares of its own
+              total, summed), one threshold at their combined channel budget (the reads stay the
+              plan's); the kernels then run each group as one call with one low-rank product.
+              False (default): each linear its own score and threshold, the paper's and on SmolLM2
+              the more accurate (BENCHMARKS_HISTORY.md).
     role_coefficients: (role, c) pairs (roles q, k, v, qkv, o, gate, up, gate_up, down); a role's
               sparsity is c * s, rescaled so the parameter-weighted mean stays s. Empty = uniform s.
     allocation: "uniform" (every linear at its target and `alpha`); "greedy": TEAL's per-block
@@ -377,7 +378,7 @@ class RSparseConfig(MethodConfig):
     score: str = "wina"
     lowrank: str = "svd"
     recalibrate: bool = True
-    shared_selection: bool = True
+    shared_selection: bool = False
     role_coefficients: tuple[tuple[str, float], ...] = ()
     allocation: str = "uniform"
     search_over: str = "alpha"

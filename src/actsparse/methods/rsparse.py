@@ -172,7 +172,9 @@ def selection_scales(linears: dict[str, SparseLinear], active: list[str], groups
         return dict.fromkeys(active)
     scales = {n: column_norms(linears[n].weight).to(linears[n].weight.device) for n in active}
     for group in groups:
-        shared = torch.linalg.vector_norm(torch.stack([scales[n] for n in group]), dim=0)
+        # each member's squared column norms as shares of its own total: a narrow k/v counts as
+        # much as a wide q
+        shared = sum(scales[n].square() / scales[n].square().sum() for n in group).sqrt()
         scales.update(dict.fromkeys(group, shared))
     return scales
 
