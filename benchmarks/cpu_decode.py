@@ -61,7 +61,7 @@ def kernel_section(threads_all: int) -> list[dict]:
             dense = best_time(lambda: F.linear(x, ws[next(it) % copies]), copies)
             for s in (0.0, 0.25, 0.5, 0.65, 0.9):
                 t = torch.tensor(-1.0 if s == 0 else float(x.abs().quantile(s)))
-                sparse = best_time(lambda: ops.input_sparse_linear(x, wts[next(it) % copies], t, None, None, None, None, False, s), copies)
+                sparse = best_time(lambda: ops.input_sparse_linear(x, wts[next(it) % copies], t, None, None, None, None, s), copies)
                 rows.append({"shape": name, "threads": threads, "sparsity": s, "dense_us": dense * 1e6,
                              "sparse_us": sparse * 1e6, "speedup": dense / sparse, "dense_gb_s": k * n * 4 / dense / 1e9})
                 print(f"{name:<18} threads={threads} s={s:.2f} torch {dense * 1e6:7.1f}us sparse {sparse * 1e6:7.1f}us x{dense / sparse:.2f}", flush=True)

@@ -73,7 +73,7 @@ def main() -> None:
                     if layout == "in":
                         t = torch.tensor(-1.0 if s == 0 else float(x.float().abs().quantile(s)))  # -1: every row kept
                         kept = int((x.abs() > t).sum())
-                        fn = lambda: ops.input_sparse_linear(x, ws[next(it) % copies], t, None, None, None, None, False, s)  # noqa: E731
+                        fn = lambda: ops.input_sparse_linear(x, ws[next(it) % copies], t, None, None, None, None, s)  # noqa: E731
                     else:
                         kept = k
                         fn = lambda: ops.dense_linear(x, ws[next(it) % copies], None)  # noqa: E731

@@ -15,7 +15,7 @@
 #include <vector>
 #include <immintrin.h>
 #include <time.h>
-extern "C" int actsparse_input_sparse_ex(const void*, int64_t, int64_t, const float*, const float*, int, const void*, int, int64_t, const float*, void*, int, int, int);
+extern "C" int actsparse_input_sparse_ex(const void*, int64_t, int64_t, const float*, const float*, const void*, int, int64_t, const float*, void*, int, int, int);
 extern "C" int actsparse_dense_rows(const void*, int64_t, int64_t, const void*, int, int64_t, const float*, void*, int, int);
 static double now() { timespec t; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &t); return t.tv_sec + t.tv_nsec * 1e-9; }
 float stream_read(const char* p, size_t n) {
@@ -35,7 +35,7 @@ int main(int argc, char** argv) {
     double t0 = now();
     for (size_t c = 0; c < copies; ++c) {
       if (layout_out) actsparse_dense_rows(x.data(), 1, K, ws[c].data(), dtype, N, nullptr, y.data(), 0, threads);
-      else actsparse_input_sparse_ex(x.data(), 1, K, nullptr, nullptr, 0, ws[c].data(), dtype, N, nullptr, y.data(), 0, 0, threads);
+      else actsparse_input_sparse_ex(x.data(), 1, K, nullptr, nullptr, ws[c].data(), dtype, N, nullptr, y.data(), 0, 0, threads);
     }
     double t1 = now();
     for (size_t c = 0; c < copies; ++c) sink += stream_read(ws[c].data(), bytes);

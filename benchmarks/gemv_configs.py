@@ -75,7 +75,7 @@ def compile_part(args) -> int:
         y = torch.empty(1, n, dtype=x.dtype, device="cuda")
         for i, cfg in enumerate(grid(k, n, sms)):
             if i % parts == part:
-                ops.launch_input_sparse(x, wts[0], t, None, None, None, None, False, cfg, y)
+                ops.launch_input_sparse(x, wts[0], t, None, None, None, None, cfg, y)
                 done += 1
     torch.cuda.synchronize()
     return done
@@ -109,17 +109,16 @@ def main() -> int:
             ys = [torch.empty(1, n, dtype=x.dtype, device="cuda") for _ in wts]
             timed = []
             for cfg in grid(k, n, sms):
-                ops.launch_input_sparse(x, wts[0], t, None, None, None, None, False, cfg, ys[0])
+                ops.launch_input_sparse(x, wts[0], t, None, None, None, None, cfg, ys[0])
                 err = rel_err(ys[0], reference)
                 if err > 2e-2:
                     raise SystemExit(f"{what} s={s} {cfg}: relative error {err:.2e}")
-                us = graph_time([lambda wt=wt, y=y, cfg=cfg: ops.launch_input_sparse(x, wt, t, None, None, None, None,
-                                                                                      False, cfg, y)
+                us = graph_time([lambda wt=wt, y=y, cfg=cfg: ops.launch_input_sparse(x, wt, t, None, None, None, None, cfg, y)
                                  for wt, y in zip(wts, ys)]) * 1e6
                 timed.append((us, cfg))
             timed.sort(key=lambda uc: uc[0])
             tuning.clear()
-            ops.input_sparse_linear(x, wts[0], t, None, None, None, None, False, s)  # the product's path: tunes
+            ops.input_sparse_linear(x, wts[0], t, None, None, None, None, s)  # the product's path: tunes
             pick = next(iter(tuning.tuned().values()))
             pick_us = next((us for us, cfg in timed if cfg == pick), float("nan"))
             row = {

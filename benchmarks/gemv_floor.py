@@ -45,14 +45,14 @@ def sweep(k: int, n: int, what: str, extra: list[ops.GemvConfig]) -> dict:
     x = torch.randn(1, k, device="cuda").to(dtype)
     half = torch.tensor(float(x.abs().float().quantile(0.5)), device="cuda")
     none = torch.tensor(float("inf"), device="cuda")
-    ops.input_sparse_linear(x, wts[0], half, None, None, None, None, False, 0.5)
-    tuned = ops.tuning.tuned()[("gemv", n, k, 1, dtype, False, False, False, False, ops.tuning.sparsity_bin(0.5))]
+    ops.input_sparse_linear(x, wts[0], half, None, None, None, None, 0.5)
+    tuned = ops.tuning.tuned()[("gemv", n, k, 1, dtype, False, False, False, ops.tuning.sparsity_bin(0.5))]
     ys = torch.empty(1, n, device="cuda", dtype=dtype)
     rows = []
     max_split = max(1, k // (2 * tuned.bk))
     for cfg in [tuned] + [replace(tuned, split_k=s) for s in SPLITS if s <= max_split and s != tuned.split_k] + extra:
         def call(wt, t, cfg=cfg):
-            ops.launch_input_sparse(x, wt, t, None, None, None, None, False, cfg, ys)
+            ops.launch_input_sparse(x, wt, t, None, None, None, None, cfg, ys)
 
         call(wts[0], half)
         err = rel_err(ys, ref_gemv(x, wts[0], half))

@@ -99,7 +99,7 @@ def measure(k: int, n: int, bn: int, bk: int, split: int, what: str) -> list[dic
     wt = torch.zeros(k, n, device="cuda", dtype=torch.bfloat16)
     yb = torch.empty(1, n, device="cuda", dtype=torch.bfloat16)
     out.append({"phase": 6, "what": "library kernel, nothing kept",
-                "us": graph_time([lambda: ops.launch_input_sparse(x, wt, none, None, None, None, None, False, cfg, yb)]) * 1e6})
+                "us": graph_time([lambda: ops.launch_input_sparse(x, wt, none, None, None, None, None, cfg, yb)]) * 1e6})
     for r in out:
         print(f"{what:<12} bn={bn} bk={bk} split={split:<3} {r['what']:<38} {r['us']:5.2f} us", flush=True)
     return [dict(r, shape=what, k=k, n=n, bn=bn, bk=bk, split=split) for r in out]

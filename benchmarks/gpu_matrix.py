@@ -147,10 +147,9 @@ def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
     return ((out.double() - ref).norm() / ref.norm().clamp_min(1e-30)).item()
 
 
-def ref_gemv(x, wt, t, scale=None, bias=None, lrb=None, lrz=None, complement=False):
+def ref_gemv(x, wt, t, scale=None, bias=None, lrb=None, lrz=None):
     score = x.abs().float() * (scale if scale is not None else 1.0)
-    keep = score <= t if complement else score > t
-    y = torch.where(keep, x, torch.zeros((), dtype=x.dtype, device=x.device)).double() @ wt.double()
+    y = torch.where(score > t, x, torch.zeros((), dtype=x.dtype, device=x.device)).double() @ wt.double()
     if bias is not None:
         y += bias.double()
     if lrb is not None:
@@ -199,17 +198,14 @@ def section_check(run: Run) -> dict:
                     for cfg in candidates if dtype == torch.bfloat16 else candidates[:1]:
                         y = torch.full((batch, n), float("nan"), dtype=dtype, device=dev)
                         try:
-                            ops.launch_input_sparse(x, wt, t, None, None, None, None, False, cfg, y)
+                            ops.launch_input_sparse(x, wt, t, None, None, None, None, cfg, y)
                         except tuning.Unlaunchable as e:
                             refused.add(f"{k}x{n} {cfg}: {e}")
                             continue
                         record(f"gemv {dtype} b{batch}", rel_err(y, ref_gemv(x, wt, t)), dtype)
                     y = torch.full((batch, n), float("nan"), dtype=dtype, device=dev)
-                    ops.launch_input_sparse(x, wt, t, scale, bias, lrb, lrz, False, candidates[0], y)
+                    ops.launch_input_sparse(x, wt, t, scale, bias, lrb, lrz, candidates[0], y)
                     record(f"gemv+scale+bias+lowrank {dtype} b{batch}", rel_err(y, ref_gemv(x, wt, t, scale, bias, lrb, lrz)), dtype)
-                    y = torch.full((batch, n), float("nan"), dtype=dtype, device=dev)
-                    ops.launch_input_sparse(x, wt, t, scale, None, None, None, True, candidates[0], y)
-                    record(f"gemv complement {dtype} b{batch}", rel_err(y, ref_gemv(x, wt, t, scale, complement=True)), dtype)
             for j, d in ((333, 1000), (14336, 4096)):
                 x = torch.randn(batch, d, device=dev).to(dtype)
                 a = torch.randn(batch, j, device=dev).to(dtype)
@@ -238,7 +234,7 @@ def section_check(run: Run) -> dict:
                     for cfg in ops.gated_candidates(2 * j, k, x.device, group)[:: 1 if dtype == torch.bfloat16 else 8]:
                         m = torch.full((1, j), float("nan"), dtype=dtype, device=dev)
                         try:
-                            ops.launch_input_sparse(x, packed, t, None, None, None, None, False, cfg, m, act, group)
+                            ops.launch_input_sparse(x, packed, t, None, None, None, None, cfg, m, act, group)
                         except tuning.Unlaunchable as e:
                             refused.add(f"gated {k}x{j} {cfg}: {e}")
                             continue
@@ -252,7 +248,7 @@ def section_check(run: Run) -> dict:
         for cfg in (c for c in ops.gemv_candidates(n, k, 1, wt.device) if c.spread):
             try:
                 ops.launch_input_sparse(torch.zeros(1, k, device=dev, dtype=bf16), wt, torch.zeros((), device=dev), None, None,
-                                        None, None, False, cfg, torch.empty(1, n, device=dev, dtype=bf16))
+                                        None, None, cfg, torch.empty(1, n, device=dev, dtype=bf16))
                 spread.append(cfg)
             except tuning.Unlaunchable as e:
                 refused.add(f"{k}x{n} {cfg}: {e}")
@@ -263,10 +259,10 @@ def section_check(run: Run) -> dict:
                 x = torch.randn(1, k, device=dev).to(bf16)
                 t = torch.tensor(float(x.abs().float().quantile(0.5)), device=dev)
                 y = torch.full((1, n), float("nan"), dtype=bf16, device=dev)
-                ops.launch_input_sparse(x, wt, t, None, None, None, None, False, cfg, y)
+                ops.launch_input_sparse(x, wt, t, None, None, None, None, cfg, y)
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph):
-                    ops.launch_input_sparse(x, wt, t, None, None, None, None, False, cfg, y)
+                    ops.launch_input_sparse(x, wt, t, None, None, None, None, cfg, y)
                 y.fill_(float("nan"))
                 graph.replay()
                 record(f"spread in a graph {k}x{n}", rel_err(y, ref_gemv(x, wt, t)), bf16)
@@ -276,7 +272,7 @@ def section_check(run: Run) -> dict:
                 full = i == 0 and rep == 0
                 args = (scale, bias, lrb, lrz) if full else (None, None, None, None)
                 y = torch.full((1, n), float("nan"), dtype=bf16, device=dev)
-                ops.launch_input_sparse(x, wt, t, *args, False, cfg, y)
+                ops.launch_input_sparse(x, wt, t, *args, cfg, y)
                 ref = ref_gemv(x, wt, t, *args)
                 record(f"spread {'+scale+bias+lowrank ' if full else ''}{k}x{n}", rel_err(y, ref), bf16)
                 off = ((y.double() - ref).abs() > 0.02 * ref.abs().max()).sum().item()
@@ -309,7 +305,7 @@ def section_lowrank(run: Run) -> dict:
         for cfg in candidates:
             y = torch.full((1, n), float("nan"), dtype=bf16, device=dev)
             try:
-                ops.launch_input_sparse(x, wt, t, None, None, lrb, lrz, False, cfg, y)
+                ops.launch_input_sparse(x, wt, t, None, None, lrb, lrz, cfg, y)
             except tuning.Unlaunchable as e:
                 refused.append(f"{name} {cfg}: {e}")
                 continue
@@ -443,8 +439,8 @@ def time_gemv(k: int, n: int, dtype: torch.dtype, batch: int, sparsities, what: 
     for s in sparsities:
         t = torch.tensor(-1.0 if s == 0 else float(x.abs().float().quantile(s)), device="cuda")
         union = (x.abs().float() > t).any(0).float().mean().item()
-        err = rel_err(ops.input_sparse_linear(x, wts[0], t, None, None, None, None, False, s), ref_gemv(x, wts[0], t))
-        sparse = graph_time([lambda wt=wt: ops.input_sparse_linear(x, wt, t, None, None, None, None, False, s) for wt in wts])
+        err = rel_err(ops.input_sparse_linear(x, wts[0], t, None, None, None, None, s), ref_gemv(x, wts[0], t))
+        sparse = graph_time([lambda wt=wt: ops.input_sparse_linear(x, wt, t, None, None, None, None, s) for wt in wts])
         rows.append({"kernel": what, "k": k, "n": n, "dtype": str(dtype)[6:], "batch": batch, "sparsity": s,
                      "union_kept": union, "dense_us": dense * 1e6, "sparse_us": sparse * 1e6,
                      "speedup": dense / sparse, "ideal": 1 / max(union, 1e-9),
@@ -491,10 +487,10 @@ def time_floor(k: int, n: int, dtype: torch.dtype) -> dict:
     x = torch.randn(1, k, device="cuda").to(dtype)
     half = torch.tensor(float(x.abs().float().quantile(0.5)), device="cuda")
     none = torch.tensor(float("inf"), device="cuda")
-    ops.input_sparse_linear(x, wts[0], half, None, None, None, None, False, 0.5)  # tunes at 50%
+    ops.input_sparse_linear(x, wts[0], half, None, None, None, None, 0.5)  # tunes at 50%
     y = torch.empty(1, device="cuda")
     return {"k": k, "n": n,
-            "nothing_kept_us": graph_time([lambda wt=wt: ops.input_sparse_linear(x, wt, none, None, None, None, None, False, 0.5) for wt in wts]) * 1e6,
+            "nothing_kept_us": graph_time([lambda wt=wt: ops.input_sparse_linear(x, wt, none, None, None, None, None, 0.5) for wt in wts]) * 1e6,
             "empty_kernel_us": graph_time([lambda: _empty_kernel[(1,)](y)]) * 1e6}
 
 
@@ -517,7 +513,7 @@ def time_gated(k: int, j: int, dtype: torch.dtype, sparsities) -> list[dict]:
         t = torch.tensor(-1.0 if s == 0 else float(x.abs().float().quantile(s)), device="cuda")
 
         def unfused(p):
-            g, u = packing.split_gate_up(ops.input_sparse_linear(x, p, t, None, None, None, None, False, s), group)
+            g, u = packing.split_gate_up(ops.input_sparse_linear(x, p, t, None, None, None, None, s), group)
             return F.silu(g) * u
 
         gated = graph_time([lambda p=p: ops.input_sparse_gated(x, p, t, None, None, group, "silu", s) for p in packs])
@@ -574,17 +570,17 @@ def section_topk(run: Run) -> dict:
             t = torch.tensor(float(x.abs().float().quantile(s)), device=dev)
 
             def by_kernel(wt):
-                return ops.input_sparse_linear(ops.topk_kept(x, kk, None), wt, zero, None, None, None, None, False, s)
+                return ops.input_sparse_linear(ops.topk_kept(x, kk, None), wt, zero, None, None, None, None, s)
 
             def by_torch(wt):
-                return ops.input_sparse_linear(op_defs.topk_kept_reference(x, kk, None), wt, zero, None, None, None, None, False, s)
+                return ops.input_sparse_linear(op_defs.topk_kept_reference(x, kk, None), wt, zero, None, None, None, None, s)
 
             kept_ref = op_defs.topk_kept_reference(x, kk, None)
             row = {"kernel": what, "k": k, "n": n, "sparsity": s, "kept": kk, "dense_us": dense * 1e6,
                    "select_us": graph_time([lambda: ops.topk_kept(x, kk, None)]) * 1e6,
                    "topk_us": graph_time([lambda wt=wt: by_kernel(wt) for wt in wts]) * 1e6,
                    "torch_topk_us": graph_time([lambda wt=wt: by_torch(wt) for wt in wts]) * 1e6,
-                   "threshold_us": graph_time([lambda wt=wt: ops.input_sparse_linear(x, wt, t, None, None, None, None, False, s)
+                   "threshold_us": graph_time([lambda wt=wt: ops.input_sparse_linear(x, wt, t, None, None, None, None, s)
                                                for wt in wts]) * 1e6,
                    "rel_err": rel_err(by_kernel(wts[0]), ref_gemv(kept_ref, wts[0], zero))}
             row.update(speedup=row["dense_us"] / row["topk_us"], torch_speedup=row["dense_us"] / row["torch_topk_us"])
@@ -779,7 +775,7 @@ def extra_kernels(run: Run) -> dict:
             def mlp():
                 aa = F.silu(F.linear(x, wg))
                 m = ops.output_sparse_rows(x, aa, t, wu, s)
-                return ops.input_sparse_linear(m, wdt, zero, None, None, None, None, False, s)
+                return ops.input_sparse_linear(m, wdt, zero, None, None, None, None, s)
 
             mlp_t = graph_time([mlp])
             out["cats_up"].append({"batch": batch, "sparsity": s, "dense_us": dense_up * 1e6, "sparse_us": rows_t * 1e6, "speedup": dense_up / rows_t})
@@ -794,17 +790,17 @@ def extra_kernels(run: Run) -> dict:
         for rank in (64, 256):
             at = (torch.randn(d, rank, device="cuda") / 64).to(dtype)
             lrb = (torch.randn(f, rank, device="cuda") / 16).to(dtype)
+            folded = packing.fold_lowrank(w, at.T, lrb).T.contiguous()  # (W - B A)^T, read over the kept channels
             t = torch.tensor(float(x.abs().float().quantile(s)), device="cuda")
 
             def lowrank():
-                z = ops.input_sparse_linear(x, at, t, None, None, None, None, True, s)
-                return ops.input_sparse_linear(x, wt, t, None, None, lrb, z, False, s)
+                return ops.input_sparse_linear(x, folded, t, None, None, lrb, x @ at, s)
 
             lr = graph_time([lowrank])
-            z = ops.input_sparse_linear(x, at, t, None, None, None, None, True, s)
-            ref = ref_gemv(x, wt, t, lrb=lrb, lrz=ref_gemv(x, at, t, complement=True).to(dtype))
+            z, z_ref = x @ at, x.double() @ at.double()
+            ref = ref_gemv(x, folded, t, lrb=lrb, lrz=z_ref.to(dtype))
             out["lowrank"].append({"sparsity": s, "rank": rank, "dense_us": dense * 1e6, "sparse_us": lr * 1e6,
-                                   "speedup": dense / lr, "rel_err": rel_err(lowrank(), ref), "z_rel_err": rel_err(z, ref_gemv(x, at, t, complement=True))})
+                                   "speedup": dense / lr, "rel_err": rel_err(lowrank(), ref), "z_rel_err": rel_err(z, z_ref)})
     run.say("lowrank: " + " ".join(f"{r['sparsity']}/r{r['rank']}:x{r['speedup']:.2f}" for r in out["lowrank"]))
     return out
 

@@ -22,10 +22,9 @@ def _threshold(x, sparsity):
     return torch.tensor(-1.0 if sparsity == 0 else float(x.abs().quantile(sparsity)))
 
 
-def _reference(x, wt, t, scale=None, bias=None, complement=False):
+def _reference(x, wt, t, scale=None, bias=None):
     score = x.abs() * (scale if scale is not None else 1.0)
-    keep = score <= t if complement else score > t
-    y = torch.where(keep, x, 0.0).double() @ wt.double()
+    y = torch.where(score > t, x, 0.0).double() @ wt.double()
     return y + bias.double() if bias is not None else y
 
 
@@ -41,20 +40,19 @@ def test_input_sparse_matches_reference(batch, sparsity, shape):
     k, n = shape
     x, wt = torch.randn(batch, k), torch.randn(k, n)
     t = _threshold(x, sparsity)
-    y = ops.input_sparse_linear(x, wt, t, None, None, None, None, False, sparsity)
+    y = ops.input_sparse_linear(x, wt, t, None, None, None, None, sparsity)
     assert _rel(y, _reference(x, wt, t)) < 1e-5
 
 
-@pytest.mark.parametrize("complement", [False, True])
 @pytest.mark.parametrize("batch", [1, 2])
-def test_input_sparse_scale_bias_lowrank(kernel_path, complement, batch):
+def test_input_sparse_scale_bias_lowrank(kernel_path, batch):
     torch.manual_seed(1)
     x, wt = torch.randn(batch, 67), torch.randn(67, 45)
     scale, bias = torch.rand(67) + 0.5, torch.randn(45)
     lrb, lrz = torch.randn(45, 5), torch.randn(batch, 5)
     t = _threshold(x, 0.5)
-    y = ops.input_sparse_linear(x, wt, t, scale, bias, lrb, lrz, complement, 0.5)
-    ref = _reference(x, wt, t, scale, bias, complement) + lrz.double() @ lrb.double().T
+    y = ops.input_sparse_linear(x, wt, t, scale, bias, lrb, lrz, 0.5)
+    ref = _reference(x, wt, t, scale, bias) + lrz.double() @ lrb.double().T
     assert _rel(y, ref) < 1e-5
 
 
@@ -68,7 +66,7 @@ def test_lowrank_term_in_half_precision_is_rounded_once(dtype, batch):
     x, wt = torch.randn(batch, 96).to(dtype), torch.randn(96, 40).to(dtype)
     lrb, lrz = torch.randn(40, 7).to(dtype), torch.randn(batch, 7).to(dtype)
     t = _threshold(x.float(), 0.5)
-    y = ops.input_sparse_linear(x, wt, t, None, None, lrb, lrz, False, 0.5)
+    y = ops.input_sparse_linear(x, wt, t, None, None, lrb, lrz, 0.5)
     exact = _reference(x.double(), wt.double(), t) + lrz.double() @ lrb.double().T
     ulp = torch.finfo(dtype).eps * exact.abs().clamp_min(torch.finfo(dtype).tiny)
     assert y.dtype == dtype and ((y.double() - exact).abs() <= ulp).all()
@@ -114,7 +112,7 @@ def test_input_sparse_dtypes_paths_threads(kernel_path, dtype, batch, sparsity, 
     x, wt = torch.randn(batch, k), torch.randn(k, n).to(dtype)
     bias = torch.randn(n)
     t = torch.tensor(-1.0) if sparsity is None else _threshold(x, sparsity)  # -1: every row kept
-    y = ops.input_sparse_linear(x, wt, t, None, bias, None, None, False, sparsity or 0.0)
+    y = ops.input_sparse_linear(x, wt, t, None, bias, None, None, sparsity or 0.0)
     ref = _reference(x, wt.float(), t, bias=bias)
     assert _rel(y, ref) < 1e-5
 
@@ -157,14 +155,14 @@ def test_paths_and_threads_are_checked():
         cpu_ops.set_threads(0)
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16 tensors; weight_t is Char"):
         ops.input_sparse_linear(torch.randn(1, 8), torch.zeros(8, 4, dtype=torch.int8), torch.tensor(0.0), None, None,
-                                None, None, False, 0.0)
+                                None, None, 0.0)
 
 
 def test_rejects_other_dtypes():
     with pytest.raises(RuntimeError, match="float32, bfloat16 or float16 tensors; x is Double"):
-        ops.input_sparse_linear(torch.randn(1, 8).double(), torch.randn(8, 4), torch.tensor(0.0), None, None, None, None, False, 0.5)
+        ops.input_sparse_linear(torch.randn(1, 8).double(), torch.randn(8, 4), torch.tensor(0.0), None, None, None, None, 0.5)
     with pytest.raises(RuntimeError, match="input_sparse_linear: x \\[1, 8\\] does not fit weight_t \\[9, 4\\]"):
-        ops.input_sparse_linear(torch.randn(1, 8), torch.randn(9, 4), torch.tensor(0.0), None, None, None, None, False, 0.5)
+        ops.input_sparse_linear(torch.randn(1, 8), torch.randn(9, 4), torch.tensor(0.0), None, None, None, None, 0.5)
     with pytest.raises(RuntimeError, match="a of the activations' dtype"):
         ops.output_sparse_rows(torch.randn(1, 8).half(), torch.randn(1, 4), torch.tensor(0.0), torch.randn(4, 8), 0.5)
     model = tiny_model("llama", dtype=torch.float64)
@@ -233,13 +231,13 @@ def test_cpu_ops_dispatch_to_the_cpp_kernel_and_compile():
     assert all(_cpu_kernel_registered_from_cpp(op, key) for op in CPP_OPS for key in keys)
 
     def step(x):
-        y = ops.input_sparse_linear(x, wt, t, None, None, None, None, False, 0.5)
+        y = ops.input_sparse_linear(x, wt, t, None, None, None, None, 0.5)
         return ops.output_sparse_rows(x, ops.topk_kept(y[:, :40], 10, None), torch.tensor(0.0), w, 0.75)
 
     eager = step(x)
     compiled = torch.compile(step, backend="inductor", fullgraph=True)(x)
     assert torch.equal(eager, compiled)
-    y = ops.input_sparse_linear_reference(x, wt, t, None, None, None, None, False, 0.5)
+    y = ops.input_sparse_linear_reference(x, wt, t, None, None, None, None, 0.5)
     ref = ops.output_sparse_rows_reference(x, ops.topk_kept_reference(y[:, :40], 10, None), torch.tensor(0.0), w, 0.75)
     assert _rel(eager, ref.double()) < 1e-5
 
@@ -279,10 +277,9 @@ def test_cpu_ops_on_tensors_that_require_grad_run_and_refuse_backward():
     runs (model weights are parameters), and backward through it raises."""
     cpu_ops.library()
     x, wt = torch.randn(1, 32), torch.nn.Parameter(torch.randn(32, 16))
-    y = ops.input_sparse_linear(x, wt, _threshold(x, 0.5), None, None, None, None, False, 0.5)
+    y = ops.input_sparse_linear(x, wt, _threshold(x, 0.5), None, None, None, None, 0.5)
     assert y.requires_grad
-    assert torch.equal(y.detach(), ops.input_sparse_linear(x, wt.detach(), _threshold(x, 0.5), None, None, None, None,
-                                                           False, 0.5))
+    assert torch.equal(y.detach(), ops.input_sparse_linear(x, wt.detach(), _threshold(x, 0.5), None, None, None, None, 0.5))
     with pytest.raises(RuntimeError, match="derivative for actsparse::input_sparse_linear is not implemented"):
         y.sum().backward()
 
@@ -409,9 +406,9 @@ def test_activations_of_the_models_dtype_are_widened_and_rounded_once(kernel_pat
     wt, w = torch.randn(100, 70).to(weight_dtype), torch.randn(70, 100).to(weight_dtype)
     bias = torch.randn(70)
     t = _threshold(x.float(), 0.5)
-    y = ops.input_sparse_linear(x, wt, t, None, bias, None, None, False, 0.5)
+    y = ops.input_sparse_linear(x, wt, t, None, bias, None, None, 0.5)
     assert y.dtype == act
-    assert torch.equal(y, ops.input_sparse_linear(x.float(), wt, t, None, bias, None, None, False, 0.5).to(act))
+    assert torch.equal(y, ops.input_sparse_linear(x.float(), wt, t, None, bias, None, None, 0.5).to(act))
     assert torch.equal(ops.dense_linear(x, w, bias), ops.dense_linear(x.float(), w, bias).to(act))
     a = torch.randn(3, 70).to(act)
     ta = _threshold(a.float(), 0.5)

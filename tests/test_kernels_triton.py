@@ -56,10 +56,9 @@ def _threshold(x, sparsity):
     return torch.tensor(-1.0 if sparsity == 0 else float(x.abs().float().quantile(sparsity)))
 
 
-def _reference(x, wt, t, scale=None, bias=None, lrb=None, lrz=None, complement=False):
+def _reference(x, wt, t, scale=None, bias=None, lrb=None, lrz=None):
     score = x.abs().float() * (scale if scale is not None else 1.0)
-    keep = score <= t if complement else score > t
-    y = torch.where(keep, x, torch.zeros((), dtype=x.dtype)).double() @ wt.double()
+    y = torch.where(score > t, x, torch.zeros((), dtype=x.dtype)).double() @ wt.double()
     if bias is not None:
         y += bias.double()
     if lrb is not None:
@@ -90,16 +89,15 @@ def test_input_sparse_matches_reference(dtype, batch, sparsity, cfg):
     wt = torch.randn(k, n).to(dtype)
     t = _threshold(x, sparsity)
     y = torch.full((batch, n), float("nan"), dtype=dtype)
-    ops.launch_input_sparse(x, wt, t, None, None, None, None, False, cfg, y)
+    ops.launch_input_sparse(x, wt, t, None, None, None, None, cfg, y)
     assert _rel(y, _reference(x, wt, t)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("batch", [1, 8])
-@pytest.mark.parametrize("complement", [False, True])
 @pytest.mark.parametrize("cfg", [CONFIGS[n] for n in ("compact-split-k", "masked-split-k", "pipelined-split-k", "dot-compact-split-k")],
                          ids=["compact", "masked", "pipelined", "dot"])
-def test_input_sparse_scale_bias_lowrank(dtype, batch, complement, cfg):
+def test_input_sparse_scale_bias_lowrank(dtype, batch, cfg):
     _skip_interpreter_bf16_dot(dtype, batch, cfg.dot)
     torch.manual_seed(1)
     k, n, r = 67, 45, 5
@@ -110,8 +108,8 @@ def test_input_sparse_scale_bias_lowrank(dtype, batch, complement, cfg):
     lrb, lrz = torch.randn(n, r).to(dtype), torch.randn(batch, r).to(dtype)
     t = _threshold(x, 0.5)
     y = torch.full((batch, n), float("nan"), dtype=dtype)
-    ops.launch_input_sparse(x, wt, t, scale, bias, lrb, lrz, complement, cfg, y)
-    assert _rel(y, _reference(x, wt, t, scale, bias, lrb, lrz, complement)) < TOL[dtype]
+    ops.launch_input_sparse(x, wt, t, scale, bias, lrb, lrz, cfg, y)
+    assert _rel(y, _reference(x, wt, t, scale, bias, lrb, lrz)) < TOL[dtype]
 
 
 @pytest.mark.parametrize("split", [1, 3])
@@ -123,8 +121,8 @@ def test_lowrank_term_summed_over_several_rank_chunks(split):
     lrb, lrz = torch.randn(n, r), torch.randn(1, r)
     t = _threshold(x, 0.5)
     y = torch.full((1, n), float("nan"))
-    ops.launch_input_sparse(x, wt, t, scale, None, lrb, lrz, False, ops.GemvConfig(1024, 16, split, 4, 1), y)
-    assert _rel(y, _reference(x, wt, t, scale, None, lrb, lrz, False)) < 1e-5
+    ops.launch_input_sparse(x, wt, t, scale, None, lrb, lrz, ops.GemvConfig(1024, 16, split, 4, 1), y)
+    assert _rel(y, _reference(x, wt, t, scale, None, lrb, lrz)) < 1e-5
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -136,7 +134,7 @@ def test_split_k_reduction_in_several_chunks(batch, compact, pipelined):
         x, wt = torch.randn(batch, 400), torch.randn(400, 1200)
         t = _threshold(x, 0.5)
         y = torch.full((batch, 1200), float("nan"))
-        ops.launch_input_sparse(x, wt, t, None, None, None, None, False, cfg, y)
+        ops.launch_input_sparse(x, wt, t, None, None, None, None, cfg, y)
         assert _rel(y, _reference(x, wt, t)) < 1e-5
 
 
@@ -148,9 +146,9 @@ def test_spread_reduction_is_refused_for_batches_and_slices_that_split_gate_up_g
     cfg = ops.GemvConfig(64, 32, 3, 4, 1, spread=True)
     x, wt = torch.randn(3, 100), torch.randn(100, 128)
     with pytest.raises(ValueError, match="spread"):
-        ops.launch_input_sparse(x, wt, torch.tensor(0.5), None, None, None, None, False, cfg, torch.empty(3, 128))
+        ops.launch_input_sparse(x, wt, torch.tensor(0.5), None, None, None, None, cfg, torch.empty(3, 128))
     with pytest.raises(ValueError, match="spread"):
-        ops.launch_input_sparse(x[:1], wt, torch.tensor(0.5), None, None, None, None, False, cfg, torch.empty(1, 64), "silu", 32)
+        ops.launch_input_sparse(x[:1], wt, torch.tensor(0.5), None, None, None, None, cfg, torch.empty(1, 64), "silu", 32)
 
 
 def test_tuner_skips_unlaunchable_candidates():
@@ -169,9 +167,9 @@ def test_tuner_skips_unlaunchable_candidates():
 def test_input_sparse_op_skips_nothing_at_zero_sparsity_and_everything_above_max():
     torch.manual_seed(2)
     x, wt = torch.randn(2, 40), torch.randn(40, 24)
-    dense = ops.input_sparse_linear(x, wt, torch.tensor(float("-inf")), None, None, None, None, False, 0.0)
+    dense = ops.input_sparse_linear(x, wt, torch.tensor(float("-inf")), None, None, None, None, 0.0)
     assert _rel(dense, x.double() @ wt.double()) < 1e-5
-    none = ops.input_sparse_linear(x, wt, torch.tensor(1e9), None, None, None, None, False, 1.0)
+    none = ops.input_sparse_linear(x, wt, torch.tensor(1e9), None, None, None, None, 1.0)
     assert torch.equal(none, torch.zeros_like(none))
 
 
@@ -223,7 +221,7 @@ def test_gated_op_returns_act_gate_times_up(act, dtype, sparsity, cfg):
     t = _threshold(x, sparsity)
     packed = packing.interleave_gate_up(gate_t, up_t, group)
     m = torch.full((1, j), float("nan"), dtype=dtype)
-    ops.launch_input_sparse(x, packed, t, None, bias, None, None, False, replace(cfg, bn=4 * group), m, act, group)
+    ops.launch_input_sparse(x, packed, t, None, bias, None, None, replace(cfg, bn=4 * group), m, act, group)
     kept = torch.where(x.abs().float() > t, x, torch.zeros((), dtype=dtype))
     gu = (kept.double() @ packed.double() + bias.double()).to(dtype)
     g, u = packing.split_gate_up(gu, group)
@@ -274,7 +272,7 @@ def test_ops_trace_with_fake_tensors():
 
     with FakeTensorMode():
         x, wt, t = torch.empty(3, 40), torch.empty(40, 24), torch.empty(())
-        assert op_defs.input_sparse_linear(x, wt, t, None, None, None, None, False, 0.5).shape == (3, 24)
+        assert op_defs.input_sparse_linear(x, wt, t, None, None, None, None, 0.5).shape == (3, 24)
         assert op_defs.output_sparse_rows(x, torch.empty(3, 24), t, torch.empty(24, 40), 0.5).shape == (3, 24)
         assert op_defs.input_sparse_gated(x[:1], torch.empty(40, 64), t, None, None, 16, "silu", 0.5).shape == (1, 32)
         assert op_defs.topk_kept(x, 5, None).shape == (3, 40)
@@ -284,7 +282,7 @@ def test_ops_on_cpu_tensors_run_the_registered_kernels(monkeypatch):
     """Each op's CPU kernel is what was registered last for the CPU: here the Triton one."""
     calls = _record_launches(monkeypatch, lambda args: tuple(args[0].shape))
     x, wt = torch.randn(2, 40), torch.randn(40, 24)
-    y = op_defs.input_sparse_linear(x, wt, torch.tensor(0.5), None, None, None, None, False, 0.5)
+    y = op_defs.input_sparse_linear(x, wt, torch.tensor(0.5), None, None, None, None, 0.5)
     assert calls == [(2, 40)]
     assert _rel(y, _reference(x, wt, torch.tensor(0.5))) < 1e-5
 
@@ -386,7 +384,7 @@ def test_one_token_mlp_returns_the_gated_product_from_the_gate_up_kernel(arch, m
     with torch.no_grad():
         ref = model(ids).logits
     use_kernels(model)
-    acts = _record_launches(monkeypatch, lambda args: args[10:11])
+    acts = _record_launches(monkeypatch, lambda args: args[9:10])
     with torch.no_grad():
         out = model(ids).logits
     expected = {"llama": "silu", "qwen2": "silu", "gemma": "gelu_tanh"}[arch]

@@ -397,14 +397,11 @@ inline void split(int64_t total, int64_t i, int64_t n, int64_t align, int64_t& b
 
 // ---------------------------------------------------------------- input-sparse (axpy over kept rows)
 
-inline bool keep(float score, float t, bool complement) { return complement ? score <= t : score > t; }
-
 #ifdef ACTSPARSE_HAVE_AVX512
 // compact for one token: sixteen scores a compare, the kept rows and values packed by a register
 // compress (vpcompressd to memory is microcoded on some CPUs); writes up to 16 entries past the
 // last kept one.
-int64_t compact_one_avx512(const float* x, int64_t K, const float* scale, float t, bool complement, int32_t* rows,
-                           float* xk) {
+int64_t compact_one_avx512(const float* x, int64_t K, const float* scale, float t, int32_t* rows, float* xk) {
   const __m512 tv = _mm512_set1_ps(t);
   const __m512i iota = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   int64_t n = 0;
@@ -413,8 +410,7 @@ int64_t compact_one_avx512(const float* x, int64_t K, const float* scale, float 
     const __m512 v = _mm512_maskz_loadu_ps(valid, x + k);
     __m512 score = _mm512_abs_ps(v);
     if (scale) score = _mm512_mul_ps(score, _mm512_maskz_loadu_ps(valid, scale + k));
-    const __mmask16 kept = valid & (complement ? _mm512_cmp_ps_mask(score, tv, _CMP_LE_OQ)
-                                               : _mm512_cmp_ps_mask(score, tv, _CMP_GT_OQ));
+    const __mmask16 kept = valid & _mm512_cmp_ps_mask(score, tv, _CMP_GT_OQ);
     const __m512i index = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(k)), iota);
     _mm512_storeu_si512(rows + n, _mm512_maskz_compress_epi32(kept, index));
     _mm512_storeu_ps(xk + n, _mm512_maskz_compress_ps(kept, v));
@@ -427,7 +423,7 @@ int64_t compact_one_avx512(const float* x, int64_t K, const float* scale, float 
 // Kept rows (union over the batch) and the kept inputs, row by row: xk[j * B + b]. With no
 // threshold every row is kept.
 int64_t compact(int isa, const float* x, int64_t B, int64_t K, const float* scale, const float* threshold,
-                bool complement, std::vector<int32_t>& rows_buffer, std::vector<float>& xk_buffer) {
+                std::vector<int32_t>& rows_buffer, std::vector<float>& xk_buffer) {
   rows_buffer.resize(K + 16);  // room for compact_one_avx512's overrun
   xk_buffer.resize(K * B + 16);
   int32_t* rows = rows_buffer.data();
@@ -441,7 +437,7 @@ int64_t compact(int isa, const float* x, int64_t B, int64_t K, const float* scal
   }
   const float t = *threshold;
 #ifdef ACTSPARSE_HAVE_AVX512
-  if (B == 1 && isa >= kAvx512) return compact_one_avx512(x, K, scale, t, complement, rows, xk);
+  if (B == 1 && isa >= kAvx512) return compact_one_avx512(x, K, scale, t, rows, xk);
 #endif
   int64_t n = 0;
   for (int64_t k = 0; k < K; ++k) {  // branch-free: a kept row is written and then counted
@@ -449,7 +445,7 @@ int64_t compact(int isa, const float* x, int64_t B, int64_t K, const float* scal
     for (int64_t b = 0; b < B; ++b) {
       const float v = x[b * K + k];
       const float score = scale ? std::fabs(v) * scale[k] : std::fabs(v);
-      const bool kb = keep(score, t, complement);
+      const bool kb = score > t;
       xk[n * B + b] = kb ? v : 0.0f;
       any |= kb;
     }
@@ -574,12 +570,12 @@ void input_sparse_columns(int isa, const typename D::T* wt, int64_t N, const int
 }
 
 template <class D>
-void input_sparse(const float* x, int64_t B, int64_t K, const float* scale, const float* threshold, bool complement,
-                  const void* wt, int64_t N, const float* bias, float* y, int threads) {
+void input_sparse(const float* x, int64_t B, int64_t K, const float* scale, const float* threshold, const void* wt,
+                  int64_t N, const float* bias, float* y, int threads) {
   static thread_local std::vector<int32_t> rows;
   static thread_local std::vector<float> xk;
   const int isa = current_isa();
-  const int64_t n_rows = compact(isa, x, B, K, scale, threshold, complement, rows, xk);
+  const int64_t n_rows = compact(isa, x, B, K, scale, threshold, rows, xk);
   const auto* w = static_cast<const typename D::T*>(wt);
   const int n = resolve_threads(threads);
   const int32_t* r = rows.data();
@@ -1167,13 +1163,13 @@ int actsparse_cpu_set_threads(int threads) {
 
 // input_sparse over `wt` [K, N] (input-major); threshold NULL: dense (every row kept).
 int actsparse_input_sparse_ex(const void* x, int64_t B, int64_t K, const float* scale, const float* threshold,
-                              int complement, const void* wt, int wt_dtype, int64_t N, const float* bias, void* y,
-                              int x_dtype, int y_dtype, int threads) {
+                              const void* wt, int wt_dtype, int64_t N, const float* bias, void* y, int x_dtype,
+                              int y_dtype, int threads) {
   if (!known_dtype(x_dtype) || !known_dtype(y_dtype)) return -1;
   Activations in(x, B * K, x_dtype, 0);
   Output out(y, B * N, y_dtype);
-  const int rc = by_dtype<InputSparseFn>(wt_dtype, in.data, B, K, scale, threshold, complement != 0, wt, N, bias,
-                                         out.data, threads);
+  const int rc = by_dtype<InputSparseFn>(wt_dtype, in.data, B, K, scale, threshold, wt, N, bias, out.data,
+                                         threads);
   out.finish();
   return rc;
 }

@@ -12,8 +12,8 @@ int actsparse_cpu_set_isa(int isa);
 int actsparse_cpu_threads(void);
 int actsparse_cpu_set_threads(int threads);
 int actsparse_input_sparse_ex(const void* x, int64_t B, int64_t K, const float* scale, const float* threshold,
-                              int complement, const void* wt, int wt_dtype, int64_t N, const float* bias, void* y,
-                              int x_dtype, int y_dtype, int threads);
+                              const void* wt, int wt_dtype, int64_t N, const float* bias, void* y, int x_dtype,
+                              int y_dtype, int threads);
 int actsparse_output_sparse_rows_ex(const void* x, const void* a, int64_t B, int64_t J, int64_t D,
                                     const float* threshold, const void* w, int w_dtype, void* m, int act_dtype,
                                     int threads);

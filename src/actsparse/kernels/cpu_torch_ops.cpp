@@ -60,7 +60,7 @@ void check_rc(int rc, const char* op) { TORCH_CHECK(rc == 0, "actsparse::", op, 
 at::Tensor input_sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& threshold,
                                const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
                                const std::optional<at::Tensor>& lowrank_b, const std::optional<at::Tensor>& lowrank_z,
-                               bool complement, double) {
+                               double) {
   const int act = dtype_code(x, "x"), wd = dtype_code(weight_t, "weight_t");
   matrix(x, "x");
   matrix(weight_t, "weight_t");
@@ -90,7 +90,7 @@ at::Tensor input_sparse_linear(const at::Tensor& x, const at::Tensor& weight_t, 
     product.resize(batch * n);
     fp32_out = product.data();
   }
-  check_rc(actsparse_input_sparse_ex(x.data_ptr(), batch, k, s.ptr, t.ptr, complement, weight_t.data_ptr(), wd, n, b.ptr,
+  check_rc(actsparse_input_sparse_ex(x.data_ptr(), batch, k, s.ptr, t.ptr, weight_t.data_ptr(), wd, n, b.ptr,
                                      lowrank_b ? static_cast<void*>(fp32_out) : y.data_ptr(), act,
                                      lowrank_b ? 0 : act, actsparse_cpu_threads()),
            "input_sparse_linear");
@@ -123,7 +123,7 @@ at::Tensor input_sparse_gated(const at::Tensor& x, const at::Tensor& weight_t, c
   static thread_local std::vector<float> gu;
   gu.resize(batch * n);
   const Fp32 t(threshold), s(scale), b(bias);
-  check_rc(actsparse_input_sparse_ex(x.data_ptr(), batch, k, s.ptr, t.ptr, false, weight_t.data_ptr(), wd, n, b.ptr,
+  check_rc(actsparse_input_sparse_ex(x.data_ptr(), batch, k, s.ptr, t.ptr, weight_t.data_ptr(), wd, n, b.ptr,
                                      gu.data(), xd, 0, actsparse_cpu_threads()),
            "input_sparse_gated");
   at::Tensor m = at::empty({batch, j}, x.options());

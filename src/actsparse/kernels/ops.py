@@ -6,10 +6,10 @@ kernels of `cpu_torch_ops.cpp`, registered from C++ by `cpu_ops.register`), so t
 its fake implementation.
 
   input_sparse_linear(x[T,K], weight_t[K,N], threshold, scale?, bias?, lowrank_b?, lowrank_z?,
-                      complement, sparsity) -> y[T,N]
-      row k of `weight_t` is used for token b when score = |x[b,k]| (* scale[k]) > threshold
-      (<= threshold when `complement`, which computes the low-rank path's input); rows no token
-      keeps are never read. `lowrank_z[T,R]` and `lowrank_b[N,R]` add ``z @ lowrank_b.T``.
+                      sparsity) -> y[T,N]
+      row k of `weight_t` is used for token b when score = |x[b,k]| (* scale[k]) > threshold;
+      rows no token keeps are never read. `lowrank_z[T,R]` and `lowrank_b[N,R]` add
+      ``z @ lowrank_b.T``.
   input_sparse_gated(x[1,K], weight_t[K,2J], threshold, scale?, bias?, group, act, sparsity) -> m[1,J]
       the same product over a gate+up weight whose columns alternate gate and up in groups of
       `group` (`actsparse.nn.packing.interleave_gate_up`), returning act(gate) * up.
@@ -82,11 +82,9 @@ def input_sparse_linear_reference(
     bias: Optional[torch.Tensor],
     lowrank_b: Optional[torch.Tensor],
     lowrank_z: Optional[torch.Tensor],
-    complement: bool,
     sparsity: float,
 ) -> torch.Tensor:
-    score = _score(x, scale)
-    kept = _zero_where_not(score <= threshold if complement else score > threshold, x)
+    kept = _zero_where_not(_score(x, scale) > threshold, x)
     y = F.linear(kept, weight_t.T, bias)
     if lowrank_b is not None:
         y = y + F.linear(lowrank_z, lowrank_b)
@@ -97,7 +95,7 @@ input_sparse_linear = torch.library.custom_op("actsparse::input_sparse_linear", 
 
 
 @input_sparse_linear.register_fake
-def _(x, weight_t, threshold, scale, bias, lowrank_b, lowrank_z, complement, sparsity):
+def _(x, weight_t, threshold, scale, bias, lowrank_b, lowrank_z, sparsity):
     return x.new_empty((x.shape[0], weight_t.shape[1]))
 
 
@@ -115,7 +113,7 @@ def input_sparse_gated(
     """By default the `input_sparse_linear` op (the device's kernel) and the activation in torch."""
     if act not in ACTIVATIONS:
         raise ValueError(f"input_sparse_gated: act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
-    gu = input_sparse_linear(x, weight_t, threshold, scale, bias, None, None, False, sparsity)
+    gu = input_sparse_linear(x, weight_t, threshold, scale, bias, None, None, sparsity)
     j = gu.shape[-1] // 2
     pairs = gu.reshape(gu.shape[0], j // group, 2, group)
     gate, up = pairs[:, :, 0].reshape(-1, j), pairs[:, :, 1].reshape(-1, j)

@@ -47,23 +47,15 @@ def wait_for_producer():
 
 
 @triton.jit
-def _keep(score, t, COMPLEMENT: tl.constexpr):
-    if COMPLEMENT:
-        return score <= t
-    else:
-        return score > t
-
-
-@triton.jit
 def _accumulate(acc, rows, row_ok, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, toks, tok_ok, B, stride_x, stride_w,
-                HAS_SCALE: tl.constexpr, COMPLEMENT: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr):
+                HAS_SCALE: tl.constexpr, IEEE: tl.constexpr, BB: tl.constexpr, DOT: tl.constexpr):
     """acc += x_kept[:, rows] @ W.T[rows, cols]; weight rows no token keeps are not loaded."""
     if BB == 1:
         xv = tl.load(x_ptr + rows, mask=row_ok, other=0.0)
         sv = tl.abs(xv.to(tl.float32))
         if HAS_SCALE:
             sv = sv * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
-        keep = _keep(sv, t, COMPLEMENT) & row_ok
+        keep = (sv > t) & row_ok
         w = tl.load(
             w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :],
             mask=keep[:, None] & col_ok[None, :], other=0.0, eviction_policy="evict_first",
@@ -74,7 +66,7 @@ def _accumulate(acc, rows, row_ok, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, tok
         sv = tl.abs(xv.to(tl.float32))
         if HAS_SCALE:
             sv = sv * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)[None, :]
-        keep = _keep(sv, t, COMPLEMENT) & tok_ok[:, None] & row_ok[None, :]
+        keep = (sv > t) & tok_ok[:, None] & row_ok[None, :]
         row_keep = tl.max(keep.to(tl.int32), axis=0) > 0
         w = tl.load(
             w_ptr + rows.to(tl.int64)[:, None] * stride_w + cols[None, :],
@@ -88,13 +80,13 @@ def _accumulate(acc, rows, row_ok, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, tok
                 acc = tl.dot(xk, w, acc)
         else:
             acc = _accumulate_tokens(acc, w.to(tl.float32), rows, row_ok, x_ptr, scale_ptr, t, toks, B, stride_x,
-                                     HAS_SCALE, COMPLEMENT, BB)
+                                     HAS_SCALE, BB)
     return acc
 
 
 @triton.jit
 def _accumulate_tokens(acc, w, rows, row_ok, x_ptr, scale_ptr, t, toks, B, stride_x,
-                       HAS_SCALE: tl.constexpr, COMPLEMENT: tl.constexpr, BB: tl.constexpr):
+                       HAS_SCALE: tl.constexpr, BB: tl.constexpr):
     """acc[b] += x_kept[b, rows] @ w for each token of a small batch, on the CUDA cores: the
     weight tile is read once for all BB tokens, and when the column block spans every thread
     (256 columns a warp in 16-bit) a token's sum over the tile's rows stays within each thread,
@@ -104,7 +96,7 @@ def _accumulate_tokens(acc, w, rows, row_ok, x_ptr, scale_ptr, t, toks, B, strid
         score = tl.abs(xb)
         if HAS_SCALE:
             score = score * tl.load(scale_ptr + rows, mask=row_ok, other=0.0)
-        xk = tl.where(_keep(score, t, COMPLEMENT), xb, 0.0)
+        xk = tl.where(score > t, xb, 0.0)
         acc = tl.where(toks[:, None] == b, acc + tl.sum(w * xk[:, None], axis=0)[None, :], acc)
     return acc
 
@@ -116,7 +108,7 @@ def input_sparse_gemv_kernel(
     B, K, N, R, rows_per_split, split_k,
     stride_x, stride_w, stride_y, stride_lrb, stride_lrz,
     HAS_SCALE: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_LOWRANK: tl.constexpr,
-    COMPLEMENT: tl.constexpr, USE_SPLIT: tl.constexpr, IEEE: tl.constexpr, COMPACT: tl.constexpr, PIPE: tl.constexpr,
+    USE_SPLIT: tl.constexpr, IEEE: tl.constexpr, COMPACT: tl.constexpr, PIPE: tl.constexpr,
     BB: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, CHUNK: tl.constexpr, BR: tl.constexpr, SC: tl.constexpr,
     ACT: tl.constexpr, GROUP: tl.constexpr, PDL: tl.constexpr, SPREAD: tl.constexpr, SS: tl.constexpr, SL: tl.constexpr,
     DOT: tl.constexpr,
@@ -149,7 +141,7 @@ def input_sparse_gemv_kernel(
             score = tl.abs(xs.to(tl.float32))
             if HAS_SCALE:
                 score = score * tl.load(scale_ptr + ks, mask=k_ok, other=0.0)[None, :]
-            keep = _keep(score, t, COMPLEMENT) & tok_ok[:, None] & k_ok[None, :]
+            keep = (score > t) & tok_ok[:, None] & k_ok[None, :]
             row_keep = tl.max(keep.to(tl.int32), axis=0)
             pos = n_active + tl.cumsum(row_keep, axis=0) - 1
             tl.store(scratch + pos, ks, mask=row_keep > 0)
@@ -191,7 +183,7 @@ def input_sparse_gemv_kernel(
                     acc += w.to(tl.float32) * xv.to(tl.float32)[:, None]
                 else:
                     acc = _accumulate_tokens(acc, w.to(tl.float32), rows, j_ok, x_ptr, scale_ptr, t, toks, B, stride_x,
-                                             HAS_SCALE, COMPLEMENT, BB)
+                                             HAS_SCALE, BB)
                 rows = next_rows
         else:
             for j in range(0, n_active, BK):
@@ -199,14 +191,14 @@ def input_sparse_gemv_kernel(
                 j_ok = jj < n_active
                 rows = tl.load(scratch + jj, mask=j_ok, other=0)
                 acc = _accumulate(acc, rows, j_ok, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, toks, tok_ok, B,
-                                  stride_x, stride_w, HAS_SCALE, COMPLEMENT, IEEE, BB, DOT)
+                                  stride_x, stride_w, HAS_SCALE, IEEE, BB, DOT)
     else:
         # Every row block in turn, the weight loads masked by the kept rows: more iterations at
         # high sparsity, but no index list, so the loads pipeline like a dense GEMV's.
         for k0 in range(k_lo, k_hi, BK):
             rows = k0 + tl.arange(0, BK)
             acc = _accumulate(acc, rows, rows < k_hi, x_ptr, scale_ptr, w_ptr, t, cols, col_ok, toks, tok_ok, B,
-                              stride_x, stride_w, HAS_SCALE, COMPLEMENT, IEEE, BB, DOT)
+                              stride_x, stride_w, HAS_SCALE, IEEE, BB, DOT)
     if BB == 1:
         part = tl.sum(acc, axis=0)
     else:

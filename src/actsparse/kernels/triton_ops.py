@@ -165,7 +165,6 @@ def launch_input_sparse(
     bias: torch.Tensor | None,
     lowrank_b: torch.Tensor | None,
     lowrank_z: torch.Tensor | None,
-    complement: bool,
     cfg: GemvConfig,
     y: torch.Tensor,
     act: str | None = None,
@@ -209,7 +208,7 @@ def launch_input_sparse(
     )
     kwargs = dict(
         HAS_SCALE=scale is not None, HAS_BIAS=bias is not None, HAS_LOWRANK=lowrank_b is not None,
-        COMPLEMENT=complement, USE_SPLIT=split_k > 1, IEEE=weight_t.dtype == torch.float32, COMPACT=cfg.compact, PIPE=cfg.pipelined and cfg.compact and bb == 1,
+        USE_SPLIT=split_k > 1, IEEE=weight_t.dtype == torch.float32, COMPACT=cfg.compact, PIPE=cfg.pipelined and cfg.compact and bb == 1,
         BB=bb, BN=cfg.bn, BK=cfg.bk, CHUNK=chunk, BR=lowrank_rows,
         SC=split_chunk, ACT=ACTIVATIONS[act] if act else 0, GROUP=group, PDL=pdl,
         SPREAD=spread, SS=triton.next_power_of_2(split_k) if spread else 1, SL=spread_slice, DOT=cfg.dot and bb > 1,
@@ -292,16 +291,15 @@ def input_sparse_linear(
     bias: Optional[torch.Tensor],
     lowrank_b: Optional[torch.Tensor],
     lowrank_z: Optional[torch.Tensor],
-    complement: bool,
     sparsity: float,
 ) -> torch.Tensor:
     _check_decode_batch(x, "input_sparse_linear")
     batch, k = x.shape
     n = weight_t.shape[1]
     y = torch.empty((batch, n), dtype=x.dtype, device=x.device)
-    args = (x, weight_t, threshold, scale, bias, lowrank_b, lowrank_z, complement)
+    args = (x, weight_t, threshold, scale, bias, lowrank_b, lowrank_z)
     key = (
-        "gemv", n, k, batch, x.dtype, scale is not None, bias is not None, lowrank_b is not None, complement,
+        "gemv", n, k, batch, x.dtype, scale is not None, bias is not None, lowrank_b is not None,
         tuning.sparsity_bin(sparsity),
     )
     cfg = tuning.choose(key, gemv_candidates(n, k, batch, x.device), lambda c: launch_input_sparse(*args, c, y), x.device)
@@ -344,7 +342,7 @@ def input_sparse_gated(
     if n % (2 * group) or group & (group - 1):
         raise ValueError(f"input_sparse_gated: group {group} must be a power of two and {n} a multiple of twice it")
     m = torch.empty((1, n // 2), dtype=x.dtype, device=x.device)
-    args = (x, weight_t, threshold, scale, bias, None, None, False)
+    args = (x, weight_t, threshold, scale, bias, None, None)
     key = ("gated", n, k, x.dtype, scale is not None, bias is not None, group, act, tuning.sparsity_bin(sparsity))
     cfg = tuning.choose(
         key, gated_candidates(n, k, x.device, group), lambda c: launch_input_sparse(*args, c, m, act, group), x.device

@@ -345,7 +345,7 @@ class SparseLinear(nn.Module):
         kept, threshold, scale = self.kernel_input(x2, self.packed_zero)
         z = F.linear(x2, self.lowrank_a) if self.rank else None
         return ops.input_sparse_linear(kept, self.packed_weight_t, threshold, scale, self.bias,
-                                       self.lowrank_b if self.rank else None, z, False, self.target)
+                                       self.lowrank_b if self.rank else None, z, self.target)
 
     def _group_forward(self, x: torch.Tensor, tokens: int) -> torch.Tensor | None:
         group = self._group
@@ -356,7 +356,7 @@ class SparseLinear(nn.Module):
         def call() -> torch.Tensor:
             kept, threshold, scale = lead.kernel_input(x2, lead.packed_zero)
             z = F.linear(x2, lead.packed_lowrank_a) if b is not None else None
-            return ops.input_sparse_linear(kept, lead.packed_weight_t, threshold, scale, lead.packed_bias, b, z, False, lead.target)
+            return ops.input_sparse_linear(kept, lead.packed_weight_t, threshold, scale, lead.packed_bias, b, z, lead.target)
 
         if not batching.kernel_pays(lead.batch_seconds, tokens, call,
                                     lambda: [F.linear(x2, m.weight) for m in group.members], x.device):

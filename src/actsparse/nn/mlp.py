@@ -235,7 +235,7 @@ class SparseGatedMLP(nn.Module):
 
         def call() -> torch.Tensor:
             z = F.linear(x2, self.packed_lowrank_a) if b is not None else None
-            return ops.input_sparse_linear(kept, fused, threshold, scale, bias, b, z, False, gate.target)
+            return ops.input_sparse_linear(kept, fused, threshold, scale, bias, b, z, gate.target)
 
         if not batching.kernel_pays(self.batch_seconds, x2.shape[0], call,
                                     lambda: (F.linear(x2, gate.weight), F.linear(x2, self.up_linear.weight)), x2.device):
@@ -258,7 +258,7 @@ class SparseGatedMLP(nn.Module):
         down = self.down_linear
         if down.mode != "dense":
             return down(m)
-        return ops.input_sparse_linear(m, self.packed_down_t, self.packed_zero, None, down.bias, None, None, False, self.gate_target)
+        return ops.input_sparse_linear(m, self.packed_down_t, self.packed_zero, None, down.bias, None, None, self.gate_target)
 
     def _dense_products(self, x2: torch.Tensor) -> torch.Tensor:
         """The dense products of this MLP (what its kernels stand in for, timed against them)."""

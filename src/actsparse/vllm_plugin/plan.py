@@ -111,7 +111,7 @@ class LayerPlan:
             self.meter.masked += int((~_keep(x2, run)).sum())
             self.meter.inputs += x2.numel()
         if kernels and run.weight_t is not None:
-            return ops.input_sparse_linear(x2, run.weight_t, run.threshold, run.scale, b, None, None, False,
+            return ops.input_sparse_linear(x2, run.weight_t, run.threshold, run.scale, b, None, None,
                                            run.selection.target)
         if run.selection.threshold == float("-inf"):
             return F.linear(x2, weight[run.start:run.stop], b)
