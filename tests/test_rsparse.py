@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import actsparse as asp
 from actsparse.errors import ActSparseError
 from actsparse.io import load, save
-from actsparse.methods.rsparse import dropped_factors, rsparse_budget, svd_factors
+from actsparse.methods.rsparse import OVERSAMPLE, dropped_factors, rsparse_budget, svd_factors
 from actsparse.methods.search import budget_scaled, evolve
 from actsparse.nn import SparseLinear
 from actsparse.nn.linear import same_selection
@@ -72,6 +72,19 @@ def test_measured_sparsity_counts_the_low_rank_reads_and_reaches_target(arch, se
     model = asp.sparsify_(tiny_model(arch), asp.RSparseConfig(sparsity=0.5, alpha=0.8, selection=selection), CALIB)
     assert any(m.rank > 0 for m in model.modules() if isinstance(m, SparseLinear))
     assert measured(model).model == pytest.approx(0.5, abs=0.02)
+
+
+def test_randomized_svd_factors_are_the_same_on_every_run():
+    weight = torch.randn(96, 128)
+    assert 2 * (8 + OVERSAMPLE) < min(weight.shape)  # the randomized path
+    torch.manual_seed(1)
+    first = svd_factors(weight, 8)
+    torch.manual_seed(2)
+    after = torch.randn(1)  # what the caller's stream gives next
+    torch.manual_seed(2)
+    second = svd_factors(weight, 8)
+    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    assert torch.equal(torch.randn(1), after)  # the caller's random stream is left as it was
 
 
 @pytest.mark.parametrize("selection", ["threshold", "topk"])

@@ -49,6 +49,7 @@ def rsparse_budget(in_features: int, out_features: int, sparsity: float, alpha: 
 
 OVERSAMPLE = 16  # extra random directions of the randomized SVD
 POWER_ITERATIONS = 4
+SVD_SEED = 0
 
 
 def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -65,7 +66,9 @@ def svd_factors(weight: torch.Tensor, rank: int) -> tuple[torch.Tensor, torch.Te
     if 2 * q >= min(w.shape):
         u, s, vh = torch.linalg.svd(w.double(), full_matrices=False)
         return (s[:rank, None] * vh[:rank]).float(), u[:, :rank].float().contiguous()
-    u, s, v = torch.svd_lowrank(w.float(), q=q, niter=POWER_ITERATIONS)
+    with torch.random.fork_rng(devices=[w.device] if w.device.type == "cuda" else []):
+        torch.manual_seed(SVD_SEED)  # its random directions: the same factors on every run
+        u, s, v = torch.svd_lowrank(w.float(), q=q, niter=POWER_ITERATIONS)
     return (s[:rank, None] * v[:, :rank].T).contiguous(), u[:, :rank].contiguous()
 
 
