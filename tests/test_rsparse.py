@@ -206,15 +206,19 @@ def test_search_is_deterministic_keeps_the_budget_and_is_saved(tmp_path, over, a
     assert torch.equal(logits(loaded), logits(first))
 
 
-@pytest.mark.parametrize("arch", ["llama", "phi3", "gemma3"])
-def test_save_load_gives_identical_logits(tmp_path, arch):
-    model = asp.sparsify_(tiny_model(arch), asp.RSparseConfig(sparsity=0.5, alpha=0.7), CALIB)
+@pytest.mark.parametrize("arch,shared", [("llama", False), ("phi3", False), ("gemma3", False), ("llama", True)])
+def test_save_load_gives_identical_logits(tmp_path, arch, shared):
+    config = asp.RSparseConfig(sparsity=0.5, alpha=0.7, shared_selection=shared)
+    model = asp.sparsify_(tiny_model(arch), config, CALIB)
     save(model, tmp_path / "out")
     loaded, _ = load(tmp_path / "out")
     assert loaded.actsparse_config == model.actsparse_config
     assert [m.rank for m in loaded.modules() if isinstance(m, SparseLinear)] == \
         [m.rank for m in model.modules() if isinstance(m, SparseLinear)]
     assert torch.equal(logits(loaded), logits(model))
+    if shared:  # the groups select as one again after loading
+        attn = loaded.model.layers[0].self_attn
+        assert same_selection(attn.q_proj, attn.k_proj) and same_selection(attn.q_proj, attn.v_proj)
 
 
 def test_greedy_search_starts_from_the_greedy_allocation():
