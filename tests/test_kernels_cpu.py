@@ -344,10 +344,14 @@ def test_compiled_cpu_decode_of_a_sparse_model_matches_torch():
 @pytest.mark.parametrize(
     "config",
     [actsparse.TealConfig(sparsity=0.5), actsparse.WinaConfig(sparsity=0.5), actsparse.CatsConfig(sparsity=0.5),
-     actsparse.CatsConfig(sparsity=0.5, selection="topk")],
-    ids=["teal", "wina", "cats", "cats-topk"],
+     actsparse.CatsConfig(sparsity=0.5, selection="topk"), actsparse.RSparseConfig(sparsity=0.5, alpha=0.8),
+     actsparse.RSparseConfig(sparsity=0.5, alpha=0.8, shared_selection=True),
+     actsparse.RSparseConfig(sparsity=0.5, alpha=0.8, selection="topk", shared_selection=True)],
+    ids=["teal", "wina", "cats", "cats-topk", "rsparse", "rsparse-shared", "rsparse-shared-topk"],
 )
 def test_model_through_cpu_backend_matches_torch(arch, config):
+    """R-Sparse: the folded low-rank path (W - B A over the kept channels, z = A x), alone or for a
+    group of linears reading one input as one call with a block-diagonal B."""
     model = tiny_model(arch)
     actsparse.sparsify_(model, config, random_tokens(1, 32))
     ids = random_tokens(2, 4, seed=5)
@@ -355,26 +359,8 @@ def test_model_through_cpu_backend_matches_torch(arch, config):
         ref = model(ids).logits
         use_kernels(model)
         out = model(ids).logits
-    assert _rel(out, ref.double()) < 1e-5
-
-
-@pytest.mark.parametrize("arch", ["llama", "phi3", "qwen3"])
-@pytest.mark.parametrize("config", [actsparse.RSparseConfig(sparsity=0.5, alpha=0.8, shared_selection=True),
-                                    actsparse.RSparseConfig(sparsity=0.5, alpha=0.8, selection="topk", shared_selection=True),
-                                    actsparse.RSparseConfig(sparsity=0.5, alpha=0.8)],
-                         ids=["shared", "shared-topk", "own"])
-def test_rsparse_through_cpu_backend_matches_torch(arch, config):
-    """The folded low-rank path (W - B A over the kept channels, z = A x), alone or for a group of
-    linears reading one input as one call with a block-diagonal B."""
-    model = tiny_model(arch)
-    actsparse.sparsify_(model, config, random_tokens(1, 32))
-    ids = random_tokens(2, 4, seed=5)
-    with torch.no_grad():
-        ref = model(ids).logits
-        use_kernels(model)
-        out = model(ids).logits
-    layer = model.model.layers[0]
-    if arch != "phi3":  # phi3's qkv and gate_up are one linear each
+    if isinstance(config, actsparse.RSparseConfig) and arch != "phi3":  # phi3's qkv and gate_up are one linear each
+        layer = model.model.layers[0]
         assert (layer.self_attn.q_proj.packed_lowrank_b is not None) == config.shared_selection
         assert (layer.mlp.packed_lowrank_b is not None) == config.shared_selection
     assert _rel(out, ref.double()) < 1e-5
