@@ -413,15 +413,22 @@ def test_an_output_renamed_aside_by_a_killed_run_comes_back(tmp_path):
 
 
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
+    # Pressed at moments through the imports (where library code that runs `exec` on a string would
+    # otherwise mark the interpreter to die by SIGINT) and around the error and the teardown after.
     env = {**os.environ, "PYTHONPATH": str(SRC)}
     env.pop("ACTSPARSE_DEBUG", None)
-    proc = subprocess.Popen([sys.executable, "-m", "actsparse_cli", "generate", str(tmp_path / "x"), "hi"],
-                            stderr=subprocess.PIPE, env=env)
-    time.sleep(0.8)  # inside `main`, importing torch and transformers
-    proc.send_signal(signal.SIGINT)
-    err = proc.communicate(timeout=60)[1].decode().strip().splitlines()
-    assert proc.returncode in (130, 2), err  # 2: start-up finished first and the missing model was reported
-    assert len(err) == 1 and err[0].startswith("actsparse: "), err
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)  # see the training test below
+    try:
+        for delay in (0.4, 0.8, 1.2, 1.6, 2.0, 2.4, 2.8, 3.2):
+            proc = subprocess.Popen([sys.executable, "-m", "actsparse_cli", "generate", str(tmp_path / "x"), "hi"],
+                                    stderr=subprocess.PIPE, env=env)
+            time.sleep(delay)
+            proc.send_signal(signal.SIGINT)
+            err = proc.communicate(timeout=60)[1].decode().strip().splitlines()
+            assert proc.returncode in (130, 2), (delay, proc.returncode, err)  # 2: the missing model was reported
+            assert len(err) == 1 and err[0].startswith("actsparse: "), (delay, err)
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def test_ctrl_c_while_training_saves_a_checkpoint_that_resumes(world, tmp_path):
