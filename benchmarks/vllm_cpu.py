@@ -4,7 +4,7 @@
 
 DIR is a directory saved by `actsparse sparsify` (the plugin serves it sparse); the dense run
 serves the same weights without the sparsity state (a temporary directory of links to DIR's files
-with config.json's `quantization_config` removed). Each is served by `vllm.LLM` in its own process
+with config.json made the plain architecture's: `actsparse.io.dense_hf_config`). Each is served by `vllm.LLM` in its own process
 (float32, eager mode, batch 1, `--threads` OpenMP threads, the actsparse kernels' default of one
 thread), and timed on one prompt of `--prompt-len` tokens: decode tok/s is
 ``(tokens - 1) / (t(tokens) - t(1))``, the generation of `--tokens` tokens minus the prefill and
@@ -23,14 +23,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from actsparse.io import dense_hf_config
+
 
 def dense_view(directory: Path, into: Path) -> Path:
     """DIR's weights and tokenizer without its sparsity state."""
     for item in directory.iterdir():
         if item.is_file() and item.name != "config.json":
             (into / item.name).symlink_to(item.resolve())
-    config = json.loads((directory / "config.json").read_text())
-    config.pop("quantization_config", None)
+    config = dense_hf_config(json.loads((directory / "config.json").read_text()))
     (into / "config.json").write_text(json.dumps(config, indent=2))
     return into
 

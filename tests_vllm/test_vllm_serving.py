@@ -91,12 +91,13 @@ def test_vllm_serves_the_sparse_model_actsparse_runs(saved):
         assert abs(served["sparsity"][kind] - 0.5) < 0.1, (kind, served["sparsity"])
 
 
-def refusal(directory: Path) -> str:
-    """stderr of vLLM asked to serve `directory` (in a process of its own), which must fail."""
+def refusal(directory: Path, **env: str) -> str:
+    """stderr of vLLM asked to serve `directory` (in a process of its own, `env` added), which must fail."""
     code = ("import sys; from vllm import LLM; "
             "LLM(sys.argv[1], dtype='float32', max_model_len=64, enforce_eager=True)")
     done = subprocess.run([sys.executable, "-c", code, str(directory)], capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1"})
+                          env={**os.environ, "VLLM_ENABLE_V1_MULTIPROCESSING": "0", "VLLM_CPU_KVCACHE_SPACE": "1",
+                               **env})
     assert done.returncode != 0
     return done.stderr
 
@@ -121,3 +122,11 @@ def test_vllm_refuses_another_format_version(tmp_path):
     config["quantization_config"]["format_version"] = 3
     (out / "config.json").write_text(json.dumps(config))
     assert "actsparse format version 3 is not supported" in refusal(out)
+
+
+def test_vllm_without_the_plugin_refuses_the_directory_rather_than_serve_it_dense(tmp_path):
+    from tiny import CALIB, tiny_model, tiny_tokenizer
+
+    out = asp.save(asp.sparsify_(tiny_model("llama"), asp.TealConfig(sparsity=0.5), CALIB), tmp_path / "out",
+                   tiny_tokenizer())
+    assert "has model type `actsparse` but Transformers does not recognize" in refusal(out, VLLM_PLUGINS="none")

@@ -54,7 +54,7 @@ def check_hf_config(directory: str | os.PathLike) -> None:
     path = Path(directory) / "config.json"
     try:
         AutoConfig.from_pretrained(directory)
-    except (ValueError, TypeError, KeyError, AttributeError, OSError, StrictDataclassError) as e:
+    except (ValueError, TypeError, KeyError, AttributeError, OSError, StrictDataclassError, ActSparseError) as e:
         raise ActSparseError(f"{path}: not a model config transformers can read ({_first_line(e)})") from None
 
 

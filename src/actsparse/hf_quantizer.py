@@ -11,34 +11,61 @@ The modules are swapped after the weights are loaded, not on the meta-device ske
 saved weights are a plain Hugging Face checkpoint whose names are those of the dense model (a
 LaRoSA rotation wraps its norm), so the dense skeleton is what they load into.
 
-Without actsparse imported, transformers 5 logs "Unknown quantization type, got actsparse" and
-loads the model dense; only importing actsparse makes it sparse.
+config.json's `model_type` is "actsparse" (the architecture's own is `quantization_config`'s
+`base_model_type`): without actsparse imported, transformers refuses the directory as a model
+type it does not recognize, where an unknown quantization method alone would only be logged and
+the model loaded dense. Importing actsparse registers that model type with `AutoConfig`, whose
+config is the base architecture's own config class.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
+from transformers import AutoConfig, PretrainedConfig
+from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
 from transformers.utils import logging
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from .errors import ActSparseError
-from .io import (FORMAT_VERSION, QUANT_METHOD, STATE_FILE, _hf_state_dict, _state_tensors, is_saving_through_actsparse,
-                 read_meta, restore_sparse_)
+from .io import (FORMAT_VERSION, MODEL_TYPE, QUANT_METHOD, STATE_FILE, _hf_state_dict, _state_tensors,
+                 is_saving_through_actsparse, read_meta, restore_sparse_)
 
 logger = logging.get_logger(__name__)
 
 
 @register_quantization_config(QUANT_METHOD)
 class ActSparseQuantizationConfig(QuantizationConfigMixin):
-    """config.json's `quantization_config` of a saved directory: format version, method, state file."""
+    """config.json's `quantization_config` of a saved directory: format version, method, state file and
+    the architecture's own model type."""
 
     def __init__(self, format_version: int | None = None, method: str | None = None, state: str | None = None,
-                 **kwargs) -> None:
+                 base_model_type: str | None = None, **kwargs) -> None:
         self.quant_method = QUANT_METHOD
         self.format_version = format_version
         self.method = method
         self.state = state
+        self.base_model_type = base_model_type
+
+
+class ActSparseModelConfig(PretrainedConfig):
+    """The `actsparse` model type of a saved directory's config.json: `from_dict` builds the config of
+    the architecture named by `quantization_config.base_model_type`, so that the Auto classes pick
+    that architecture's model and the quantizer below makes it sparse."""
+
+    model_type = MODEL_TYPE
+
+    @classmethod
+    def from_dict(cls, config_dict: dict, **kwargs):
+        quantization = config_dict.get("quantization_config")
+        base = quantization.get("base_model_type") if isinstance(quantization, dict) else None
+        if not isinstance(base, str) or base == MODEL_TYPE or base not in CONFIG_MAPPING:
+            raise ActSparseError(f"a config of model_type {MODEL_TYPE!r} needs quantization_config.base_model_type "
+                                 f"naming an architecture transformers knows, got {base!r}")
+        return CONFIG_MAPPING[base].from_dict({**config_dict, "model_type": base}, **kwargs)
+
+
+AutoConfig.register(MODEL_TYPE, ActSparseModelConfig)
 
 
 @register_quantizer(QUANT_METHOD)

@@ -6,7 +6,8 @@ tensor of sparsity state: thresholds, scales, low-rank factors, rotations) and `
 (format version, method config, the method's recipe, and the structure of each actsparse module).
 The state lives in a subfolder so that loaders which read every top-level `*.safetensors` as
 weights (vLLM) do not take it for weights. config.json's `quantization_config` names the method
-and the state, so that `from_pretrained` loads the model sparse (see `hf_quantizer`). Writes go to
+and the state, so that `from_pretrained` loads the model sparse (see `hf_quantizer`), and its
+`model_type` is actsparse's, so that transformers without actsparse refuses it. Writes go to
 a temporary directory renamed into place, so a failed save leaves nothing behind.
 
 Directories of format version 1 (`actsparse.json` and `actsparse.safetensors` at the top level)
@@ -41,6 +42,7 @@ LEGACY_FORMAT_VERSION = 1  # META_FILE and STATE_FILE at the top level, no quant
 LEGACY_META_FILE = "actsparse.json"
 LEGACY_STATE_FILE = "actsparse.safetensors"
 QUANT_METHOD = "actsparse"
+MODEL_TYPE = "actsparse"  # config.json's model_type: transformers without actsparse refuses it by name
 SAVED_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 META_KEYS = {"dtype": str, "config": dict, "recipe": dict, "modules": dict}
 
@@ -113,19 +115,35 @@ def save(model: nn.Module, directory: str | os.PathLike, tokenizer=None, overwri
             "modules": {name: m.spec() for name, m in _state_modules(model).items()},
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        _declare_quantization(tmp / "config.json", quantization_config(config.method))
+        _declare_sparse(tmp / "config.json", config.method)
     return Path(directory)
 
 
-def quantization_config(method: str) -> dict:
+def quantization_config(method: str, base_model_type: str) -> dict:
     """config.json's `quantization_config` of a directory saved by this actsparse."""
-    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "method": method, "state": STATE_FILE}
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "method": method, "state": STATE_FILE,
+            "base_model_type": base_model_type}
 
 
-def _declare_quantization(config_json: Path, entry: dict) -> None:
+def _declare_sparse(config_json: Path, method: str) -> None:
+    """config.json names actsparse twice: as its quantization method, which makes `from_pretrained`
+    load the model sparse once actsparse is imported, and as its model type, which makes
+    transformers without actsparse refuse it (an unknown quantization method only logs a warning
+    and loads dense). The architecture's own model type moves into the quantization entry."""
     config = json.loads(config_json.read_text())
-    config["quantization_config"] = entry
+    config["quantization_config"] = quantization_config(method, config["model_type"])
+    config["model_type"] = MODEL_TYPE
     config_json.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
+def dense_hf_config(config: dict) -> dict:
+    """A saved directory's config.json as the plain architecture's: its own model type, no actsparse
+    quantization (what transformers or vLLM load dense)."""
+    plain = {k: v for k, v in config.items() if k != "quantization_config"}
+    quantization = config.get("quantization_config")
+    if config.get("model_type") == MODEL_TYPE and isinstance(quantization, dict):
+        plain["model_type"] = quantization.get("base_model_type")
+    return plain
 
 
 _saving = contextvars.ContextVar("actsparse_saving", default=False)
