@@ -4,6 +4,7 @@ dense vs sparse in one engine (issue 23).
     PYTHONPATH=src python3 benchmarks/methods_gpu.py --out $OUT [--shape llama3-8b] [--dtype bf16]
         [--runs teal:0.5,larosa:0.5,rsparse:0.5,cats:0.9:act=relu,teal:0.5@mistral-7b] [--budget-s 540] [--tokens 128]
         [--dense-from EARLIER/methods_gpu.json] [--tune-candidates 10] [--tune-budget-s S] [--log-tuning]
+        [--tuning-cache EARLIER/tuning.json]
 
 Random weights of the shape (no weights reach a lent GPU), calibrated on random tokens through
 `actsparse.sparsify_` with each method's default config, then `DecodeEngine` dense and sparse
@@ -16,6 +17,9 @@ shape and activation, on the same random weights (same seed). Reported per run:
 sparsify seconds, peak GPU memory, measured model-level sparsity, dense and sparse tok/s, and the
 ideal speed-up over the reads the sparse model really needs (LaRoSA's rotations and R-Sparse's
 factors counted). A table is printed last, then one JSON line; OUT/methods_gpu.json holds it all.
+Every kernel choice made so far is written to OUT/tuning.json after each run; `--tuning-cache`
+gives such a file of an earlier call on the same GPU model (tuning a kernel alone costs up to
+~80 s a problem at 8B), whose choices are then taken untimed.
 `--device cpu --shape smollm2-135m --tokens 16` runs the same code on the CPU (tests).
 """
 from __future__ import annotations
@@ -34,6 +38,7 @@ import torch
 
 from actsparse.config import make_config
 from actsparse.engine import DecodeEngine
+from actsparse.errors import ActSparseError
 from actsparse.kernels import tuning
 from actsparse.speed import (
     SHAPES, environment, ideal_speedup, measured_sparsity, random_calibration, random_model, read_bytes, rotation_reads,
@@ -196,6 +201,8 @@ def main() -> int:
                    help="seconds of in-step tuning at most per decode (largest kernels first; default: all)")
     p.add_argument("--log-tuning", action="store_true",
                    help="print one line per kernel problem tuned alone: candidates, seconds, best time")
+    p.add_argument("--tuning-cache", metavar="JSON", help="kernel choices of an earlier call on the same GPU model and "
+                   "Triton (its OUT/tuning.json), taken instead of tuning those kernels again")
     p.add_argument("--dense-from", metavar="JSON", help="take the dense tok/s of each shape from an earlier "
                    "methods_gpu.json of the same GPU and dtype instead of timing it (~170 s a shape on the H200); "
                    "every row then names that file as its dense source")
@@ -209,6 +216,13 @@ def main() -> int:
     started = time.perf_counter()
     results = {"env": environment(device), "shape": args.shape, "dtype": args.dtype, "decode": "fed random tokens",
                "tune_candidates": args.tune_candidates, "tune_budget_s": args.tune_budget_s, "runs": [], "skipped": []}
+    if args.tuning_cache:
+        if device.type != "cuda":
+            raise SystemExit("--tuning-cache: only CUDA runs tune their kernels")
+        try:
+            results["tuning_cache"] = {"file": args.tuning_cache, "keys": tuning.load(args.tuning_cache)}
+        except ActSparseError as e:
+            raise SystemExit(f"--tuning-cache {e}") from None
     dense: dict = {}
     if args.dense_from:
         dense = earlier_dense(Path(args.dense_from), results["env"], args.dtype)
@@ -228,6 +242,8 @@ def main() -> int:
         print(f"[{time.perf_counter() - started:6.1f}s] {json.dumps(row)}", file=sys.stderr, flush=True)
         results["dense_tok_s"] = {f"{shape}{' ' + str(dict(o)) if o else ''}": v for (shape, o), (v, _) in dense.items()}
         (out / "methods_gpu.json").write_text(json.dumps(results, indent=1))
+        if device.type == "cuda":
+            tuning.save(out / "tuning.json")
     print(table(results["runs"]))
     if results["skipped"]:
         print(f"skipped (budget): {', '.join(results['skipped'])}")

@@ -201,6 +201,8 @@ CASES = [
     ("bench-json-dir", ["bench", "{root}/model", "--json", "{root}/model"], None, "is a directory"),
     ("bench-saved-sparsity", ["bench", "{root}/saved", "--sparsity", "0.3"], None, "already sparsified"),
     ("bench-missing", ["bench", "models/none"], None, "no such file or directory"),
+    ("bench-tuning-cache-cpu", ["bench", "{root}/saved", "--tuning-cache", "{root}/t.json"], None,
+     "--tuning-cache: only CUDA decoding tunes its kernels"),
     ("compare-out-not-empty", ["compare", "{root}/model", "--methods", "teal", "--sparsity", "0.5", "--out", "{root}/model"],
      None, "exists and is not empty"),
     ("compare-saved-bad", ["compare", "{root}/model", "--saved", "{root}/saved", "--ppl", "{root}/calib.txt", "--out", "{root}/cmp"],

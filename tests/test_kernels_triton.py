@@ -164,6 +164,54 @@ def test_tuner_skips_unlaunchable_candidates():
         tuning.fastest("key", ["too big"], seconds)
 
 
+@pytest.fixture()
+def fresh_tuner():
+    """The tuner's tables emptied for the test, then given back what other tests left in them."""
+    saved = [dict(t) for t in (tuning._CHOICES, tuning._TIMINGS, tuning._LOADED)]
+    tuning.clear()
+    yield
+    tuning.clear()
+    for table, items in zip((tuning._CHOICES, tuning._TIMINGS, tuning._LOADED), saved):
+        table.update(items)
+
+
+def test_tuning_cache_round_trips_and_a_loaded_choice_is_taken_untimed(tmp_path, fresh_tuner):
+    small, big = ops.GemvConfig(512, 16, 2, 4, 3), ops.GemvConfig(1024, 8, 2, 4, 3)
+    key = ("gemv", 4096, 14336, 1, torch.bfloat16, True, (torch.bool, (True, False)), None, 2)
+    tuning._CHOICES[key] = big
+    tuning._TIMINGS[key] = [(small, 2e-5), (big, 1e-5), (ops.GemvConfig(64, 8, 1, 1, 1), float("inf"))]
+    assert tuning.save(tmp_path / "tuning.json", device_name="NVIDIA H200") == 1
+    tuning.clear()
+    assert tuning.load(tmp_path / "tuning.json", device_name="NVIDIA H200") == 1
+
+    def untimed(cfg):
+        raise AssertionError("a loaded key must not be timed")
+
+    assert tuning.choose(key, [small, big], untimed, torch.device("cuda")) == big
+    assert tuning.ranked(key, 3) == [big, small]
+    # a choice the kernel no longer offers is tuned again (here: the one candidate, untimed)
+    tuning.clear()
+    tuning.load(tmp_path / "tuning.json", device_name="NVIDIA H200")
+    assert tuning.choose(key, [small], untimed, torch.device("cuda")) == small
+    # keys loaded but not met are written again with the new ones
+    tuning._CHOICES[("other",)] = small
+    tuning._TIMINGS[("other",)] = [(small, 1e-6)]
+    tuning._LOADED.pop(key)
+    tuning.load(tmp_path / "tuning.json", device_name="NVIDIA H200")
+    assert tuning.save(tmp_path / "again.json", device_name="NVIDIA H200") == 2
+
+
+def test_tuning_cache_of_another_gpu_or_not_a_cache_is_refused(tmp_path, fresh_tuner):
+    tuning._CHOICES[("k",)] = ops.GemvConfig(512, 16, 2, 4, 3)
+    tuning.save(tmp_path / "tuning.json", device_name="NVIDIA H100 80GB HBM3")
+    with pytest.raises(ActSparseError, match="tuned for .*H100.*this is .*H200"):
+        tuning.load(tmp_path / "tuning.json", device_name="NVIDIA H200")
+    (tmp_path / "bad.json").write_text('{"format": 1}')
+    with pytest.raises(ActSparseError, match="bad.json: not a tuning cache"):
+        tuning.load(tmp_path / "bad.json", device_name="NVIDIA H200")
+    assert tuning._LOADED == {}
+
+
 def test_input_sparse_op_skips_nothing_at_zero_sparsity_and_everything_above_max():
     torch.manual_seed(2)
     x, wt = torch.randn(2, 40), torch.randn(40, 24)

@@ -38,3 +38,8 @@ def test_a_run_then_one_with_its_dense_figure(tmp_path):
     refused = run("--out", str(tmp_path / "c"), "--runs", "teal:0.4", "--dense-from", earlier, "--dtype", "fp32")
     assert refused.returncode != 0 and "in bf16, this run is" in refused.stderr and "in fp32" in refused.stderr
     assert not (tmp_path / "c").exists()
+
+
+def test_a_tuning_cache_is_refused_on_the_cpu(tmp_path):
+    refused = run("--out", str(tmp_path / "a"), "--runs", "teal:0.5", "--tuning-cache", str(tmp_path / "t.json"))
+    assert refused.returncode != 0 and "--tuning-cache: only CUDA runs tune their kernels" in refused.stderr

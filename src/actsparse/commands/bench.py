@@ -16,6 +16,7 @@ from ..config import make_config
 from ..data import read_texts, text_batches, tokenize_texts
 from ..engine import DecodeEngine
 from ..errors import ActSparseError
+from ..kernels import tuning
 from ..loading import is_actsparse_dir, load_model, parse_dtype
 from ..methods import sparsify_
 from ..outputs import check_file_output
@@ -66,6 +67,9 @@ def register(sub) -> None:
     p.add_argument("--tune-budget-s", type=float, default=None, metavar="S",
                    help="CUDA: seconds at most of re-choosing launch configs inside each decode path's step, "
                         "largest kernels first (default: every kernel; R-Sparse at 8B has ~10 to try)")
+    p.add_argument("--tuning-cache", metavar="FILE",
+                   help="CUDA: kernel launch choices read from FILE when it exists (the same GPU model and Triton "
+                        "only) instead of timing them again, and written back to it after the run")
     p.add_argument("--json", metavar="OUT", help="write the result as JSON")
     p.set_defaults(func=run)
 
@@ -99,6 +103,12 @@ def _check(args) -> None:
         check_file_output(args.json, "--json")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ActSparseError("--device cuda: no CUDA device is visible")
+    if args.tuning_cache:
+        if args.device != "cuda":
+            raise ActSparseError("--tuning-cache: only CUDA decoding tunes its kernels (add --device cuda)")
+        check_file_output(args.tuning_cache, "--tuning-cache")
+        if Path(args.tuning_cache).exists():
+            log(f"kernel choices from {args.tuning_cache}: {tuning.load(args.tuning_cache)} problems")
 
 
 def _windows(tokenizer, batch: int, length: int, tokens: int, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -199,6 +209,8 @@ def run(args) -> int:
     linear_bytes, other_bytes = read_bytes(model)
     result.update(speed_result(dense, sparse, sparsity, linear_bytes, other_bytes, args.batch, rotation_reads(model)))
     print(format_result(result))
+    if args.tuning_cache:
+        tuning.save(args.tuning_cache)
     if args.json:
         write_json_atomic(args.json, result)
     print(json.dumps(result))

@@ -8,17 +8,26 @@ graph capture of the caller: the decode engine runs one eager warm-up step for t
 for the first time during a capture, or under the Triton interpreter, takes the first
 candidate untimed. A candidate that raises `Unlaunchable` (a grid the device cannot hold at once)
 is recorded with an infinite time and never chosen.
+
+`save` writes every choice and timing to a JSON file and `load` reads them back on the same GPU
+and Triton version, so that a later process (another run of an 8B model, the next call on a lent
+machine) skips the timing: a loaded key is chosen as saved when the kernel still offers that
+configuration among its candidates, else tuned again.
 """
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import math
 import os
 import time
+from pathlib import Path
 from typing import Callable, Hashable, Sequence, TypeVar
 
 import torch
+
+from ..errors import ActSparseError
 
 Config = TypeVar("Config")
 
@@ -26,6 +35,8 @@ _LOG = logging.getLogger(__name__)  # one INFO line per problem tuned (which one
 _CHOICES: dict[Hashable, object] = {}
 _TIMINGS: dict[Hashable, list[tuple[object, float]]] = {}
 _RECORDERS: list[dict[Hashable, int]] = []
+_LOADED: dict[Hashable, tuple[str, list[tuple[str, float]]]] = {}  # key -> (chosen, timings), by repr
+CACHE_FORMAT = 1
 
 # Sparsity bins used in tuning keys: a kernel tuned at 50% sparsity is not the best one at 90%.
 SPARSITY_EDGES = (0.2, 0.45, 0.6, 0.8)
@@ -50,6 +61,8 @@ def choose(key: Hashable, candidates: Sequence[Config], launch: Callable[[Config
     for calls in _RECORDERS:
         calls[key] = calls.get(key, 0) + 1
     if key in _CHOICES:
+        return _CHOICES[key]  # type: ignore[return-value]
+    if key in _LOADED and _restore(key, candidates):
         return _CHOICES[key]  # type: ignore[return-value]
     if len(candidates) == 1 or interpreting() or device.type != "cuda" or torch.cuda.is_current_stream_capturing():
         return candidates[0]
@@ -119,6 +132,82 @@ def set_choice(key: Hashable, cfg: object) -> None:
 def clear() -> None:
     _CHOICES.clear()
     _TIMINGS.clear()
+    _LOADED.clear()
+
+
+def save(path: str | os.PathLike, device_name: str | None = None) -> int:
+    """Write every key chosen so far, its choice and its candidates' times, to `path` (JSON);
+    returns the number of keys. Keys loaded but not met in this process are kept."""
+    entries = {_encode(key): (repr(cfg), [(repr(c), t) for c, t in _TIMINGS.get(key, [])])
+               for key, cfg in _CHOICES.items()}
+    for key, (chosen, times) in _LOADED.items():
+        entries.setdefault(_encode(key), (chosen, times))
+    document = {"format": CACHE_FORMAT, **_environment(device_name),
+                "entries": [{"key": k, "chosen": chosen, "timings": [[c, t if math.isfinite(t) else None] for c, t in times]}
+                            for k, (chosen, times) in sorted(entries.items())]}
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(document, indent=1))
+    os.replace(tmp, path)  # a reader never sees half a file
+    return len(entries)
+
+
+def load(path: str | os.PathLike, device_name: str | None = None) -> int:
+    """Take the choices saved in `path` by `save` on this GPU model and Triton version; returns
+    the number of keys. A file from another GPU or Triton is refused: its choices do not carry."""
+    path = Path(path)
+    try:
+        document = json.loads(path.read_text())
+        entries = {_decode(e["key"]): (e["chosen"], [(c, math.inf if t is None else float(t)) for c, t in e["timings"]])
+                   for e in document["entries"]}
+        saved = {k: document[k] for k in ("format", "device", "triton")}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ActSparseError(f"{path}: not a tuning cache written by actsparse ({type(e).__name__}: {e})") from None
+    here = {"format": CACHE_FORMAT, **_environment(device_name)}
+    if saved != here:
+        raise ActSparseError(f"{path}: tuned for {saved}, this is {here}; tune again (leave the cache out)")
+    _LOADED.update(entries)
+    return len(entries)
+
+
+def _restore(key: Hashable, candidates: Sequence[object]) -> bool:
+    """Make the loaded choice of `key` the current one, if it is still one of `candidates`."""
+    chosen, times = _LOADED[key]
+    by_repr = {repr(c): c for c in candidates}
+    if chosen not in by_repr:
+        return False
+    _CHOICES[key] = by_repr[chosen]
+    _TIMINGS[key] = [(by_repr[c], t) for c, t in times if c in by_repr]
+    return True
+
+
+def _environment(device_name: str | None) -> dict[str, str]:
+    import triton
+
+    if device_name is None:
+        device_name = torch.cuda.get_device_name()
+    return {"device": device_name, "triton": triton.__version__}
+
+
+def _encode(key: object) -> str:
+    """A tuning key (nested tuples of numbers, strings, booleans, None and dtypes) as JSON text."""
+    def plain(v):
+        if isinstance(v, tuple):
+            return [plain(x) for x in v]
+        if isinstance(v, torch.dtype):
+            return {"dtype": str(v).removeprefix("torch.")}
+        return v
+    return json.dumps(plain(key))
+
+
+def _decode(text: str) -> Hashable:
+    def back(v):
+        if isinstance(v, list):
+            return tuple(back(x) for x in v)
+        if isinstance(v, dict):
+            return getattr(torch, v["dtype"])
+        return v
+    return back(json.loads(text))
 
 
 def seconds(fn: Callable[[], object], device: torch.device, launches: int = 10, replays: int = 5) -> float:
