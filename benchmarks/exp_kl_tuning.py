@@ -1,0 +1,88 @@
+"""Issue 28 experiment: TEAL, then the decoder's linear weights tuned by KL(dense || sparse).
+
+    PYTHONPATH=src python benchmarks/exp_kl_tuning.py [--sparsity 0.4] [--steps 150] [--lr 1e-5]
+        [--seq-len 256] [--windows 8] [--calib C4_TRAIN.jsonl] [--ppl WIKITEXT.raw]
+
+The embedded SmolLM2 (fp32, CPU) is sparsified with TEAL on the first 16 x 512 tokens of the
+calibration text; every q/k/v/o/gate/up/down weight of the sparse model (thresholds fixed, the
+torch reference's masks) is then tuned with Adam for `--steps` windows of `--seq-len` tokens taken
+after the calibration ones, minimising KL(dense || sparse) of the next-token distributions (the
+dense model is the untouched original). Perplexity on the first `--windows` windows of 512 of the
+evaluation text: TEAL, tuned with TEAL's thresholds, and the tuned weights sparsified again by
+TEAL (thresholds recalibrated). A full-weight tune: the upper bound of what a low-rank update
+folded into the weights could give, and one that does not fit one GPU at 8B with Adam (the
+reason it is an experiment, not a method). Prints one line per row, then one JSON line.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import time
+
+import torch
+import torch.nn.functional as F
+
+import actsparse as asp
+from actsparse.evaluate import perplexity
+from actsparse.loading import load_model
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--sparsity", type=float, default=0.4)
+    p.add_argument("--steps", type=int, default=150)
+    p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--windows", type=int, default=8)
+    p.add_argument("--calib", default="../shared/data/c4/c4_train_sample.jsonl")
+    p.add_argument("--ppl", default="../shared/data/wikitext2/wiki.test.raw")
+    args = p.parse_args()
+    torch.manual_seed(0)
+    dense, tok = load_model(None)
+    dense.eval()
+    calib = asp.text_batches(tok, args.calib, n=16, seq_len=512)
+    skip = 16 * 512 // args.seq_len
+    train = asp.text_batches(tok, args.calib, n=skip + args.steps, seq_len=args.seq_len)[skip:]
+    config = asp.TealConfig(sparsity=args.sparsity)
+
+    def ppl(model) -> tuple[float, float]:
+        r = perplexity(model, tok, args.ppl, 512, args.windows, progress=False)
+        return r["ppl"], r["sparsity"]["model"]
+
+    rows = {}
+    student = asp.sparsify_(copy.deepcopy(dense), config, calib)
+    rows["teal"] = ppl(student)
+    tuned = [p for n, p in student.named_parameters() if ".layers." in n and n.endswith("proj.weight")]
+    for q in student.parameters():
+        q.requires_grad_(False)
+    for q in tuned:
+        q.requires_grad_(True)
+    opt = torch.optim.Adam(tuned, lr=args.lr)
+    started = time.perf_counter()
+    for step, ids in enumerate(train):
+        with torch.no_grad():
+            teacher = F.log_softmax(dense(input_ids=ids[None], use_cache=False).logits.float(), -1)
+        pupil = F.log_softmax(student(input_ids=ids[None], use_cache=False).logits.float(), -1)
+        kl = (teacher.exp() * (teacher - pupil)).sum(-1).mean()
+        opt.zero_grad()
+        kl.backward()
+        opt.step()
+        if step % 50 == 0:
+            print(f"step {step}: KL {kl.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
+    student.eval()
+    rows["tuned, TEAL's thresholds"] = ppl(student)
+    again = copy.deepcopy(dense)
+    weights = dict(student.named_parameters())
+    with torch.no_grad():
+        for n, q in again.named_parameters():
+            q.copy_(weights[n])
+    rows["tuned, thresholds recalibrated"] = ppl(asp.sparsify_(again, config, calib))
+    for name, (value, sparsity) in rows.items():
+        print(f"{name:<32} ppl {value:8.3f}  sparsity.model {sparsity:.3f}")
+    print(json.dumps({**vars(args), "tune_s": time.perf_counter() - started,
+                      "rows": {k: {"ppl": v, "sparsity": s} for k, (v, s) in rows.items()}}))
+
+
+if __name__ == "__main__":
+    main()
