@@ -1,12 +1,12 @@
 """Issue 28 experiment: TEAL, then the decoder's linear weights tuned by KL(dense || sparse).
 
     PYTHONPATH=src python benchmarks/exp_kl_tuning.py [--sparsity 0.4] [--steps 150] [--lr 1e-5]
-        [--seq-len 256] [--windows 8] [--calib C4_TRAIN.jsonl] [--ppl WIKITEXT.raw]
+        [--seq-len 256] [--batch 1] [--windows 8] [--calib C4_TRAIN.jsonl] [--ppl WIKITEXT.raw]
 
 The embedded SmolLM2 (fp32, CPU) is sparsified with TEAL on the first 16 x 512 tokens of the
 calibration text; every q/k/v/o/gate/up/down weight of the sparse model (thresholds fixed, the
-torch reference's masks) is then tuned with Adam for `--steps` windows of `--seq-len` tokens taken
-after the calibration ones, minimising KL(dense || sparse) of the next-token distributions (the
+torch reference's masks) is then tuned with Adam for `--steps` steps of `--batch` windows of
+`--seq-len` tokens taken after the calibration ones, minimising KL(dense || sparse) of the next-token distributions (the
 dense model is the untouched original). Perplexity on the first `--windows` windows of 512 of the
 evaluation text: TEAL, tuned with TEAL's thresholds, and the tuned weights sparsified again by
 TEAL (thresholds recalibrated). A full-weight tune: the upper bound of what a low-rank update
@@ -34,6 +34,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch", type=int, default=1)
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--calib", default="../shared/data/c4/c4_train_sample.jsonl")
     p.add_argument("--ppl", default="../shared/data/wikitext2/wiki.test.raw")
@@ -43,7 +44,8 @@ def main() -> None:
     dense.eval()
     calib = asp.text_batches(tok, args.calib, n=16, seq_len=512)
     skip = 16 * 512 // args.seq_len
-    train = asp.text_batches(tok, args.calib, n=skip + args.steps, seq_len=args.seq_len)[skip:]
+    train = asp.text_batches(tok, args.calib, n=skip + args.steps * args.batch, seq_len=args.seq_len)[skip:]
+    train = train.reshape(args.steps, args.batch, args.seq_len)
     config = asp.TealConfig(sparsity=args.sparsity)
 
     def ppl(model) -> tuple[float, float]:
@@ -62,8 +64,8 @@ def main() -> None:
     started = time.perf_counter()
     for step, ids in enumerate(train):
         with torch.no_grad():
-            teacher = F.log_softmax(dense(input_ids=ids[None], use_cache=False).logits.float(), -1)
-        pupil = F.log_softmax(student(input_ids=ids[None], use_cache=False).logits.float(), -1)
+            teacher = F.log_softmax(dense(input_ids=ids, use_cache=False).logits.float(), -1)
+        pupil = F.log_softmax(student(input_ids=ids, use_cache=False).logits.float(), -1)
         kl = (teacher.exp() * (teacher - pupil)).sum(-1).mean()
         opt.zero_grad()
         kl.backward()
