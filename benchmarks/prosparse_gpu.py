@@ -38,7 +38,8 @@ from pathlib import Path
 import torch
 
 from actsparse import DenseConfig, ProSparseConfig, sparsify_
-from actsparse.commands._common import parse_stages, write_json_atomic
+from actsparse.commands._common import parse_stages
+from actsparse.outputs import write_json_atomic
 from actsparse.errors import ActSparseError
 from actsparse.evaluate import perplexity
 from actsparse.loading import load_model

@@ -4,6 +4,7 @@ The interpreter's bf16 `tl.dot` is wrong (triton 3.9: garbage results for bf16 o
 batches through `tl.dot` (`GemvConfig.dot`, and the output-sparse rows kernel) are checked on the
 GPU by benchmarks/gpu_matrix.py; the CUDA-core batch tiles run here in every dtype.
 """
+import json
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -208,6 +209,10 @@ def test_tuning_cache_of_another_gpu_or_not_a_cache_is_refused(tmp_path, fresh_t
         tuning.load(tmp_path / "tuning.json", device_name="NVIDIA H200")
     (tmp_path / "bad.json").write_text('{"format": 1}')
     with pytest.raises(ActSparseError, match="bad.json: not a tuning cache"):
+        tuning.load(tmp_path / "bad.json", device_name="NVIDIA H200")
+    entry = {"key": json.dumps(["gemv", {"dtype": "no_such_dtype"}]), "chosen": "c", "timings": []}
+    (tmp_path / "bad.json").write_text(json.dumps({"format": 1, "device": "NVIDIA H200", "triton": "3", "entries": [entry]}))
+    with pytest.raises(ActSparseError, match="bad.json: not a tuning cache.*no_such_dtype"):
         tuning.load(tmp_path / "bad.json", device_name="NVIDIA H200")
     assert tuning._LOADED == {}
 

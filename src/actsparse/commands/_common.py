@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
-from pathlib import Path
 from typing import Any
 
 from ..config import config_fields, parse_option
@@ -98,17 +95,6 @@ def parse_stages(text: str) -> tuple[tuple[float, float], ...]:
         except ValueError:
             raise ActSparseError(f"--stages: {item!r} is not END:LAMBDA (e.g. 0.3:0,0.4:0.01,1:0.2)") from None
     return tuple(stages)
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def log(message: str) -> None:

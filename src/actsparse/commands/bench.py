@@ -19,7 +19,7 @@ from ..errors import ActSparseError
 from ..kernels import tuning
 from ..loading import is_actsparse_dir, load_model, parse_dtype
 from ..methods import sparsify_
-from ..outputs import check_file_output
+from ..outputs import check_file_output, write_json_atomic
 from ..runtime import resolve_backend, use_kernels
 from ..speed import (
     SHAPES, check_fits, dense_baseline, environment, hf_generate_speed, measured_report, random_calibration, random_model,
@@ -27,7 +27,7 @@ from ..speed import (
 )
 from ..swap import swap_modules
 from ._common import (
-    DEFAULT_CALIB, DEFAULT_EVAL, add_backend, add_method_options, check_positive, log, method_fields, write_json_atomic,
+    DEFAULT_CALIB, DEFAULT_EVAL, add_backend, add_method_options, check_positive, log, method_fields,
 )
 
 

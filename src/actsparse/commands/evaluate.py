@@ -8,9 +8,9 @@ from ..evaluate import perplexity
 from ..loading import load_model, parse_dtype
 from ..measure import measure_sparsity
 from ..methods import sparsify_
-from ..outputs import check_file_output
+from ..outputs import check_file_output, write_json_atomic
 from ..runtime import resolve_backend, use_kernels
-from ._common import add_backend, add_model, check_positive, parse_list, write_json_atomic
+from ._common import add_backend, add_model, check_positive, parse_list
 
 
 def register(sub) -> None:

@@ -13,8 +13,8 @@ from ..data import read_texts
 from ..errors import ActSparseError
 from ..io import save
 from ..loading import load_model
-from ..outputs import check_file_output, check_output
-from ._common import check_positive, log, parse_list, parse_stages, write_json_atomic
+from ..outputs import check_file_output, check_output, write_json_atomic
+from ._common import check_positive, log, parse_list, parse_stages
 
 METHODS = ("prosparse",)
 

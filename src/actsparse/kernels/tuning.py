@@ -28,6 +28,7 @@ from typing import Callable, Hashable, Sequence, TypeVar
 import torch
 
 from ..errors import ActSparseError
+from ..outputs import write_json_atomic
 
 Config = TypeVar("Config")
 
@@ -145,10 +146,7 @@ def save(path: str | os.PathLike, device_name: str | None = None) -> int:
     document = {"format": CACHE_FORMAT, **_environment(device_name),
                 "entries": [{"key": k, "chosen": chosen, "timings": [[c, t if math.isfinite(t) else None] for c, t in times]}
                             for k, (chosen, times) in sorted(entries.items())]}
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(document, indent=1))
-    os.replace(tmp, path)  # a reader never sees half a file
+    write_json_atomic(path, document)
     return len(entries)
 
 
@@ -161,7 +159,7 @@ def load(path: str | os.PathLike, device_name: str | None = None) -> int:
         entries = {_decode(e["key"]): (e["chosen"], [(c, math.inf if t is None else float(t)) for c, t in e["timings"]])
                    for e in document["entries"]}
         saved = {k: document[k] for k in ("format", "device", "triton")}
-    except (OSError, ValueError, KeyError, TypeError) as e:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise ActSparseError(f"{path}: not a tuning cache written by actsparse ({type(e).__name__}: {e})") from None
     here = {"format": CACHE_FORMAT, **_environment(device_name)}
     if saved != here:
