@@ -176,6 +176,17 @@ def fresh_tuner():
         table.update(items)
 
 
+def test_recordings_nest_even_when_they_met_the_same_keys():
+    # the engine records its decode inside methods_gpu's recording of the same keys: equal dicts
+    with tuning.recording() as outer:
+        with tuning.recording() as inner:
+            tuning.choose(("nested-test",), ["a", "b"], lambda cfg: None, torch.device("cpu"))
+        assert inner == outer == {("nested-test",): 1}
+        tuning.choose(("nested-test",), ["a", "b"], lambda cfg: None, torch.device("cpu"))
+    assert outer == {("nested-test",): 2} and inner == {("nested-test",): 1}
+    assert tuning._RECORDERS == []
+
+
 def test_tuning_cache_round_trips_and_a_loaded_choice_is_taken_untimed(tmp_path, fresh_tuner):
     small, big = ops.GemvConfig(512, 16, 2, 4, 3), ops.GemvConfig(1024, 8, 2, 4, 3)
     key = ("gemv", 4096, 14336, 1, torch.bfloat16, True, (torch.bool, (True, False)), None, 2)
