@@ -1,16 +1,18 @@
-"""Issue 28 experiment: TEAL, then the decoder's linear weights tuned by KL(dense || sparse).
+"""Issue 28 experiment: a method (TEAL by default), then the decoder's linear weights tuned by KL(dense || sparse).
 
-    PYTHONPATH=src python benchmarks/exp_kl_tuning.py [--sparsity 0.4] [--steps 150] [--lr 1e-5]
-        [--seq-len 256] [--batch 1] [--windows 8] [--calib C4_TRAIN.jsonl] [--ppl WIKITEXT.raw]
+    PYTHONPATH=src python benchmarks/exp_kl_tuning.py [--sparsity 0.4] [--method teal] [--options JSON]
+        [--steps 150] [--lr 1e-5] [--seq-len 256] [--batch 1] [--windows 8]
+        [--calib C4_TRAIN.jsonl] [--ppl WIKITEXT.raw]
 
-The embedded SmolLM2 (fp32, CPU) is sparsified with TEAL on the first 16 x 512 tokens of the
-calibration text; every q/k/v/o/gate/up/down weight of the sparse model (thresholds fixed, the
-torch reference's masks) is then tuned with Adam for `--steps` steps of `--batch` windows of
-`--seq-len` tokens taken after the calibration ones, minimising KL(dense || sparse) of the next-token distributions (the
-dense model is the untouched original). Perplexity on the first `--windows` windows of 512 of the
-evaluation text: TEAL, tuned with TEAL's thresholds, and the tuned weights sparsified again by
-TEAL (thresholds recalibrated). A full-weight tune: the upper bound of what a low-rank update
-folded into the weights could give, and one that does not fit one GPU at 8B with Adam (the
+The embedded SmolLM2 (fp32, CPU) is sparsified with `--method` (its config's fields from
+`--options`, a JSON object) on the first 16 x 512 tokens of the calibration text; every
+q/k/v/o/gate/up/down weight of the sparse model (its selection state fixed, the torch reference's
+masks) is then tuned with Adam for `--steps` steps of `--batch` windows of `--seq-len` tokens
+taken after the calibration ones, minimising KL(dense || sparse) of the next-token distributions
+(the dense model is the untouched original). Perplexity on the first `--windows` windows of 512
+of the evaluation text: the method, tuned with its state kept, and the tuned weights sparsified
+again by the method. A full-weight tune: the upper bound of what a low-rank update folded into
+the weights could give, and one that does not fit one GPU at 8B with Adam (the
 reason it is an experiment, not a method). Prints one line per row, then one JSON line.
 """
 from __future__ import annotations
@@ -31,6 +33,8 @@ from actsparse.loading import load_model
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sparsity", type=float, default=0.4)
+    p.add_argument("--method", default="teal")
+    p.add_argument("--options", type=json.loads, default={}, help="fields of the method's config, as a JSON object")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=1e-5)
     p.add_argument("--seq-len", type=int, default=256)
@@ -46,7 +50,7 @@ def main() -> None:
     skip = 16 * 512 // args.seq_len
     train = asp.text_batches(tok, args.calib, n=skip + args.steps * args.batch, seq_len=args.seq_len)[skip:]
     train = train.reshape(args.steps, args.batch, args.seq_len)
-    config = asp.TealConfig(sparsity=args.sparsity)
+    config = asp.make_config(args.method, sparsity=args.sparsity, **args.options)
 
     def ppl(model) -> tuple[float, float]:
         r = perplexity(model, tok, args.ppl, 512, args.windows, progress=False)
@@ -54,7 +58,7 @@ def main() -> None:
 
     rows = {}
     student = asp.sparsify_(copy.deepcopy(dense), config, calib)
-    rows["teal"] = ppl(student)
+    rows[args.method] = ppl(student)
     tuned = [p for n, p in student.named_parameters() if ".layers." in n and n.endswith("proj.weight")]
     for q in student.parameters():
         q.requires_grad_(False)
@@ -73,13 +77,13 @@ def main() -> None:
         if step % 50 == 0:
             print(f"step {step}: KL {kl.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
     student.eval()
-    rows["tuned, TEAL's thresholds"] = ppl(student)
+    rows["tuned, the method's state kept"] = ppl(student)
     again = copy.deepcopy(dense)
     weights = dict(student.named_parameters())
     with torch.no_grad():
         for n, q in again.named_parameters():
             q.copy_(weights[n])
-    rows["tuned, thresholds recalibrated"] = ppl(asp.sparsify_(again, config, calib))
+    rows["tuned, the method run again"] = ppl(asp.sparsify_(again, config, calib))
     for name, (value, sparsity) in rows.items():
         print(f"{name:<32} ppl {value:8.3f}  sparsity.model {sparsity:.3f}")
     print(json.dumps({**vars(args), "tune_s": time.perf_counter() - started,
