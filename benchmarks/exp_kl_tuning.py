@@ -24,10 +24,24 @@ import time
 
 import torch
 import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils import parametrize
 
 import actsparse as asp
 from actsparse.evaluate import perplexity
 from actsparse.loading import load_model
+
+
+class LowRankUpdate(nn.Module):
+    """W -> W + B A (B starts at zero, so the tune starts from the method's model)."""
+
+    def __init__(self, out_features: int, in_features: int, rank: int):
+        super().__init__()
+        self.a = nn.Parameter(torch.randn(rank, in_features) / in_features**0.5)
+        self.b = nn.Parameter(torch.zeros(out_features, rank))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight + self.b @ self.a
 
 
 def main() -> None:
@@ -37,6 +51,8 @@ def main() -> None:
     p.add_argument("--options", type=json.loads, default={}, help="fields of the method's config, as a JSON object")
     p.add_argument("--steps", type=int, default=150)
     p.add_argument("--lr", type=float, default=1e-5)
+    p.add_argument("--rank", type=int, default=0,
+                   help="tune a rank-R update W + B A of each weight (folded in afterwards) instead of the whole weight")
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch", type=int, default=1)
     p.add_argument("--windows", type=int, default=8)
@@ -59,9 +75,15 @@ def main() -> None:
     rows = {}
     student = asp.sparsify_(copy.deepcopy(dense), config, calib)
     rows[args.method] = ppl(student)
-    tuned = [p for n, p in student.named_parameters() if ".layers." in n and n.endswith("proj.weight")]
     for q in student.parameters():
         q.requires_grad_(False)
+    linears = [m for n, m in student.named_modules() if ".layers." in n and n.endswith("proj")]
+    if args.rank:
+        for m in linears:
+            parametrize.register_parametrization(m, "weight", LowRankUpdate(m.out_features, m.in_features, args.rank))
+        tuned = [q for m in linears for q in m.parametrizations.weight[0].parameters()]
+    else:
+        tuned = [m.weight for m in linears]
     for q in tuned:
         q.requires_grad_(True)
     opt = torch.optim.Adam(tuned, lr=args.lr)
@@ -77,6 +99,10 @@ def main() -> None:
         if step % 50 == 0:
             print(f"step {step}: KL {kl.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
     student.eval()
+    if args.rank:
+        with torch.no_grad():
+            for m in linears:
+                parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     rows["tuned, the method's state kept"] = ppl(student)
     again = copy.deepcopy(dense)
     weights = dict(student.named_parameters())
