@@ -1,7 +1,7 @@
 """Issue 28 experiment: a method (TEAL by default), then the decoder's linear weights tuned by KL(dense || sparse).
 
     PYTHONPATH=src python benchmarks/exp_kl_tuning.py [--sparsity 0.4] [--method teal] [--options JSON]
-        [--steps 150] [--lr 1e-5] [--seq-len 256] [--batch 1] [--windows 8]
+        [--rank 0] [--steps 150] [--lr 1e-5] [--seq-len 256] [--batch 1] [--windows 8]
         [--calib C4_TRAIN.jsonl] [--ppl WIKITEXT.raw]
 
 The embedded SmolLM2 (fp32, CPU) is sparsified with `--method` (its config's fields from
@@ -11,9 +11,9 @@ masks) is then tuned with Adam for `--steps` steps of `--batch` windows of `--se
 taken after the calibration ones, minimising KL(dense || sparse) of the next-token distributions
 (the dense model is the untouched original). Perplexity on the first `--windows` windows of 512
 of the evaluation text: the method, tuned with its state kept, and the tuned weights sparsified
-again by the method. A full-weight tune: the upper bound of what a low-rank update folded into
-the weights could give, and one that does not fit one GPU at 8B with Adam (the
-reason it is an experiment, not a method). Prints one line per row, then one JSON line.
+again by the method. By default a full-weight tune, which does not fit one GPU at 8B with Adam;
+`--rank R` tunes a rank-R update B A of each weight instead and folds it in before evaluating (the
+form a method would take at that scale). Prints one line per row, then one JSON line.
 """
 from __future__ import annotations
 
