@@ -58,6 +58,9 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=8)
     p.add_argument("--calib", default="../shared/data/c4/c4_train_sample.jsonl")
     p.add_argument("--ppl", default="../shared/data/wikitext2/wiki.test.raw")
+    p.add_argument("--second-ppl", default="../shared/data/c4/c4_validation_sample.jsonl")
+    p.add_argument("--second-windows", type=int, default=0, help="also this many windows of --second-ppl (0: none)")
+    p.add_argument("--no-again", action="store_true", help="skip running the method again on the tuned weights")
     args = p.parse_args()
     torch.manual_seed(0)
     dense, tok = load_model(None)
@@ -68,11 +71,14 @@ def main() -> None:
     train = train.reshape(args.steps, args.batch, args.seq_len)
     config = asp.make_config(args.method, sparsity=args.sparsity, **args.options)
 
-    def ppl(model) -> tuple[float, float]:
+    def ppl(model) -> tuple[float, float] | tuple[float, float, float]:
         r = perplexity(model, tok, args.ppl, 512, args.windows, progress=False)
-        return r["ppl"], r["sparsity"]["model"]
+        sparsity = r["sparsity"]["model"] if r["sparsity"] else 0.0
+        if not args.second_windows:
+            return r["ppl"], sparsity
+        return r["ppl"], sparsity, perplexity(model, tok, args.second_ppl, 512, args.second_windows, progress=False)["ppl"]
 
-    rows = {}
+    rows = {"dense": ppl(dense)} if args.second_windows else {}
     student = asp.sparsify_(copy.deepcopy(dense), config, calib)
     rows[args.method] = ppl(student)
     for q in student.parameters():
@@ -104,16 +110,18 @@ def main() -> None:
             for m in linears:
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
     rows["tuned, the method's state kept"] = ppl(student)
-    again = copy.deepcopy(dense)
-    weights = dict(student.named_parameters())
-    with torch.no_grad():
-        for n, q in again.named_parameters():
-            q.copy_(weights[n])
-    rows["tuned, the method run again"] = ppl(asp.sparsify_(again, config, calib))
-    for name, (value, sparsity) in rows.items():
-        print(f"{name:<32} ppl {value:8.3f}  sparsity.model {sparsity:.3f}")
+    if not args.no_again:
+        again = copy.deepcopy(dense)
+        weights = dict(student.named_parameters())
+        with torch.no_grad():
+            for n, q in again.named_parameters():
+                q.copy_(weights[n])
+        rows["tuned, the method run again"] = ppl(asp.sparsify_(again, config, calib))
+    for name, (value, sparsity, *second) in rows.items():
+        print(f"{name:<32} ppl {value:8.3f}  sparsity.model {sparsity:.3f}" + (f"  second ppl {second[0]:8.3f}" if second else ""))
     print(json.dumps({**vars(args), "tune_s": time.perf_counter() - started,
-                      "rows": {k: {"ppl": v, "sparsity": s} for k, (v, s) in rows.items()}}))
+                      "rows": {k: {"ppl": v, "sparsity": s, **({"second_ppl": rest[0]} if rest else {})}
+                               for k, (v, s, *rest) in rows.items()}}))
 
 
 if __name__ == "__main__":
