@@ -2,7 +2,8 @@
 
     PYTHONPATH=src python benchmarks/exp_kl_tuning.py [--sparsity 0.4] [--method teal] [--options JSON]
         [--rank 0] [--steps 150] [--lr 1e-5] [--seq-len 256] [--batch 1] [--windows 8]
-        [--calib C4_TRAIN.jsonl] [--ppl WIKITEXT.raw]
+        [--calib C4_TRAIN.jsonl] [--ppl WIKITEXT.raw] [--second-windows 0] [--second-ppl C4_VAL.jsonl]
+        [--no-again]
 
 The embedded SmolLM2 (fp32, CPU) is sparsified with `--method` (its config's fields from
 `--options`, a JSON object) on the first 16 x 512 tokens of the calibration text; every
@@ -11,7 +12,8 @@ masks) is then tuned with Adam for `--steps` steps of `--batch` windows of `--se
 taken after the calibration ones, minimising KL(dense || sparse) of the next-token distributions
 (the dense model is the untouched original). Perplexity on the first `--windows` windows of 512
 of the evaluation text: the method, tuned with its state kept, and the tuned weights sparsified
-again by the method. By default a full-weight tune, which does not fit one GPU at 8B with Adam;
+again by the method (skipped with `--no-again`); with `--second-windows N`, also a dense row and
+every row's perplexity on the first N windows of `--second-ppl`. By default a full-weight tune, which does not fit one GPU at 8B with Adam;
 `--rank R` tunes a rank-R update B A of each weight instead and folds it in before evaluating (the
 form a method would take at that scale). Prints one line per row, then one JSON line.
 """
