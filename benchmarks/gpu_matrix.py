@@ -516,7 +516,7 @@ def time_gated(k: int, j: int, dtype: torch.dtype, sparsities) -> list[dict]:
             g, u = packing.split_gate_up(ops.input_sparse_linear(x, p, t, None, None, None, None, s), group)
             return F.silu(g) * u
 
-        gated = graph_time([lambda p=p: ops.input_sparse_gated(x, p, t, None, None, group, "silu", s) for p in packs])
+        gated = graph_time([lambda p=p: ops.input_sparse_gated(x, p, t, None, None, None, None, group, "silu", s) for p in packs])
         apart = graph_time([lambda p=p: unfused(p) for p in packs])
         rows.append({"k": k, "j": j, "sparsity": s, "cublas_gemv_us": dense * 1e6, "gated_us": gated * 1e6, "unfused_us": apart * 1e6})
     del ws, packs

@@ -292,14 +292,14 @@ def test_input_sparse_gated_matches_reference(kernel_path, dtype, act, group):
     x, wt = torch.randn(3, 96).to(dtype), torch.randn(96, 2 * 64).to(dtype)
     bias = torch.randn(128) * 30  # gate values far into both tails of the activation
     t = _threshold(x.float(), 0.5)
-    m = ops.input_sparse_gated(x, wt, t, None, bias, group, act, 0.5)
+    m = ops.input_sparse_gated(x, wt, t, None, bias, None, None, group, act, 0.5)
     gu = _reference(x.float(), wt.float(), t, bias=bias).float()
     pairs = gu.reshape(3, 64 // group, 2, group)
     ref = ops.ACTIVATIONS[act](pairs[:, :, 0].reshape(3, 64)) * pairs[:, :, 1].reshape(3, 64)
     assert m.dtype == dtype
     assert _rel(m, ref.double()) < (1e-5 if dtype == torch.float32 else 1e-2)
     with pytest.raises(RuntimeError, match="act must be one of gelu, gelu_tanh, relu, silu, got tanh"):
-        ops.input_sparse_gated(x, wt, t, None, bias, group, "tanh", 0.5)
+        ops.input_sparse_gated(x, wt, t, None, bias, None, None, group, "tanh", 0.5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -361,8 +361,37 @@ def test_model_through_cpu_backend_matches_torch(arch, config):
         out = model(ids).logits
     if isinstance(config, actsparse.RSparseConfig) and arch != "phi3":  # phi3's qkv and gate_up are one linear each
         layer = model.model.layers[0]
-        assert (layer.self_attn.q_proj.packed_lowrank_b is not None) == config.shared_selection
-        assert (layer.mlp.packed_lowrank_b is not None) == config.shared_selection
+        assert (layer.self_attn.k_proj.packed_weight_t is None) == config.shared_selection  # q, k, v as one call
+        assert (layer.mlp.packed_lowrank_b is not None) == config.shared_selection  # gate and up as one call
+        assert layer.self_attn.q_proj.packed_lowrank_b is not None  # its own, or the group's
+    assert _rel(out, ref.double()) < 1e-5
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_input_sparse_gated_adds_the_lowrank_term_before_the_activation(dtype):
+    torch.manual_seed(12)
+    x, wt = torch.randn(1, 96).to(dtype), torch.randn(96, 128).to(dtype)
+    b, z = torch.randn(128, 6).to(dtype), torch.randn(1, 6).to(dtype)
+    t = _threshold(x.float(), 0.5)
+    m = ops.input_sparse_gated(x, wt, t, None, None, b, z, 16, "silu", 0.5)
+    gu = _reference(x.float(), wt.float(), t) + z.double() @ b.double().T
+    pairs = gu.reshape(1, 4, 2, 16)
+    ref = torch.nn.functional.silu(pairs[:, :, 0].reshape(1, 64)) * pairs[:, :, 1].reshape(1, 64)
+    assert _rel(m, ref) < (1e-5 if dtype == torch.float32 else 1e-2)
+    with pytest.raises(RuntimeError, match="lowrank_b .* do not fit"):
+        ops.input_sparse_gated(x, wt, t, None, None, b[:64], z, 16, "silu", 0.5)
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-linear", "shared"])
+def test_one_rsparse_token_through_cpu_backend_matches_torch(shared):
+    model = tiny_model("llama")
+    actsparse.sparsify_(model, actsparse.RSparseConfig(sparsity=0.5, alpha=0.8, shared_selection=shared), random_tokens(1, 32))
+    ids = random_tokens(1, 1, seed=5)
+    with torch.no_grad():
+        ref = model(ids).logits
+        use_kernels(model)
+        out = model(ids).logits
+    assert (model.model.layers[0].mlp._gated_act is not None) == shared
     assert _rel(out, ref.double()) < 1e-5
 
 

@@ -293,12 +293,33 @@ def test_gated_op_returns_act_gate_times_up(act, dtype, sparsity, cfg):
     assert _rel(m, reference) < TOL[dtype]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cfg", [CONFIGS[n] for n in ("compact", "pipelined-split-k", "masked-split-k")], ids=["compact", "pipelined", "masked"])
+def test_gated_op_adds_the_lowrank_term_before_the_activation(dtype, cfg):
+    torch.manual_seed(10)
+    k, j, group, rank = 70, 96, 16, 5
+    x = torch.randn(1, k).to(dtype)
+    packed = packing.interleave_gate_up((torch.randn(k, j) / 4).to(dtype), (torch.randn(k, j) / 4).to(dtype), group)
+    b = packing.interleave_gate_up(torch.randn(rank, j).to(dtype), torch.randn(rank, j).to(dtype), group).T.contiguous()
+    z = torch.randn(1, rank).to(dtype)
+    t = _threshold(x, 0.5)
+    m = torch.full((1, j), float("nan"), dtype=dtype)
+    ops.launch_input_sparse(x, packed, t, None, None, b, z, replace(cfg, bn=4 * group), m, "silu", group)
+    kept = torch.where(x.abs().float() > t, x, torch.zeros((), dtype=dtype))
+    gu = (kept.double() @ packed.double() + z.double() @ b.double().T).to(dtype)
+    g, u = packing.split_gate_up(gu, group)
+    reference = (ACTS["silu"](g.float()).to(dtype) * u).double()
+    assert _rel(m, reference) < TOL[dtype]
+    assert torch.equal(op_defs.input_sparse_gated(x, packed, t, None, None, b, z, group, "silu", 0.5),
+                       ops.input_sparse_gated(x, packed, t, None, None, b, z, group, "silu", 0.5))
+
+
 def test_gated_op_names_a_bad_activation_and_batch():
     x, wt, t = torch.randn(1, 8), torch.randn(8, 64), torch.tensor(0.0)
     with pytest.raises(ValueError, match="act must be one of"):
-        ops.input_sparse_gated(x, wt, t, None, None, 16, "swiglu", 0.5)
+        ops.input_sparse_gated(x, wt, t, None, None, None, None, 16, "swiglu", 0.5)
     with pytest.raises(ValueError, match="one token at a time"):
-        ops.input_sparse_gated(torch.randn(2, 8), wt, t, None, None, 16, "silu", 0.5)
+        ops.input_sparse_gated(torch.randn(2, 8), wt, t, None, None, None, None, 16, "silu", 0.5)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
@@ -338,7 +359,7 @@ def test_ops_trace_with_fake_tensors():
         x, wt, t = torch.empty(3, 40), torch.empty(40, 24), torch.empty(())
         assert op_defs.input_sparse_linear(x, wt, t, None, None, None, None, 0.5).shape == (3, 24)
         assert op_defs.output_sparse_rows(x, torch.empty(3, 24), t, torch.empty(24, 40), 0.5).shape == (3, 24)
-        assert op_defs.input_sparse_gated(x[:1], torch.empty(40, 64), t, None, None, 16, "silu", 0.5).shape == (1, 32)
+        assert op_defs.input_sparse_gated(x[:1], torch.empty(40, 64), t, None, None, None, None, 16, "silu", 0.5).shape == (1, 32)
         assert op_defs.topk_kept(x, 5, None).shape == (3, 40)
 
 
@@ -453,6 +474,27 @@ def test_one_token_mlp_returns_the_gated_product_from_the_gate_up_kernel(arch, m
         out = model(ids).logits
     expected = {"llama": "silu", "qwen2": "silu", "gemma": "gelu_tanh"}[arch]
     assert acts.count((expected,)) == len(model.model.layers)  # one gated call per MLP
+    assert _rel(out, ref.double()) < 1e-5
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["per-linear", "shared"])
+def test_one_token_rsparse_runs_z_and_the_gated_product_through_the_kernels(shared, monkeypatch):
+    """Each low-rank term's z = A x is a kernel launch keeping every input, and the MLP's gate and
+    up (one selection) return act(gate) * up with their low-rank terms from one gated launch."""
+    model = tiny_model("llama")
+    sparsify_(model, actsparse.RSparseConfig(sparsity=0.5, alpha=0.8, shared_selection=shared), random_tokens(1, 32))
+    ids = random_tokens(1, 1, seed=8)
+    with torch.no_grad():
+        ref = model(ids).logits
+    use_kernels(model)
+    launches = _record_launches(monkeypatch, lambda args: (float(args[2]), args[5] is not None, args[9:10]))
+    with torch.no_grad():
+        out = model(ids).logits
+    keep_all = sum(t == float("-inf") for t, _, _ in launches)
+    with_lowrank = sum(lowrank for _, lowrank, _ in launches)
+    assert keep_all == with_lowrank > 0
+    gated = sum(act == ("silu",) and lowrank for _, lowrank, act in launches)
+    assert gated == (len(model.model.layers) if shared else 0)
     assert _rel(out, ref.double()) < 1e-5
 
 

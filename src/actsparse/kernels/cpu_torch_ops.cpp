@@ -112,6 +112,7 @@ int activation_of(const std::string& act) {
 
 at::Tensor input_sparse_gated(const at::Tensor& x, const at::Tensor& weight_t, const at::Tensor& threshold,
                               const std::optional<at::Tensor>& scale, const std::optional<at::Tensor>& bias,
+                              const std::optional<at::Tensor>& lowrank_b, const std::optional<at::Tensor>& lowrank_z,
                               int64_t group, c10::string_view act_view, double) {
   const int act = activation_of(std::string(act_view));
   const int wd = dtype_code(weight_t, "weight_t"), xd = dtype_code(x, "x");
@@ -126,6 +127,19 @@ at::Tensor input_sparse_gated(const at::Tensor& x, const at::Tensor& weight_t, c
   check_rc(actsparse_input_sparse_ex(x.data_ptr(), batch, k, s.ptr, t.ptr, weight_t.data_ptr(), wd, n, b.ptr,
                                      gu.data(), xd, 0, actsparse_cpu_threads()),
            "input_sparse_gated");
+  if (lowrank_b) {  // into the fp32 product, before the activation
+    TORCH_CHECK(lowrank_z.has_value(), "input_sparse_gated: lowrank_b without lowrank_z");
+    const int zd = dtype_code(*lowrank_z, "lowrank_z"), bd = dtype_code(*lowrank_b, "lowrank_b");
+    matrix(*lowrank_z, "lowrank_z");
+    matrix(*lowrank_b, "lowrank_b");
+    const int64_t rank = lowrank_b->size(1);
+    TORCH_CHECK(lowrank_b->size(0) == n && lowrank_z->size(0) == batch && lowrank_z->size(1) == rank,
+                "input_sparse_gated: lowrank_b ", lowrank_b->sizes(), " and lowrank_z ", lowrank_z->sizes(),
+                " do not fit ", batch, " tokens of ", n, " outputs");
+    check_rc(actsparse_add_lowrank(gu.data(), lowrank_z->data_ptr(), zd, lowrank_b->data_ptr(), bd, batch, n, rank,
+                                   gu.data(), 0),
+             "input_sparse_gated");
+  }
   at::Tensor m = at::empty({batch, j}, x.options());
   // act(gate) * up from the fp32 product, rounded once to the activations' dtype (no conversion
   // ops around the kernel)

@@ -10,9 +10,11 @@ its fake implementation.
       row k of `weight_t` is used for token b when score = |x[b,k]| (* scale[k]) > threshold;
       rows no token keeps are never read. `lowrank_z[T,R]` and `lowrank_b[N,R]` add
       ``z @ lowrank_b.T``.
-  input_sparse_gated(x[1,K], weight_t[K,2J], threshold, scale?, bias?, group, act, sparsity) -> m[1,J]
+  input_sparse_gated(x[1,K], weight_t[K,2J], threshold, scale?, bias?, lowrank_b?, lowrank_z?, group, act,
+                     sparsity) -> m[1,J]
       the same product over a gate+up weight whose columns alternate gate and up in groups of
-      `group` (`actsparse.nn.packing.interleave_gate_up`), returning act(gate) * up.
+      `group` (`actsparse.nn.packing.interleave_gate_up`; `lowrank_b`'s rows alike), returning
+      act(gate) * up.
   output_sparse_rows(x[T,D], a[T,J], threshold, weight[J,D], sparsity) -> m[T,J]
       m = where(|a| > threshold, a, 0) * (x @ weight.T); rows of `weight` whose `a` is masked
       for every token are never read.
@@ -106,6 +108,8 @@ def input_sparse_gated(
     threshold: torch.Tensor,
     scale: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
+    lowrank_b: Optional[torch.Tensor],
+    lowrank_z: Optional[torch.Tensor],
     group: int,
     act: str,
     sparsity: float,
@@ -113,7 +117,7 @@ def input_sparse_gated(
     """By default the `input_sparse_linear` op (the device's kernel) and the activation in torch."""
     if act not in ACTIVATIONS:
         raise ValueError(f"input_sparse_gated: act must be one of {sorted(ACTIVATIONS)}, got {act!r}")
-    gu = input_sparse_linear(x, weight_t, threshold, scale, bias, None, None, sparsity)
+    gu = input_sparse_linear(x, weight_t, threshold, scale, bias, lowrank_b, lowrank_z, sparsity)
     j = gu.shape[-1] // 2
     pairs = gu.reshape(gu.shape[0], j // group, 2, group)
     gate, up = pairs[:, :, 0].reshape(-1, j), pairs[:, :, 1].reshape(-1, j)
@@ -121,7 +125,7 @@ def input_sparse_gated(
 
 
 @input_sparse_gated.register_fake
-def _(x, weight_t, threshold, scale, bias, group, act, sparsity):
+def _(x, weight_t, threshold, scale, bias, lowrank_b, lowrank_z, group, act, sparsity):
     return x.new_empty((x.shape[0], weight_t.shape[1] // 2))
 
 

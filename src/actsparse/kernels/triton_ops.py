@@ -329,6 +329,8 @@ def input_sparse_gated(
     threshold: torch.Tensor,
     scale: Optional[torch.Tensor],
     bias: Optional[torch.Tensor],
+    lowrank_b: Optional[torch.Tensor],
+    lowrank_z: Optional[torch.Tensor],
     group: int,
     act: str,
     sparsity: float,
@@ -342,8 +344,10 @@ def input_sparse_gated(
     if n % (2 * group) or group & (group - 1):
         raise ValueError(f"input_sparse_gated: group {group} must be a power of two and {n} a multiple of twice it")
     m = torch.empty((1, n // 2), dtype=x.dtype, device=x.device)
-    args = (x, weight_t, threshold, scale, bias, None, None)
+    args = (x, weight_t, threshold, scale, bias, lowrank_b, lowrank_z)
     key = ("gated", n, k, x.dtype, scale is not None, bias is not None, group, act, tuning.sparsity_bin(sparsity))
+    if lowrank_b is not None:  # (the keys of earlier tuning caches, without a low-rank term, stay valid)
+        key += ("lowrank",)
     cfg = tuning.choose(
         key, gated_candidates(n, k, x.device, group), lambda c: launch_input_sparse(*args, c, m, act, group), x.device
     )

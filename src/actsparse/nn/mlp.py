@@ -7,7 +7,8 @@ or a child linear's state changes: gate and up with one selection share one inpu
 ``act(gate) * up`` through `actsparse::input_sparse_gated`); with a gate mask, the gate is dense,
 `up` is computed only for kept rows (`actsparse::output_sparse_rows`) and `down` skips the zero
 rows of its input; gate and up with low-rank paths (R-Sparse) read their folded weights with one
-``z = [A_g; A_u] x`` and a block-diagonal B (`packing.pack_lowrank`); dense gate and up on the dense kernel (the CPU) are one `actsparse::dense_linear`
+``z = [A_g; A_u] x`` and a block-diagonal B (`packing.pack_lowrank`), added before the
+activation; dense gate and up on the dense kernel (the CPU) are one `actsparse::dense_linear`
 call over ``[Wg; Wu]``. Without a gate mask it is bitwise the HF gated MLP.
 """
 from __future__ import annotations
@@ -20,7 +21,7 @@ from torch import nn
 
 from ..errors import ActSparseError
 from ..kernels import batching, ops
-from .linear import MODES, SparseLinear, same_selection, select_mask
+from .linear import MODES, SparseLinear, lowrank_input, same_selection, select_mask
 from .meter import ReadMeter
 from .packing import (activation_name, gate_up_group, interleave_gate_up, pack, pack_lowrank, pack_transposed, pack_zero,
                       split_gate_up)
@@ -54,8 +55,8 @@ class SparseGatedMLP(nn.Module):
         self.register_buffer("gate_threshold", torch.tensor(float("-inf")))
         self.kernels = False
         self.meter: ReadMeter | None = None
-        for buffer in ("packed_gate_up_t", "packed_gate_up_bias", "packed_gate_up", "packed_down_t", "packed_lowrank_a",
-                       "packed_lowrank_b", "packed_zero"):
+        for buffer in ("packed_gate_up_t", "packed_gate_up_bias", "packed_gate_up", "packed_down_t", "packed_lowrank_a_t",
+                       "packed_lowrank_b", "packed_keep_all", "packed_zero"):
             self.register_buffer(buffer, None, persistent=False)
         self._gate_up_group = 1
         self._gated_act: str | None = None
@@ -147,9 +148,8 @@ class SparseGatedMLP(nn.Module):
                  sources=(gate.bias, up.bias) if gate.bias is not None else None)
             self._gate_up_group = group
             pack_lowrank(self, [gate, up], group)
-            # The kernels compute act(gate) * up in their epilogue for the activations they know
-            # (without a low-rank term: it joins before the activation).
-            gated = group <= 256 and group & (group - 1) == 0 and self.packed_lowrank_b is None
+            # The kernels compute act(gate) * up in their epilogue for the activations they know.
+            gated = group <= 256 and group & (group - 1) == 0
             self._gated_act = activation_name(self.act_fn) if gated else None
         else:
             pack(self, "packed_gate_up_t", None)
@@ -227,15 +227,13 @@ class SparseGatedMLP(nn.Module):
             return self.masked_product(*self.gate_and_up(x2))[1]
         gate = self.gate_linear  # `up` has the same selection and the gate no mask (see _repack)
         kept, threshold, scale = gate.kernel_input(x2, self.packed_zero)
-        bias = self.packed_gate_up_bias
+        bias, b = self.packed_gate_up_bias, self.packed_lowrank_b
         if self._gated_act is not None and x2.shape[0] == 1:
-            return ops.input_sparse_gated(kept, fused, threshold, scale, bias, self._gate_up_group, self._gated_act, gate.target)
-
-        b = self.packed_lowrank_b
+            return ops.input_sparse_gated(kept, fused, threshold, scale, bias, b, lowrank_input(self, x2),
+                                          self._gate_up_group, self._gated_act, gate.target)
 
         def call() -> torch.Tensor:
-            z = F.linear(x2, self.packed_lowrank_a) if b is not None else None
-            return ops.input_sparse_linear(kept, fused, threshold, scale, bias, b, z, gate.target)
+            return ops.input_sparse_linear(kept, fused, threshold, scale, bias, b, lowrank_input(self, x2), gate.target)
 
         if not batching.kernel_pays(self.batch_seconds, x2.shape[0], call,
                                     lambda: (F.linear(x2, gate.weight), F.linear(x2, self.up_linear.weight)), x2.device):
