@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/exp_kl_tuning.py [--sparsity 0.4] [--method teal] [--options JSON]
         [--rank 0] [--steps 150] [--lr 1e-5] [--seq-len 256] [--batch 1] [--windows 8]
         [--calib C4_TRAIN.jsonl] [--ppl WIKITEXT.raw] [--second-windows 0] [--second-ppl C4_VAL.jsonl]
-        [--no-again]
+        [--no-again] [--schedule constant|cosine] [--norms]
 
 The embedded SmolLM2 (fp32, CPU) is sparsified with `--method` (its config's fields from
 `--options`, a JSON object) on the first 16 x 512 tokens of the calibration text; every
@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import math
 import time
 
 import torch
@@ -63,6 +64,9 @@ def main() -> None:
     p.add_argument("--second-ppl", default="../shared/data/c4/c4_validation_sample.jsonl")
     p.add_argument("--second-windows", type=int, default=0, help="also this many windows of --second-ppl (0: none)")
     p.add_argument("--no-again", action="store_true", help="skip running the method again on the tuned weights")
+    p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
+                   help="learning rate: constant, or cosine decay to zero after 10%% linear warm-up")
+    p.add_argument("--norms", action="store_true", help="also tune the decoder's RMSNorm weights")
     args = p.parse_args()
     torch.manual_seed(0)
     dense, tok = load_model(None)
@@ -92,9 +96,14 @@ def main() -> None:
         tuned = [q for m in linears for q in m.parametrizations.weight[0].parameters()]
     else:
         tuned = [m.weight for m in linears]
+    if args.norms:
+        tuned += [q for n, q in student.named_parameters() if "norm" in n]
     for q in tuned:
         q.requires_grad_(True)
     opt = torch.optim.Adam(tuned, lr=args.lr)
+    warmup = max(1, args.steps // 10)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 if args.schedule == "constant" else
+                                              min((i + 1) / warmup, 0.5 * (1 + math.cos(math.pi * i / args.steps))))
     started = time.perf_counter()
     for step, ids in enumerate(train):
         with torch.no_grad():
@@ -104,6 +113,7 @@ def main() -> None:
         opt.zero_grad()
         kl.backward()
         opt.step()
+        sched.step()
         if step % 50 == 0:
             print(f"step {step}: KL {kl.item():.4f} ({time.perf_counter() - started:.0f} s)", flush=True)
     student.eval()
