@@ -46,15 +46,6 @@ def select_mask(
     raise ActSparseError(f"select_mask: mode must be threshold or topk, got {mode!r}")
 
 
-def lowrank_input(owner: nn.Module, x2: torch.Tensor) -> torch.Tensor | None:
-    """``z = A x`` over the whole input for the low-rank factors `owner` packed (`pack_lowrank`):
-    the kernels' product with every input kept (on the GPU a launch that overlaps the previous
-    kernel's tail, where the library's matvec waits for it); None without low-rank factors."""
-    if owner.packed_lowrank_b is None:
-        return None
-    return ops.input_sparse_linear(x2, owner.packed_lowrank_a_t, owner.packed_keep_all, None, None, None, None, 0.0)
-
-
 def dense_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """``F.linear(x, weight, bias)`` through `actsparse::dense_linear` (x: [..., in])."""
     x2 = x.reshape(-1, weight.shape[1]).contiguous()
@@ -127,8 +118,7 @@ class SparseLinear(nn.Module):
         self.kernels = False
         self.dense_kernel = False  # dense mode through `actsparse::dense_linear` (set_kernels)
         self.meter: ReadMeter | None = None
-        for name in ("packed_weight_t", "packed_weight", "packed_bias", "packed_lowrank_a_t", "packed_lowrank_b",
-                     "packed_keep_all", "packed_zero"):
+        for name in ("packed_weight_t", "packed_weight", "packed_bias", "packed_lowrank_a", "packed_lowrank_b", "packed_zero"):
             self.register_buffer(name, None, persistent=False)
         self._packed_by_owner = False  # a fused gate+up of the MLP holding this linear
         self._group: SharedInput | None = None
@@ -231,7 +221,7 @@ class SparseLinear(nn.Module):
                  (self.in_features, self.out_features), sources=self.kernel_sources())
             pack(self, "packed_weight", None)
             pack(self, "packed_bias", None)
-            pack_lowrank(self, [self] if own else [])
+            pack_lowrank(self, [])
         if running:
             pack_zero(self, self.weight.device)
 
@@ -353,8 +343,9 @@ class SparseLinear(nn.Module):
 
     def _run(self, x2: torch.Tensor) -> torch.Tensor:
         kept, threshold, scale = self.kernel_input(x2, self.packed_zero)
+        z = F.linear(x2, self.lowrank_a) if self.rank else None
         return ops.input_sparse_linear(kept, self.packed_weight_t, threshold, scale, self.bias,
-                                       self.packed_lowrank_b, lowrank_input(self, x2), self.target)
+                                       self.lowrank_b if self.rank else None, z, self.target)
 
     def _group_forward(self, x: torch.Tensor, tokens: int) -> torch.Tensor | None:
         group = self._group
@@ -364,8 +355,8 @@ class SparseLinear(nn.Module):
 
         def call() -> torch.Tensor:
             kept, threshold, scale = lead.kernel_input(x2, lead.packed_zero)
-            return ops.input_sparse_linear(kept, lead.packed_weight_t, threshold, scale, lead.packed_bias, b,
-                                           lowrank_input(lead, x2), lead.target)
+            z = F.linear(x2, lead.packed_lowrank_a) if b is not None else None
+            return ops.input_sparse_linear(kept, lead.packed_weight_t, threshold, scale, lead.packed_bias, b, z, lead.target)
 
         if not batching.kernel_pays(lead.batch_seconds, tokens, call,
                                     lambda: [F.linear(x2, m.weight) for m in group.members], x.device):

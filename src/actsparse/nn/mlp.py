@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ActSparseError
 from ..kernels import batching, ops
-from .linear import MODES, SparseLinear, lowrank_input, same_selection, select_mask
+from .linear import MODES, SparseLinear, same_selection, select_mask
 from .meter import ReadMeter
 from .packing import (activation_name, gate_up_group, interleave_gate_up, pack, pack_lowrank, pack_transposed, pack_zero,
                       split_gate_up)
@@ -55,8 +55,8 @@ class SparseGatedMLP(nn.Module):
         self.register_buffer("gate_threshold", torch.tensor(float("-inf")))
         self.kernels = False
         self.meter: ReadMeter | None = None
-        for buffer in ("packed_gate_up_t", "packed_gate_up_bias", "packed_gate_up", "packed_down_t", "packed_lowrank_a_t",
-                       "packed_lowrank_b", "packed_keep_all", "packed_zero"):
+        for buffer in ("packed_gate_up_t", "packed_gate_up_bias", "packed_gate_up", "packed_down_t", "packed_lowrank_a",
+                       "packed_lowrank_b", "packed_zero"):
             self.register_buffer(buffer, None, persistent=False)
         self._gate_up_group = 1
         self._gated_act: str | None = None
@@ -229,11 +229,13 @@ class SparseGatedMLP(nn.Module):
         kept, threshold, scale = gate.kernel_input(x2, self.packed_zero)
         bias, b = self.packed_gate_up_bias, self.packed_lowrank_b
         if self._gated_act is not None and x2.shape[0] == 1:
-            return ops.input_sparse_gated(kept, fused, threshold, scale, bias, b, lowrank_input(self, x2),
-                                          self._gate_up_group, self._gated_act, gate.target)
+            z = F.linear(x2, self.packed_lowrank_a) if b is not None else None
+            return ops.input_sparse_gated(kept, fused, threshold, scale, bias, b, z, self._gate_up_group, self._gated_act,
+                                          gate.target)
 
         def call() -> torch.Tensor:
-            return ops.input_sparse_linear(kept, fused, threshold, scale, bias, b, lowrank_input(self, x2), gate.target)
+            z = F.linear(x2, self.packed_lowrank_a) if b is not None else None
+            return ops.input_sparse_linear(kept, fused, threshold, scale, bias, b, z, gate.target)
 
         if not batching.kernel_pays(self.batch_seconds, x2.shape[0], call,
                                     lambda: (F.linear(x2, gate.weight), F.linear(x2, self.up_linear.weight)), x2.device):

@@ -54,22 +54,19 @@ def lowrank_sources(weight: torch.Tensor, a: torch.Tensor | None, b: torch.Tenso
 
 
 def pack_lowrank(module: nn.Module, members: list, gate_up_group: int | None = None) -> None:
-    """`module.packed_lowrank_a_t` / `packed_lowrank_b`: the low-rank factors of linears run as
-    one call (``members``, SparseLinears reading one input; none: both dropped), A stacked and
-    input-major (one ``z = A x``, an input-sparse product that keeps every input: the threshold
-    `packed_keep_all`) and B block-diagonal over the call's output columns (interleaved as
+    """`module.packed_lowrank_a` / `packed_lowrank_b`: the low-rank factors of linears run as one
+    call (``members``, SparseLinears reading one input; none: both dropped), A stacked (one z
+    product) and B block-diagonal over the call's output columns (interleaved as
     `interleave_gate_up` orders them, for a gate+up pair with `gate_up_group`)."""
     ranked = [m for m in members if m.rank]
     if not ranked:
-        for name in ("packed_lowrank_a_t", "packed_lowrank_b", "packed_keep_all"):
-            pack(module, name, None)
+        pack(module, "packed_lowrank_a", None)
+        pack(module, "packed_lowrank_b", None)
         return
     like, ranks = members[0].weight, sum(m.rank for m in ranked)
     sources = tuple(t for m in ranked for t in (m.lowrank_a, m.lowrank_b))
-    pack(module, "packed_lowrank_a_t", lambda: torch.cat([m.lowrank_a for m in ranked]).T, like,
-         (like.shape[1], ranks), sources=sources)
-    everything = torch.tensor(float("-inf"), device=like.device)
-    pack(module, "packed_keep_all", lambda: everything, everything, (), sources=())
+    pack(module, "packed_lowrank_a", lambda: torch.cat([m.lowrank_a for m in ranked]), like,
+         (ranks, like.shape[1]), sources=sources)
 
     def block_diagonal() -> torch.Tensor:
         b = torch.block_diag(*[m.lowrank_b if m.rank else m.weight.new_zeros(m.out_features, 0) for m in members])
