@@ -191,7 +191,7 @@ def test_bench_sparsifies_with_any_method(tmp_path, method, options):
 @pytest.mark.parametrize("method", ["teal", "cats", "rsparse", "larosa"])
 def test_dense_baseline_is_dense_and_restores_the_sparse_state(method):
     from actsparse import make_config, sparsify_
-    from actsparse.speed import dense_baseline
+    from actsparse.nn import dense_baseline
     from tiny import CALIB
 
     torch.manual_seed(0)

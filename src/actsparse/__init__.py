@@ -21,6 +21,7 @@ _PUBLIC = {
     "MethodConfig": "config",
     "ProSparseConfig": "config",
     "RSparseConfig": "config",
+    "RSparseKlConfig": "config",
     "TealConfig": "config",
     "WinaConfig": "config",
     "config_from_dict": "config",

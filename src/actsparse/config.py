@@ -405,6 +405,49 @@ class RSparseConfig(MethodConfig):
 
 
 @dataclass(frozen=True)
+class RSparseKlConfig(RSparseConfig):
+    """R-Sparse's allocation, then a calibration-time KL tune: the best training-free recipe on
+    SmolLM2-135M at 40% (issue 28; BENCHMARKS.md "Accuracy beyond the papers").
+
+    The R-Sparse part defaults to what searched best there: magnitude scores, the greedy per-linear
+    allocation from alpha 1 (no low-rank path) and then the search over per-layer alpha and
+    sparsity, which buys low rank only where it lowers the loss. Masking leaves each layer's output
+    biased in ways no per-linear fit removes (a least-squares refit of each linear to its dense
+    output was worse than TEAL); what helps is to move every weight so that the sparse model's
+    next-token distribution matches the dense one's, with the masks' state held fixed:
+
+    kl_steps: Adam steps minimising KL(dense || sparse) over the calibration windows, one window a
+              step (cycled when there are fewer windows than steps); 0: R-Sparse alone. The dense
+              model is the same model with its sparsity off and the update not applied, so no
+              second copy is held.
+    kl_lr:    Adam's learning rate.
+    kl_rank:  0 tunes a full update of every decoder linear (fp32, with Adam's two moments: 16
+              bytes a weight, refused before any work where it cannot fit); r > 0 tunes a rank-r
+              update ``W + B A`` of each (what fits a 7-8B model on one GPU). The update is folded
+              into the weights at the end, so the saved model is an ordinary R-Sparse model.
+    """
+
+    method: ClassVar[str] = "rsparse-kl"
+    alpha: float = 1.0
+    score: str = "magnitude"
+    allocation: str = "greedy+search"
+    search_over: str = "alpha+sparsity"
+    greedy_step: float = 0.1
+    greedy_tokens: int = 512
+    kl_steps: int = 150
+    kl_lr: float = 1e-5
+    kl_rank: int = 0
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        for what in ("kl_steps", "kl_rank"):
+            if not isinstance(getattr(self, what), int) or getattr(self, what) < 0:
+                raise ActSparseError(f"{what} must be an integer >= 0, got {getattr(self, what)!r}")
+        if not isinstance(self.kl_lr, (int, float)) or not 0.0 < self.kl_lr < 1.0:
+            raise ActSparseError(f"kl_lr must be in (0, 1), got {self.kl_lr!r}")
+
+
+@dataclass(frozen=True)
 class LaRoSAConfig(MethodConfig):
     """LaRoSA: the attention input and the MLP input are rotated into the eigenbasis Q of their
     calibration covariance (folded into the weights, ``W' = W Q``; the rotation ``x' = Q^T x`` runs

@@ -13,7 +13,6 @@ import datetime
 import os
 import platform
 import time
-import contextlib
 
 import torch
 from torch import nn
@@ -21,7 +20,7 @@ from torch import nn
 from .engine import DecodeEngine, DecodeResult
 from .errors import ActSparseError
 from .measure import SparsityReport, measure_sparsity
-from .nn import SparseGatedMLP, SparseLinear
+from .nn import SparseLinear
 
 # Published shapes (hidden, intermediate, layers, heads, kv heads, vocab, tied embeddings).
 SHAPES = {
@@ -95,33 +94,6 @@ def random_model(shape: str, dtype: torch.dtype, device: str | torch.device, see
 def random_calibration(model: nn.Module, seed: int = 1) -> torch.Tensor:
     """Random token ids to calibrate a random-weight model with (its activations are what matter)."""
     return torch.randint(0, model.config.vocab_size, CALIBRATION_SHAPE, generator=torch.Generator().manual_seed(seed))
-
-
-@contextlib.contextmanager
-def dense_baseline(model: nn.Module):
-    """Every actsparse module of a sparsified `model` dense for the block, through the modules' own
-    setters; their sparsity state (thresholds, top-K, scales, low-rank factors) is set back after."""
-    restore = []
-    for module in model.modules():
-        if isinstance(module, SparseLinear) and module.mode != "dense":
-            args = (float(module.threshold), module.target, module.score_scale)
-            if module.mode == "threshold":
-                restore.append(lambda m=module, a=args: m.set_threshold(*a))
-            else:
-                restore.append(lambda m=module, k=module.k, a=args: m.set_topk(k, a[1], a[2]))
-            module.set_dense()
-        elif isinstance(module, SparseGatedMLP) and module.gate_mode != "dense":
-            if module.gate_mode == "threshold":
-                t, target = float(module.gate_threshold), module.gate_target
-                restore.append(lambda m=module, t=t, target=target: m.set_gate_threshold(t, target))
-            else:
-                restore.append(lambda m=module, k=module.gate_k, target=module.gate_target: m.set_gate_topk(k, target))
-            module.set_gate_dense()
-    try:
-        yield
-    finally:
-        for undo in restore:
-            undo()
 
 
 def read_bytes(model: nn.Module) -> tuple[int, int]:

@@ -19,10 +19,11 @@ from ..errors import ActSparseError
 from ..kernels import tuning
 from ..loading import is_actsparse_dir, load_model, parse_dtype
 from ..methods import sparsify_
+from ..nn import dense_baseline
 from ..outputs import check_file_output, write_json_atomic
 from ..runtime import resolve_backend, use_kernels
 from ..speed import (
-    SHAPES, check_fits, dense_baseline, environment, hf_generate_speed, measured_report, random_calibration, random_model,
+    SHAPES, check_fits, environment, hf_generate_speed, measured_report, random_calibration, random_model,
     read_bytes, rotation_reads, speed_result, timed_decode,
 )
 from ..swap import swap_modules

@@ -18,9 +18,9 @@ from ._common import add_calibration, add_method_options, add_model, check_posit
 def register(sub) -> None:
     p = sub.add_parser("sparsify", help="calibrate and sparsify a model, then save it")
     add_model(p)
-    p.add_argument("--method", required=True, help="dense, teal, cats, wina, rsparse, larosa, prosparse")
+    p.add_argument("--method", required=True, help="dense, teal, cats, wina, rsparse, rsparse-kl, larosa, prosparse")
     p.add_argument("--sparsity", type=float, required=True,
-                   help="target: model-level weight reads skipped (teal, wina, rsparse, larosa) or MLP zeros (cats, prosparse)")
+                   help="target: model-level weight reads skipped (teal, wina, rsparse, rsparse-kl, larosa) or MLP zeros (cats, prosparse)")
     add_calibration(p)
     add_method_options(p)
     p.add_argument("--student", metavar="FILE",

@@ -1,0 +1,96 @@
+"""rsparse-kl: R-Sparse, then the decoder weights tuned to the dense model's next-token distributions."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import actsparse
+from actsparse.errors import ActSparseError
+from actsparse.methods.kl_tune import check_update_fits
+from tiny import random_tokens, tiny_model
+
+FAST = dict(allocation="uniform", alpha=0.9)  # the R-Sparse part kept quick; the tune is what is tested
+
+
+def _kl(dense, sparse, ids):
+    with torch.no_grad():
+        p = F.log_softmax(dense(ids).logits.float(), -1)
+        q = F.log_softmax(sparse(ids).logits.float(), -1)
+    return F.kl_div(q.flatten(0, 1), p.flatten(0, 1), log_target=True, reduction="batchmean").item()
+
+
+def _sparsify(config, arch="llama"):
+    torch.manual_seed(0)
+    return actsparse.sparsify_(tiny_model(arch), config, random_tokens(16, 32, seed=1))
+
+
+@pytest.mark.parametrize("rank", [0, 4])
+@pytest.mark.parametrize("arch", ["llama", "phi3"])
+def test_the_tune_brings_the_sparse_model_closer_to_dense(arch, rank):
+    """On the calibration windows: a random tiny model has nothing to generalise from (held-out
+    random tokens do not improve); the embedded model's held-out text does (BENCHMARKS.md)."""
+    dense = tiny_model(arch)
+    untuned = _sparsify(actsparse.make_config("rsparse-kl", sparsity=0.5, kl_steps=0, **FAST), arch)
+    tuned = _sparsify(actsparse.make_config("rsparse-kl", sparsity=0.5, kl_steps=40, kl_lr=3e-3 if rank else 3e-4, kl_rank=rank, **FAST), arch)
+    calibration = random_tokens(16, 32, seed=1)
+    assert _kl(dense, tuned, calibration) < 0.8 * _kl(dense, untuned, calibration)
+    recipe = tuned.actsparse_recipe["kl_tune"]
+    assert recipe["steps"] == 40 and recipe["rank"] == rank and recipe["kl_last"] < recipe["kl_first"]
+    # the update is folded in: plain parameters, the same keys and selection state as R-Sparse's
+    assert set(tuned.state_dict()) == set(untuned.state_dict())
+    assert all(p.requires_grad for p in tuned.parameters())
+    for (name, a), b in zip(tuned.named_modules(), untuned.modules()):
+        if isinstance(a, actsparse.nn.SparseLinear):
+            assert (a.mode, a.rank, float(a.threshold)) == (b.mode, b.rank, float(b.threshold)), name
+            assert not torch.equal(a.weight, b.weight), name
+
+
+def test_no_steps_is_rsparse_with_the_same_options():
+    fields = dict(sparsity=0.5, **FAST, score="magnitude", search_over="alpha+sparsity", greedy_step=0.1, greedy_tokens=512)
+    kl = _sparsify(actsparse.make_config("rsparse-kl", kl_steps=0, **fields))
+    plain = _sparsify(actsparse.RSparseConfig(**fields))
+    ids = random_tokens(2, 16, seed=3)
+    with torch.no_grad():
+        assert torch.equal(kl(ids).logits, plain(ids).logits)
+
+
+def test_sparsity_zero_is_dense_exactly():
+    model = _sparsify(actsparse.make_config("rsparse-kl", sparsity=0.0))
+    ids = random_tokens(2, 16, seed=3)
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, tiny_model("llama")(ids).logits)
+    assert model.actsparse_recipe["kl_tune"] == {"steps": 0}
+
+
+def test_a_tuned_model_saves_and_loads_with_its_weights(tmp_path):
+    model = _sparsify(actsparse.make_config("rsparse-kl", sparsity=0.5, kl_steps=5, kl_lr=1e-3, **FAST))
+    actsparse.save(model, tmp_path / "m")
+    loaded, _ = actsparse.load(tmp_path / "m")
+    ids = random_tokens(2, 16, seed=3)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
+    assert loaded.actsparse_config == model.actsparse_config
+
+
+def test_defaults_are_the_searched_recipe():
+    config = actsparse.make_config("rsparse-kl", sparsity=0.4)
+    assert isinstance(config, actsparse.RSparseConfig)
+    assert (config.allocation, config.search_over, config.score, config.alpha) == ("greedy+search", "alpha+sparsity", "magnitude", 1.0)
+    assert (config.kl_steps, config.kl_rank, config.kl_lr) == (150, 0, 1e-5)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("kl_steps", -1, "kl_steps must be an integer >= 0"), ("kl_rank", 1.5, "kl_rank must be an integer"),
+    ("kl_lr", 0.0, r"kl_lr must be in \(0, 1\)"), ("kl_lr", "fast", r"kl_lr"),
+])
+def test_bad_options_are_named(field, value, message):
+    with pytest.raises(ActSparseError, match=message):
+        actsparse.make_config("rsparse-kl", sparsity=0.4, **{field: value})
+
+
+def test_a_full_tune_that_cannot_fit_is_refused_before_any_work():
+    cpu = torch.device("cpu")
+    with pytest.raises(ActSparseError, match=r"kl_rank=0 tunes every decoder weight in full: 104.3 GiB .* set kl_rank"):
+        check_update_fits(7_000_000_000, 0, 80 * 2**30, cpu)
+    check_update_fits(7_000_000_000, 64, 80 * 2**30, cpu)  # rank 64: a few hundred MB
+    check_update_fits(135_000_000, 0, 8 * 2**30, cpu)
+    check_update_fits(7_000_000_000, 0, None, cpu)  # unknown free memory: not refused on a guess
