@@ -44,10 +44,11 @@ def test_the_tune_brings_the_sparse_model_closer_to_dense(arch, rank):
             assert not torch.equal(a.weight, b.weight), name
 
 
-def test_no_steps_is_rsparse_with_the_same_options():
+def test_no_steps_is_rsparse_on_the_statistics_windows_with_the_same_options():
     fields = dict(sparsity=0.5, **FAST, score="magnitude", search_over="alpha+sparsity", greedy_step=0.1, greedy_tokens=512)
-    kl = _sparsify(actsparse.make_config("rsparse-kl", kl_steps=0, **fields))
-    plain = _sparsify(actsparse.RSparseConfig(**fields))
+    kl = _sparsify(actsparse.make_config("rsparse-kl", kl_steps=0, statistics_windows=4, **fields))
+    torch.manual_seed(0)
+    plain = actsparse.sparsify_(tiny_model("llama"), actsparse.RSparseConfig(**fields), random_tokens(16, 32, seed=1)[:4])
     ids = random_tokens(2, 16, seed=3)
     with torch.no_grad():
         assert torch.equal(kl(ids).logits, plain(ids).logits)
@@ -75,12 +76,13 @@ def test_defaults_are_the_searched_recipe():
     config = actsparse.make_config("rsparse-kl", sparsity=0.4)
     assert isinstance(config, actsparse.RSparseConfig)
     assert (config.allocation, config.search_over, config.score, config.alpha) == ("greedy+search", "alpha+sparsity", "magnitude", 1.0)
-    assert (config.kl_steps, config.kl_rank, config.kl_lr) == (150, 0, 1e-5)
+    assert (config.kl_steps, config.kl_rank, config.kl_lr, config.statistics_windows) == (150, 0, 1e-5, 16)
 
 
 @pytest.mark.parametrize("field,value,message", [
     ("kl_steps", -1, "kl_steps must be an integer >= 0"), ("kl_rank", 1.5, "kl_rank must be an integer"),
     ("kl_lr", 0.0, r"kl_lr must be in \(0, 1\)"), ("kl_lr", "fast", r"kl_lr"),
+    ("statistics_windows", 0, "statistics_windows must be an integer >= 1"),
 ])
 def test_bad_options_are_named(field, value, message):
     with pytest.raises(ActSparseError, match=message):

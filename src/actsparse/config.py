@@ -416,6 +416,10 @@ class RSparseKlConfig(RSparseConfig):
     output was worse than TEAL); what helps is to move every weight so that the sparse model's
     next-token distribution matches the dense one's, with the masks' state held fixed:
 
+    statistics_windows: the R-Sparse part (thresholds, greedy allocation, search) calibrates on
+              the first this many calibration windows; the tune takes all of them (its cost grows
+              with its steps, not with the windows), so `--calib-samples 150` gives it fresh text
+              every step while the statistics passes stay short.
     kl_steps: Adam steps minimising KL(dense || sparse) over the calibration windows, one window a
               step (cycled when there are fewer windows than steps); 0: R-Sparse alone. The dense
               model is the same model with its sparsity off and the update not applied, so no
@@ -434,6 +438,7 @@ class RSparseKlConfig(RSparseConfig):
     search_over: str = "alpha+sparsity"
     greedy_step: float = 0.1
     greedy_tokens: int = 512
+    statistics_windows: int = 16
     kl_steps: int = 150
     kl_lr: float = 1e-5
     kl_rank: int = 0
@@ -443,6 +448,8 @@ class RSparseKlConfig(RSparseConfig):
         for what in ("kl_steps", "kl_rank"):
             if not isinstance(getattr(self, what), int) or getattr(self, what) < 0:
                 raise ActSparseError(f"{what} must be an integer >= 0, got {getattr(self, what)!r}")
+        if not isinstance(self.statistics_windows, int) or self.statistics_windows < 1:
+            raise ActSparseError(f"statistics_windows must be an integer >= 1, got {self.statistics_windows!r}")
         if not isinstance(self.kl_lr, (int, float)) or not 0.0 < self.kl_lr < 1.0:
             raise ActSparseError(f"kl_lr must be in (0, 1), got {self.kl_lr!r}")
 

@@ -132,7 +132,7 @@ def apply_rsparse_kl(model, specs, config: RSparseKlConfig, calibration) -> dict
         device = next(model.parameters()).device
         weights = sum(m.weight.numel() for m in model.modules() if isinstance(m, SparseLinear))
         check_update_fits(weights, config.kl_rank, free_bytes(device), device)
-    recipe = apply_rsparse(model, specs, config, calibration)
+    recipe = apply_rsparse(model, specs, config, calibration[: config.statistics_windows])
     steps = config.kl_steps if config.sparsity > 0 else 0
     recipe["kl_tune"] = kl_tune_(model, calibration, steps, config.kl_lr, config.kl_rank, f"{config.method}: KL tune")
     return recipe
