@@ -3,7 +3,7 @@
     PYTHONPATH=src python benchmarks/exp_kl_tuning.py [--sparsity 0.4] [--method teal] [--options JSON]
         [--rank 0] [--steps 150] [--lr 1e-5] [--seq-len 256] [--batch 1] [--windows 8]
         [--calib C4_TRAIN.jsonl] [--ppl WIKITEXT.raw] [--second-windows 0] [--second-ppl C4_VAL.jsonl]
-        [--no-again] [--schedule constant|cosine] [--norms]
+        [--no-again] [--schedule constant|cosine]
 
 The embedded SmolLM2 (fp32, CPU) is sparsified with `--method` (its config's fields from
 `--options`, a JSON object) on the first 16 x 512 tokens of the calibration text; every
@@ -66,7 +66,6 @@ def main() -> None:
     p.add_argument("--no-again", action="store_true", help="skip running the method again on the tuned weights")
     p.add_argument("--schedule", choices=("constant", "cosine"), default="constant",
                    help="learning rate: constant, or cosine decay to zero after 10%% linear warm-up")
-    p.add_argument("--norms", action="store_true", help="also tune the decoder's RMSNorm weights")
     args = p.parse_args()
     torch.manual_seed(0)
     dense, tok = load_model(None)
@@ -96,8 +95,6 @@ def main() -> None:
         tuned = [q for m in linears for q in m.parametrizations.weight[0].parameters()]
     else:
         tuned = [m.weight for m in linears]
-    if args.norms:
-        tuned += [q for n, q in student.named_parameters() if "norm" in n]
     for q in tuned:
         q.requires_grad_(True)
     opt = torch.optim.Adam(tuned, lr=args.lr)
