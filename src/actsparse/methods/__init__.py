@@ -56,4 +56,4 @@ def sparsify_(model: nn.Module, config: MethodConfig, calibration: torch.Tensor 
 
 # Importing the method modules registers them.
 from . import dense, magnitude, cats, prosparse  # noqa: E402,F401
-from . import rsparse, larosa, kl_tune  # noqa: E402,F401
+from . import rsparse, larosa, rsparse_kl  # noqa: E402,F401

@@ -1,4 +1,4 @@
-"""R-Sparse followed by a calibration-time KL tune (`RSparseKlConfig`, method "rsparse-kl").
+"""rsparse-kl: R-Sparse followed by a calibration-time KL tune (`RSparseKlConfig`).
 
 After the method has set every linear's selection state, the decoder linears' weights are tuned
 with Adam to minimise KL(dense || sparse) of the next-token distributions on the calibration

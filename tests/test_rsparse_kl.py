@@ -5,7 +5,7 @@ import torch.nn.functional as F
 
 import actsparse
 from actsparse.errors import ActSparseError
-from actsparse.methods.kl_tune import check_update_fits
+from actsparse.methods.rsparse_kl import check_update_fits
 from tiny import random_tokens, tiny_model
 
 FAST = dict(allocation="uniform", alpha=0.9)  # the R-Sparse part kept quick; the tune is what is tested
