@@ -96,3 +96,10 @@ def test_a_full_tune_that_cannot_fit_is_refused_before_any_work():
     check_update_fits(7_000_000_000, 64, 80 * 2**30, cpu)  # rank 64: a few hundred MB
     check_update_fits(135_000_000, 0, 8 * 2**30, cpu)
     check_update_fits(7_000_000_000, 0, None, cpu)  # unknown free memory: not refused on a guess
+
+
+def test_the_demo_leaves_the_weight_tuning_method_out():
+    from actsparse.commands.demo import training_free_methods
+
+    methods = training_free_methods()
+    assert "rsparse-kl" not in methods and {"teal", "wina", "cats", "rsparse", "larosa"} <= set(methods)

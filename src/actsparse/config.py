@@ -37,6 +37,7 @@ class MethodConfig:
     method: ClassVar[str] = ""
     version: ClassVar[int] = 1
     targets: ClassVar[str] = "model"  # which measured sparsity `sparsity` aims at: "model" or "mlp"
+    tunes_weights: ClassVar[bool] = False  # a calibration-time optimisation of the weights (minutes, not seconds)
 
     sparsity: float = 0.5
     selection: str = "threshold"
@@ -432,6 +433,7 @@ class RSparseKlConfig(RSparseConfig):
     """
 
     method: ClassVar[str] = "rsparse-kl"
+    tunes_weights: ClassVar[bool] = True
     alpha: float = 1.0
     score: str = "magnitude"
     allocation: str = "greedy+search"

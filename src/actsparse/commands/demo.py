@@ -24,8 +24,10 @@ def register(sub) -> None:
 
 
 def training_free_methods() -> list[str]:
-    """Every registered method that needs calibration but no training."""
-    return [name for name, cls in CONFIGS.items() if cls in HANDLERS and cls in NEEDS_CALIBRATION and name != "prosparse"]
+    """Every registered method that needs calibration but neither training nor a calibration-time
+    optimisation of the weights (rsparse-kl: minutes on its own, README)."""
+    return [name for name, cls in CONFIGS.items()
+            if cls in HANDLERS and cls in NEEDS_CALIBRATION and name != "prosparse" and not cls.tunes_weights]
 
 
 def run(args) -> int:
@@ -36,6 +38,9 @@ def run(args) -> int:
     log(f"calibration text: {DEFAULT_CALIB}; evaluation text: {DEFAULT_EVAL} (disjoint halves of Python's own docs)")
     calibration = text_batches(tokenizer, DEFAULT_CALIB, args.calib_samples, 512)
     methods = training_free_methods()
+    left_out = sorted(name for name, cls in CONFIGS.items() if cls.tunes_weights)
+    log(f"left out: {', '.join(left_out)} (a calibration-time optimisation of the weights, ~14 minutes on 2 cores: "
+        "see README, Methods)")
     rows = run_comparison(model, tokenizer, methods, [args.sparsity], calibration, DEFAULT_EVAL, 512, args.windows, log=log)
     print(f"\nSmolLM2-135M-Instruct, every method at {args.sparsity:g} (targets: model = weight reads skipped, "
           f"mlp = MLP intermediate zeros), perplexity on {args.windows}x512 tokens of {DEFAULT_EVAL}:\n")
