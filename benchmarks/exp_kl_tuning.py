@@ -27,24 +27,12 @@ import time
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from torch.nn.utils import parametrize
 
 import actsparse as asp
 from actsparse.evaluate import perplexity
 from actsparse.loading import load_model
-
-
-class LowRankUpdate(nn.Module):
-    """W -> W + B A (B starts at zero, so the tune starts from the method's model)."""
-
-    def __init__(self, out_features: int, in_features: int, rank: int):
-        super().__init__()
-        self.a = nn.Parameter(torch.randn(rank, in_features) / in_features**0.5)
-        self.b = nn.Parameter(torch.zeros(out_features, rank))
-
-    def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.b @ self.a
+from actsparse.methods.rsparse_kl import WeightUpdate
 
 
 def main() -> None:
@@ -91,7 +79,7 @@ def main() -> None:
     linears = [m for n, m in student.named_modules() if ".layers." in n and n.endswith("proj")]
     if args.rank:
         for m in linears:
-            parametrize.register_parametrization(m, "weight", LowRankUpdate(m.out_features, m.in_features, args.rank))
+            parametrize.register_parametrization(m, "weight", WeightUpdate(m.weight, args.rank))
         tuned = [q for m in linears for q in m.parametrizations.weight[0].parameters()]
     else:
         tuned = [m.weight for m in linears]
