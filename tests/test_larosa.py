@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 import actsparse as asp
 from actsparse.errors import ActSparseError
@@ -286,3 +287,23 @@ def test_larosa_folds_in_half_precision_and_reports_the_fold_error(dtype):
     asp.sparsify_(model, asp.LaRoSAConfig(sparsity=0.5), calibration=CALIB)
     assert 0 <= model.actsparse_recipe["fold_error"] < 0.05
     assert all(isinstance(m, RotatedNorm) for n, m in model.named_modules() if n.endswith("layernorm"))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_residual_rotation_folds_in_half_precision(dtype):
+    model = asp.sparsify_(tiny_model("llama", dtype=dtype), asp.LaRoSAConfig(sparsity=0.5, rotation="residual"), CALIB)
+    assert model.actsparse_recipe["rotation_reads"] == 0
+    assert 0 <= model.actsparse_recipe["fold_error"] < 0.05
+    assert model.get_output_embeddings().weight.dtype == dtype
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rotation_invariance_check_tells_an_rms_norm_from_a_layer_norm(dtype):
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    from actsparse.rotation import _check_rotation_invariant
+
+    q = random_rotation(32, seed=3)
+    _check_rotation_invariant(LlamaRMSNorm(32).to(dtype), "rms", q)
+    with pytest.raises(ActSparseError, match=r"layer_norm .*not an RMS norm.*per-layer"):
+        _check_rotation_invariant(nn.LayerNorm(32).to(dtype), "layer_norm", q)
