@@ -28,6 +28,25 @@ def test_dense_decode_is_the_forward_argmax(arch):
     assert torch.equal(result.tokens, _forward_argmax(model, prompt, result.tokens))
 
 
+
+@pytest.mark.parametrize("arch", ["mistral", "gemma2", "gemma3"])
+@pytest.mark.parametrize("compile", ["eager", True])
+def test_compiled_decode_of_sliding_window_models_is_the_forward_argmax(arch, compile):
+    """transformers' sliding cache layers count positions in a Python int, which a compiled step
+    froze (wrong tokens on the CPU; on CUDA a recompile inside the graph capture). Within the
+    window the engine's cache attends in full (the same attention); beyond it, a compiled engine
+    is refused."""
+    model = tiny_model(arch)
+    prompt = random_tokens(2, 5, seed=3)
+    engine = DecodeEngine(model, max_len=24, batch_size=2, compile=compile)
+    tokens = engine.generate(prompt, 16).tokens
+    assert torch.equal(tokens, _forward_argmax(model, prompt, tokens))
+    assert torch.equal(engine.generate(prompt, 16).tokens, tokens)
+    window = model.config.sliding_window
+    with pytest.raises(ActSparseError, match=rf"max_len {window + 1} is beyond the model's sliding attention window \({window}\).*compile=False"):
+        DecodeEngine(model, max_len=window + 1, compile=compile)
+    DecodeEngine(model, max_len=window + 1, compile=False)  # eager steps keep the Python count right
+
 def test_warm_up_steps_leave_no_trace():
     """A compiled engine runs warm-up steps (on CUDA before capturing its graph); they advance
     transformers' static cache, which must not shift what the real steps read."""

@@ -13,6 +13,7 @@ dense and sparse timings compare like with like.
 from __future__ import annotations
 
 import contextlib
+import copy
 import inspect
 import time
 from dataclasses import dataclass
@@ -30,6 +31,31 @@ ATTENTION_DEVICES = ("cuda", "cpu")  # the device types with a decode attention 
 CPU_INDUCTOR_OPTIONS = {"cpp_wrapper": True, "size_asserts": False, "cpp_wrapper_build_separate": True}
 # torch.compile's own cache per engine (torch >= 2.13); only then may a CPU step drop its guards
 _COMPILE_ISOLATES = "isolate_recompiles" in inspect.signature(torch.compile).parameters
+
+
+def sliding_window(config) -> int | None:
+    """The window of the model's sliding-attention layers (None: it has none)."""
+    text = config.get_text_config(decoder=True)
+    window = getattr(text, "sliding_window", None)
+    types = getattr(text, "layer_types", None)
+    if window is None or (types is not None and "sliding_attention" not in types):
+        return None
+    return window
+
+
+def cache_config(config, max_len: int):
+    """`config`, or where no sequence of `max_len` reaches the sliding window, a copy whose layers
+    all attend in full: the same attention, but the cache's layers then keep their positions in
+    tensors (a sliding layer counts them in a Python int, frozen into a compiled step)."""
+    window = sliding_window(config)
+    if window is None or max_len > window:
+        return config
+    config = copy.deepcopy(config)
+    text = config.get_text_config(decoder=True)
+    text.sliding_window = None
+    if getattr(text, "layer_types", None) is not None:
+        text.layer_types = ["full_attention" if t == "sliding_attention" else t for t in text.layer_types]
+    return config
 
 
 @dataclass
@@ -93,7 +119,13 @@ class DecodeEngine:
             raise ActSparseError(f"CUDA graphs need a CUDA model; this one is on {self.device}")
         self.max_len = max_len
         self.batch_size = batch_size
-        self.cache = StaticCache(config=model.config, max_cache_len=max_len)
+        window = sliding_window(model.config)
+        if window is not None and max_len > window and self.compile:
+            raise ActSparseError(
+                f"max_len {max_len} is beyond the model's sliding attention window ({window}): transformers' "
+                f"sliding cache layers count positions in Python, which a compiled step would freeze; "
+                f"use max_len <= {window}, or compile=False")
+        self.cache = StaticCache(config=cache_config(model.config, max_len), max_cache_len=max_len)
         self._token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
         self._out = torch.zeros(batch_size, max_len + 1, dtype=torch.long, device=self.device)
