@@ -44,27 +44,6 @@ def test_the_tune_brings_the_sparse_model_closer_to_dense(arch, rank):
             assert not torch.equal(a.weight, b.weight), name
 
 
-
-@pytest.mark.parametrize("arch", ["llama", "qwen2"])
-def test_the_hidden_state_term_falls_with_the_kl(arch):
-    dense = tiny_model(arch)
-    tuned = _sparsify(actsparse.make_config("rsparse-kl", sparsity=0.5, kl_steps=40, kl_lr=3e-4, kl_hidden=5.0, **FAST), arch)
-    recipe = tuned.actsparse_recipe["kl_tune"]
-    assert recipe["hidden_weight"] == 5.0 and 0 < recipe["hidden_last"] < recipe["hidden_first"]
-    assert recipe["kl_last"] < recipe["kl_first"]
-    untuned = _sparsify(actsparse.make_config("rsparse-kl", sparsity=0.5, kl_steps=0, **FAST), arch)
-    calibration = random_tokens(16, 32, seed=1)
-    assert _kl(dense, tuned, calibration) < 0.8 * _kl(dense, untuned, calibration)
-
-
-def test_hidden_error_is_zero_for_equal_states_and_relative_to_the_dense_norm():
-    from actsparse.methods.rsparse_kl import hidden_error
-
-    t = (torch.randn(1, 4, 8), torch.randn(1, 4, 8), 3 * torch.ones(1, 4, 8))
-    assert hidden_error(t, t).item() == 0
-    s = (t[0] + 100, 2 * t[1], 3 * torch.ones(1, 4, 8) + 3)  # the embeddings' output is left out
-    assert hidden_error(s, t).item() == pytest.approx((1 + 1) / 2)
-
 def test_no_steps_is_rsparse_on_the_statistics_windows_with_the_same_options():
     fields = dict(sparsity=0.5, **FAST, score="magnitude", search_over="alpha+sparsity", greedy_step=0.1, greedy_tokens=512)
     kl = _sparsify(actsparse.make_config("rsparse-kl", kl_steps=0, statistics_windows=4, **fields))
@@ -104,7 +83,6 @@ def test_defaults_are_the_searched_recipe():
     ("kl_steps", -1, "kl_steps must be an integer >= 0"), ("kl_rank", 1.5, "kl_rank must be an integer"),
     ("kl_lr", 0.0, r"kl_lr must be in \(0, 1\)"), ("kl_lr", "fast", r"kl_lr"),
     ("statistics_windows", 0, "statistics_windows must be an integer >= 1"),
-    ("kl_hidden", -1.0, "kl_hidden must be a number >= 0"), ("kl_hidden", "yes", "kl_hidden"),
 ])
 def test_bad_options_are_named(field, value, message):
     with pytest.raises(ActSparseError, match=message):

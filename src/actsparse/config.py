@@ -430,9 +430,6 @@ class RSparseKlConfig(RSparseConfig):
               bytes a weight, refused before any work where it cannot fit); r > 0 tunes a rank-r
               update ``W + B A`` of each (what fits a 7-8B model on one GPU). The update is folded
               into the weights at the end, so the saved model is an ordinary R-Sparse model.
-    kl_hidden: weight of a second term of the tune's loss: the mean over decoder layers of each
-              token's squared error of the sparse hidden state relative to the dense one's squared
-              norm (per-layer distillation, as SquareHead does for sparse fine-tuning); 0: the KL alone.
     """
 
     method: ClassVar[str] = "rsparse-kl"
@@ -447,12 +444,9 @@ class RSparseKlConfig(RSparseConfig):
     kl_steps: int = 150
     kl_lr: float = 1e-5
     kl_rank: int = 0
-    kl_hidden: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if not isinstance(self.kl_hidden, (int, float)) or not 0.0 <= self.kl_hidden < float("inf"):
-            raise ActSparseError(f"kl_hidden must be a number >= 0, got {self.kl_hidden!r}")
         for what in ("kl_steps", "kl_rank"):
             if not isinstance(getattr(self, what), int) or getattr(self, what) < 0:
                 raise ActSparseError(f"{what} must be an integer >= 0, got {getattr(self, what)!r}")

@@ -86,18 +86,9 @@ def _teacher(model: nn.Module, updates: list[WeightUpdate]):
             u.enabled = True
 
 
-def hidden_error(student: tuple[torch.Tensor, ...], teacher: tuple[torch.Tensor, ...]) -> torch.Tensor:
-    """Mean over layers and tokens of |h_s - h_t|^2 / |h_t|^2 (the embeddings' output left out)."""
-    errors = [((s.float() - t.float()).pow(2).sum(-1) / t.float().pow(2).sum(-1).clamp_min(1e-12)).mean()
-              for s, t in zip(student[1:], teacher[1:])]
-    return torch.stack(errors).mean()
-
-
-def kl_tune_(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, rank: int, desc: str,
-             hidden_weight: float = 0.0) -> dict:
+def kl_tune_(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, rank: int, desc: str) -> dict:
     """Tune the decoder linears' weights of sparsified `model` in place (see the module's
-    docstring) on token windows [n, L], one a step; returns the first and last steps' KL (and,
-    with `hidden_weight`, the hidden-state term of the loss, `hidden_error`)."""
+    docstring) on token windows [n, L], one a step; returns the first and last steps' KL."""
     linears = [m for m in model.modules() if isinstance(m, SparseLinear)]
     if not steps or not linears:
         return {"steps": 0}
@@ -113,25 +104,16 @@ def kl_tune_(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, ran
         parametrize.register_parametrization(m, "weight", u)
     device = next(model.parameters()).device
     opt = torch.optim.Adam([p for u in updates for p in u.parameters()], lr=lr)
-    history, hidden_history = [], []
-    keep_hidden = hidden_weight > 0
+    history = []
     try:
         for step in tqdm(range(steps), desc=desc, unit="step", leave=False):
             ids = windows[step % windows.shape[0]][None].to(device)
             with _teacher(model, updates):
-                out = model(input_ids=ids, use_cache=False, output_hidden_states=keep_hidden)
-                teacher = F.log_softmax(out.logits.float(), -1).flatten(0, 1)
-                teacher_hidden = out.hidden_states
-            out = model(input_ids=ids, use_cache=False, output_hidden_states=keep_hidden)
-            student = F.log_softmax(out.logits.float(), -1).flatten(0, 1)
+                teacher = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1).flatten(0, 1)
+            student = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1).flatten(0, 1)
             kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
-            loss = kl
-            if keep_hidden:
-                hidden = hidden_error(out.hidden_states, teacher_hidden)
-                loss = kl + hidden_weight * hidden
-                hidden_history.append(hidden.item())
             opt.zero_grad(set_to_none=True)
-            loss.backward()
+            kl.backward()
             opt.step()
             history.append(kl.item())
     finally:
@@ -140,12 +122,8 @@ def kl_tune_(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, ran
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
         for name, p in model.named_parameters():
             p.requires_grad_(grad_before.get(name, True))
-    result = {"steps": steps, "rank": rank, "lr": lr, "windows": int(windows.shape[0]),
-              "kl_first": history[0], "kl_last": sum(history[-10:]) / len(history[-10:])}
-    if keep_hidden:
-        result.update(hidden_weight=hidden_weight, hidden_first=hidden_history[0],
-                      hidden_last=sum(hidden_history[-10:]) / len(hidden_history[-10:]))
-    return result
+    return {"steps": steps, "rank": rank, "lr": lr, "windows": int(windows.shape[0]),
+            "kl_first": history[0], "kl_last": sum(history[-10:]) / len(history[-10:])}
 
 
 @register(RSparseKlConfig)
@@ -156,6 +134,5 @@ def apply_rsparse_kl(model, specs, config: RSparseKlConfig, calibration) -> dict
         check_update_fits(weights, config.kl_rank, free_bytes(device), device)
     recipe = apply_rsparse(model, specs, config, calibration[: config.statistics_windows])
     steps = config.kl_steps if config.sparsity > 0 else 0
-    recipe["kl_tune"] = kl_tune_(model, calibration, steps, config.kl_lr, config.kl_rank, f"{config.method}: KL tune",
-                                 config.kl_hidden)
+    recipe["kl_tune"] = kl_tune_(model, calibration, steps, config.kl_lr, config.kl_rank, f"{config.method}: KL tune")
     return recipe
