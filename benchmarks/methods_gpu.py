@@ -4,7 +4,7 @@ dense vs sparse in one engine (issue 23).
     PYTHONPATH=src python3 benchmarks/methods_gpu.py --out $OUT [--shape llama3-8b] [--dtype bf16]
         [--runs teal:0.5,larosa:0.5,rsparse:0.5,cats:0.9:act=relu,teal:0.5@mistral-7b] [--budget-s 540] [--tokens 128]
         [--dense-from EARLIER/methods_gpu.json] [--tune-candidates 10] [--tune-budget-s S] [--log-tuning]
-        [--tuning-cache EARLIER/tuning.json]
+        [--tuning-cache EARLIER/tuning.json] [--sparsify-only]
 
 Random weights of the shape (no weights reach a lent GPU), calibrated on random tokens through
 `actsparse.sparsify_` with each method's default config, then `DecodeEngine` dense and sparse
@@ -20,6 +20,8 @@ factors counted). A table is printed last, then one JSON line; OUT/methods_gpu.j
 Every kernel choice made so far is written to OUT/tuning.json after each run; `--tuning-cache`
 gives such a file of an earlier call on the same GPU model (tuning a kernel alone costs up to
 ~80 s a problem at 8B), whose choices are then taken untimed.
+`--sparsify-only` times each run's `sparsify_` and measures its sparsity without decoding (the
+calibration-heavy options at 8B: greedy allocation, search, the KL tune).
 `--device cpu --shape smollm2-135m --tokens 16` runs the same code on the CPU (tests).
 """
 from __future__ import annotations
@@ -102,9 +104,7 @@ def dense_speed(shape: str, overrides: dict, dtype, device, args) -> float:
     if steps:
         print(f"dense {shape} step profile: {json.dumps(steps)}", file=sys.stderr, flush=True)
     del model
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free_memory(device)
     return result.tokens_per_s
 
 
@@ -129,10 +129,9 @@ def one_run(dtype, device, text: str, dense: dict, args) -> dict:
     method, sparsity, fields, shape, overrides = parse_run(text, args.shape)
     config = make_config(method, sparsity=sparsity, **fields)
     key = (shape, tuple(sorted(overrides.items())))
-    if key not in dense:
+    if key not in dense and not args.sparsify_only:
         dense[key] = (dense_speed(shape, overrides, dtype, device, args), "measured")
         print(f"dense {shape} {overrides or ''}: {dense[key][0]:.1f} tok/s", file=sys.stderr, flush=True)
-    dense_tok_s, dense_source = dense[key]
     model = random_model(shape, dtype, device, seed=SEED, **overrides)
     calib = random_calibration(model)
     if device.type == "cuda":
@@ -148,14 +147,19 @@ def one_run(dtype, device, text: str, dense: dict, args) -> dict:
     linear, head = read_bytes(model)
     rotation = rotation_reads(model)
     ideal = ideal_speedup(linear / (linear + head), measured, rotation)
+    result = {"run": text, "shape": shape, "model_overrides": overrides, "method": method, "target": sparsity, "options": fields,
+              "measured_sparsity": measured, "rotation_reads": rotation, "sparsify_s": seconds, "peak_gb": peak_gb(device),
+              "ideal": ideal}
+    if args.sparsify_only:
+        del model
+        free_memory(device)
+        return result
+    dense_tok_s, dense_source = dense[key]
     use_kernels(model)
     with tuning.recording() as tuned_keys:
         sparse, steps, tuning_info = decode(model, device, args)
-    result = {"run": text, "shape": shape, "model_overrides": overrides, "method": method, "target": sparsity, "options": fields, "measured_sparsity": measured,
-              "rotation_reads": rotation, "sparsify_s": seconds, "peak_gb": peak_gb(device),
-              "dense_tok_s": dense_tok_s, "sparse_tok_s": sparse.tokens_per_s,
-              "speedup": sparse.tokens_per_s / dense_tok_s, "ideal": ideal,
-              "dense_source": dense_source, **tuning_info}
+    result.update(dense_tok_s=dense_tok_s, sparse_tok_s=sparse.tokens_per_s, speedup=sparse.tokens_per_s / dense_tok_s,
+                  dense_source=dense_source, **tuning_info)
     result["fraction_of_ideal"] = result["speedup"] / ideal
     if steps:
         result["step_profile"] = steps
@@ -165,10 +169,14 @@ def one_run(dtype, device, text: str, dense: dict, args) -> dict:
     if selections:  # each top-K selection's candidates, timed alone (LaRoSA, selection="topk")
         result["topk_timings"] = selections
     del model
+    free_memory(device)
+    return result
+
+
+def free_memory(device: torch.device) -> None:
     gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return result
 
 
 def table(rows: list[dict]) -> str:
@@ -177,6 +185,10 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['run']} | error: {r['error']} |" + " |" * 7)
+            continue
+        if "speedup" not in r:  # --sparsify-only
+            lines.append(f"| {r['run']} | {r['measured_sparsity']:.3f} | - | - | - | {r['ideal']:.2f}x | - | "
+                         f"{r['sparsify_s']:.1f} | {r['peak_gb']:.1f} |")
             continue
         lines.append(f"| {r['run']} | {r['measured_sparsity']:.3f} | {r['dense_tok_s']:.1f} | {r['sparse_tok_s']:.1f} | "
                      f"{r['speedup']:.2f}x | {r['ideal']:.2f}x | {r['fraction_of_ideal']:.0%} | {r['sparsify_s']:.1f} | "
@@ -206,6 +218,8 @@ def main() -> int:
     p.add_argument("--dense-from", metavar="JSON", help="take the dense tok/s of each shape from an earlier "
                    "methods_gpu.json of the same GPU and dtype instead of timing it (~170 s a shape on the H200); "
                    "every row then names that file as its dense source")
+    p.add_argument("--sparsify-only", action="store_true",
+                   help="time each run's sparsify_ (and measure its sparsity) without decoding: no dense figure, no kernels")
     args = p.parse_args()
     if args.tune_budget_s is not None and not args.tune_budget_s >= 0:
         raise SystemExit(f"--tune-budget-s must be a number of seconds >= 0, got {args.tune_budget_s}")

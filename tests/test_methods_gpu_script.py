@@ -43,3 +43,17 @@ def test_a_run_then_one_with_its_dense_figure(tmp_path):
 def test_a_tuning_cache_is_refused_on_the_cpu(tmp_path):
     refused = run("--out", str(tmp_path / "a"), "--runs", "teal:0.5", "--tuning-cache", str(tmp_path / "t.json"))
     assert refused.returncode != 0 and "--tuning-cache: only CUDA runs tune their kernels" in refused.stderr
+
+
+def test_sparsify_only_times_the_method_without_decoding(tmp_path):
+    greedy = "teal:0.5:allocation=greedy:greedy_tokens=32:greedy_step=0.25"
+    done = run("--out", str(tmp_path / "a"), "--runs", f"{greedy},wina:0.4", "--sparsify-only")
+    assert done.returncode == 0, done.stderr[-2000:]
+    rows = json.loads((tmp_path / "a" / "methods_gpu.json").read_text())["runs"]
+    assert [r["method"] for r in rows] == ["teal", "wina"]
+    for row, target in zip(rows, (0.5, 0.4)):
+        assert abs(row["measured_sparsity"] - target) < 0.05 and row["sparsify_s"] > 0 and row["ideal"] > 1
+        assert "speedup" not in row and "dense_tok_s" not in row
+    assert "dense smollm2-135m" not in done.stderr
+    line = next(line for line in done.stdout.splitlines() if line.startswith(f"| {greedy} |"))
+    assert line.split(" | ")[2:5] == ["-", "-", "-"] and line.split(" | ")[6] == "-"
