@@ -44,6 +44,16 @@ def test_the_tune_brings_the_sparse_model_closer_to_dense(arch, rank):
             assert not torch.equal(a.weight, b.weight), name
 
 
+
+def test_the_tune_under_bf16_autocast_brings_the_fp32_model_closer_to_dense():
+    dense = tiny_model("llama")
+    untuned = _sparsify(actsparse.make_config("rsparse-kl", sparsity=0.5, kl_steps=0, **FAST))
+    tuned = _sparsify(actsparse.make_config("rsparse-kl", sparsity=0.5, kl_steps=40, kl_lr=3e-4, kl_autocast=True, **FAST))
+    assert tuned.actsparse_recipe["kl_tune"]["autocast"] is True
+    assert all(p.dtype == torch.float32 for p in tuned.parameters())
+    calibration = random_tokens(16, 32, seed=1)
+    assert _kl(dense, tuned, calibration) < 0.8 * _kl(dense, untuned, calibration)
+
 def test_no_steps_is_rsparse_on_the_statistics_windows_with_the_same_options():
     fields = dict(sparsity=0.5, **FAST, score="magnitude", search_over="alpha+sparsity", greedy_step=0.1, greedy_tokens=512)
     kl = _sparsify(actsparse.make_config("rsparse-kl", kl_steps=0, statistics_windows=4, **fields))
@@ -76,13 +86,14 @@ def test_defaults_are_the_searched_recipe():
     config = actsparse.make_config("rsparse-kl", sparsity=0.4)
     assert isinstance(config, actsparse.RSparseConfig)
     assert (config.allocation, config.search_over, config.score, config.alpha) == ("greedy+search", "alpha+sparsity", "magnitude", 1.0)
-    assert (config.kl_steps, config.kl_rank, config.kl_lr, config.statistics_windows) == (150, 0, 1e-5, 16)
+    assert (config.kl_steps, config.kl_rank, config.kl_lr, config.statistics_windows, config.kl_autocast) == (200, 0, 1e-5, 16, True)
 
 
 @pytest.mark.parametrize("field,value,message", [
     ("kl_steps", -1, "kl_steps must be an integer >= 0"), ("kl_rank", 1.5, "kl_rank must be an integer"),
     ("kl_lr", 0.0, r"kl_lr must be in \(0, 1\)"), ("kl_lr", "fast", r"kl_lr"),
     ("statistics_windows", 0, "statistics_windows must be an integer >= 1"),
+    ("kl_autocast", "yes", r"kl_autocast must be a boolean \(true/false\)"),
 ])
 def test_bad_options_are_named(field, value, message):
     with pytest.raises(ActSparseError, match=message):

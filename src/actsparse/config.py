@@ -419,7 +419,7 @@ class RSparseKlConfig(RSparseConfig):
 
     statistics_windows: the R-Sparse part (thresholds, greedy allocation, search) calibrates on
               the first this many calibration windows; the tune takes all of them (its cost grows
-              with its steps, not with the windows), so `--calib-samples 150` gives it fresh text
+              with its steps, not with the windows), so `--calib-samples 200` gives it fresh text
               every step while the statistics passes stay short.
     kl_steps: Adam steps minimising KL(dense || sparse) over the calibration windows, one window a
               step (cycled when there are fewer windows than steps); 0: R-Sparse alone. The dense
@@ -430,6 +430,9 @@ class RSparseKlConfig(RSparseConfig):
               bytes a weight, refused before any work where it cannot fit); r > 0 tunes a rank-r
               update ``W + B A`` of each (what fits a 7-8B model on one GPU). The update is folded
               into the weights at the end, so the saved model is an ordinary R-Sparse model.
+    kl_autocast: run the tune's forwards and backward under bf16 autocast (the update and Adam's
+              state stay fp32): on the 2 CPU cores (AVX-512 BF16) a step costs ~0.6x as long, so
+              200 steps take less time than 150 in fp32 did (BENCHMARKS.md); false: fp32.
     """
 
     method: ClassVar[str] = "rsparse-kl"
@@ -441,9 +444,10 @@ class RSparseKlConfig(RSparseConfig):
     greedy_step: float = 0.1
     greedy_tokens: int = 512
     statistics_windows: int = 16
-    kl_steps: int = 150
+    kl_steps: int = 200
     kl_lr: float = 1e-5
     kl_rank: int = 0
+    kl_autocast: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()

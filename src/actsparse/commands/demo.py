@@ -40,7 +40,7 @@ def run(args) -> int:
     methods = training_free_methods()
     left_out = sorted(name for name, cls in CONFIGS.items() if cls.tunes_weights)
     if left_out:
-        log(f"left out: {', '.join(left_out)} (a calibration-time optimisation of the weights, ~14 minutes on 2 cores: "
+        log(f"left out: {', '.join(left_out)} (a calibration-time optimisation of the weights, ~12 minutes on 2 cores: "
             "see README, Methods)")
     rows = run_comparison(model, tokenizer, methods, [args.sparsity], calibration, DEFAULT_EVAL, 512, args.windows, log=log)
     print(f"\nSmolLM2-135M-Instruct, every method at {args.sparsity:g} (targets: model = weight reads skipped, "

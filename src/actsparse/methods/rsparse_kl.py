@@ -86,9 +86,11 @@ def _teacher(model: nn.Module, updates: list[WeightUpdate]):
             u.enabled = True
 
 
-def kl_tune_(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, rank: int, desc: str) -> dict:
+def kl_tune_(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, rank: int, desc: str,
+             autocast: bool = False) -> dict:
     """Tune the decoder linears' weights of sparsified `model` in place (see the module's
-    docstring) on token windows [n, L], one a step; returns the first and last steps' KL."""
+    docstring) on token windows [n, L], one a step, the forwards under bf16 autocast if asked;
+    returns the first and last steps' KL."""
     linears = [m for m in model.modules() if isinstance(m, SparseLinear)]
     if not steps or not linears:
         return {"steps": 0}
@@ -108,9 +110,10 @@ def kl_tune_(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, ran
     try:
         for step in tqdm(range(steps), desc=desc, unit="step", leave=False):
             ids = windows[step % windows.shape[0]][None].to(device)
-            with _teacher(model, updates):
-                teacher = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1).flatten(0, 1)
-            student = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1).flatten(0, 1)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
+                with _teacher(model, updates):
+                    teacher = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1).flatten(0, 1)
+                student = F.log_softmax(model(input_ids=ids, use_cache=False).logits.float(), -1).flatten(0, 1)
             kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
             opt.zero_grad(set_to_none=True)
             kl.backward()
@@ -122,7 +125,7 @@ def kl_tune_(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, ran
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
         for name, p in model.named_parameters():
             p.requires_grad_(grad_before.get(name, True))
-    return {"steps": steps, "rank": rank, "lr": lr, "windows": int(windows.shape[0]),
+    return {"steps": steps, "rank": rank, "lr": lr, "windows": int(windows.shape[0]), "autocast": autocast,
             "kl_first": history[0], "kl_last": sum(history[-10:]) / len(history[-10:])}
 
 
@@ -134,5 +137,6 @@ def apply_rsparse_kl(model, specs, config: RSparseKlConfig, calibration) -> dict
         check_update_fits(weights, config.kl_rank, free_bytes(device), device)
     recipe = apply_rsparse(model, specs, config, calibration[: config.statistics_windows])
     steps = config.kl_steps if config.sparsity > 0 else 0
-    recipe["kl_tune"] = kl_tune_(model, calibration, steps, config.kl_lr, config.kl_rank, f"{config.method}: KL tune")
+    recipe["kl_tune"] = kl_tune_(model, calibration, steps, config.kl_lr, config.kl_rank, f"{config.method}: KL tune",
+                                 config.kl_autocast)
     return recipe
