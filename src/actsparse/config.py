@@ -431,7 +431,7 @@ class RSparseKlConfig(RSparseConfig):
               update ``W + B A`` of each (what fits a 7-8B model on one GPU). The update is folded
               into the weights at the end, so the saved model is an ordinary R-Sparse model.
     kl_autocast: run the tune's forwards and backward under bf16 autocast (the update and Adam's
-              state stay fp32): on the 2 CPU cores (AVX-512 BF16) a step costs ~0.6x as long, so
+              state stay fp32): on the 2 CPU cores (AVX-512 BF16) a step costs ~0.65x as long, so
               200 steps take less time than 150 in fp32 did (BENCHMARKS.md); false: fp32.
     """
 

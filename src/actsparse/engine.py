@@ -120,11 +120,11 @@ class DecodeEngine:
         self.max_len = max_len
         self.batch_size = batch_size
         window = sliding_window(model.config)
-        if window is not None and max_len > window and self.compile:
+        if window is not None and max_len > window and (self.compile or self.cuda_graph):
             raise ActSparseError(
                 f"max_len {max_len} is beyond the model's sliding attention window ({window}): transformers' "
-                f"sliding cache layers count positions in Python, which a compiled step would freeze; "
-                f"use max_len <= {window}, or compile=False")
+                f"sliding cache layers count positions in Python, which a compiled step or a captured graph "
+                f"would freeze; use max_len <= {window}, or compile=False and cuda_graph=False")
         self.cache = StaticCache(config=cache_config(model.config, max_len), max_cache_len=max_len)
         self._token = torch.zeros(batch_size, 1, dtype=torch.long, device=self.device)
         self._pos = torch.zeros(1, dtype=torch.long, device=self.device)
