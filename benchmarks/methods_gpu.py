@@ -92,7 +92,7 @@ def decode(model, device, args):
                           tune_budget_s=args.tune_budget_s, text=text)
     tuning_info = {"tuned_in_step": len(engine.tuning_report), "untuned": engine.untuned,
                    "tune_and_time_s": time.perf_counter() - start}
-    steps = step_profile(engine, prompt, top=12) if args.profile and device.type == "cuda" else None
+    steps = step_profile(engine, prompt, top=30) if args.profile and device.type == "cuda" else None
     return result, steps, tuning_info
 
 
