@@ -123,13 +123,16 @@ def test_rotated_and_unrotated_linears_take_the_coefficients_at_the_model_budget
 
 
 @pytest.mark.parametrize("head_rotation", [False, True])
-def test_unrotated_inputs_can_take_thresholds_while_rotated_ones_keep_top_k(head_rotation):
-    config = asp.LaRoSAConfig(sparsity=0.5, unrotated_selection="threshold", head_rotation=head_rotation)
+@pytest.mark.parametrize("unrotated", ["default", "threshold", "topk"])
+def test_unrotated_inputs_take_thresholds_by_default_while_rotated_ones_keep_top_k(head_rotation, unrotated):
+    fields = {} if unrotated == "default" else {"unrotated_selection": unrotated}
+    config = asp.LaRoSAConfig(sparsity=0.5, head_rotation=head_rotation, **fields)
     model = asp.sparsify_(tiny_model("llama"), config, CALIB)
+    unrotated_mode = "topk" if unrotated == "topk" else "threshold"
     for layer in model.model.layers:
         attn, mlp = layer.self_attn, layer.mlp
         assert [m.mode for m in (attn.q_proj, attn.k_proj, attn.v_proj, mlp.gate_proj, mlp.up_proj)] == ["topk"] * 5
-        assert attn.o_proj.mode == ("topk" if head_rotation else "threshold") and mlp.down_proj.mode == "threshold"
+        assert attn.o_proj.mode == ("topk" if head_rotation else unrotated_mode) and mlp.down_proj.mode == unrotated_mode
     with measure_sparsity(model) as meter, torch.no_grad():
         model(CALIB)
     assert meter.report().model == pytest.approx(0.5, abs=0.02)
@@ -138,7 +141,8 @@ def test_unrotated_inputs_can_take_thresholds_while_rotated_ones_keep_top_k(head
 def test_rotation_beats_plain_top_k_on_correlated_inputs():
     reference = logits(tiny_model("llama"))
     errors = {}
-    for name, config in (("larosa", asp.LaRoSAConfig(sparsity=0.5, rotated_coefficient=1, unrotated_coefficient=1)),
+    for name, config in (("larosa", asp.LaRoSAConfig(sparsity=0.5, rotated_coefficient=1, unrotated_coefficient=1,
+                                                    unrotated_selection="topk")),
                          ("teal", asp.TealConfig(sparsity=0.5, selection="topk"))):
         model = asp.sparsify_(tiny_model("llama"), config, CALIB)
         errors[name] = (logits(model) - reference).pow(2).mean().item()
@@ -251,7 +255,7 @@ def test_residual_rotation_beats_plain_top_k():
     reference = logits(tiny_model("llama"))
     errors = {}
     for name, config in (("residual", asp.LaRoSAConfig(sparsity=0.5, rotation="residual", rotated_coefficient=1,
-                                                       unrotated_coefficient=1)),
+                                                       unrotated_coefficient=1, unrotated_selection="topk")),
                          ("teal", asp.TealConfig(sparsity=0.5, selection="topk"))):
         model = asp.sparsify_(tiny_model("llama"), config, CALIB)
         errors[name] = (logits(model) - reference).pow(2).mean().item()
