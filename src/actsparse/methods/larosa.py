@@ -5,7 +5,8 @@ are rotated by the eigenvectors Q of their damped uncentred fp64 covariance. The
 not simulated: the norm becomes a `RotatedNorm` returning ``h Q`` and Q is folded into q/k/v
 (or qkv) and gate/up (or gate_up), ``W' = W Q``. The PCA basis packs the activation's energy into
 few coordinates, so top-K drops less of it than top-K on the raw activation. o and down read
-unrotated inputs (rotating them would cost a full extra matrix per token) and take more sparsity.
+unrotated inputs (rotating them would cost a full extra matrix per token) and take more sparsity,
+by default through TEAL's calibrated thresholds (`unrotated_selection`), by top-K in the paper.
 
 Cost outside sparsity.model: each rotation reads d^2 weights per token; the recipe reports it as
 `rotation_reads` (a fraction of the dense linear reads).
