@@ -44,7 +44,6 @@ def test_the_tune_brings_the_sparse_model_closer_to_dense(arch, rank):
             assert not torch.equal(a.weight, b.weight), name
 
 
-
 def test_the_tune_under_bf16_autocast_brings_the_fp32_model_closer_to_dense():
     dense = tiny_model("llama")
     untuned = _sparsify(actsparse.make_config("rsparse-kl", sparsity=0.5, kl_steps=0, **FAST))
@@ -53,6 +52,7 @@ def test_the_tune_under_bf16_autocast_brings_the_fp32_model_closer_to_dense():
     assert all(p.dtype == torch.float32 for p in tuned.parameters())
     calibration = random_tokens(16, 32, seed=1)
     assert _kl(dense, tuned, calibration) < 0.8 * _kl(dense, untuned, calibration)
+
 
 def test_no_steps_is_rsparse_on_the_statistics_windows_with_the_same_options():
     fields = dict(sparsity=0.5, **FAST, score="magnitude", search_over="alpha+sparsity", greedy_step=0.1, greedy_tokens=512)
