@@ -12,6 +12,7 @@ from torch import nn
 
 from ..config import MethodConfig
 from ..errors import ActSparseError
+from ..heap import retain_freed_blocks
 from ..models import LayerSpec
 from ..swap import swap_modules
 
@@ -47,7 +48,9 @@ def sparsify_(model: nn.Module, config: MethodConfig, calibration: torch.Tensor 
     specs = swap_modules(model)
     was_training = model.training
     model.eval()
-    recipe = handler(model, specs, config, calibration)
+    on_cpu = all(p.device.type == "cpu" for p in model.parameters())
+    with retain_freed_blocks(on_cpu):
+        recipe = handler(model, specs, config, calibration)
     model.train(was_training)
     model.actsparse_config = config
     model.actsparse_recipe = recipe or {}
