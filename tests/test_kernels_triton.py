@@ -254,28 +254,6 @@ def test_output_sparse_rows_matches_reference(dtype, batch, sparsity):
     assert torch.equal(m == 0, ref == 0) or sparsity == 0.0  # masked rows are exact zeros
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("bias", [False, True])
-def test_dense_linear_is_the_rows_kernel_over_every_row(dtype, batch, bias):
-    """R-Sparse's z = A x: the rows kernel, ungated, against F.linear (rounded once, to x's dtype)."""
-    _skip_interpreter_bf16_dot(dtype, batch)
-    torch.manual_seed(4)
-    x, w = torch.randn(batch, 100).to(dtype), torch.randn(37, 100).to(dtype)
-    b = torch.randn(37).to(dtype) if bias else None
-    y = ops.dense_linear(x, w, b)
-    ref = x.double() @ w.double().T + (b.double() if bias else 0.0)
-    assert y.dtype == dtype and y.shape == (batch, 37)
-    assert _rel(y, ref) < TOL[dtype]
-
-
-def test_dense_linear_names_a_bad_weight():
-    with pytest.raises(ValueError, match=r"weight must be \[out, 100\]"):
-        ops.dense_linear(torch.randn(1, 100), torch.randn(37, 99), None)
-    with pytest.raises(ValueError, match="unit stride"):
-        ops.dense_linear(torch.randn(1, 100), torch.randn(100, 37).T, None)
-
-
 ACTS = {
     "silu": torch.nn.functional.silu,
     "gelu_tanh": lambda g: torch.nn.functional.gelu(g, approximate="tanh"),
@@ -515,32 +493,6 @@ def test_one_token_rsparse_mlp_returns_the_gated_product_with_its_lowrank_terms(
     assert sum(lowrank for lowrank, _ in launches) > 0
     assert sum(act == ("silu",) and lowrank for lowrank, act in launches) == (len(model.model.layers) if shared else 0)
     assert _rel(out, ref.double()) < 1e-5
-
-
-@pytest.mark.parametrize("shared", [False, True], ids=["per-linear", "shared"])
-def test_rsparse_z_products_run_the_dense_linear_op(shared):
-    """Every z = A x of a decode step is an `actsparse::dense_linear` call (on CUDA the rows
-    kernel), none a torch product: each low-rank A read is one of the op's weights."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    model = tiny_model("llama")
-    sparsify_(model, actsparse.RSparseConfig(sparsity=0.5, alpha=0.8, shared_selection=shared), random_tokens(1, 32))
-    use_kernels(model)
-    a_ptrs = {b.data_ptr() for name, b in model.named_buffers() if name.endswith("lowrank_a") and b is not None}
-    through_op, through_torch = set(), set()
-
-    class Products(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            ptrs = {a.data_ptr() for a in args if isinstance(a, torch.Tensor)} & a_ptrs
-            if func is torch.ops.actsparse.dense_linear.default:
-                through_op.update(ptrs)
-            elif func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.linear.default):
-                through_torch.update(ptrs)
-            return func(*args, **(kwargs or {}))
-
-    with torch.no_grad(), Products():
-        model(random_tokens(1, 1, seed=9))
-    assert through_op and not through_torch
 
 
 def test_a_group_member_called_on_another_input_computes_it():

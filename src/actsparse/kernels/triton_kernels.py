@@ -28,10 +28,7 @@ memory access until that kernel is done.
 
 Output-sparse rows (CATS / ProSparse up projection), ``m = a_kept * (x @ Wup[rows].T)``:
   grid over row blocks of the output-major `up` weight; a row whose gate activation is masked is
-  never loaded, and a block with no kept row returns after writing its zeros. Not GATED, the same
-  kernel is a dense GEMV ``x @ W.T (+ bias)`` over every row: R-Sparse's ``z = A x``, a product
-  of a few hundred outputs that cuBLAS runs at the cost of a launch (~6-7 us on the H100), which
-  this one, launched dependent like the sparse kernels, overlaps with the kernel before it.
+  never loaded, and a block with no kept row returns after writing its zeros.
 """
 from __future__ import annotations
 
@@ -334,11 +331,10 @@ def _epilogue(total, first, bias_ptr, y_ptr, cols, col_ok, toks, tok_ok, stride_
 
 @triton.jit
 def output_sparse_rows_kernel(
-    x_ptr, a_ptr, thr_ptr, w_ptr, bias_ptr, m_ptr,
+    x_ptr, a_ptr, thr_ptr, w_ptr, m_ptr,
     B, J, D,
     stride_x, stride_a, stride_w, stride_m,
     IEEE: tl.constexpr, BB: tl.constexpr, BJ: tl.constexpr, BD: tl.constexpr, PDL: tl.constexpr,
-    GATED: tl.constexpr, HAS_BIAS: tl.constexpr,
 ):
     if PDL:
         wait_for_producer()
@@ -347,14 +343,11 @@ def output_sparse_rows_kernel(
     j_ok = js < J
     toks = tl.arange(0, BB)
     tok_ok = toks < B
-    if GATED:
-        t = tl.load(thr_ptr)
-        a = tl.load(a_ptr + toks[:, None] * stride_a + js[None, :], mask=tok_ok[:, None] & j_ok[None, :], other=0.0)
-        keep = (tl.abs(a.to(tl.float32)) > t) & tok_ok[:, None] & j_ok[None, :]
-        a_kept = tl.where(keep, a.to(tl.float32), 0.0)
-        row_on = tl.max(keep.to(tl.int32), axis=0) > 0
-    else:
-        row_on = j_ok
+    t = tl.load(thr_ptr)
+    a = tl.load(a_ptr + toks[:, None] * stride_a + js[None, :], mask=tok_ok[:, None] & j_ok[None, :], other=0.0)
+    keep = (tl.abs(a.to(tl.float32)) > t) & tok_ok[:, None] & j_ok[None, :]
+    a_kept = tl.where(keep, a.to(tl.float32), 0.0)
+    row_on = tl.max(keep.to(tl.int32), axis=0) > 0
     n_on = tl.sum(row_on.to(tl.int32), axis=0)
     if BB == 1:
         acc = tl.zeros([BJ, BD], dtype=tl.float32)
@@ -381,14 +374,9 @@ def output_sparse_rows_kernel(
         u = tl.sum(acc, axis=1)[None, :]
     else:
         u = acc
-    if HAS_BIAS:
-        u += tl.load(bias_ptr + js, mask=j_ok, other=0.0).to(tl.float32)[None, :]
-    if GATED:
-        # Round u and the product as the reference does: u = up(x) in the model dtype, then a * u.
-        u = u.to(m_ptr.dtype.element_ty).to(tl.float32)
-        m = (a_kept * u).to(m_ptr.dtype.element_ty)
-    else:
-        m = u.to(m_ptr.dtype.element_ty)
+    # Round u and the product as the reference does: u = up(x) in the model dtype, then a * u.
+    u = u.to(m_ptr.dtype.element_ty).to(tl.float32)
+    m = (a_kept * u).to(m_ptr.dtype.element_ty)
     tl.store(m_ptr + toks[:, None] * stride_m + js[None, :], m, mask=tok_ok[:, None] & j_ok[None, :])
 
 

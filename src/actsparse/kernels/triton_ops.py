@@ -248,20 +248,16 @@ def _check_resident(per_sm: int, programs: int, device: torch.device) -> None:
 
 
 def launch_output_sparse_rows(
-    x: torch.Tensor, a: torch.Tensor | None, threshold: torch.Tensor | None, weight: torch.Tensor, cfg: RowsConfig,
-    m: torch.Tensor, bias: torch.Tensor | None = None,
+    x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor, weight: torch.Tensor, cfg: RowsConfig, m: torch.Tensor
 ) -> None:
-    """The rows kernel; with `a` None, every row (the dense GEMV ``x @ weight.T + bias``)."""
     batch, d = x.shape
     j = weight.shape[0]
     pdl = dependent_launch(x.device)
-    gated = a is not None
     output_sparse_rows_kernel[(triton.cdiv(j, cfg.bj),)](
-        x, a if gated else x, threshold if gated else x, weight, bias if bias is not None else x, m,
+        x, a, threshold, weight, m,
         batch, j, d,
-        x.stride(0), a.stride(0) if gated else 0, weight.stride(0), m.stride(0),
+        x.stride(0), a.stride(0), weight.stride(0), m.stride(0),
         IEEE=weight.dtype == torch.float32, BB=_block_b(batch, dot=True), BJ=cfg.bj, BD=cfg.bd, PDL=pdl,
-        GATED=gated, HAS_BIAS=bias is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages, launch_pdl=pdl,
     )
 
@@ -373,32 +369,12 @@ def output_sparse_rows(x: torch.Tensor, a: torch.Tensor, threshold: torch.Tensor
     return m
 
 
-def dense_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> torch.Tensor:
-    _check_decode_batch(x, "dense_linear")
-    batch, d = x.shape
-    j = weight.shape[0]
-    if weight.shape[1] != d or weight.stride(-1) != 1:
-        raise ValueError(f"dense_linear: weight must be [out, {d}] with unit stride in its last dimension, "
-                         f"got {tuple(weight.shape)}")
-    y = torch.empty((batch, j), dtype=x.dtype, device=x.device)
-    key = ("dense_rows", j, d, batch, x.dtype, bias is not None)
-    cfg = tuning.choose(
-        key, rows_candidates(batch, x.device), lambda c: launch_output_sparse_rows(x, None, None, weight, c, y, bias), x.device
-    )
-    launch_output_sparse_rows(x, None, None, weight, cfg, y, bias)
-    return y
-
-
 def register(device_type: str = "cuda") -> None:
     """Make these the `device_type` kernels of the `actsparse::` ops."""
     ops.input_sparse_linear.register_kernel(device_type, input_sparse_linear)
     ops.input_sparse_gated.register_kernel(device_type, input_sparse_gated)
     ops.output_sparse_rows.register_kernel(device_type, output_sparse_rows)
     ops.topk_kept.register_kernel(device_type, topk_kept)
-    if device_type == "cuda":
-        # Only R-Sparse's z = A x calls dense_linear on CUDA; on the CPU every dense decode linear
-        # and the LM head call it, and the C++ kernel (or, set aside, the reference) stays theirs.
-        ops.dense_linear.register_kernel(device_type, dense_linear)
 
 
 register()

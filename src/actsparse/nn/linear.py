@@ -343,7 +343,7 @@ class SparseLinear(nn.Module):
 
     def _run(self, x2: torch.Tensor) -> torch.Tensor:
         kept, threshold, scale = self.kernel_input(x2, self.packed_zero)
-        z = dense_forward(x2, self.lowrank_a, None) if self.rank else None
+        z = F.linear(x2, self.lowrank_a) if self.rank else None
         return ops.input_sparse_linear(kept, self.packed_weight_t, threshold, scale, self.bias,
                                        self.lowrank_b if self.rank else None, z, self.target)
 
@@ -355,7 +355,7 @@ class SparseLinear(nn.Module):
 
         def call() -> torch.Tensor:
             kept, threshold, scale = lead.kernel_input(x2, lead.packed_zero)
-            z = dense_forward(x2, lead.packed_lowrank_a, None) if b is not None else None
+            z = F.linear(x2, lead.packed_lowrank_a) if b is not None else None
             return ops.input_sparse_linear(kept, lead.packed_weight_t, threshold, scale, lead.packed_bias, b, z, lead.target)
 
         if not batching.kernel_pays(lead.batch_seconds, tokens, call,

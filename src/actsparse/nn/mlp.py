@@ -21,7 +21,7 @@ from torch import nn
 
 from ..errors import ActSparseError
 from ..kernels import batching, ops
-from .linear import MODES, SparseLinear, dense_forward, same_selection, select_mask
+from .linear import MODES, SparseLinear, same_selection, select_mask
 from .meter import ReadMeter
 from .packing import (activation_name, gate_up_group, interleave_gate_up, pack, pack_lowrank, pack_transposed, pack_zero,
                       split_gate_up)
@@ -229,12 +229,12 @@ class SparseGatedMLP(nn.Module):
         kept, threshold, scale = gate.kernel_input(x2, self.packed_zero)
         bias, b = self.packed_gate_up_bias, self.packed_lowrank_b
         if self._gated_act is not None and x2.shape[0] == 1:
-            z = dense_forward(x2, self.packed_lowrank_a, None) if b is not None else None
+            z = F.linear(x2, self.packed_lowrank_a) if b is not None else None
             return ops.input_sparse_gated(kept, fused, threshold, scale, bias, b, z, self._gate_up_group, self._gated_act,
                                           gate.target)
 
         def call() -> torch.Tensor:
-            z = dense_forward(x2, self.packed_lowrank_a, None) if b is not None else None
+            z = F.linear(x2, self.packed_lowrank_a) if b is not None else None
             return ops.input_sparse_linear(kept, fused, threshold, scale, bias, b, z, gate.target)
 
         if not batching.kernel_pays(self.batch_seconds, x2.shape[0], call,
