@@ -425,9 +425,9 @@ class RSparseKlConfig(RSparseConfig):
               step (cycled when there are fewer windows than steps); 0: R-Sparse alone. The dense
               model is the same model with its sparsity off and the update not applied, so no
               second copy is held.
-    kl_lr:    Adam's learning rate (of 1e-5, 2e-5, 4e-5 and 8e-5 on SmolLM2 at 40%, 4e-5 gave the
-              lowest perplexity on both texts; BENCHMARKS_HISTORY.md). A rank-r update wants a
-              higher one (3e-4 at r = 64 in BENCHMARKS.md's 8B runs).
+    kl_lr:    Adam's learning rate (of 1e-5, 2e-5, 3e-5, 4e-5 and 8e-5 on SmolLM2 at 40%, 4e-5 gave
+              the lowest perplexity on both texts; BENCHMARKS_HISTORY.md). BENCHMARKS.md's rank-64
+              runs at 8B took 3e-4 (one rate tried for that rank, not swept).
     kl_rank:  0 tunes a full update of every decoder linear (fp32, with Adam's two moments: 16
               bytes a weight, refused before any work where it cannot fit); r > 0 tunes a rank-r
               update ``W + B A`` of each (what fits a 7-8B model on one GPU). The update is folded
