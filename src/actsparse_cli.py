@@ -23,6 +23,10 @@ def main() -> int:
         # The outcome is reported: a Ctrl-C during the interpreter's teardown would only turn the
         # exit status into a death by signal.
         signal.signal(signal.SIGINT, signal.SIG_IGN)
+        # A Ctrl-C that `run` caught may still have left the interpreter's mark to die by SIGINT
+        # (it passed through library code run by `exec` on a string, e.g. while a command imported
+        # torch); the interpreter clears that mark whenever it starts to run a string.
+        exec("pass")
 
 
 if __name__ == "__main__":

@@ -433,6 +433,28 @@ def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
         signal.signal(signal.SIGINT, previous)
 
 
+def test_ctrl_c_caught_inside_exec_run_code_still_exits_130(tmp_path):
+    # `python -m` ends with a death by SIGINT when a KeyboardInterrupt passed through code run by
+    # `exec` on a string, even one caught later (as one raised inside torch's imports would be).
+    (tmp_path / "interrupted_cli.py").write_text(textwrap.dedent("""
+        import sys
+        import actsparse.cli
+        import actsparse_cli
+
+        def interrupted_inside_exec():
+            try:
+                exec("raise KeyboardInterrupt")
+            except KeyboardInterrupt:
+                return 130
+
+        actsparse.cli.main = interrupted_inside_exec
+        sys.exit(actsparse_cli.main())
+    """))
+    proc = subprocess.run([sys.executable, "-m", "interrupted_cli"], cwd=tmp_path, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(SRC)}, timeout=120)
+    assert proc.returncode == 130, (proc.returncode, proc.stderr.decode())
+
+
 def test_ctrl_c_while_training_saves_a_checkpoint_that_resumes(world, tmp_path):
     from actsparse.train.checkpoint import find_checkpoint, read_meta
 
