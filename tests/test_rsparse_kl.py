@@ -54,6 +54,16 @@ def test_the_tune_under_bf16_autocast_brings_the_fp32_model_closer_to_dense():
     assert _kl(dense, tuned, calibration) < 0.8 * _kl(dense, untuned, calibration)
 
 
+def test_the_cosine_schedule_decays_the_rate_to_zero_and_still_tunes():
+    dense = tiny_model("llama")
+    untuned = _sparsify(actsparse.make_config("rsparse-kl", sparsity=0.5, kl_steps=0, **FAST))
+    tuned = _sparsify(actsparse.make_config("rsparse-kl", sparsity=0.5, kl_steps=40, kl_lr=6e-4, kl_schedule="cosine", **FAST))
+    recipe = tuned.actsparse_recipe["kl_tune"]
+    assert recipe["schedule"] == "cosine" and recipe["lr_last"] < 0.01 * recipe["lr"]
+    calibration = random_tokens(16, 32, seed=1)
+    assert _kl(dense, tuned, calibration) < 0.8 * _kl(dense, untuned, calibration)
+
+
 def test_no_steps_is_rsparse_on_the_statistics_windows_with_the_same_options():
     fields = dict(sparsity=0.5, **FAST, score="magnitude", search_over="alpha+sparsity", greedy_step=0.1, greedy_tokens=512)
     kl = _sparsify(actsparse.make_config("rsparse-kl", kl_steps=0, statistics_windows=4, **fields))
@@ -94,6 +104,7 @@ def test_defaults_are_the_searched_recipe():
     ("kl_lr", 0.0, r"kl_lr must be in \(0, 1\)"), ("kl_lr", "fast", r"kl_lr"),
     ("statistics_windows", 0, "statistics_windows must be an integer >= 1"),
     ("kl_autocast", "yes", r"kl_autocast must be a boolean \(true/false\)"),
+    ("kl_schedule", "linear", "kl_schedule must be one of constant, cosine, got 'linear'"),
 ])
 def test_bad_options_are_named(field, value, message):
     with pytest.raises(ActSparseError, match=message):

@@ -340,6 +340,7 @@ LAROSA_ALLOCATIONS = ("coefficients", "greedy")
 RSPARSE_SCORES = ("wina", "magnitude")
 LAROSA_ROTATIONS = ("per-layer", "residual")
 RSPARSE_SEARCH_OVER = ("alpha", "alpha+sparsity")
+KL_SCHEDULES = ("constant", "cosine")
 RSPARSE_LOWRANK = ("svd", "dropped")
 
 
@@ -435,6 +436,8 @@ class RSparseKlConfig(RSparseConfig):
     kl_autocast: run the tune's forwards and backward under bf16 autocast (the update and Adam's
               state stay fp32): on the 2 CPU cores (AVX-512 BF16) a step costs ~0.65x as long, so
               200 steps take less time than 150 in fp32 did (BENCHMARKS.md); false: fp32.
+    kl_schedule: "constant" keeps Adam's rate at kl_lr; "cosine" decays it from kl_lr along a
+              half cosine towards zero at the last step.
     """
 
     method: ClassVar[str] = "rsparse-kl"
@@ -450,6 +453,7 @@ class RSparseKlConfig(RSparseConfig):
     kl_lr: float = 4e-5
     kl_rank: int = 0
     kl_autocast: bool = True
+    kl_schedule: str = "constant"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -460,6 +464,7 @@ class RSparseKlConfig(RSparseConfig):
             raise ActSparseError(f"statistics_windows must be an integer >= 1, got {self.statistics_windows!r}")
         if not isinstance(self.kl_lr, (int, float)) or not 0.0 < self.kl_lr < 1.0:
             raise ActSparseError(f"kl_lr must be in (0, 1), got {self.kl_lr!r}")
+        _check_choice("kl_schedule", self.kl_schedule, KL_SCHEDULES)
 
 
 @dataclass(frozen=True)

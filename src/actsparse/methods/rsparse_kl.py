@@ -87,10 +87,11 @@ def _teacher(model: nn.Module, updates: list[WeightUpdate]):
 
 
 def kl_tune_(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, rank: int, desc: str,
-             autocast: bool = False) -> dict:
+             autocast: bool = False, schedule: str = "constant") -> dict:
     """Tune the decoder linears' weights of sparsified `model` in place (see the module's
-    docstring) on token windows [n, L], one a step, the forwards under bf16 autocast if asked;
-    returns the first and last steps' KL."""
+    docstring) on token windows [n, L], one a step, the forwards under bf16 autocast if asked, the
+    rate constant or decayed along a cosine towards zero; returns the first and last
+    steps' KL."""
     linears = [m for m in model.modules() if isinstance(m, SparseLinear)]
     if not steps or not linears:
         return {"steps": 0}
@@ -106,6 +107,7 @@ def kl_tune_(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, ran
         parametrize.register_parametrization(m, "weight", u)
     device = next(model.parameters()).device
     opt = torch.optim.Adam([p for u in updates for p in u.parameters()], lr=lr)
+    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
     history = []
     try:
         for step in tqdm(range(steps), desc=desc, unit="step", leave=False):
@@ -117,7 +119,10 @@ def kl_tune_(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, ran
             kl = F.kl_div(student, teacher, log_target=True, reduction="batchmean")
             opt.zero_grad(set_to_none=True)
             kl.backward()
+            rate = opt.param_groups[0]["lr"]
             opt.step()
+            if decay is not None:
+                decay.step()
             history.append(kl.item())
     finally:
         with torch.no_grad():
@@ -125,8 +130,8 @@ def kl_tune_(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, ran
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
         for name, p in model.named_parameters():
             p.requires_grad_(grad_before.get(name, True))
-    return {"steps": steps, "rank": rank, "lr": lr, "windows": int(windows.shape[0]), "autocast": autocast,
-            "kl_first": history[0], "kl_last": sum(history[-10:]) / len(history[-10:])}
+    return {"steps": steps, "rank": rank, "lr": lr, "schedule": schedule, "lr_last": rate, "windows": int(windows.shape[0]),
+            "autocast": autocast, "kl_first": history[0], "kl_last": sum(history[-10:]) / len(history[-10:])}
 
 
 @register(RSparseKlConfig)
@@ -138,5 +143,5 @@ def apply_rsparse_kl(model, specs, config: RSparseKlConfig, calibration) -> dict
     recipe = apply_rsparse(model, specs, config, calibration[: config.statistics_windows])
     steps = config.kl_steps if config.sparsity > 0 else 0
     recipe["kl_tune"] = kl_tune_(model, calibration, steps, config.kl_lr, config.kl_rank, f"{config.method}: KL tune",
-                                 config.kl_autocast)
+                                 config.kl_autocast, config.kl_schedule)
     return recipe
