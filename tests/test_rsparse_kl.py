@@ -96,7 +96,8 @@ def test_defaults_are_the_searched_recipe():
     config = actsparse.make_config("rsparse-kl", sparsity=0.4)
     assert isinstance(config, actsparse.RSparseConfig)
     assert (config.allocation, config.search_over, config.score, config.alpha) == ("greedy+search", "alpha+sparsity", "magnitude", 1.0)
-    assert (config.kl_steps, config.kl_rank, config.kl_lr, config.statistics_windows, config.kl_autocast) == (200, 0, 4e-5, 16, True)
+    assert (config.kl_steps, config.kl_rank, config.statistics_windows, config.kl_autocast) == (200, 0, 16, True)
+    assert (config.kl_lr, config.kl_schedule) == (1.2e-4, "cosine")
 
 
 @pytest.mark.parametrize("field,value,message", [
