@@ -5,6 +5,7 @@ import torch.nn.functional as F
 
 import actsparse
 from actsparse.errors import ActSparseError
+from actsparse.methods import rsparse_kl
 from actsparse.methods.rsparse_kl import check_update_fits
 from tiny import random_tokens, tiny_model
 
@@ -54,6 +55,26 @@ def test_the_tune_under_bf16_autocast_brings_the_fp32_model_closer_to_dense():
     assert _kl(dense, tuned, calibration) < 0.8 * _kl(dense, untuned, calibration)
 
 
+@pytest.mark.parametrize("native", [True, False])
+def test_unset_autocast_follows_the_device_and_the_recipe_says_which_ran(monkeypatch, native):
+    monkeypatch.setattr(rsparse_kl, "bf16_is_native", lambda device: native)
+    tuned = _sparsify(actsparse.make_config("rsparse-kl", sparsity=0.5, kl_steps=2, **FAST))
+    assert tuned.actsparse_recipe["kl_tune"]["autocast"] is native
+
+
+def test_forced_autocast_where_bf16_is_emulated_warns_and_still_runs(monkeypatch, capsys):
+    monkeypatch.setattr(rsparse_kl, "bf16_is_native", lambda device: False)
+    tuned = _sparsify(actsparse.make_config("rsparse-kl", sparsity=0.5, kl_steps=2, kl_autocast=True, **FAST))
+    assert tuned.actsparse_recipe["kl_tune"]["autocast"] is True
+    assert "kl_autocast=true on cpu, which has no bf16 arithmetic in hardware" in capsys.readouterr().err
+
+
+def test_bf16_is_native_on_the_cpu_follows_its_instructions():
+    expected = torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    assert rsparse_kl.bf16_is_native(torch.device("cpu")) is expected
+    assert rsparse_kl.bf16_is_native(torch.device("meta")) is False
+
+
 def test_the_cosine_schedule_decays_the_rate_to_zero_and_still_tunes():
     dense = tiny_model("llama")
     untuned = _sparsify(actsparse.make_config("rsparse-kl", sparsity=0.5, kl_steps=0, **FAST))
@@ -96,7 +117,7 @@ def test_defaults_are_the_searched_recipe():
     config = actsparse.make_config("rsparse-kl", sparsity=0.4)
     assert isinstance(config, actsparse.RSparseConfig)
     assert (config.allocation, config.search_over, config.score, config.alpha) == ("greedy+search", "alpha+sparsity", "magnitude", 1.0)
-    assert (config.kl_steps, config.kl_rank, config.statistics_windows, config.kl_autocast) == (200, 0, 16, True)
+    assert (config.kl_steps, config.kl_rank, config.statistics_windows, config.kl_autocast) == (200, 0, 16, None)
     assert (config.kl_lr, config.kl_schedule) == (1.2e-4, "cosine")
 
 

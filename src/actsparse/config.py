@@ -434,9 +434,12 @@ class RSparseKlConfig(RSparseConfig):
               bytes a weight, refused before any work where it cannot fit); r > 0 tunes a rank-r
               update ``W + B A`` of each (what fits a 7-8B model on one GPU). The update is folded
               into the weights at the end, so the saved model is an ordinary R-Sparse model.
-    kl_autocast: run the tune's forwards and backward under bf16 autocast (the update and Adam's
-              state stay fp32): on the 2 CPU cores (AVX-512 BF16) a step costs ~0.65x as long, so
-              200 steps take less time than 150 in fp32 did (BENCHMARKS.md); false: fp32.
+    kl_autocast: true runs the tune's forwards and backward under bf16 autocast (the update and
+              Adam's state stay fp32), false in fp32; unset (the default), bf16 where the device
+              multiplies bf16 in hardware (a CUDA GPU with bf16, a CPU with AVX-512 BF16 or AMX:
+              on 2 such cores a step costs ~0.65x fp32's, BENCHMARKS.md) and fp32 elsewhere (on
+              2 AVX2-only cores a bf16 step took 112 s, an fp32 one 7.5 s). The recipe records
+              which ran.
     kl_schedule: "cosine" decays Adam's rate from kl_lr along a half cosine towards zero at the
               last step (a higher start, then small last steps: better on every text than the best
               constant rate, 4e-5); "constant" keeps it at kl_lr.
@@ -454,7 +457,7 @@ class RSparseKlConfig(RSparseConfig):
     kl_steps: int = 200
     kl_lr: float = 1.2e-4
     kl_rank: int = 0
-    kl_autocast: bool = True
+    kl_autocast: bool | None = None
     kl_schedule: str = "cosine"
 
     def __post_init__(self) -> None:

@@ -51,6 +51,29 @@ class WeightUpdate(nn.Module):
         return (weight.float() + update).to(weight.dtype)
 
 
+def bf16_is_native(device: torch.device) -> bool:
+    """Whether `device` multiplies bf16 in hardware; elsewhere autocast emulates it, far slower
+    than fp32 (15x on an AVX2-only CPU)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":  # the checks torch's own CPU code paths use
+        return torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()
+    return False
+
+
+def tune_autocast(asked: bool | None, device: torch.device) -> bool:
+    """`kl_autocast` resolved on `device`: unset, bf16 where it is native; forced on where it is
+    not, a warning that the tune will be slow."""
+    native = bf16_is_native(device)
+    if asked is None:
+        return native
+    if asked and not native:
+        print(f"actsparse: kl_autocast=true on {device}, which has no bf16 arithmetic in hardware: the tune "
+              "emulates bf16 and runs far slower than in fp32 (leave kl_autocast unset to choose by the device)",
+              file=sys.stderr, flush=True)
+    return asked
+
+
 def free_bytes(device: torch.device) -> int | None:
     """Memory free on `device` (None where it cannot be told)."""
     if device.type == "cuda":
@@ -142,6 +165,8 @@ def apply_rsparse_kl(model, specs, config: RSparseKlConfig, calibration) -> dict
         check_update_fits(weights, config.kl_rank, free_bytes(device), device)
     recipe = apply_rsparse(model, specs, config, calibration[: config.statistics_windows])
     steps = config.kl_steps if config.sparsity > 0 else 0
-    recipe["kl_tune"] = kl_tune_(model, calibration, steps, config.kl_lr, config.kl_rank, f"{config.method}: KL tune",
-                                 config.kl_autocast, config.kl_schedule)
+    autocast = tune_autocast(config.kl_autocast, next(model.parameters()).device) if steps else False
+    recipe["kl_tune"] = kl_tune_(model, calibration, steps, config.kl_lr, config.kl_rank,
+                                 f"{config.method}: KL tune ({'bf16 autocast' if autocast else 'fp32'})",
+                                 autocast, config.kl_schedule)
     return recipe
