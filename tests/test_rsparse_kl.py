@@ -85,6 +85,26 @@ def test_the_cosine_schedule_decays_the_rate_to_zero_and_still_tunes():
     assert _kl(dense, tuned, calibration) < 0.8 * _kl(dense, untuned, calibration)
 
 
+def test_the_rate_ramps_over_the_warmup_then_follows_the_schedule():
+    factors = [rsparse_kl.rate_factor(step, 10, "cosine", 4) for step in range(10)]
+    assert factors[:4] == pytest.approx([0.2, 0.4, 0.6, 0.8]) and factors[4] == 1.0
+    assert all(a > b for a, b in zip(factors[4:], factors[5:])) and factors[-1] < 0.1
+    assert [rsparse_kl.rate_factor(step, 10, "constant", 2) for step in range(4)] == pytest.approx([1 / 3, 2 / 3, 1, 1])
+
+
+def test_weight_decay_keeps_the_tuned_weights_nearer_the_methods():
+    untuned = _sparsify(actsparse.make_config("rsparse-kl", sparsity=0.5, kl_steps=0, **FAST))
+
+    def moved(**options):
+        tuned = _sparsify(actsparse.make_config("rsparse-kl", sparsity=0.5, kl_steps=20, kl_lr=3e-3, **FAST, **options))
+        return sum((a - b).norm() ** 2 for a, b in zip(tuned.parameters(), untuned.parameters())) ** 0.5, tuned
+
+    free, _ = moved()
+    decayed, tuned = moved(kl_weight_decay=0.9, kl_warmup=5)
+    assert decayed < 0.9 * free
+    assert (tuned.actsparse_recipe["kl_tune"]["weight_decay"], tuned.actsparse_recipe["kl_tune"]["warmup"]) == (0.9, 5)
+
+
 def test_no_steps_is_rsparse_on_the_statistics_windows_with_the_same_options():
     fields = dict(sparsity=0.5, **FAST, score="magnitude", search_over="alpha+sparsity", greedy_step=0.1, greedy_tokens=512)
     kl = _sparsify(actsparse.make_config("rsparse-kl", kl_steps=0, statistics_windows=4, **fields))
@@ -127,6 +147,8 @@ def test_defaults_are_the_searched_recipe():
     ("statistics_windows", 0, "statistics_windows must be an integer >= 1"),
     ("kl_autocast", "yes", r"kl_autocast must be a boolean \(true/false\)"),
     ("kl_schedule", "linear", "kl_schedule must be one of constant, cosine, got 'linear'"),
+    ("kl_warmup", 200, r"kl_warmup must be below kl_steps \(200\), got 200"), ("kl_warmup", -1, "kl_warmup must be an integer >= 0"),
+    ("kl_weight_decay", 1.0, r"kl_weight_decay must be in \[0, 1\)"),
 ])
 def test_bad_options_are_named(field, value, message):
     with pytest.raises(ActSparseError, match=message):

@@ -443,6 +443,10 @@ class RSparseKlConfig(RSparseConfig):
     kl_schedule: "cosine" decays Adam's rate from kl_lr along a half cosine towards zero at the
               last step (a higher start, then small last steps: better on every text than the best
               constant rate, 4e-5); "constant" keeps it at kl_lr.
+    kl_warmup: the rate rises linearly to kl_lr over this many first steps (then the schedule
+              runs over the rest); 0: it starts at kl_lr.
+    kl_weight_decay: AdamW's decoupled decay of the update towards zero, i.e. of the tuned weights
+              towards the method's; 0: plain Adam.
     """
 
     method: ClassVar[str] = "rsparse-kl"
@@ -459,10 +463,12 @@ class RSparseKlConfig(RSparseConfig):
     kl_rank: int = 0
     kl_autocast: bool | None = None
     kl_schedule: str = "cosine"
+    kl_warmup: int = 0
+    kl_weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        for what in ("kl_steps", "kl_rank"):
+        for what in ("kl_steps", "kl_rank", "kl_warmup"):
             if not isinstance(getattr(self, what), int) or getattr(self, what) < 0:
                 raise ActSparseError(f"{what} must be an integer >= 0, got {getattr(self, what)!r}")
         if not isinstance(self.statistics_windows, int) or self.statistics_windows < 1:
@@ -470,6 +476,10 @@ class RSparseKlConfig(RSparseConfig):
         if not isinstance(self.kl_lr, (int, float)) or not 0.0 < self.kl_lr < 1.0:
             raise ActSparseError(f"kl_lr must be in (0, 1), got {self.kl_lr!r}")
         _check_choice("kl_schedule", self.kl_schedule, KL_SCHEDULES)
+        if self.kl_steps and self.kl_warmup >= self.kl_steps:
+            raise ActSparseError(f"kl_warmup must be below kl_steps ({self.kl_steps}), got {self.kl_warmup}")
+        if not isinstance(self.kl_weight_decay, (int, float)) or not 0.0 <= self.kl_weight_decay < 1.0:
+            raise ActSparseError(f"kl_weight_decay must be in [0, 1), got {self.kl_weight_decay!r}")
 
 
 @dataclass(frozen=True)

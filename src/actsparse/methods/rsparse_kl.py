@@ -9,6 +9,7 @@ no second copy of the model is held. The update (a full fp32 delta, or a rank-r 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import sys
 
@@ -109,12 +110,22 @@ def _teacher(model: nn.Module, updates: list[WeightUpdate]):
             u.enabled = True
 
 
+def rate_factor(step: int, steps: int, schedule: str, warmup: int) -> float:
+    """The share of the peak rate at `step`: a linear ramp over the first `warmup` steps, then
+    constant or a half cosine reaching zero after the last step."""
+    if step < warmup:
+        return (step + 1) / (warmup + 1)
+    if schedule == "constant":
+        return 1.0
+    return 0.5 * (1.0 + math.cos(math.pi * (step - warmup) / (steps - warmup)))
+
+
 def kl_tune_(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, rank: int, desc: str,
-             autocast: bool = False, schedule: str = "constant") -> dict:
+             autocast: bool = False, schedule: str = "constant", warmup: int = 0, weight_decay: float = 0.0) -> dict:
     """Tune the decoder linears' weights of sparsified `model` in place (see the module's
     docstring) on token windows [n, L], one a step, the forwards under bf16 autocast if asked, the
-    rate constant or decayed along a cosine towards zero; returns the first and last
-    steps' KL."""
+    rate by `rate_factor`, the update decayed towards zero (the method's weights) by AdamW's
+    `weight_decay`; returns the first and last steps' KL."""
     linears = [m for m in model.modules() if isinstance(m, SparseLinear)]
     if not steps or not linears:
         return {"steps": 0}
@@ -129,8 +140,8 @@ def kl_tune_(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, ran
     for m, u in zip(linears, updates):
         parametrize.register_parametrization(m, "weight", u)
     device = next(model.parameters()).device
-    opt = torch.optim.Adam([p for u in updates for p in u.parameters()], lr=lr)
-    decay = torch.optim.lr_scheduler.CosineAnnealingLR(opt, steps) if schedule == "cosine" else None
+    opt = torch.optim.AdamW([p for u in updates for p in u.parameters()], lr=lr, weight_decay=weight_decay)
+    rates = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: rate_factor(step, steps, schedule, warmup))
     history = []
     try:
         for step in tqdm(range(steps), desc=desc, unit="step", leave=False):
@@ -144,8 +155,7 @@ def kl_tune_(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, ran
             kl.backward()
             rate = opt.param_groups[0]["lr"]
             opt.step()
-            if decay is not None:
-                decay.step()
+            rates.step()
             history.append(kl.item())
     finally:
         with torch.no_grad():
@@ -153,7 +163,8 @@ def kl_tune_(model: nn.Module, windows: torch.Tensor, steps: int, lr: float, ran
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
         for name, p in model.named_parameters():
             p.requires_grad_(grad_before.get(name, True))
-    return {"steps": steps, "rank": rank, "lr": lr, "schedule": schedule, "lr_last": rate, "windows": int(windows.shape[0]),
+    return {"steps": steps, "rank": rank, "lr": lr, "schedule": schedule, "warmup": warmup, "weight_decay": weight_decay,
+            "lr_last": rate, "windows": int(windows.shape[0]),
             "autocast": autocast, "kl_first": history[0], "kl_last": sum(history[-10:]) / len(history[-10:])}
 
 
@@ -168,5 +179,5 @@ def apply_rsparse_kl(model, specs, config: RSparseKlConfig, calibration) -> dict
     autocast = tune_autocast(config.kl_autocast, next(model.parameters()).device) if steps else False
     recipe["kl_tune"] = kl_tune_(model, calibration, steps, config.kl_lr, config.kl_rank,
                                  f"{config.method}: KL tune ({'bf16 autocast' if autocast else 'fp32'})",
-                                 autocast, config.kl_schedule)
+                                 autocast, config.kl_schedule, config.kl_warmup, config.kl_weight_decay)
     return recipe
