@@ -446,7 +446,8 @@ class RSparseKlConfig(RSparseConfig):
     kl_warmup: the rate rises linearly to kl_lr over this many first steps (then the schedule
               runs over the rest); 0: it starts at kl_lr.
     kl_weight_decay: AdamW's decoupled decay of the update towards zero, i.e. of the tuned weights
-              towards the method's; 0: plain Adam.
+              towards the method's (each step shrinks the update by rate x decay, so it acts at
+              values near 1 / (kl_lr x kl_steps)); 0: plain Adam.
     """
 
     method: ClassVar[str] = "rsparse-kl"
@@ -478,8 +479,8 @@ class RSparseKlConfig(RSparseConfig):
         _check_choice("kl_schedule", self.kl_schedule, KL_SCHEDULES)
         if self.kl_steps and self.kl_warmup >= self.kl_steps:
             raise ActSparseError(f"kl_warmup must be below kl_steps ({self.kl_steps}), got {self.kl_warmup}")
-        if not isinstance(self.kl_weight_decay, (int, float)) or not 0.0 <= self.kl_weight_decay < 1.0:
-            raise ActSparseError(f"kl_weight_decay must be in [0, 1), got {self.kl_weight_decay!r}")
+        if not isinstance(self.kl_weight_decay, (int, float)) or not self.kl_weight_decay >= 0.0:
+            raise ActSparseError(f"kl_weight_decay must be a number >= 0, got {self.kl_weight_decay!r}")
 
 
 @dataclass(frozen=True)
