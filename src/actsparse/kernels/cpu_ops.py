@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from ..cache import cache_root, is_private
 from ..errors import ActSparseError
 HERE = Path(__file__).parent
 SOURCES = (HERE / "cpu_kernels.cpp", HERE / "cpu_torch_ops.cpp")
@@ -50,8 +51,7 @@ ISA_NAMES = ("scalar", "avx2", "avx512")
 
 
 def cache_dir() -> Path:
-    root = os.environ.get("ACTSPARSE_CACHE") or Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "actsparse"
-    return Path(root) / "cpu-kernels"
+    return cache_root() / "cpu-kernels"
 
 
 def _cpu_signature() -> str:
@@ -84,18 +84,12 @@ def library_path(compiler: str) -> Path:
     return cache_dir() / digest.hexdigest()[:16] / "libactsparse_cpu.so"
 
 
-def _private(path: Path) -> bool:
-    """Owned by this user and writable by nobody else."""
-    info = path.stat()
-    return info.st_uid == os.getuid() and not info.st_mode & 0o022
-
-
 def private_dir(path: Path) -> None:
     """Create `path` and the cache folders above it 0700; refuse one someone else owns or can
     write to."""
     for folder in (cache_dir().parent, cache_dir(), path):
         folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-        if not _private(folder):
+        if not is_private(folder):
             raise ActSparseError(
                 f"the cpu kernel cache {folder} is not private (it must be owned by you and not writable by "
                 f"group or others): fix its permissions, or set ACTSPARSE_CACHE to a folder of your own"
@@ -106,7 +100,7 @@ def trusted_library(path: Path) -> bool:
     """Whether `path` is a library this user built: a planted or loosened one is removed."""
     if not path.exists():
         return False
-    if _private(path):
+    if is_private(path):
         return True
     path.unlink()
     return False
