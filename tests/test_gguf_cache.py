@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import threading
+import time
 
 import pytest
 import torch
+
+from filelock import FileLock
 
 from actsparse import gguf_cache
 from actsparse.loading import default_model_path, load_model, load_tokenizer
@@ -23,7 +27,7 @@ def cache(tmp_path, monkeypatch):
 @pytest.fixture()
 def fake_gguf(tmp_path):
     path = tmp_path / "m.gguf"
-    path.write_bytes(b"GGUF" + bytes(64))
+    path.write_bytes(b"GGUF" + (3).to_bytes(4, "little") + bytes(60))  # a header `check_gguf` accepts, no body
     return path
 
 
@@ -37,7 +41,7 @@ def test_a_stored_copy_is_found_by_the_files_bytes(cache, fake_gguf):
     found = gguf_cache.slot(fake_gguf)
     assert gguf_cache.ready(found) and found.parent == cache and (found / "config.json").is_file()
     assert [p.name for p in cache.iterdir()] == [found.name]  # no temporary folder left
-    fake_gguf.write_bytes(b"GGUF" + bytes(65))
+    fake_gguf.write_bytes(fake_gguf.read_bytes() + bytes(1))
     assert gguf_cache.slot(fake_gguf) != found and not gguf_cache.ready(gguf_cache.slot(fake_gguf))
 
 
@@ -83,6 +87,27 @@ def test_a_file_larger_than_any_kept_copy_is_not_hashed(cache, fake_gguf, monkey
     monkeypatch.setattr(gguf_cache, "MAX_BYTES", fake_gguf.stat().st_size - 1)
     monkeypatch.setattr(gguf_cache.hashlib, "sha256", None)  # would fail if called
     assert gguf_cache.slot(fake_gguf) is None
+
+
+def test_a_load_while_another_process_converts_waits_for_its_copy(cache, fake_gguf, capsys):
+    """The test holds the conversion's lock as another process would; the load waits, then reads the
+    copy stored meanwhile (converting this fake GGUF itself would fail)."""
+    slot = gguf_cache.slot(fake_gguf)
+    slot.parent.mkdir(mode=0o700)
+    loaded = {}
+    with FileLock(f"{slot}.lock"):
+        loader = threading.Thread(target=lambda: loaded.update(model=load_model(fake_gguf)[0]))
+        loader.start()
+        said, deadline = "", time.monotonic() + 60
+        while "waiting for another process converting m.gguf" not in said and time.monotonic() < deadline:
+            time.sleep(0.05)
+            said += capsys.readouterr().err
+        assert "waiting for another process converting m.gguf" in said
+        assert loader.is_alive()
+        keep(fake_gguf)
+    loader.join(60)
+    reference = tiny_model("llama")
+    assert all(torch.equal(p, dict(reference.named_parameters())[name]) for name, p in loaded["model"].named_parameters())
 
 
 @pytest.mark.slow

@@ -7,10 +7,13 @@ The first fp32 load stores what it made as a Hugging Face model directory (confi
 weights, tokenizer) in ``$ACTSPARSE_GGUF_CACHE`` (default ``cache_root()/gguf``), named by a hash
 of the file's bytes and the transformers version; later loads, in any dtype, read that directory.
 Copies over `MAX_BYTES` are not kept (an 8B GGUF would take 32 GB in fp32), and a file that is
-itself larger is not even hashed. ``ACTSPARSE_GGUF_CACHE=off`` turns the cache off.
+itself larger is not even hashed. ``ACTSPARSE_GGUF_CACHE=off`` turns the cache off. Processes
+that load the same file at once (the ranks of a torchrun job, test workers) convert it once: the
+others wait for its copy (`converting`).
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import shutil
@@ -19,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 import torch
+from filelock import FileLock, Timeout
 
 from .cache import cache_root, is_private
 
@@ -61,6 +65,30 @@ def ready(path: Path | None) -> bool:
               file=sys.stderr, flush=True)
         return False
     return True
+
+
+@contextlib.contextmanager
+def converting(path: Path | None, name: str):
+    """Held by the one process that converts the GGUF file `name` for the slot `path` (None: no
+    lock); another process that loads the same file meanwhile waits here, then finds the copy."""
+    if path is None:
+        yield
+        return
+    lock = FileLock(f"{path}.lock")
+    try:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            print(f"actsparse: waiting for another process converting {name} into {path}", file=sys.stderr, flush=True)
+            lock.acquire()
+    except OSError:  # no folder to lock in: `store` says why when it cannot keep the copy either
+        yield
+        return
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 def store(path: Path | None, model: torch.nn.Module, tokenizer, name: str) -> None:

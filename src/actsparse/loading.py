@@ -41,8 +41,6 @@ def default_model_path() -> Path:
 
 def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer) in eval mode. An actsparse output directory comes back sparsified."""
-    from transformers import AutoModelForCausalLM
-
     path = default_model_path() if source is None else Path(source)
     if is_actsparse_dir(path):
         from .io import load
@@ -52,6 +50,18 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
     copy = _gguf_slot(path, kwargs)
     if gguf_cache.ready(copy):
         return load_model(copy, dtype, device)
+    if dtype != torch.float32:  # not kept: only fp32 conversions are stored
+        return _convert(source, path, where, kwargs, dtype, device, None)
+    with gguf_cache.converting(copy, path.name):
+        if gguf_cache.ready(copy):  # converted by another process meanwhile
+            return load_model(copy, dtype, device)
+        return _convert(source, path, where, kwargs, dtype, device, copy)
+
+
+def _convert(source, path: Path, where: str, kwargs: dict, dtype: torch.dtype, device: str, copy: Path | None):
+    """Load what `_locate` found with transformers, then keep a GGUF's fp32 conversion in `copy`."""
+    from transformers import AutoModelForCausalLM
+
     tokenizer = _tokenizer(source, path, where, kwargs)
     model_kwargs = _gguf_dense() if "gguf_file" in kwargs else {}
     try:
@@ -62,8 +72,7 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
         raise ActSparseError(f"could not load model {source}: {str(e).strip().splitlines()[0]}") from None
     except (OSError, RuntimeError, TypeError) as e:
         raise ActSparseError(f"could not load model {source}: {str(e).strip().splitlines()[0]}") from None
-    if dtype == torch.float32:
-        gguf_cache.store(copy, model, tokenizer, path.name)
+    gguf_cache.store(copy, model, tokenizer, path.name)
     return model.to(device).eval(), tokenizer
 
 
