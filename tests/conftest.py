@@ -4,16 +4,31 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from tiny import saved_tiny_llama
 
 
+def pytest_configure(config):
+    """Under pytest-xdist, each worker's torch (and the CLI subprocesses it starts) takes its share
+    of the cores: workers that each spread over every core slow one another down."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def gguf_cache_of_the_session(tmp_path_factory):
-    """GGUF models converted once per test session (the embedded one takes ~1 min), in a folder of
-    the session's rather than the user's cache; the variable reaches the CLI subprocesses too."""
+    """GGUF models converted once per test run (the embedded one takes ~1 min), in a folder of the
+    run's rather than the user's cache, which pytest-xdist's workers share (the first to load a
+    file converts it, the others wait for its copy); the variable reaches the CLI subprocesses too."""
     before = os.environ.get("ACTSPARSE_GGUF_CACHE")
-    os.environ["ACTSPARSE_GGUF_CACHE"] = str(tmp_path_factory.mktemp("gguf-cache"))
+    run_folder = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        run_folder = run_folder.parent  # each worker's folder sits in the run's
+    os.environ["ACTSPARSE_GGUF_CACHE"] = str(run_folder / "gguf-cache")
     yield
     if before is None:
         del os.environ["ACTSPARSE_GGUF_CACHE"]
