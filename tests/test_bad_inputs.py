@@ -233,9 +233,8 @@ CASES = [
 
 
 # Seconds a refusal may take: loading even the tiny model takes longer. An unknown task name is
-# looked up in lm-eval's whole task index (several seconds) before it is refused.
-# lm-eval indexes its thousands of task files to tell whether a name is one of its tasks: 13-18 s
-# alone on 2 AVX2 cores, 36 s beside another test (pytest -n 2); an evaluation would take minutes.
+# looked up in lm-eval's whole task index before it is refused: 13-18 s alone on 2 AVX2 cores,
+# 36 s beside another test (pytest -n 2); an evaluation would take minutes.
 REFUSAL_S = {"eval-task-unknown": 60}
 
 
