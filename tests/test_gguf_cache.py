@@ -13,6 +13,7 @@ import torch
 from filelock import FileLock
 
 from actsparse import gguf_cache
+from actsparse.errors import ActSparseError
 from actsparse.loading import default_model_path, load_model, load_tokenizer
 from tiny import tiny_model, tiny_tokenizer
 
@@ -58,6 +59,14 @@ def test_a_copy_others_could_write_is_not_used(cache, fake_gguf, capsys):
     found.chmod(0o777)
     assert not gguf_cache.ready(found)
     assert "not private to you" in capsys.readouterr().err
+
+
+def test_a_load_refusing_the_copy_says_so_once(cache, fake_gguf, capsys):
+    keep(fake_gguf)
+    gguf_cache.slot(fake_gguf).chmod(0o777)
+    with pytest.raises(ActSparseError):  # then converts the fake GGUF itself, which fails
+        load_model(fake_gguf)
+    assert capsys.readouterr().err.count("not private to you") == 1
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root writes to read-only folders")

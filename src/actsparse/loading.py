@@ -52,8 +52,9 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
         return load_model(copy, dtype, device)
     if dtype != torch.float32:  # not kept: only fp32 conversions are stored
         return _convert(source, path, where, kwargs, dtype, device, None)
+    refused = copy is not None and copy.exists()  # `ready` has said why
     with gguf_cache.converting(copy, path.name):
-        if gguf_cache.ready(copy):  # converted by another process meanwhile
+        if not refused and gguf_cache.ready(copy):  # converted by another process meanwhile
             return load_model(copy, dtype, device)
         return _convert(source, path, where, kwargs, dtype, device, copy)
 
