@@ -54,10 +54,15 @@ def slot(gguf: Path) -> Path | None:
     return folder / digest.hexdigest()[:20]
 
 
+def holds_copy(path: Path | None) -> bool:
+    """Whether the slot `path` holds a converted copy, usable or not."""
+    return path is not None and (path / "config.json").is_file()
+
+
 def ready(path: Path | None) -> bool:
     """Whether the slot `path` holds a copy to load. A copy that someone else could have written
     is not used."""
-    if path is None or not (path / "config.json").is_file():
+    if not holds_copy(path):
         return False
     if not (is_private(path.parent) and is_private(path)):
         print(f"actsparse: not using the converted copy {path}: its folder is not private to you "

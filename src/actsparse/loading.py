@@ -52,7 +52,7 @@ def load_model(source: str | os.PathLike | None = None, dtype: torch.dtype = tor
         return load_model(copy, dtype, device)
     if dtype != torch.float32:  # not kept: only fp32 conversions are stored
         return _convert(source, path, where, kwargs, dtype, device, None)
-    refused = copy is not None and copy.exists()  # `ready` has said why
+    refused = gguf_cache.holds_copy(copy)  # and not ready: `ready` has said why
     with gguf_cache.converting(copy, path.name):
         if not refused and gguf_cache.ready(copy):  # converted by another process meanwhile
             return load_model(copy, dtype, device)
