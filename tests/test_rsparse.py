@@ -9,8 +9,8 @@ import actsparse as asp
 from actsparse.errors import ActSparseError
 from actsparse.io import load, save
 from actsparse.methods.rsparse import OVERSAMPLE, dropped_factors, rsparse_budget, svd_factors
-from actsparse.methods.search import budget_scaled, evolve
-from actsparse.nn import SparseLinear
+from actsparse.methods.search import budget_scaled, evolve, kl_from, lm_loss, log_probs
+from actsparse.nn import SparseLinear, dense_baseline
 from actsparse.nn.linear import same_selection
 from tiny import ARCHS, CALIB, logits, measured, tiny_model
 
@@ -184,18 +184,19 @@ def test_evolve_is_seeded_and_never_worse_than_its_start():
     assert runs[0].history == sorted(runs[0].history, reverse=True)
 
 
-@pytest.mark.parametrize("over,allocation", [
-    ("alpha", "search"), ("alpha+sparsity", "search"), ("alpha+sparsity", "greedy+search"),
+@pytest.mark.parametrize("over,allocation,fitness", [
+    ("alpha", "search", "loss"), ("alpha+sparsity", "search", "loss"), ("alpha+sparsity", "greedy+search", "loss"),
+    ("alpha+sparsity", "greedy+search", "kl"),
 ])
-def test_search_is_deterministic_keeps_the_budget_and_is_saved(tmp_path, over, allocation):
-    fields = {**SEARCH, "allocation": allocation, "greedy_tokens": 48}
+def test_search_is_deterministic_keeps_the_budget_and_is_saved(tmp_path, over, allocation, fitness):
+    fields = {**SEARCH, "allocation": allocation, "greedy_tokens": 48, "search_fitness": fitness}
     config = asp.RSparseConfig(sparsity=0.5, alpha=0.8, search_over=over, search_seed=3, **fields)
     first = asp.sparsify_(tiny_model("llama"), config, CALIB)
     second = asp.sparsify_(tiny_model("llama"), config, CALIB)
     assert first.actsparse_recipe == second.actsparse_recipe
     assert torch.equal(logits(first), logits(second))
     search = first.actsparse_recipe["search"]
-    assert search["loss"] <= search["start_loss"]
+    assert search["loss"] <= search["start_loss"] and search["fitness"] == fitness
     linears = [m for m in first.modules() if isinstance(m, SparseLinear)]
     total = sum(m.weight.numel() for m in linears)
     assert sum(m.target * m.weight.numel() for m in linears) / total == pytest.approx(0.5, abs=1e-6)
@@ -221,6 +222,30 @@ def test_save_load_gives_identical_logits(tmp_path, arch, shared):
         assert same_selection(attn.q_proj, attn.k_proj) and same_selection(attn.q_proj, attn.v_proj)
 
 
+def test_kl_fitness_is_the_sparse_models_divergence_from_its_dense_self():
+    model = asp.sparsify_(tiny_model("llama"), asp.RSparseConfig(sparsity=0.5, alpha=0.8), CALIB)
+    windows = CALIB[:2]
+    with dense_baseline(model):
+        dense = log_probs(model, windows)
+        assert kl_from(model, windows, dense) == 0.0
+    with torch.no_grad():
+        sparse = F.log_softmax(model(input_ids=windows).logits.float(), -1)
+    by_hand = (dense[0].exp() * (dense[0] - sparse[0])).sum() + (dense[1].exp() * (dense[1] - sparse[1])).sum()
+    assert kl_from(model, windows, dense) == pytest.approx(by_hand.item() / (2 * windows.shape[1]), rel=1e-4)
+    assert kl_from(model, windows, dense) > 0
+
+
+@pytest.mark.parametrize("fitness", ["loss", "kl"])
+def test_the_searched_models_fitness_is_the_one_the_search_reports(fitness):
+    config = asp.RSparseConfig(sparsity=0.5, alpha=0.8, search_fitness=fitness, **SEARCH)
+    model = asp.sparsify_(tiny_model("llama"), config, CALIB)
+    windows = CALIB[: SEARCH["search_windows"]]
+    with dense_baseline(model):
+        dense = log_probs(model, windows)
+    measured_fitness = kl_from(model, windows, dense) if fitness == "kl" else lm_loss(model, windows)
+    assert model.actsparse_recipe["search"]["loss"] == pytest.approx(measured_fitness, rel=1e-6)
+
+
 def test_greedy_search_starts_from_the_greedy_allocation():
     # alpha 0.5, the search's lowest: both runs take factors of the same largest rank (here the
     # exact SVD), so the greedy steps of both see the same low-rank paths
@@ -237,6 +262,7 @@ def test_greedy_search_starts_from_the_greedy_allocation():
 @pytest.mark.parametrize("bad,match", [
     (dict(alpha=0.0), "alpha"), (dict(alpha=1.5), "alpha"), (dict(score="l1"), "score"),
     (dict(allocation="evolutionary"), "allocation"), (dict(search_over="rank"), "search_over"),
+    (dict(search_fitness="ce"), "search_fitness must be one of loss, kl, got 'ce'"),
     (dict(role_coefficients=(("ffn", 1.2),)), "role"), (dict(role_coefficients=(("down", 0.0),)), "down"),
     (dict(search_generations=0), "search_generations"), (dict(lowrank="qr"), "lowrank"),
 ])

@@ -106,7 +106,7 @@ def test_weight_decay_keeps_the_tuned_weights_nearer_the_methods():
 
 
 def test_no_steps_is_rsparse_on_the_statistics_windows_with_the_same_options():
-    fields = dict(sparsity=0.5, **FAST, score="magnitude", search_over="alpha+sparsity", greedy_step=0.1, greedy_tokens=512)
+    fields = dict(sparsity=0.5, **FAST, search_over="alpha+sparsity", search_fitness="kl", greedy_step=0.1, greedy_tokens=512)
     kl = _sparsify(actsparse.make_config("rsparse-kl", kl_steps=0, statistics_windows=4, **fields))
     torch.manual_seed(0)
     plain = actsparse.sparsify_(tiny_model("llama"), actsparse.RSparseConfig(**fields), random_tokens(16, 32, seed=1)[:4])
@@ -136,7 +136,8 @@ def test_a_tuned_model_saves_and_loads_with_its_weights(tmp_path):
 def test_defaults_are_the_searched_recipe():
     config = actsparse.make_config("rsparse-kl", sparsity=0.4)
     assert isinstance(config, actsparse.RSparseConfig)
-    assert (config.allocation, config.search_over, config.score, config.alpha) == ("greedy+search", "alpha+sparsity", "magnitude", 1.0)
+    assert (config.allocation, config.search_over, config.search_fitness) == ("greedy+search", "alpha+sparsity", "kl")
+    assert (config.score, config.alpha) == ("wina", 1.0)
     assert (config.kl_steps, config.kl_rank, config.statistics_windows, config.kl_autocast) == (200, 0, 16, None)
     assert (config.kl_lr, config.kl_schedule) == (1.2e-4, "cosine")
 

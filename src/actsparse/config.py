@@ -340,6 +340,7 @@ LAROSA_ALLOCATIONS = ("coefficients", "greedy")
 RSPARSE_SCORES = ("wina", "magnitude")
 LAROSA_ROTATIONS = ("per-layer", "residual")
 RSPARSE_SEARCH_OVER = ("alpha", "alpha+sparsity")
+RSPARSE_SEARCH_FITNESS = ("loss", "kl")
 KL_SCHEDULES = ("constant", "cosine")
 RSPARSE_LOWRANK = ("svd", "dropped")
 
@@ -371,8 +372,12 @@ class RSparseConfig(MethodConfig):
               state at `alpha`, so the low-rank path's compensation is part of the block error it
               minimises (role_coefficients are then not used); "search": a seeded evolutionary
               search over per-layer alpha (and, with search_over="alpha+sparsity", per-layer
-              sparsity at a fixed model-level budget) minimising the LM loss on `search_windows`
-              calibration windows; "greedy+search": the search started from the greedy allocation.
+              sparsity at a fixed model-level budget) minimising `search_fitness` on
+              `search_windows` calibration windows; "greedy+search": the search started from the
+              greedy allocation.
+    search_fitness: "loss" (the LM loss on the windows' own next tokens) or "kl" (the mean
+              per-token KL divergence of the sparse model's next-token distribution from the
+              dense model's, the dense one computed once before the search).
     """
 
     method: ClassVar[str] = "rsparse"
@@ -388,6 +393,7 @@ class RSparseConfig(MethodConfig):
     search_population: int = 8
     search_windows: int = 2
     search_seed: int = 0
+    search_fitness: str = "loss"
     greedy_step: float = 0.05
     greedy_tokens: int = 1024
 
@@ -400,6 +406,7 @@ class RSparseConfig(MethodConfig):
         _check_choice("lowrank", self.lowrank, RSPARSE_LOWRANK)
         _check_choice("allocation", self.allocation, RSPARSE_ALLOCATIONS)
         _check_choice("search_over", self.search_over, RSPARSE_SEARCH_OVER)
+        _check_choice("search_fitness", self.search_fitness, RSPARSE_SEARCH_FITNESS)
         object.__setattr__(self, "role_coefficients", _role_coefficients(self.role_coefficients))
         for what in ("search_generations", "search_population", "search_windows"):
             if not isinstance(getattr(self, what), int) or getattr(self, what) < 1:
@@ -411,9 +418,12 @@ class RSparseKlConfig(RSparseConfig):
     """R-Sparse's allocation, then a calibration-time KL tune: the best training-free recipe on
     SmolLM2-135M at 40% (issue 28; BENCHMARKS.md "Accuracy beyond the papers").
 
-    The R-Sparse part defaults to what searched best there: magnitude scores, the greedy per-linear
-    allocation from alpha 1 (no low-rank path) and then the search over per-layer alpha and
-    sparsity, which buys low rank only where it lowers the loss. Masking leaves each layer's output
+    The R-Sparse part defaults to what searched best there: the greedy per-linear allocation from
+    alpha 1 (no low-rank path), then the search over per-layer alpha and sparsity, which buys low
+    rank only where it brings the sparse model nearer the dense one. WINA scores and the search
+    on KL to the dense model (rather than magnitude scores and the LM loss) were chosen over six
+    search seeds on text neither tuned nor evaluated on (BENCHMARKS_HISTORY.md, session 21).
+    Masking leaves each layer's output
     biased in ways no per-linear fit removes (a least-squares refit of each linear to its dense
     output was worse than TEAL); what helps is to move every weight so that the sparse model's
     next-token distribution matches the dense one's, with the masks' state held fixed:
@@ -453,9 +463,9 @@ class RSparseKlConfig(RSparseConfig):
     method: ClassVar[str] = "rsparse-kl"
     tunes_weights: ClassVar[bool] = True
     alpha: float = 1.0
-    score: str = "magnitude"
     allocation: str = "greedy+search"
     search_over: str = "alpha+sparsity"
+    search_fitness: str = "kl"
     greedy_step: float = 0.1
     greedy_tokens: int = 512
     statistics_windows: int = 16

@@ -24,10 +24,10 @@ from tqdm.auto import tqdm
 from ..calibrate import Covariance, Histogram, Observer, column_norms, run_calibration, topk_count
 from ..config import RSparseConfig
 from ..models import iter_linears
-from ..nn import SparseLinear
+from ..nn import SparseLinear, dense_baseline
 from . import register
 from .allocation import greedy_from_config
-from .search import budget_scaled, evolve, lm_loss, role_targets, score_observer
+from .search import budget_scaled, evolve, kl_from, lm_loss, log_probs, role_targets, score_observer
 
 ALPHA_STEP = 0.05  # search grid for alpha: 1 - ALPHA_STEP * gene
 ALPHA_GENES = 10  # so alpha >= 0.5
@@ -257,7 +257,8 @@ def _dropped_observer(module: SparseLinear, covariance: Covariance):
 
 
 def _search(model, config, calibration, install, sizes, layer_of, targets, active):
-    """Evolutionary search over per-layer alpha (and per-layer sparsity), fitness = LM loss."""
+    """Evolutionary search over per-layer alpha (and per-layer sparsity), fitness = LM loss or KL
+    to the dense model (`config.search_fitness`)."""
     layers = sorted({layer_of[n] for n in active})
     position = {l: i for i, l in enumerate(layers)}
     with_sparsity = config.search_over == "alpha+sparsity"
@@ -271,9 +272,13 @@ def _search(model, config, calibration, install, sizes, layer_of, targets, activ
             sparsity = budget_scaled({n: sizes[n] for n in active}, relative, budget)
         return {n: (sparsity[n], 1.0 - ALPHA_STEP * genes[position[layer_of[n]]]) for n in active}
 
+    if config.search_fitness == "kl":
+        with dense_baseline(model):
+            reference = log_probs(model, windows)
+
     def fitness(genes: list[int]) -> float:
         install(decode(genes))
-        return lm_loss(model, windows)
+        return kl_from(model, windows, reference) if config.search_fitness == "kl" else lm_loss(model, windows)
 
     start_gene = min(ALPHA_GENES, max(0, round((1.0 - config.alpha) / ALPHA_STEP)))
     start = [start_gene] * len(layers)
@@ -285,6 +290,7 @@ def _search(model, config, calibration, install, sizes, layer_of, targets, activ
                     config.search_seed, desc="rsparse: search")
     summary = {
         "over": config.search_over,
+        "fitness": config.search_fitness,
         "seed": config.search_seed,
         "windows": int(windows.shape[0]),
         "evaluations": result.evaluations,

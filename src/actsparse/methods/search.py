@@ -59,6 +59,21 @@ def lm_loss(model: torch.nn.Module, windows: torch.Tensor) -> float:
     return total / count
 
 
+@torch.no_grad()
+def log_probs(model: torch.nn.Module, windows: torch.Tensor) -> list[torch.Tensor]:
+    """Each token window's next-token log-probabilities [L, vocab], fp32."""
+    device = next(model.parameters()).device
+    return [F.log_softmax(model(input_ids=w[None].to(device), use_cache=False).logits[0].float(), -1) for w in windows]
+
+
+@torch.no_grad()
+def kl_from(model: torch.nn.Module, windows: torch.Tensor, reference: list[torch.Tensor]) -> float:
+    """Mean per-token KL(reference || model) over token windows [n, L], `reference` from `log_probs`."""
+    ours = log_probs(model, windows)
+    total = sum(F.kl_div(o, r, log_target=True, reduction="sum").item() for o, r in zip(ours, reference))
+    return total / sum(r.shape[0] for r in reference)
+
+
 @dataclass
 class SearchResult:
     genes: list[int]
