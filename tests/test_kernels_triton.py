@@ -596,6 +596,7 @@ def test_tuner_times_a_new_cuda_problem_once_and_logs_it(monkeypatch, caplog):
         tuning._TIMINGS.pop("new-key", None)
 
 
+@pytest.mark.long
 def test_engine_tune_times_each_alternative_inside_the_step_and_keeps_the_fastest(monkeypatch):
     from actsparse.engine import DecodeEngine
 
@@ -621,6 +622,7 @@ def test_engine_tune_times_each_alternative_inside_the_step_and_keeps_the_fastes
     assert torch.equal(engine.generate(prompt, 4).tokens, reference)
 
 
+@pytest.mark.long
 def test_engine_tune_goes_largest_share_first_and_stops_at_its_budget(monkeypatch):
     from actsparse.engine import DecodeEngine
 

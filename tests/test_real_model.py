@@ -40,6 +40,7 @@ def test_swapped_dense_model_is_bitwise_the_loaded_model(smollm):
         assert torch.equal(swapped(window).logits, reference)
 
 
+@pytest.mark.long
 def test_teal_on_wikitext_windows_stays_close_to_dense(smollm):
     import copy
 

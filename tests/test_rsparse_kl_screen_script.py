@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SCRIPT = Path(__file__).parents[1] / "benchmarks" / "rsparse_kl_screen.py"
 
 
@@ -19,6 +21,7 @@ def run(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.long
 def test_rows_for_dense_and_each_run_with_held_out_text(tmp_path):
     done = run("--heldout-docs", "20", "--jsonl", str(tmp_path / "rows.jsonl"), "--runs",
                "teal:allocation=uniform,alpha=1.0,kl_steps=0,statistics_windows=2", "tuned:allocation=uniform,kl_steps=1,statistics_windows=2")
