@@ -435,7 +435,11 @@ class RSparseKlConfig(RSparseConfig):
     kl_steps: Adam steps minimising KL(dense || sparse) over the calibration windows, one window a
               step (cycled when there are fewer windows than steps); 0: R-Sparse alone. The dense
               model is the same model with its sparsity off and the update not applied, so no
-              second copy is held.
+              second copy is held. The time grows with the steps; at 200, SmolLM2's sparsify
+              takes 11-14 minutes on 2 CPU cores with AVX-512 BF16 (26-42 on AVX2-only ones).
+              At 50% more steps on as many windows lowered every perplexity measured (800:
+              WikiText-2 35.22 / 34.71 against 35.65 / 35.81 at two search seeds on an H100); at
+              40% 400 did not (BENCHMARKS.md).
     kl_lr:    Adam's starting learning rate. With the cosine schedule, of 4e-5, 8e-5, 1.2e-4, 1.6e-4
               and 3.2e-4 on SmolLM2 at 40%, 8e-5 and 1.2e-4 gave the lowest perplexity on held-out
               C4-train text (not the evaluation texts; BENCHMARKS_HISTORY.md). BENCHMARKS.md's
