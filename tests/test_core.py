@@ -79,10 +79,11 @@ def test_greedy_allocation_keeps_each_block_at_target(method, fields):
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma2", "phi3"])
-def test_greedy_replaying_the_attention_output_changes_nothing(arch, monkeypatch):
-    config = asp.TealConfig(sparsity=0.5, allocation="greedy", greedy_tokens=48)
+@pytest.mark.parametrize("method,fields", [("teal", {}), ("rsparse", {"alpha": 0.8})])
+def test_greedy_replaying_known_outputs_changes_nothing(arch, method, fields, monkeypatch):
+    config = asp.make_config(method, sparsity=0.5, allocation="greedy", greedy_tokens=48, **fields)
     replayed = asp.sparsify_(tiny_model(arch), config, CALIB).actsparse_recipe["allocation"]
-    monkeypatch.setattr(allocation._AttentionOutputs, "replaying", lambda self: contextlib.nullcontext())
+    monkeypatch.setattr(allocation._KnownOutputs, "replaying", lambda self, names: contextlib.nullcontext())
     recomputed = asp.sparsify_(tiny_model(arch), config, CALIB).actsparse_recipe["allocation"]
     assert replayed == recomputed
 

@@ -11,9 +11,10 @@ The search is lazy: candidates are tried in the order of their last measured err
 whose fresh error is still no larger than every other candidate's last error is taken. Errors only
 grow as the block gets sparser, so a stale error is a lower bound and the choice is the one the
 full scan would make whenever that holds; it costs about two block forwards per move instead of one
-per linear. Trying an MLP linear leaves the attention's output as it was, so those tries replay it
-(`_AttentionOutputs`) and run only the rest of the block: most moves are MLP moves, whose steps are
-small because MLP linears are large.
+per linear. A try recomputes only what the tried linear changes: trying an MLP linear replays the
+attention's output, and the outputs of the MLP linears that read its input or feed it (gate and up
+for down; up for gate, gate for up), as they were last computed (`_KnownOutputs`). Most moves are
+MLP moves, whose steps are small because MLP linears are large.
 """
 from __future__ import annotations
 
@@ -109,41 +110,57 @@ class _Replay(nn.Module):
         return self.output
 
 
-class _AttentionOutputs:
-    """The attention's output on a block's calibration inputs, for the current attention linears.
+class _KnownOutputs:
+    """Outputs of some of a block's modules on its calibration inputs, in their current state.
 
-    `replaying()` puts a `_Replay` of it in the attention's place for one block forward (and
-    records it first if the attention changed since), so a forward that only changes MLP linears
-    does not recompute the attention."""
+    `replaying(names)` runs one block forward with each named module that has a known output
+    replaced by a `_Replay` of it; the others run and their outputs are recorded. A module's
+    output stays known until `forget` (its state or its input changed)."""
 
-    def __init__(self, model: nn.Module, spec: LayerSpec, args: tuple, kwargs: dict) -> None:
-        parent, _, self.attr = spec.attn_prefix.rpartition(".")
-        self.parent = model.get_submodule(parent)
-        self.attn, self.layer, self.args, self.kwargs = spec.attn, spec.layer, args, kwargs
-        self.output = None
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.outputs: dict[str, object] = {}
 
-    def invalidate(self) -> None:
-        self.output = None
+    def forget(self, names) -> None:
+        for name in names:
+            self.outputs.pop(name, None)
 
     @contextlib.contextmanager
-    def replaying(self):
-        if self.output is None:
-            handle = self.attn.register_forward_hook(lambda module, args, output: setattr(self, "output", output))
-            try:
-                _layer_output(self.layer, self.args, self.kwargs)
-            finally:
-                handle.remove()
-        setattr(self.parent, self.attr, _Replay(self.output))
+    def replaying(self, names: list[str]):
+        swapped, handles = [], []
         try:
+            for name in names:
+                module = self.model.get_submodule(name)
+                if name in self.outputs:
+                    parent, _, attr = name.rpartition(".")
+                    setattr(self.model.get_submodule(parent), attr, _Replay(self.outputs[name]))
+                    swapped.append((parent, attr, module))
+                else:
+                    handles.append(module.register_forward_hook(
+                        lambda module, args, output, name=name: self.outputs.__setitem__(name, output)))
             yield
         finally:
-            setattr(self.parent, self.attr, self.attn)
+            for h in handles:
+                h.remove()
+            for parent, attr, module in swapped:
+                setattr(self.model.get_submodule(parent), attr, module)
+
+
+def _unchanged_by(spec: LayerSpec, name: str) -> list[str]:
+    """The modules of `spec`'s block whose outputs a change of linear `name` leaves as they were
+    and that a block forward runs: for an MLP linear, the attention and the MLP linears that read
+    its input (gate / up) or feed it (down); for an attention linear, none."""
+    roles = {n: r for r, n in spec.linear_names().items()}
+    if name.startswith(spec.attn_prefix + "."):
+        return []
+    feeding = {"gate": ("up",), "up": ("gate",), "gate_up": (), "down": ("gate", "up", "gate_up")}[roles[name]]
+    return [spec.attn_prefix] + [n for n, r in roles.items() if r in feeding]
 
 
 def _greedy_block(model, spec, names, targets, inputs, install, step, reference_size) -> dict[str, float]:
     args, kwargs = inputs
-    in_attention = {n for n in names if n.startswith(spec.attn_prefix + ".")}
-    attention = _AttentionOutputs(model, spec, args, kwargs)
+    known = _KnownOutputs(model)
+    unchanged = {n: _unchanged_by(spec, n) for n in names}
     sizes = {n: model.get_submodule(n).weight.numel() for n in names}
     total = sum(sizes.values())
     share = {n: sizes[n] / total for n in names}
@@ -159,7 +176,7 @@ def _greedy_block(model, spec, names, targets, inputs, install, step, reference_
 
     def error_after(n: str, inc: float) -> float:
         install(n, current[n] + inc)
-        with contextlib.nullcontext() if n in in_attention else attention.replaying():
+        with known.replaying(unchanged[n]):
             error = float((_layer_output(spec.layer, args, kwargs).float() - dense).pow(2).sum() / dense_norm)
         install(n, current[n])
         return error
@@ -177,6 +194,8 @@ def _greedy_block(model, spec, names, targets, inputs, install, step, reference_
         current[n] += inc
         reached += share[n] * inc
         install(n, current[n])
-        if n in in_attention:
-            attention.invalidate()
+        if unchanged[n]:
+            known.forget([n])
+        else:  # an attention linear: the attention's output, and so every MLP input, changed
+            known.outputs.clear()
     return current
