@@ -436,7 +436,8 @@ class RSparseKlConfig(RSparseConfig):
               step (cycled when there are fewer windows than steps); 0: R-Sparse alone. The dense
               model is the same model with its sparsity off and the update not applied, so no
               second copy is held. The time grows with the steps; at 200, SmolLM2's sparsify
-              takes 11-14 minutes on 2 CPU cores with AVX-512 BF16 (26-42 on AVX2-only ones).
+              takes 11-17 minutes on 2 CPU cores with AVX-512 BF16 (26-42 on AVX2-only ones);
+              at 150 the slower AVX-512 machine took 14.8 minutes, and WikiText-2 was 0.4 worse.
               At 50% more steps on as many windows lowered every perplexity measured (800:
               WikiText-2 35.22 / 34.71 against 35.65 / 35.81 at two search seeds on an H100); at
               40% 400 did not (BENCHMARKS.md).
