@@ -121,9 +121,8 @@ class _KnownOutputs:
         self.model = model
         self.outputs: dict[str, object] = {}
 
-    def forget(self, names) -> None:
-        for name in names:
-            self.outputs.pop(name, None)
+    def forget(self, name: str) -> None:
+        self.outputs.pop(name, None)
 
     @contextlib.contextmanager
     def replaying(self, names: list[str]):
@@ -195,7 +194,7 @@ def _greedy_block(model, spec, names, targets, inputs, install, step, reference_
         reached += share[n] * inc
         install(n, current[n])
         if unchanged[n]:
-            known.forget([n])
+            known.forget(n)
         else:  # an attention linear: the attention's output, and so every MLP input, changed
             known.outputs.clear()
     return current
